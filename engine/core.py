@@ -1,0 +1,436 @@
+"""The batched kernel: every (baseline, row, step) path point in one forward/backward.
+
+Integrated Gradients for input x, baseline b, model F and target t is
+
+    IG(x, b) = (x - b) * sum_k w_k * dF_t/dx (b + a_k (x - b))
+
+with (a_k, w_k) from a quadrature rule. Each (baseline, row, step) triple is an
+independent path point. They are numbered in the order (baseline, row, step), step
+fastest, cut into chunks of consecutive points, and each chunk goes through one forward
+and one backward. The backward is taken of the *sum* of the target outputs: for a model
+whose rows do not interact, d(sum_j F(p_j))/dp_i = dF(p_i)/dp_i, so one backward gives
+every point's gradient at once (Captum asks for one gradient output per point instead).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from engine.errors import ArgumentError, ModelError
+from engine.quadrature import QuadratureRule, quadrature_rule
+
+__all__ = ["integrated_gradients"]
+
+log = logging.getLogger(__name__)
+
+TensorOrTuple = Union[Tensor, tuple[Tensor, ...]]
+BaselineArg = Union[None, int, float, Tensor, tuple[Union[int, float, Tensor], ...]]
+TargetArg = Union[None, int, tuple[int, ...], Sequence[Any], Tensor]
+
+
+@dataclass(frozen=True)
+class PathProblem:
+    """Inputs, baselines, targets and extra arguments, checked and laid out for the kernel.
+
+    ``inputs[i]`` is (N, *F_i). ``baselines[i]`` is (B, N, *F_i) when every row has its
+    own baseline, or (B, 1, *F_i) when each baseline kind is shared by all rows.
+    ``targets`` is None, or a tuple index applied to every row's output, or a (N,) long
+    tensor with one output column per row.
+    """
+
+    inputs: tuple[Tensor, ...]
+    baselines: tuple[Tensor, ...]
+    targets: None | tuple[int, ...] | Tensor
+    forward_args: tuple[Any, ...]
+
+    @property
+    def n_rows(self) -> int:
+        return self.inputs[0].shape[0]
+
+    @property
+    def n_baselines(self) -> int:
+        return self.baselines[0].shape[0]
+
+    def baseline_index(self, pair: Tensor) -> Tensor:
+        """Index into the flattened (B * N or B * 1) baselines for each (baseline, row) pair."""
+        if self.baselines[0].shape[1] == self.n_rows:
+            return pair
+        return pair // self.n_rows
+
+    def path_points(self, pair: Tensor, alphas: Tensor) -> tuple[Tensor, ...]:
+        """Points b + a (x - b) for each (pair, alpha); pair indexes (baseline, row)."""
+        rows = pair % self.n_rows
+        base_index = self.baseline_index(pair)
+        points = []
+        for x, base in zip(self.inputs, self.baselines):
+            x_rows = x[rows]
+            base_rows = base.flatten(0, 1)[base_index]
+            alpha = alphas.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+            # Same expression and rounding as Captum: baseline + alpha * (input - baseline).
+            points.append(base_rows + alpha * (x_rows - base_rows))
+        return tuple(points)
+
+    def args_for(self, rows: Tensor) -> tuple[Any, ...]:
+        """Extra forward arguments for points on ``rows``: per-row tensors are gathered."""
+        return tuple(
+            arg[rows] if _is_per_row(arg, self.n_rows) else arg for arg in self.forward_args
+        )
+
+    def select(self, output: Tensor, rows: Tensor) -> Tensor:
+        """The target output of each point, shape (P,)."""
+        if self.targets is None:
+            if output.dim() > 1 and output[0].numel() != 1:
+                raise ArgumentError(
+                    f"the model returns {tuple(output.shape[1:])} outputs per row; "
+                    "pass target= to choose one"
+                )
+            return output.reshape(output.shape[0])
+        if isinstance(self.targets, tuple):
+            return output[(slice(None), *self.targets)]
+        index = self.targets[rows].to(output.device)
+        return output.reshape(output.shape[0], -1).gather(1, index.view(-1, 1)).view(-1)
+
+
+def _is_per_row(arg: Any, n_rows: int) -> bool:
+    return isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == n_rows
+
+
+def integrated_gradients(
+    forward_func: Callable[..., Tensor],
+    inputs: TensorOrTuple,
+    baselines: BaselineArg = None,
+    *,
+    target: TargetArg = None,
+    additional_forward_args: Any = None,
+    n_steps: int = 50,
+    method: str = "gausslegendre",
+    internal_batch_size: int | None = None,
+    return_convergence_delta: bool = False,
+) -> TensorOrTuple | tuple[TensorOrTuple, Tensor]:
+    """Integrated Gradients of every row against every baseline in one batched pass.
+
+    Parameters
+    ----------
+    forward_func : callable
+        The model, ``forward_func(*inputs, *additional_forward_args)`` -> (N,), (N, 1) or
+        (N, C). Rows must not interact (call ``.eval()`` on models with BatchNorm).
+    inputs : Tensor or tuple of Tensor
+        (N, *F) floating point; the device of the first input is where the work runs.
+    baselines : None, scalar, Tensor or tuple
+        One entry per input. (B, *F): B baseline kinds shared by all rows; (B, N, *F): a
+        baseline per kind and row; a scalar: one kind filled with it; None: zeros.
+    target : None, int, tuple, list or Tensor
+        Which output to explain: None for a single output per row, an index (int or
+        tuple) for every row, or one int per row.
+    additional_forward_args : any
+        Extra positional arguments; tensors whose first dimension is N follow their row.
+    n_steps : int
+        Nodes of the quadrature rule.
+    method : str
+        ``gausslegendre``, ``riemann_left``, ``riemann_right``, ``riemann_middle`` or
+        ``riemann_trapezoid``, defined as in Captum.
+    internal_batch_size : int, optional
+        Path points per forward/backward; None puts all of them in one chunk.
+    return_convergence_delta : bool
+        Also return sum(attributions) - (F(x) - F(baseline)) per (baseline, row).
+
+    Returns
+    -------
+    attributions : Tensor or tuple of Tensor
+        (B, N, *F) per input, in the input's dtype.
+    delta : Tensor
+        (B, N), only when ``return_convergence_delta``.
+
+    References
+    ----------
+    Sundararajan, Taly and Yan, "Axiomatic Attribution for Deep Networks", ICML 2017.
+    """
+    is_tuple = isinstance(inputs, tuple)
+    problem = make_problem(inputs, baselines, target, additional_forward_args)
+    rule = quadrature_rule(method, n_steps)
+    chunk_points = _chunk_points(internal_batch_size, problem, rule)
+    refuse_coupled_rows(forward_func)
+
+    total_grads = integrate(forward_func, problem, rule, chunk_points)
+    attributions = tuple(
+        (grad * (x.unsqueeze(0) - base)).to(x.dtype)
+        for grad, x, base in zip(total_grads, problem.inputs, problem.baselines)
+    )
+    result = attributions if is_tuple else attributions[0]
+    if not return_convergence_delta:
+        return result
+
+    delta = convergence_delta(forward_func, problem, attributions, chunk_points)
+    return result, delta
+
+
+def _chunk_points(internal_batch_size: int | None, problem: PathProblem, rule: QuadratureRule):
+    total = problem.n_baselines * problem.n_rows * rule.n_steps
+    if internal_batch_size is None:
+        return total
+    if isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int):
+        raise ArgumentError(f"internal_batch_size must be an integer, got {internal_batch_size!r}")
+    if internal_batch_size < 1:
+        raise ArgumentError(f"internal_batch_size must be >= 1, got {internal_batch_size}")
+    return min(internal_batch_size, total)
+
+
+def integrate(
+    forward_func: Callable[..., Tensor],
+    problem: PathProblem,
+    rule: QuadratureRule,
+    chunk_points: int,
+) -> tuple[Tensor, ...]:
+    """Sum of w_k * gradient over the path, per input: (B, N, *F) in the accumulation dtype."""
+    device = problem.inputs[0].device
+    n_pairs = problem.n_baselines * problem.n_rows
+    n_steps = rule.n_steps
+    total = n_pairs * n_steps
+    sums = [
+        torch.zeros((n_pairs, *x.shape[1:]), dtype=_accumulate_dtype(x), device=device)
+        for x in problem.inputs
+    ]
+    alphas = torch.as_tensor(rule.alphas, dtype=torch.float64, device=device)
+    weights = [torch.as_tensor(rule.weights, device=device).to(s.dtype) for s in sums]
+    log.debug(
+        "integrate: %d pairs x %d steps = %d points in chunks of %d",
+        n_pairs, n_steps, total, chunk_points,
+    )
+
+    for start in range(0, total, chunk_points):
+        point = torch.arange(start, min(start + chunk_points, total), device=device)
+        pair, step = point // n_steps, point % n_steps
+        grads = _chunk_gradients(forward_func, problem, pair, alphas[step])
+        for grad, grad_sum, weight in zip(grads, sums, weights):
+            _accumulate(grad_sum, grad.to(grad_sum.dtype), weight, pair, step, n_steps)
+
+    return tuple(
+        grad_sum.view(problem.n_baselines, problem.n_rows, *grad_sum.shape[1:])
+        for grad_sum in sums
+    )
+
+
+def _accumulate_dtype(x: Tensor) -> torch.dtype:
+    # Half-precision gradients are summed in float32; float32 and float64 keep their own.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _chunk_gradients(
+    forward_func: Callable[..., Tensor], problem: PathProblem, pair: Tensor, alphas: Tensor
+) -> tuple[Tensor, ...]:
+    rows = pair % problem.n_rows
+    with torch.enable_grad():
+        points = tuple(p.requires_grad_() for p in problem.path_points(pair, alphas))
+        output = _forward(forward_func, points, problem.args_for(rows))
+        selected = problem.select(output, rows)
+        _refuse_non_finite(selected, rows)
+        return torch.autograd.grad(selected.sum(), points)
+
+
+def _accumulate(
+    grad_sum: Tensor, grad: Tensor, weight: Tensor, pair: Tensor, step: Tensor, n_steps: int
+) -> None:
+    first, count = int(pair[0]), len(pair)
+    if int(step[0]) == 0 and count % n_steps == 0:
+        # The chunk holds whole paths: a weighted sum over the step axis, no scatter.
+        # (pairs, steps, features) -> (pairs, features)
+        paths = grad.reshape(count // n_steps, n_steps, -1)
+        folded = torch.einsum("psf,s->pf", paths, weight)
+        grad_sum[first : first + count // n_steps] += folded.view(-1, *grad_sum.shape[1:])
+        return
+    weighted = grad * weight[step].view(-1, *([1] * (grad.dim() - 1)))
+    grad_sum.index_add_(0, pair, weighted)
+
+
+def _forward(forward_func: Callable[..., Tensor], points: tuple[Tensor, ...], args) -> Tensor:
+    output = forward_func(*points, *args)
+    if not isinstance(output, Tensor):
+        raise ModelError(f"the model must return a Tensor, got {type(output).__name__}")
+    if output.dim() == 0 or output.shape[0] != points[0].shape[0]:
+        raise ModelError(
+            f"the model returned shape {tuple(output.shape)} for {points[0].shape[0]} rows: "
+            "expected one output row per input row"
+        )
+    return output
+
+
+def _refuse_non_finite(selected: Tensor, rows: Tensor) -> None:
+    finite = torch.isfinite(selected.detach())
+    if bool(finite.all()):
+        return
+    bad_rows = torch.unique(rows[~finite]).tolist()
+    shown = ", ".join(str(r) for r in bad_rows[:10]) + (" ..." if len(bad_rows) > 10 else "")
+    raise ModelError(f"the model returned non-finite outputs on the path of rows {shown}")
+
+
+def refuse_coupled_rows(forward_func: Callable[..., Tensor]) -> None:
+    """Raise ``ModelError`` if the model has layers that mix rows (BatchNorm in train mode).
+
+    Summing the outputs before the backward is exact only when each output depends on its
+    own row alone; batch statistics break that, and would also change with the chunking.
+    """
+    module = forward_func if isinstance(forward_func, nn.Module) else None
+    if module is None and isinstance(getattr(forward_func, "__self__", None), nn.Module):
+        module = forward_func.__self__
+    if module is None:
+        return
+    coupled = [
+        name or type(module).__name__
+        for name, layer in module.named_modules()
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training
+    ]
+    if coupled:
+        raise ModelError(
+            f"layer(s) {', '.join(coupled)} are in training mode and mix rows through batch "
+            "statistics: call model.eval() before computing attributions"
+        )
+
+
+def convergence_delta(
+    forward_func: Callable[..., Tensor],
+    problem: PathProblem,
+    attributions: tuple[Tensor, ...],
+    chunk_points: int,
+) -> Tensor:
+    """sum(attributions) - (F(x) - F(baseline)) per (baseline, row), shape (B, N)."""
+    device = problem.inputs[0].device
+    n_pairs = problem.n_baselines * problem.n_rows
+    ends = torch.empty(2, n_pairs, dtype=torch.float64, device=device)
+
+    with torch.no_grad():
+        for end, alpha in enumerate((1.0, 0.0)):
+            for start in range(0, n_pairs, chunk_points):
+                pair = torch.arange(start, min(start + chunk_points, n_pairs), device=device)
+                alphas = torch.full((len(pair),), alpha, dtype=torch.float64, device=device)
+                rows = pair % problem.n_rows
+                points = problem.path_points(pair, alphas)
+                output = _forward(forward_func, points, problem.args_for(rows))
+                ends[end, pair] = problem.select(output, rows).double()
+
+    attribution_sum = sum(a.double().flatten(2).sum(-1) for a in attributions)
+    gap = (ends[0] - ends[1]).view(problem.n_baselines, problem.n_rows)
+    return attribution_sum - gap
+
+
+def make_problem(
+    inputs: TensorOrTuple,
+    baselines: BaselineArg,
+    target: TargetArg,
+    additional_forward_args: Any,
+) -> PathProblem:
+    """Check the arguments and lay them out as a ``PathProblem``; raise ``ArgumentError``."""
+    input_tuple = _as_input_tuple(inputs)
+    baseline_tuple = _as_baseline_tuple(baselines, len(input_tuple))
+    n_rows = input_tuple[0].shape[0]
+
+    laid_out = tuple(
+        _lay_out_baseline(base, x, i, len(input_tuple) > 1)
+        for i, (base, x) in enumerate(zip(baseline_tuple, input_tuple))
+    )
+    kinds = {base.shape[0] for base in laid_out}
+    if len(kinds) > 1:
+        raise ArgumentError(f"every input needs the same number of baselines, got {sorted(kinds)}")
+    if len({base.shape[1] for base in laid_out}) > 1:
+        # Mixed per-row and shared baselines: expand the shared ones so indexing is uniform.
+        laid_out = tuple(base.expand(base.shape[0], n_rows, *base.shape[2:]) for base in laid_out)
+
+    return PathProblem(
+        inputs=input_tuple,
+        baselines=laid_out,
+        targets=_as_targets(target, n_rows, input_tuple[0].device),
+        forward_args=_as_forward_args(additional_forward_args),
+    )
+
+
+def _as_input_tuple(inputs: TensorOrTuple) -> tuple[Tensor, ...]:
+    input_tuple = inputs if isinstance(inputs, tuple) else (inputs,)
+    if len(input_tuple) == 0:
+        raise ArgumentError("inputs is an empty tuple: expected at least one Tensor")
+    for i, x in enumerate(input_tuple):
+        name = f"inputs[{i}]" if isinstance(inputs, tuple) else "inputs"
+        if not isinstance(x, Tensor):
+            raise ArgumentError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ArgumentError(
+                f"{name} has dtype {x.dtype}: gradients need a floating point dtype "
+                "(convert with .float())"
+            )
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ArgumentError(f"{name} has shape {tuple(x.shape)}: expected (N, *features)")
+    first = input_tuple[0]
+    for i, x in enumerate(input_tuple[1:], start=1):
+        if x.shape[0] != first.shape[0]:
+            raise ArgumentError(
+                f"inputs[{i}] has {x.shape[0]} rows but inputs[0] has {first.shape[0]}"
+            )
+        if x.device != first.device:
+            raise ArgumentError(f"inputs[{i}] is on {x.device} but inputs[0] is on {first.device}")
+    return tuple(x.detach() for x in input_tuple)
+
+
+def _as_baseline_tuple(baselines: BaselineArg, n_inputs: int) -> tuple[Any, ...]:
+    if baselines is None:
+        return (0.0,) * n_inputs
+    baseline_tuple = baselines if isinstance(baselines, tuple) else (baselines,)
+    if len(baseline_tuple) != n_inputs:
+        raise ArgumentError(
+            f"got {len(baseline_tuple)} baselines for {n_inputs} inputs: expected one per input"
+        )
+    return baseline_tuple
+
+
+def _lay_out_baseline(base: Any, x: Tensor, index: int, many: bool) -> Tensor:
+    """(B, *F) -> (B, 1, *F); (B, N, *F) stays; a scalar -> (1, 1, *F)."""
+    name = f"baselines[{index}]" if many else "baselines"
+    features = tuple(x.shape[1:])
+    if isinstance(base, (int, float)) and not isinstance(base, bool):
+        return torch.full((1, 1, *features), float(base), dtype=x.dtype, device=x.device)
+    if not isinstance(base, Tensor):
+        raise ArgumentError(f"{name} must be a Tensor or a number, got {type(base).__name__}")
+    if not base.is_floating_point():
+        raise ArgumentError(f"{name} has dtype {base.dtype}: expected a floating point dtype")
+    base = base.detach().to(device=x.device, dtype=x.dtype)
+
+    shape = tuple(base.shape)
+    if shape[1:] == features and len(shape) == x.dim():
+        return base.unsqueeze(1)
+    if len(shape) == x.dim() + 1 and shape[1] == x.shape[0] and shape[2:] == features:
+        return base
+    raise ArgumentError(
+        f"{name} has shape {shape}: expected (B, {', '.join(map(str, features))}) for B "
+        f"baseline kinds or (B, {x.shape[0]}, {', '.join(map(str, features))}) per row"
+    )
+
+
+def _as_targets(target: TargetArg, n_rows: int, device: torch.device) -> Any:
+    if target is None:
+        return None
+    if isinstance(target, bool):
+        raise ArgumentError(f"target must be an int, a tuple or one int per row, got {target!r}")
+    if isinstance(target, int):
+        return (target,)
+    if isinstance(target, tuple) and all(isinstance(t, int) for t in target):
+        return target
+    per_row = torch.as_tensor(target) if not isinstance(target, Tensor) else target
+    if per_row.dim() == 0:
+        return (int(per_row),)
+    if per_row.dim() != 1 or per_row.shape[0] != n_rows or per_row.is_floating_point():
+        raise ArgumentError(
+            f"target has shape {tuple(per_row.shape)} and dtype {per_row.dtype}: expected "
+            f"an int, a tuple, or {n_rows} integer targets, one per row"
+        )
+    return per_row.to(device=device, dtype=torch.long)
+
+
+def _as_forward_args(additional_forward_args: Any) -> tuple[Any, ...]:
+    if additional_forward_args is None:
+        return ()
+    if isinstance(additional_forward_args, tuple):
+        return additional_forward_args
+    return (additional_forward_args,)

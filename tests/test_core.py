@@ -1,0 +1,226 @@
+"""The batched kernel against an independent float64 loop and against Captum."""
+
+import numpy as np
+import pytest
+import torch
+from captum.attr import IntegratedGradients
+from torch import nn
+
+from engine import METHODS, integrated_gradients, quadrature_rule
+from engine.errors import ArgumentError, ModelError
+
+
+def reference_rule(method: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rules written out from their definitions, independently of engine.quadrature."""
+    if method == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(n)
+        return (nodes + 1) / 2, weights / 2
+    alphas = {
+        "riemann_left": [k / n for k in range(n)],
+        "riemann_right": [(k + 1) / n for k in range(n)],
+        "riemann_middle": [(k + 0.5) / n for k in range(n)],
+        "riemann_trapezoid": [k / (n - 1) for k in range(n)],
+    }[method]
+    weights = [1 / n] * n
+    if method == "riemann_trapezoid":
+        weights[0] = weights[-1] = 1 / (2 * n)
+    return np.array(alphas), np.array(weights)
+
+
+def reference_ig(model, x, baselines, target, method, n_steps):
+    """One forward and one backward per (baseline, row, step), all in float64."""
+    alphas, weights = reference_rule(method, n_steps)
+    out = torch.zeros(len(baselines), *x.shape, dtype=torch.float64)
+    for b, base in enumerate(baselines.double()):
+        for n, row in enumerate(x.double()):
+            for alpha, weight in zip(alphas, weights):
+                point = (base + alpha * (row - base)).unsqueeze(0).requires_grad_()
+                value = model(point)[0]
+                value = value.reshape(-1)[0] if target is None else value[target]
+                (grad,) = torch.autograd.grad(value, point)
+                out[b, n] += weight * grad[0]
+            out[b, n] *= row - base
+    return out
+
+
+def mlp(n_in: int, hidden: int, n_out: int, dtype=torch.float64) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(n_in, hidden), nn.Softplus(), nn.Linear(hidden, hidden), nn.Tanh(),
+        nn.Linear(hidden, n_out),
+    ).to(dtype).eval()
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected.double()).norm() / expected.double().norm())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_quadrature_matches_captum_definitions(method):
+    from captum.attr._utils.approximation_methods import approximation_parameters
+
+    step_sizes, alphas = approximation_parameters(method)
+    rule = quadrature_rule(method, 17)
+    # Captum's Riemann alphas come from a float32 linspace: agree to float32 rounding.
+    np.testing.assert_allclose(rule.alphas, alphas(17), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(rule.weights, step_sizes(17), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_engine_equals_float64_reference_loop(method):
+    torch.manual_seed(1)
+    model = mlp(4, 16, 3)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    baselines = torch.randn(3, 4, dtype=torch.float64)
+
+    actual = integrated_gradients(model, x, baselines, target=2, n_steps=7, method=method)
+    expected = reference_ig(model, x, baselines, 2, method, 7)
+
+    # Both sides are float64; only summation order differs.
+    assert actual.shape == (3, 5, 4)
+    assert relative_error(actual, expected) <= 1e-10
+
+
+def captum_per_baseline(model, x, baselines, **kwargs):
+    ig = IntegratedGradients(model)
+    return torch.stack([ig.attribute(x, base.unsqueeze(0), **kwargs) for base in baselines])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"),
+    # Captum rounds its step weights to float32, so float64 agrees to ~1e-7, not 1e-15.
+    [(torch.float64, 1e-6), (torch.float32, 1e-5)],
+)
+def test_engine_equals_captum(method, dtype, tolerance):
+    torch.manual_seed(2)
+    model = mlp(6, 32, 4, dtype)
+    x = torch.randn(20, 6, dtype=dtype)
+    baselines = torch.randn(3, 6, dtype=dtype)
+
+    actual = integrated_gradients(model, x, baselines, target=1, n_steps=25, method=method)
+    expected = captum_per_baseline(model, x, baselines, target=1, n_steps=25, method=method)
+
+    assert relative_error(actual, expected) <= tolerance
+
+
+def test_chunking_does_not_change_the_result():
+    torch.manual_seed(3)
+    model = mlp(5, 8, 1)
+    x = torch.randn(9, 5, dtype=torch.float64)
+    baselines = torch.randn(2, 5, dtype=torch.float64)
+
+    whole = integrated_gradients(model, x, baselines, n_steps=10)
+    # 7 does not divide the 10 steps of a path, 30 does: both accumulation routes run.
+    for chunk in (1, 7, 30, 10_000):
+        chunked = integrated_gradients(model, x, baselines, n_steps=10, internal_batch_size=chunk)
+        assert relative_error(chunked, whole) <= 1e-12
+
+
+def test_completeness_delta_is_small_and_shrinks_with_steps():
+    torch.manual_seed(4)
+    model = mlp(5, 16, 1)
+    x = torch.randn(10, 5, dtype=torch.float64)
+    baselines = torch.randn(2, 5, dtype=torch.float64)
+
+    deltas = []
+    for n_steps in (2, 4, 8, 16):
+        _, delta = integrated_gradients(
+            model, x, baselines, n_steps=n_steps, return_convergence_delta=True
+        )
+        assert delta.shape == (2, 10)
+        deltas.append(float(delta.abs().max()))
+
+    # Gauss-Legendre converges exponentially on a smooth model.
+    assert all(later < earlier for earlier, later in zip(deltas, deltas[1:]))
+    assert deltas[-1] < 1e-10
+
+
+def test_delta_equals_attribution_sum_minus_output_gap():
+    torch.manual_seed(5)
+    model = mlp(3, 8, 2)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    baselines = torch.randn(2, 3, dtype=torch.float64)
+
+    attributions, delta = integrated_gradients(
+        model, x, baselines, target=0, n_steps=5, return_convergence_delta=True
+    )
+
+    with torch.no_grad():
+        gap = model(x)[:, 0].unsqueeze(0) - model(baselines)[:, 0].unsqueeze(1)
+    torch.testing.assert_close(delta, attributions.sum(-1) - gap, rtol=0, atol=1e-12)
+
+
+def test_linear_model_gives_closed_form():
+    torch.manual_seed(6)
+    model = nn.Linear(4, 1).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    baselines = torch.randn(3, 4, dtype=torch.float64)
+
+    attributions = integrated_gradients(model, x, baselines, n_steps=3)
+
+    # For F(x) = w.x + c, IG(x, b) = w * (x - b) exactly, with weights that sum to 1.
+    expected = model.weight[0].detach() * (x.unsqueeze(0) - baselines.unsqueeze(1))
+    torch.testing.assert_close(attributions, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_per_row_baselines_match_shared_ones():
+    torch.manual_seed(7)
+    model = mlp(3, 8, 1)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    baselines = torch.randn(2, 3, dtype=torch.float64)
+
+    shared = integrated_gradients(model, x, baselines, n_steps=6)
+    per_row = integrated_gradients(model, x, baselines.unsqueeze(1).expand(2, 5, 3), n_steps=6)
+
+    torch.testing.assert_close(per_row, shared, rtol=1e-12, atol=1e-14)
+
+
+def test_per_row_targets_select_each_rows_output():
+    torch.manual_seed(8)
+    model = mlp(3, 8, 4)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    baselines = torch.zeros(1, 3, dtype=torch.float64)
+    targets = torch.tensor([0, 3, 1, 1, 2, 0])
+
+    together = integrated_gradients(model, x, baselines, target=targets, n_steps=5)
+
+    for row, target in enumerate(targets.tolist()):
+        alone = integrated_gradients(model, x[row : row + 1], baselines, target=target, n_steps=5)
+        torch.testing.assert_close(together[:, row], alone[:, 0], rtol=1e-12, atol=1e-14)
+
+
+def test_training_mode_batchnorm_is_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).train()
+
+    with pytest.raises(ModelError, match=r"\.eval\(\)"):
+        integrated_gradients(model, torch.randn(4, 3), torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_steps": 0}, "n_steps=0"),
+        ({"n_steps": 2.5}, "integer"),
+        ({"method": "simpson"}, "unknown method 'simpson'"),
+        ({"method": "riemann_left", "n_steps": 1}, "at least 2"),
+        ({"internal_batch_size": 0}, "internal_batch_size"),
+    ],
+)
+def test_bad_arguments_name_the_problem(kwargs, message):
+    with pytest.raises(ArgumentError, match=message):
+        integrated_gradients(nn.Linear(3, 1), torch.randn(2, 3), torch.zeros(1, 3), **kwargs)
+
+
+def test_baseline_with_wrong_feature_count_is_refused():
+    with pytest.raises(ArgumentError, match=r"baselines has shape \(1, 4\)"):
+        integrated_gradients(nn.Linear(3, 1), torch.randn(2, 3), torch.zeros(1, 4))
+
+
+def test_integer_inputs_are_refused():
+    with pytest.raises(ArgumentError, match="floating point"):
+        integrated_gradients(nn.Linear(3, 1), torch.ones(2, 3, dtype=torch.long))
+
+
+def test_multi_output_model_without_target_is_refused():
+    with pytest.raises(ArgumentError, match="pass target="):
+        integrated_gradients(nn.Linear(3, 2), torch.randn(2, 3), torch.zeros(1, 3))
