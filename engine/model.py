@@ -1,0 +1,499 @@
+"""The article's Titanic network, its Lightning wrapper, training and checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from engine.data import FEATURES, TitanicData, TitanicDataModule
+from engine.errors import ArgumentError, CheckpointError
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "LAYER_ORDERS",
+    "TitanicClassifier",
+    "TitanicMLP",
+    "load_weights",
+    "predict_proba",
+    "save_weights",
+    "train_titanic",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "engine.titanic_mlp/1"
+
+# The names of the modules each forward pass applies, in call order; the
+# sigmoid always comes last.
+LAYER_ORDERS = {
+    "article": ("l1", "l2", "r1", "out", "r2"),
+    "conventional": ("l1", "r1", "l2", "r2", "out"),
+}
+
+N_FEATURES = len(FEATURES)
+HIDDEN = 128
+
+_LIGHTNING_LOGGERS = (
+    "lightning.pytorch", "pytorch_lightning", "lightning.fabric", "lightning_fabric",
+)
+
+
+class TitanicMLP(nn.Module):
+    """The article's 5-128-128-1 network with PReLU activations and a sigmoid.
+
+    The modules are defined as ``l1 = Linear(5, 128)``, ``r1 = PReLU()``,
+    ``l2 = Linear(128, 128)``, ``r2 = PReLU()`` and ``out = Linear(128, 1)``.
+    Both PReLUs hold a single shared slope, so either may act on any width.
+
+    Two call orders are offered:
+
+    ``"article"`` (default)
+        ``l1 -> l2 -> r1 -> out -> r2 -> sigmoid``: the article's forward pass,
+        which calls ``l1, r1, out, r2`` in that order with ``l2`` straight after
+        ``l1``. The two leading Linear layers are back to back with nothing
+        between them, so together they are one affine map ``5 -> 128`` that
+        holds most of the network's arithmetic (the 128 x 128 product); the
+        second PReLU acts on the single output logit.
+    ``"conventional"``
+        ``l1 -> r1 -> l2 -> r2 -> out -> sigmoid``: the textbook order.
+
+    Parameters
+    ----------
+    layer_order
+        ``"article"`` or ``"conventional"``.
+
+    Raises
+    ------
+    ArgumentError
+        If ``layer_order`` is neither.
+    """
+
+    def __init__(self, layer_order: str = "article") -> None:
+        super().__init__()
+        self.layer_order = _checked_order(layer_order)
+        self.l1 = nn.Linear(N_FEATURES, HIDDEN)
+        self.r1 = nn.PReLU()
+        self.l2 = nn.Linear(HIDDEN, HIDDEN)
+        self.r2 = nn.PReLU()
+        self.out = nn.Linear(HIDDEN, 1)
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(N, 5)`` features to ``(N, 1)`` survival probabilities."""
+        for name in LAYER_ORDERS[self.layer_order]:
+            x = getattr(self, name)(x)
+        return self.sigmoid(x)
+
+    def extra_repr(self) -> str:
+        return f"layer_order={self.layer_order!r}"
+
+
+def _checked_order(layer_order: object) -> str:
+    if not isinstance(layer_order, str) or layer_order not in LAYER_ORDERS:
+        raise ArgumentError(
+            f"layer_order must be one of {', '.join(map(repr, LAYER_ORDERS))},"
+            f" got {layer_order!r}"
+        )
+    return str(layer_order)
+
+
+class TitanicClassifier(pl.LightningModule):
+    """Trains a :class:`TitanicMLP` with Adam and binary cross-entropy, as the article did.
+
+    Parameters
+    ----------
+    layer_order
+        Passed to :class:`TitanicMLP`.
+    lr
+        Adam's learning rate; the article used 0.01.
+    """
+
+    def __init__(self, layer_order: str = "article", lr: float = 0.01) -> None:
+        super().__init__()
+        self.net = TitanicMLP(layer_order)
+        self.lr = lr
+        self.loss_fn = nn.BCELoss()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 5)`` features -> ``(N, 1)`` probabilities."""
+        return self.net(x)
+
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        features, labels = batch
+        loss = self.loss_fn(self(features).squeeze(-1), labels)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._score(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._score(batch, "test")
+
+    def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        return self(batch[0]).squeeze(-1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    def _score(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        features, labels = batch
+        probabilities = self(features).squeeze(-1)
+        loss = self.loss_fn(probabilities, labels)
+        accuracy = ((probabilities > 0.5).float() == labels).float().mean()
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
+        self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True, batch_size=len(labels))
+
+
+# ---------------------------------------------------------------------------
+# Training and prediction
+
+
+def train_titanic(
+    data: TitanicData,
+    *,
+    epochs: int = 20,
+    seed: int = 404,
+    accelerator: str = "auto",
+    layer_order: str = "article",
+    progress: bool | None = None,
+    callbacks: Iterable[pl.Callback] = (),
+) -> TitanicClassifier:
+    """Train the article's network on the prepared Titanic table.
+
+    Parameters
+    ----------
+    data
+        The prepared table; training uses its train rows, validation its test
+        rows.
+    epochs
+        Passes over the training rows; the article used 20.
+    seed
+        Seeds weights, shuffling and every other random draw, so the same seed
+        gives the same weights on the same machine.
+    accelerator
+        Lightning's accelerator name (``"cpu"``, ``"gpu"``, ``"auto"``).
+    layer_order
+        See :class:`TitanicMLP`.
+    progress
+        Show Lightning's progress bar; by default only on a terminal outside CI.
+    callbacks
+        Extra Lightning callbacks, for example per-epoch attribution.
+
+    Returns
+    -------
+    TitanicClassifier
+        The trained module, in eval mode, on the CPU.
+
+    Raises
+    ------
+    ArgumentError
+        If ``epochs`` is not a positive integer, ``data`` is not a
+        :class:`TitanicData` or ``layer_order`` is unknown.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ArgumentError(f"epochs must be a positive integer, got {epochs!r}")
+    if not isinstance(data, TitanicData):
+        raise ArgumentError(f"data must be a TitanicData, got {type(data).__name__}")
+    if progress is None:
+        progress = sys.stderr.isatty() and not os.environ.get("CI")
+
+    with _quiet_lightning(), _restored_determinism():
+        # Seeding first makes the initial weights part of what the seed fixes.
+        pl.seed_everything(seed, workers=True)
+        module = TitanicClassifier(layer_order=layer_order)
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            accelerator=accelerator,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress,
+            deterministic=True,
+            num_sanity_val_steps=0,
+            callbacks=list(callbacks),
+            # Two batches an epoch: log each step so Lightning does not warn
+            # that the logging interval exceeds the epoch.
+            log_every_n_steps=1,
+        )
+        logger.info("training the Titanic network for %d epochs (seed %d)", epochs, seed)
+        trainer.fit(module, datamodule=TitanicDataModule(data, seed=seed))
+
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    logger.info("trained: %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+    return module.cpu().eval()
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Hide Lightning's info chatter and its warning about data loader workers.
+
+    The data fit in memory and batches are slices of one tensor, so worker
+    processes would only add start-up time.
+    """
+    saved = {name: logging.getLogger(name).level for name in _LIGHTNING_LOGGERS}
+    for name in _LIGHTNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            # Lightning 2.6 on a newer torch reports its own use of a deprecated
+            # pytree class; nothing a user can act on.
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def _restored_determinism() -> Iterator[None]:
+    """Undo the process-wide switch ``Trainer(deterministic=True)`` leaves on.
+
+    Left on, it would make later code (attribution kernels on a GPU, say) fail
+    on operations that have no deterministic implementation.
+    """
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def predict_proba(net: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Survival probability of each row, without tracking gradients.
+
+    Parameters
+    ----------
+    net
+        A :class:`TitanicMLP`, a :class:`TitanicClassifier` or any module that
+        maps ``(N, 5)`` to ``(N, 1)``. It is evaluated in eval mode and put back
+        in the mode it was in.
+    features
+        ``(N, 5)`` prepared features.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N,)`` probabilities on the network's device.
+
+    Raises
+    ------
+    ArgumentError
+        If ``features`` is not a ``(N, 5)`` tensor.
+    """
+    if not isinstance(features, torch.Tensor):
+        raise ArgumentError(
+            f"features must be a (N, {N_FEATURES}) tensor, got a {type(features).__name__}"
+        )
+    if features.ndim != 2 or features.shape[1] != N_FEATURES:
+        raise ArgumentError(
+            f"features must be a (N, {N_FEATURES}) tensor, got shape {tuple(features.shape)}"
+        )
+
+    parameter = next(net.parameters(), None)
+    if parameter is not None:
+        features = features.to(device=parameter.device, dtype=parameter.dtype)
+
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            return net(features).squeeze(-1)
+    finally:
+        net.train(was_training)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_weights(net: TitanicMLP | TitanicClassifier, path: str | Path) -> Path:
+    """Save the network's weights and call order, atomically.
+
+    The file is a plain dict of tensors and strings, so it loads with
+    ``torch.load(path, weights_only=True)`` and never needs to run code.
+
+    Parameters
+    ----------
+    net
+        The network, or the Lightning module that holds it.
+    path
+        Where to write; missing parent folders are created.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    ArgumentError
+        If ``net`` is not a Titanic network.
+    """
+    net = net.net if isinstance(net, TitanicClassifier) else net
+    if not isinstance(net, TitanicMLP):
+        raise ArgumentError(f"net must be a TitanicMLP, got {type(net).__name__}")
+    path = Path(path)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "layer_order": net.layer_order,
+        "state_dict": {name: value.detach().cpu() for name, value in net.state_dict().items()},
+    }
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".part", dir=path.parent)
+    temporary = Path(temporary)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(payload, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    logger.info("saved Titanic network weights to %s", path)
+    return path
+
+
+# What torch.load raises on a file that is not a checkpoint: bad bytes, a cut
+# file, or a pickle that would need to run code (refused by weights_only).
+_UNREADABLE = (
+    pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError,
+    KeyError, TypeError, AttributeError, IndexError, ImportError,
+)
+
+
+def load_weights(path: str | Path, layer_order: str | None = None) -> TitanicMLP:
+    """Load a network saved by :func:`save_weights`.
+
+    Loading uses ``torch.load(weights_only=True)``: a file that would run code
+    when unpickled is refused, not executed. A bare state dict (a mapping of
+    parameter names to tensors) is accepted too and gets the article order.
+
+    Parameters
+    ----------
+    path
+        The checkpoint.
+    layer_order
+        Overrides the call order stored in the file.
+
+    Returns
+    -------
+    TitanicMLP
+        The network in eval mode, on the CPU.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing, is not a checkpoint, or its keys or shapes do
+        not match the network.
+    ArgumentError
+        If ``layer_order`` is given and unknown.
+    """
+    path = Path(path)
+    if layer_order is not None:
+        layer_order = _checked_order(layer_order)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
+
+    try:
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol before refusing the file anyway.
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except _UNREADABLE as err:
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({_load_reason(err)})") from err
+
+    state_dict, stored_order = _unpack(payload, path)
+    net = TitanicMLP(layer_order or stored_order)
+    _check_state_dict(state_dict, net, path)
+    net.load_state_dict(state_dict)
+    return net.eval()
+
+
+def _unpack(payload: object, path: Path) -> tuple[Mapping[str, torch.Tensor], str]:
+    """Split a loaded file into its state dict and stored call order."""
+    if isinstance(payload, Mapping) and "format" in payload:
+        if payload["format"] != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"{path}: checkpoint format {payload['format']!r}, expected {CHECKPOINT_FORMAT!r}"
+            )
+        state_dict = payload.get("state_dict")
+        stored_order = payload.get("layer_order")
+        if not isinstance(state_dict, Mapping):
+            raise CheckpointError(f"{path}: checkpoint has no 'state_dict' mapping")
+        if stored_order not in LAYER_ORDERS:
+            raise CheckpointError(
+                f"{path}: checkpoint layer_order {stored_order!r} is not one of"
+                f" {', '.join(map(repr, LAYER_ORDERS))}"
+            )
+        return state_dict, str(stored_order)
+
+    if isinstance(payload, Mapping) and payload and all(
+        isinstance(value, torch.Tensor) for value in payload.values()
+    ):
+        return payload, "article"
+    raise CheckpointError(
+        f"{path}: not an engine checkpoint (holds a {type(payload).__name__},"
+        f" expected a dict with format {CHECKPOINT_FORMAT!r})"
+    )
+
+
+def _check_state_dict(state_dict: Mapping[str, object], net: TitanicMLP, path: Path) -> None:
+    """Name every missing, unexpected, non-tensor or misshapen entry at once."""
+    expected = {name: tuple(value.shape) for name, value in net.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: checkpoint keys do not match the network:"
+            f" missing {', '.join(missing) or 'none'};"
+            f" unexpected {', '.join(map(str, unexpected)) or 'none'}"
+        )
+
+    problems = []
+    for name, shape in expected.items():
+        value = state_dict[name]
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"{name} is a {type(value).__name__}, not a tensor")
+        elif tuple(value.shape) != shape:
+            problems.append(f"{name} has shape {tuple(value.shape)}, expected {shape}")
+    if problems:
+        raise CheckpointError(f"{path}: checkpoint does not fit the network: {'; '.join(problems)}")
+
+
+def _load_reason(err: BaseException) -> str:
+    """A one-line reason from torch.load's error, which runs to a page.
+
+    The first line of torch's own message suggests retrying with
+    ``weights_only=False``; that is the one thing not to do with an unknown
+    file, so it is never passed on.
+    """
+    text = str(err)
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused:
+        return f"it would import {refused.group(1)} to run code; refused by weights_only loading"
+    if isinstance(err, pickle.UnpicklingError):
+        return "its bytes are neither a torch zip archive nor a tensor-only pickle"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

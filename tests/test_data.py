@@ -1,0 +1,440 @@
+"""The Titanic data: where it is found, what is refused, how it is prepared."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from engine.data import (
+    FEATURES,
+    TARGET,
+    TitanicDataModule,
+    check_kaggle_train,
+    default_cache_dir,
+    load_titanic,
+    locate_titanic_csv,
+    prepare_titanic,
+)
+from engine.errors import ArgumentError, DataError
+
+HEADER = "PassengerId,Survived,Pclass,Name,Sex,Age,SibSp,Parch,Ticket,Fare,Cabin,Embarked"
+ROWS = (
+    '1,0,3,"Braund, Mr. Owen Harris",male,22,1,0,A/5 21171,7.25,,S',
+    '2,1,1,"Cumings, Mrs. John Bradley",female,38,1,0,PC 17599,71.2833,C85,C',
+    '3,1,3,"Heikkinen, Miss. Laina",female,26,0,0,STON/O2. 3101282,7.925,,S',
+)
+
+
+def write_csv(folder: Path, lines: list[str] | tuple[str, ...], name: str = "t.csv") -> Path:
+    path = folder / name
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def with_field(row: str, column: str, value: str) -> str:
+    """Replace one field of a row; the quoted Name holds one comma."""
+    fields = row.split(",")
+    index = HEADER.split(",").index(column)
+    index += index > HEADER.split(",").index("Name")  # the comma inside Name
+    fields[index] = value
+    return ",".join(fields)
+
+
+def assert_one_line(err: pytest.ExceptionInfo, *names: str) -> None:
+    message = str(err.value)
+    assert "\n" not in message, message
+    for name in names:
+        assert name in message, f"{name!r} not in {message!r}"
+
+
+@pytest.fixture(scope="module")
+def frame(titanic_csv: Path) -> pd.DataFrame:
+    return load_titanic(titanic_csv)
+
+
+@pytest.fixture(scope="module")
+def data(frame: pd.DataFrame, titanic_csv: Path):
+    return prepare_titanic(frame, source=titanic_csv)
+
+
+# ---------------------------------------------------------------------------
+# Preparation of the real file
+
+
+def test_real_file_is_kaggle_train(frame: pd.DataFrame, titanic_csv: Path) -> None:
+    assert len(frame) == 891
+    assert int(frame[TARGET].sum()) == 342
+    check_kaggle_train(frame, titanic_csv)
+
+
+def test_features_are_the_five_article_columns(data) -> None:
+    assert data.feature_names == FEATURES == ("Pclass", "Sex", "Age", "SibSp", "Fare")
+    assert data.features.shape == (891, 5)
+    assert data.features.dtype == torch.float32
+    assert data.labels.shape == (891,)
+    assert data.labels.dtype == torch.float32
+
+
+def test_labels_are_survived(data, frame: pd.DataFrame) -> None:
+    assert torch.equal(data.labels, torch.tensor(frame[TARGET].to_numpy(), dtype=torch.float32))
+
+
+def test_every_feature_spans_exactly_zero_to_one(data) -> None:
+    assert torch.equal(data.features.min(dim=0).values, torch.zeros(5))
+    assert torch.equal(data.features.max(dim=0).values, torch.ones(5))
+
+
+def test_no_value_is_nan(data) -> None:
+    assert not torch.isnan(data.features).any()
+    assert not torch.isnan(data.labels).any()
+
+
+def test_sex_male_is_one_and_female_is_zero(data, frame: pd.DataFrame) -> None:
+    sex = data.features[:, FEATURES.index("Sex")]
+    assert torch.equal(sex, torch.tensor((frame["Sex"] == "male").to_numpy(), dtype=torch.float32))
+
+
+def test_missing_age_is_the_normalised_median(data, frame: pd.DataFrame) -> None:
+    age = frame["Age"]
+    missing = age.isna().to_numpy()
+    assert missing.sum() == 177  # Kaggle's file lacks 177 ages
+    expected = (age.median() - age.min()) / (age.max() - age.min())
+    filled = data.features[torch.tensor(missing), FEATURES.index("Age")]
+    # float32 storage of a float64 ratio: half an ulp near 0.35 is about 3e-8.
+    torch.testing.assert_close(filled, torch.full_like(filled, expected), rtol=0, atol=1e-7)
+
+
+def test_split_is_713_train_and_179_test_sharing_one_row(data) -> None:
+    assert len(data.train_index) == 713
+    assert len(data.test_index) == 179
+    assert np.array_equal(data.train_index, np.arange(0, 713))
+    assert np.array_equal(data.test_index, np.arange(712, 891))
+    assert np.intersect1d(data.train_index, data.test_index).tolist() == [712]
+
+
+def test_split_properties_select_the_split_rows(data, frame: pd.DataFrame) -> None:
+    assert torch.equal(data.train_features, data.features[:713])
+    assert torch.equal(data.test_features, data.features[712:])
+    assert torch.equal(data.train_labels, data.labels[:713])
+    assert torch.equal(data.test_labels, data.labels[712:])
+    assert np.array_equal(data.test_passenger_ids, frame["PassengerId"].to_numpy()[712:])
+
+
+def test_mean_baseline_is_the_column_means(data) -> None:
+    assert data.mean_baseline.shape == (5,)
+    assert data.mean_baseline.dtype == torch.float32
+    torch.testing.assert_close(data.mean_baseline, data.features.double().mean(0).float())
+
+
+def test_constant_column_becomes_zeros(tmp_path: Path) -> None:
+    rows = [with_field(row, "SibSp", "4") for row in ROWS]
+    prepared = prepare_titanic(load_titanic(write_csv(tmp_path, [HEADER, *rows])))
+    assert torch.equal(prepared.features[:, FEATURES.index("SibSp")], torch.zeros(3))
+
+
+def test_one_class_file_keeps_its_labels(tmp_path: Path) -> None:
+    rows = [with_field(row, "Survived", "1") for row in ROWS]
+    prepared = prepare_titanic(load_titanic(write_csv(tmp_path, [HEADER, *rows])))
+    assert torch.equal(prepared.labels, torch.ones(3))
+
+
+def test_prepare_checks_the_frame_it_is_given() -> None:
+    with pytest.raises(DataError) as err:
+        prepare_titanic(pd.DataFrame({"PassengerId": [1]}), source=Path("table.csv"))
+    assert_one_line(err, "table.csv", "Survived", "Fare")
+
+
+# ---------------------------------------------------------------------------
+# The Lightning data module
+
+
+def test_train_loader_shuffles_the_same_way_for_the_same_seed(data) -> None:
+    def first_batch(seed: int) -> torch.Tensor:
+        return next(iter(TitanicDataModule(data, seed=seed).train_dataloader()))[0]
+
+    assert torch.equal(first_batch(404), first_batch(404))
+    assert not torch.equal(first_batch(404), first_batch(405))
+    assert not torch.equal(first_batch(404), data.train_features[:512])
+
+
+def test_loaders_cover_their_rows_in_batches_of_512(data) -> None:
+    module = TitanicDataModule(data)
+    train_sizes = [len(labels) for _, labels in module.train_dataloader()]
+    assert train_sizes == [512, 201]
+    features, labels = next(iter(module.val_dataloader()))
+    assert torch.equal(features, data.test_features)
+    assert torch.equal(labels, data.test_labels)
+    (predict_features,) = next(iter(module.predict_dataloader()))
+    assert torch.equal(predict_features, data.test_features)
+
+
+def test_bad_batch_size_is_refused(data) -> None:
+    with pytest.raises(ArgumentError):
+        TitanicDataModule(data, batch_size=0)
+
+
+# ---------------------------------------------------------------------------
+# Finding the file
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working directory, so the repository's data/train.csv is out of reach."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    return folder
+
+
+@pytest.fixture
+def serve(tmp_path: Path):
+    """Serve files from a folder on a loopback port; yields a function name -> URL."""
+    root = tmp_path / "served"
+    root.mkdir()
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    handler = functools.partial(QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    port = server.server_address[1]
+
+    def publish(name: str, source: Path) -> str:
+        shutil.copyfile(source, root / name)
+        return f"http://127.0.0.1:{port}/{name}"
+
+    yield publish
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/titanic.csv"
+
+
+def test_explicit_path_wins(workdir: Path, tmp_path: Path, titanic_csv: Path) -> None:
+    (workdir / "data").mkdir()
+    shutil.copyfile(titanic_csv, workdir / "data" / "train.csv")
+    explicit = shutil.copyfile(titanic_csv, tmp_path / "mine.csv")
+    assert locate_titanic_csv(explicit, cache_dir=tmp_path / "cache") == explicit
+
+
+def test_missing_explicit_path_is_an_error_not_a_fallback(
+    workdir: Path, tmp_path: Path, titanic_csv: Path
+) -> None:
+    (workdir / "data").mkdir()
+    shutil.copyfile(titanic_csv, workdir / "data" / "train.csv")
+    with pytest.raises(DataError) as err:
+        locate_titanic_csv(tmp_path / "typo.csv", cache_dir=tmp_path / "cache")
+    assert_one_line(err, "typo.csv")
+
+
+def test_explicit_directory_is_an_error(workdir: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError) as err:
+        locate_titanic_csv(tmp_path, cache_dir=tmp_path / "cache")
+    assert_one_line(err, str(tmp_path), "directory")
+
+
+def test_repository_copy_comes_before_the_cache(
+    workdir: Path, tmp_path: Path, titanic_csv: Path
+) -> None:
+    (workdir / "data").mkdir()
+    shutil.copyfile(titanic_csv, workdir / "data" / "train.csv")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copyfile(titanic_csv, cache / "titanic.csv")
+    assert locate_titanic_csv(cache_dir=cache, url=closed_port_url()) == Path("data/train.csv")
+
+
+def test_cache_is_used_when_the_repository_has_no_copy(
+    workdir: Path, tmp_path: Path, titanic_csv: Path
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copyfile(titanic_csv, cache / "titanic.csv")
+    assert locate_titanic_csv(cache_dir=cache, url=closed_port_url()) == cache / "titanic.csv"
+
+
+def test_download_lands_in_the_cache(
+    workdir: Path, tmp_path: Path, titanic_csv: Path, serve
+) -> None:
+    url = serve("titanic.csv", titanic_csv)
+    cache = tmp_path / "cache"
+    found = locate_titanic_csv(cache_dir=cache, url=url, timeout=10)
+    assert found == cache / "titanic.csv"
+    assert found.read_bytes() == titanic_csv.read_bytes()
+    assert sorted(cache.iterdir()) == [found]
+
+
+def test_download_with_wrong_row_count_is_rejected_and_not_cached(
+    workdir: Path, tmp_path: Path, titanic_csv: Path, serve
+) -> None:
+    short = tmp_path / "short.csv"
+    short.write_text("".join(titanic_csv.read_text().splitlines(keepends=True)[:101]))
+    url = serve("titanic.csv", short)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError) as err:
+        locate_titanic_csv(cache_dir=cache, url=url, timeout=10)
+    assert_one_line(err, url, "100 rows", "891")
+    assert list(cache.iterdir()) == []
+
+
+def test_offline_without_a_copy_says_where_to_put_the_file(workdir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    url = closed_port_url()
+    with pytest.raises(DataError) as err:
+        locate_titanic_csv(cache_dir=cache, url=url, timeout=5)
+    assert_one_line(err, "--data", "data/train.csv", str(cache / "titanic.csv"), url)
+
+
+def test_cache_dir_prefers_engine_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "engine-cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "engine-cache"
+
+
+def test_cache_dir_falls_back_to_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("ENGINE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "engine"
+
+
+def test_cache_dir_defaults_to_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ENGINE_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert default_cache_dir() == Path.home() / ".cache" / "engine"
+
+
+def test_default_cache_comes_from_the_environment(
+    workdir: Path, tmp_path: Path, titanic_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "env-cache"
+    cache.mkdir()
+    shutil.copyfile(titanic_csv, cache / "titanic.csv")
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(cache))
+    assert locate_titanic_csv(url=closed_port_url()) == cache / "titanic.csv"
+
+
+# ---------------------------------------------------------------------------
+# Files that are refused, each with a one-line message naming the fault
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as err:
+        load_titanic(tmp_path / "absent.csv")
+    assert_one_line(err, "absent.csv", "no such file")
+
+
+def test_directory(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as err:
+        load_titanic(tmp_path)
+    assert_one_line(err, str(tmp_path), "directory")
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.csv"
+    path.write_bytes(b"")
+    with pytest.raises(DataError) as err:
+        load_titanic(path)
+    assert_one_line(err, "empty.csv", "empty")
+
+
+def test_header_only(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, [HEADER]))
+    assert_one_line(err, "t.csv", "no data rows")
+
+
+def test_missing_columns_are_all_named(tmp_path: Path) -> None:
+    frame = pd.read_csv(write_csv(tmp_path, [HEADER, *ROWS]))
+    path = tmp_path / "narrow.csv"
+    frame.drop(columns=["Age", "Fare"]).to_csv(path, index=False)
+    with pytest.raises(DataError) as err:
+        load_titanic(path)
+    assert_one_line(err, "narrow.csv", "Age", "Fare")
+
+
+def test_text_in_age_names_column_row_and_value(tmp_path: Path) -> None:
+    rows = [ROWS[0], with_field(ROWS[1], "Age", "thirty-eight"), ROWS[2]]
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, [HEADER, *rows]))
+    assert_one_line(err, "t.csv", "Age", "row 2", "line 3", "thirty-eight")
+
+
+def test_unknown_sex_label_is_named(tmp_path: Path) -> None:
+    rows = [ROWS[0], ROWS[1], with_field(ROWS[2], "Sex", "unknown")]
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, [HEADER, *rows]))
+    assert_one_line(err, "t.csv", "Sex", "'unknown'", "row 3")
+
+
+def test_infinite_fare_is_named(tmp_path: Path) -> None:
+    rows = [with_field(ROWS[0], "Fare", "inf"), ROWS[1], ROWS[2]]
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, [HEADER, *rows]))
+    assert_one_line(err, "t.csv", "Fare", "row 1", "inf")
+
+
+def test_non_utf8_bytes_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin.csv"
+    text = "\n".join([HEADER, ROWS[0], ROWS[1].replace("Cumings", "Cumiñgs")]) + "\n"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        load_titanic(path)
+    assert_one_line(err, "latin.csv", "UTF-8", "line 3")
+
+
+def test_survived_other_than_zero_or_one(tmp_path: Path) -> None:
+    rows = [ROWS[0], with_field(ROWS[1], "Survived", "2"), ROWS[2]]
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, [HEADER, *rows]))
+    assert_one_line(err, "t.csv", "Survived", "row 2", "2")
+
+
+def test_column_with_no_values_at_all(tmp_path: Path) -> None:
+    rows = [with_field(row, "Age", "") for row in ROWS]
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, [HEADER, *rows]))
+    assert_one_line(err, "t.csv", "Age", "no values")
+
+
+def test_malformed_csv_is_a_data_error(tmp_path: Path) -> None:
+    rows = [ROWS[0], ROWS[1] + ",extra,fields", ROWS[2]]
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, [HEADER, *rows]))
+    assert_one_line(err, "t.csv", "CSV")
+
+
+def test_download_checks_reject_a_foreign_table(tmp_path: Path) -> None:
+    frame = load_titanic(write_csv(tmp_path, [HEADER, *ROWS]))
+    with pytest.raises(DataError) as err:
+        check_kaggle_train(frame.drop(columns=["Cabin"]), "somewhere.csv")
+    assert_one_line(err, "somewhere.csv", "Cabin")
+
+
+def test_oversized_download_is_rejected_and_not_cached(
+    workdir: Path, tmp_path: Path, titanic_csv: Path, serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("engine.data.MAX_DOWNLOAD_BYTES", 1000)
+    url = serve("titanic.csv", titanic_csv)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError) as err:
+        locate_titanic_csv(cache_dir=cache, url=url, timeout=10)
+    assert_one_line(err, url, "1000 bytes")
+    assert not (cache / "titanic.csv").exists()

@@ -1,0 +1,273 @@
+"""The article's network: call orders, checkpoints, prediction and training."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.data import load_titanic, prepare_titanic
+from engine.errors import ArgumentError, CheckpointError
+from engine.model import (
+    CHECKPOINT_FORMAT,
+    TitanicClassifier,
+    TitanicMLP,
+    load_weights,
+    predict_proba,
+    save_weights,
+    train_titanic,
+)
+
+
+def seeded_net(layer_order: str = "article", seed: int = 0) -> TitanicMLP:
+    torch.manual_seed(seed)
+    return TitanicMLP(layer_order)
+
+
+def seeded_rows(n: int = 64, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, 5, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_one_line(err: pytest.ExceptionInfo, *names: str) -> None:
+    message = str(err.value)
+    assert "\n" not in message, message
+    for name in names:
+        assert name in message, f"{name!r} not in {message!r}"
+
+
+# ---------------------------------------------------------------------------
+# The network
+
+
+@pytest.mark.parametrize("layer_order", ["article", "conventional"])
+def test_each_order_maps_rows_to_probabilities(layer_order: str) -> None:
+    probabilities = seeded_net(layer_order)(seeded_rows())
+    assert probabilities.shape == (64, 1)
+    assert ((probabilities > 0) & (probabilities < 1)).all()
+
+
+def test_article_order_puts_l1_and_l2_back_to_back() -> None:
+    net, x = seeded_net("article"), seeded_rows()
+    expected = torch.sigmoid(net.r2(net.out(net.r1(net.l2(net.l1(x))))))
+    torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
+
+
+def test_conventional_order_is_the_textbook_one() -> None:
+    net, x = seeded_net("conventional"), seeded_rows()
+    expected = torch.sigmoid(net.out(net.r2(net.l2(net.r1(net.l1(x))))))
+    torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
+
+
+def test_article_is_the_default_order() -> None:
+    assert TitanicMLP().layer_order == "article"
+
+
+def test_orders_differ_with_the_same_weights() -> None:
+    article, conventional = seeded_net("article"), seeded_net("conventional")
+    weights = conventional.state_dict()
+    assert all(torch.equal(value, weights[name]) for name, value in article.state_dict().items())
+    x = seeded_rows()
+    assert not torch.allclose(article(x), conventional(x))
+
+
+def test_layers_have_the_article_shapes() -> None:
+    shapes = {name: tuple(value.shape) for name, value in TitanicMLP().state_dict().items()}
+    assert shapes == {
+        "l1.weight": (128, 5), "l1.bias": (128,),
+        "r1.weight": (1,),
+        "l2.weight": (128, 128), "l2.bias": (128,),
+        "r2.weight": (1,),
+        "out.weight": (1, 128), "out.bias": (1,),
+    }
+
+
+def test_unknown_order_is_an_argument_error() -> None:
+    with pytest.raises(ArgumentError) as err:
+        TitanicMLP("sideways")
+    assert_one_line(err, "sideways", "article", "conventional")
+
+
+# ---------------------------------------------------------------------------
+# Prediction
+
+
+def test_predict_proba_gives_one_probability_per_row_without_grad() -> None:
+    net = seeded_net()
+    net.train()
+    probabilities = predict_proba(net, seeded_rows(10))
+    assert probabilities.shape == (10,)
+    assert not probabilities.requires_grad
+    assert net.training  # put back in the mode it came in
+
+
+def test_predict_proba_refuses_the_wrong_width() -> None:
+    with pytest.raises(ArgumentError) as err:
+        predict_proba(seeded_net(), torch.zeros(3, 4))
+    assert_one_line(err, "(3, 4)")
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+
+@pytest.mark.parametrize("layer_order", ["article", "conventional"])
+def test_round_trip_gives_equal_outputs(tmp_path: Path, layer_order: str) -> None:
+    net = seeded_net(layer_order)
+    loaded = load_weights(save_weights(net, tmp_path / "net.pt"))
+    assert loaded.layer_order == layer_order
+    x = seeded_rows()
+    torch.testing.assert_close(loaded(x), net(x), rtol=0, atol=0)
+
+
+def test_checkpoint_loads_with_plain_torch_weights_only(tmp_path: Path) -> None:
+    path = save_weights(seeded_net("conventional"), tmp_path / "net.pt")
+    payload = torch.load(path, weights_only=True)
+    assert payload["format"] == CHECKPOINT_FORMAT
+    assert payload["layer_order"] == "conventional"
+    assert set(payload["state_dict"]) == set(TitanicMLP().state_dict())
+
+
+def test_save_leaves_no_temporary_file(tmp_path: Path) -> None:
+    save_weights(seeded_net(), tmp_path / "net.pt")
+    save_weights(seeded_net(seed=1), tmp_path / "net.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["net.pt"]
+
+
+def test_save_accepts_the_lightning_module(tmp_path: Path) -> None:
+    module = TitanicClassifier("conventional")
+    loaded = load_weights(save_weights(module, tmp_path / "net.pt"))
+    x = seeded_rows()
+    torch.testing.assert_close(loaded(x), module(x), rtol=0, atol=0)
+
+
+def test_load_can_override_the_stored_order(tmp_path: Path) -> None:
+    path = save_weights(seeded_net("article"), tmp_path / "net.pt")
+    assert load_weights(path, layer_order="conventional").layer_order == "conventional"
+
+
+def test_bare_state_dict_loads_in_article_order(tmp_path: Path) -> None:
+    net = seeded_net()
+    torch.save(net.state_dict(), tmp_path / "bare.pt")
+    loaded = load_weights(tmp_path / "bare.pt")
+    assert loaded.layer_order == "article"
+    torch.testing.assert_close(loaded(seeded_rows()), net(seeded_rows()), rtol=0, atol=0)
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError) as err:
+        load_weights(tmp_path / "absent.pt")
+    assert_one_line(err, "absent.pt")
+
+
+def test_garbage_bytes_are_not_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(random.Random(0).randbytes(256))
+    with pytest.raises(CheckpointError) as err:
+        load_weights(path)
+    assert_one_line(err, "garbage.pt")
+
+
+class RunsCode:
+    """Unpickling this would create a folder: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_pickle_that_would_run_code_is_refused_and_never_runs(
+    tmp_path: Path, writer: str
+) -> None:
+    marker, path = tmp_path / "code-ran", tmp_path / "evil.pt"
+    payload = {"format": CHECKPOINT_FORMAT, "state_dict": RunsCode(marker)}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        with path.open("wb") as stream:
+            pickle.dump(payload, stream, protocol=2)
+    with pytest.raises(CheckpointError) as err:
+        load_weights(path)
+    assert_one_line(err, "evil.pt")
+    assert "weights_only=False" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_wrong_shapes_are_named(tmp_path: Path) -> None:
+    state_dict = seeded_net().state_dict()
+    state_dict["l1.weight"] = torch.zeros(64, 5)
+    torch.save({"format": CHECKPOINT_FORMAT, "layer_order": "article",
+                "state_dict": state_dict}, tmp_path / "shapes.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(tmp_path / "shapes.pt")
+    assert_one_line(err, "shapes.pt", "l1.weight", "(64, 5)", "(128, 5)")
+
+
+def test_wrong_keys_are_named(tmp_path: Path) -> None:
+    state_dict = seeded_net().state_dict()
+    state_dict["fc9.weight"] = state_dict.pop("out.weight")
+    torch.save({"format": CHECKPOINT_FORMAT, "layer_order": "article",
+                "state_dict": state_dict}, tmp_path / "keys.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(tmp_path / "keys.pt")
+    assert_one_line(err, "keys.pt", "out.weight", "fc9.weight")
+
+
+def test_unknown_stored_order_is_a_checkpoint_error(tmp_path: Path) -> None:
+    torch.save({"format": CHECKPOINT_FORMAT, "layer_order": "sideways",
+                "state_dict": seeded_net().state_dict()}, tmp_path / "order.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(tmp_path / "order.pt")
+    assert_one_line(err, "order.pt", "sideways")
+
+
+# ---------------------------------------------------------------------------
+# Training on the real data
+
+
+@pytest.fixture(scope="module")
+def data(titanic_csv: Path):
+    return prepare_titanic(load_titanic(titanic_csv), source=titanic_csv)
+
+
+@pytest.fixture(scope="module")
+def trained_twice(data):
+    return [train_titanic(data, epochs=20, seed=404, accelerator="cpu") for _ in range(2)]
+
+
+def test_twenty_epochs_reach_the_article_accuracy(data, trained_twice) -> None:
+    probabilities = predict_proba(trained_twice[0], data.test_features)
+    accuracy = ((probabilities > 0.5).float() == data.test_labels).float().mean().item()
+    assert accuracy >= 0.80
+
+
+def test_same_seed_gives_identical_weights(trained_twice) -> None:
+    first, second = (module.net.state_dict() for module in trained_twice)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_trained_module_is_in_eval_mode_on_the_cpu(trained_twice) -> None:
+    module = trained_twice[0]
+    assert not module.training
+    assert all(p.device.type == "cpu" for p in module.parameters())
+
+
+def test_training_logs_losses_and_accuracy(trained_twice) -> None:
+    assert {"train_loss", "val_loss", "val_acc"} <= set(trained_twice[0].trainer.callback_metrics)
+
+
+def test_training_leaves_deterministic_mode_as_it_found_it(trained_twice) -> None:
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize("epochs", [0, -1, 2.5, True])
+def test_epochs_must_be_a_positive_integer(data, epochs) -> None:
+    with pytest.raises(ArgumentError) as err:
+        train_titanic(data, epochs=epochs)
+    assert_one_line(err, "epochs", repr(epochs))
