@@ -1,0 +1,141 @@
+"""Tidy tables and all-or-nothing writes of result files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from engine.errors import ArgumentError
+
+__all__ = ["OutputDir", "atomic_path", "tidy_attributions", "tidy_deltas"]
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    path = Path(path)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        yield temp
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+class OutputDir:
+    """A results folder whose files appear together, or not at all.
+
+    Files are written into a hidden staging folder beside the target; ``commit`` moves
+    each into place with an atomic rename. A run that fails or is interrupted before
+    ``commit`` leaves the target folder as it was.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise ArgumentError(f"--out {self.path} exists and is not a directory")
+        parent = self.path.resolve().parent
+        if not parent.is_dir():
+            raise ArgumentError(f"--out {self.path}: parent folder {parent} does not exist")
+        if not os.access(parent, os.W_OK) or (
+            self.path.exists() and not os.access(self.path, os.W_OK)
+        ):
+            raise ArgumentError(f"--out {self.path} is not writable")
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=parent))
+        self.written: list[str] = []
+
+    def file(self, name: str) -> Path:
+        """The staging path for ``name``; the caller writes it, ``commit`` publishes it."""
+        self.written.append(name)
+        return self.staging / name
+
+    def write_csv(self, name: str, frame: pd.DataFrame) -> None:
+        frame.to_csv(self.file(name), index=False)
+
+    def write_json(self, name: str, payload: dict[str, Any]) -> None:
+        self.file(name).write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        self.file(name).write_text(text)
+
+    def commit(self) -> list[Path]:
+        self.path.mkdir(exist_ok=True)
+        published = []
+        for name in self.written:
+            target = self.path / name
+            os.replace(self.staging / name, target)
+            published.append(target)
+        self.discard()
+        log.info("wrote %d files to %s", len(published), self.path)
+        return published
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> OutputDir:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Reached without commit only on an error or interrupt: drop everything staged.
+        self.discard()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def tidy_attributions(
+    attributions: torch.Tensor,
+    passenger_ids: Sequence[int],
+    baseline_names: Sequence[str],
+    feature_names: Sequence[str],
+) -> pd.DataFrame:
+    """(B, N, F) attributions -> rows ``row, passenger_id, base-type, feature, value``."""
+    n_kinds, n_rows, n_features = attributions.shape
+    kind, row, feature = np.meshgrid(
+        np.arange(n_kinds), np.arange(n_rows), np.arange(n_features), indexing="ij"
+    )
+    return pd.DataFrame(
+        {
+            "row": row.ravel(),
+            "passenger_id": np.asarray(passenger_ids)[row.ravel()],
+            "base-type": np.asarray(baseline_names)[kind.ravel()],
+            "feature": np.asarray(feature_names)[feature.ravel()],
+            "value": attributions.detach().double().cpu().numpy().ravel(),
+        }
+    )
+
+
+def tidy_deltas(
+    delta: torch.Tensor, passenger_ids: Sequence[int], baseline_names: Sequence[str]
+) -> pd.DataFrame:
+    """(B, N) convergence deltas -> rows ``row, passenger_id, base-type, delta``."""
+    n_kinds, n_rows = delta.shape
+    kind, row = np.meshgrid(np.arange(n_kinds), np.arange(n_rows), indexing="ij")
+    return pd.DataFrame(
+        {
+            "row": row.ravel(),
+            "passenger_id": np.asarray(passenger_ids)[row.ravel()],
+            "base-type": np.asarray(baseline_names)[kind.ravel()],
+            "delta": delta.detach().double().cpu().numpy().ravel(),
+        }
+    )
