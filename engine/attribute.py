@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -43,10 +47,18 @@ class JobConfig:
     seed: int
     device: str
     layer_order: str
+    baselines: tuple[str, ...] = BASELINE_KINDS
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes end in one line on stderr and status 2, not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="python -m engine.attribute",
         description="Integrated Gradients for every Titanic test passenger in one pass.",
     )
@@ -68,6 +80,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="where to train and attribute (default: cuda if available)")
     parser.add_argument("--layer-order", default="article", choices=("article", "conventional"),
                         help="the article's layer call order or the textbook one")
+    parser.add_argument("--baselines", default="mean,random,zero,one",
+                        help="comma-separated baselines to explain against, from mean, "
+                             "random, zero and one (default: all four)")
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks and debug logs")
     return parser.parse_args(argv)
@@ -79,6 +94,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
     if args.epochs < 1:
         raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
     check_method(args.method, args.n_steps)
+    baselines = _baseline_kinds(args.baselines)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible")
     device = args.device
@@ -87,7 +103,24 @@ def job_config(args: argparse.Namespace) -> JobConfig:
     return JobConfig(
         data=args.data, out=args.out, epochs=args.epochs, n_steps=args.n_steps,
         method=args.method, seed=args.seed, device=device, layer_order=args.layer_order,
+        baselines=baselines,
     )
+
+
+def _baseline_kinds(text: str) -> tuple[str, ...]:
+    """``"mean,zero"`` -> ``("mean-base", "zero-base")``; the long names are accepted too."""
+    kinds: list[str] = []
+    for name in (part.strip() for part in text.split(",")):
+        kind = name if name.endswith("-base") else f"{name}-base"
+        if kind not in BASELINE_KINDS:
+            raise UsageError(
+                f"--baselines: unknown baseline {name!r}, expected a comma-separated list "
+                "of mean, random, zero, one"
+            )
+        if kind in kinds:
+            raise UsageError(f"--baselines: {name!r} is listed twice")
+        kinds.append(kind)
+    return tuple(kinds)
 
 
 def run_all(config: JobConfig) -> dict[str, object]:
@@ -118,9 +151,9 @@ def run_all(config: JobConfig) -> dict[str, object]:
         accuracy = float((survived.numpy().astype(int) == truth).mean())
 
         inputs = data.test_features.to(config.device)
-        baselines = make_baselines(BASELINE_KINDS, data.mean_baseline, seed=config.seed)
+        baselines = make_baselines(config.baselines, data.mean_baseline, seed=config.seed)
         baselines = baselines.to(config.device)
-        _say(f"explaining {inputs.shape[0]} rows x {len(BASELINE_KINDS)} baselines x "
+        _say(f"explaining {inputs.shape[0]} rows x {len(config.baselines)} baselines x "
              f"{config.n_steps} steps in one batched pass")
         started = time.perf_counter()
         attributions, delta = integrated_gradients(
@@ -141,9 +174,9 @@ def run_all(config: JobConfig) -> dict[str, object]:
             )
 
         ids = data.test_passenger_ids
-        outputs.write_csv("interpretation_results.csv",
-                          tidy_attributions(attributions, ids, BASELINE_KINDS, data.feature_names))
-        outputs.write_csv("convergence.csv", tidy_deltas(delta, ids, BASELINE_KINDS))
+        outputs.write_csv("interpretation_results.csv", tidy_attributions(
+            attributions, ids, config.baselines, data.feature_names))
+        outputs.write_csv("convergence.csv", tidy_deltas(delta, ids, config.baselines))
         outputs.write_json("validation.json", {
             **validation.as_dict(), "max_abs_delta": float(delta.abs().max()),
             "accuracy": accuracy, "layer_order": config.layer_order, "seed": config.seed,
@@ -153,7 +186,7 @@ def run_all(config: JobConfig) -> dict[str, object]:
 
         mean_attribution = attributions.mean(dim=1).cpu().numpy()  # (baselines, features)
         top_features = {}
-        for kind, means in zip(BASELINE_KINDS, mean_attribution):
+        for kind, means in zip(config.baselines, mean_attribution):
             attribution_heatmap(
                 means, data.feature_names, outputs.file(f"heatmap_{kind}.png"),
                 title=f"Mean attribution, {kind}, epoch {config.epochs}",
@@ -170,6 +203,30 @@ def run_all(config: JobConfig) -> dict[str, object]:
         "max_abs_delta": float(delta.abs().max()),
         "out": config.out,
     }
+
+
+@contextmanager
+def _noticed_interrupts() -> Iterator[list[int]]:
+    """Record each SIGINT (and raise KeyboardInterrupt as usual) while the job runs.
+
+    Yields the list of signals received; the handler in place before is restored after.
+    """
+    received: list[int] = []
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored or threading.current_thread() is not threading.main_thread():
+        # Only the main thread may set handlers; an ignored SIGINT stays ignored.
+        yield received
+        return
+
+    def note_and_raise(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, note_and_raise)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _say(message: str) -> None:
@@ -196,8 +253,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        summary = run_all(job_config(args))
+        with _noticed_interrupts() as interrupts:
+            summary = run_all(job_config(args))
     except KeyboardInterrupt:
+        print("interrupted: no results were written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit:
+        # Lightning turns Ctrl-C during fit into sys.exit(1); the status should still
+        # say "interrupted". Any other exit is passed on.
+        if not interrupts:
+            raise
         print("interrupted: no results were written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - every failure becomes one line and a status

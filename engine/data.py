@@ -59,6 +59,16 @@ KAGGLE_SURVIVORS = 342
 # Kaggle's file is about 61 kB; anything far larger is not it.
 MAX_DOWNLOAD_BYTES = 16 * 2**20
 
+# Kaggle's longest line is under 200 bytes. A line past this is not a table row (a file
+# without line breaks, a pasted blob); refusing it early keeps messages and memory small.
+MAX_LINE_BYTES = 2**20
+
+# Cells and column names quoted in messages are cut to this many characters.
+MAX_SHOWN_CHARS = 60
+
+# PassengerId is read as a float; past 2**53 whole numbers are no longer exact.
+MAX_PASSENGER_ID = 2**53
+
 CACHE_NAME = "titanic.csv"
 REPO_DATA = Path("data/train.csv")
 
@@ -224,12 +234,28 @@ def _load(path: Path, *, label: str) -> pd.DataFrame:
     if not raw.strip():
         raise DataError(f"{label}: file is empty, expected a CSV with a header and rows")
 
+    _check_line_lengths(raw, label)
     text = _decode(raw, label)
     try:
         frame = pd.read_csv(io.StringIO(text))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
         raise DataError(f"{label}: not a readable CSV ({_one_line(err)})") from err
     return _checked(frame, label)
+
+
+def _check_line_lengths(raw: bytes, label: str) -> None:
+    """Refuse a line longer than ``MAX_LINE_BYTES``, naming it and its length."""
+    data = np.frombuffer(raw, dtype=np.uint8)
+    breaks = np.flatnonzero((data == ord("\n")) | (data == ord("\r")))
+    starts = np.concatenate(([0], breaks + 1))
+    lengths = np.concatenate((breaks, [len(raw)])) - starts
+    longest = int(lengths.argmax())
+    if lengths[longest] > MAX_LINE_BYTES:
+        line = raw.count(b"\n", 0, int(starts[longest])) + 1
+        raise DataError(
+            f"{label}: line {line} is {int(lengths[longest]):,} bytes long, more than"
+            f" {MAX_LINE_BYTES:,}: expected a CSV table with one passenger per line"
+        )
 
 
 def _decode(raw: bytes, label: str) -> str:
@@ -253,7 +279,7 @@ def _checked(frame: pd.DataFrame, label: str) -> pd.DataFrame:
     if missing:
         raise DataError(
             f"{label}: missing required column(s) {', '.join(missing)};"
-            f" found {', '.join(map(str, frame.columns))}"
+            f" found {_listed(frame.columns)}"
         )
 
     frame = frame.copy()
@@ -273,12 +299,18 @@ def _checked(frame: pd.DataFrame, label: str) -> pd.DataFrame:
 
 def _numeric(values: pd.Series, column: str, label: str) -> pd.Series:
     """Convert a column to float, naming the first text or infinite value."""
+    if pd.api.types.is_bool_dtype(values):
+        # read_csv turns a column of True/False into booleans; they are not numbers here.
+        raise DataError(
+            f"{label}: column {column}, {_where(0)}: expected a number, got {values.iloc[0]!r}"
+        )
     numbers = pd.to_numeric(values, errors="coerce")
     text = numbers.isna() & values.notna()
     if text.any():
         row = int(np.flatnonzero(text.to_numpy())[0])
         raise DataError(
-            f"{label}: column {column}, {_where(row)}: expected a number, got {values.iloc[row]!r}"
+            f"{label}: column {column}, {_where(row)}: expected a number,"
+            f" got {_shown(values.iloc[row])}"
         )
     numbers = numbers.astype("float64")
     infinite = np.isinf(numbers.to_numpy())
@@ -298,8 +330,8 @@ def _check_sex(values: pd.Series, label: str) -> None:
     if unknown:
         row = int(np.flatnonzero(values.map(lambda v: str(v) in unknown).to_numpy())[0])
         raise DataError(
-            f"{label}: column Sex, {_where(row)}: unknown label {values.iloc[row]!r},"
-            f" expected 'male' or 'female' (unknown labels: {', '.join(map(repr, unknown))})"
+            f"{label}: column Sex, {_where(row)}: unknown label {_shown(values.iloc[row])},"
+            f" expected 'male' or 'female' (unknown labels: {_listed(unknown, quote=True)})"
         )
 
 
@@ -316,7 +348,7 @@ def _check_target(values: pd.Series, label: str) -> None:
 
 def _check_ids(values: pd.Series, label: str) -> None:
     """PassengerId names rows in every table downstream: whole numbers, none blank."""
-    wrong = values.isna() | (values != np.floor(values))
+    wrong = values.isna() | (values != np.floor(values)) | (values.abs() > MAX_PASSENGER_ID)
     if wrong.any():
         row = int(np.flatnonzero(wrong.to_numpy())[0])
         raise DataError(
@@ -342,7 +374,22 @@ def _shown(value: object) -> str:
         if float(value).is_integer():
             return str(int(value))
         return repr(float(value))
-    return repr(value)
+    return _clipped(repr(value))
+
+
+def _clipped(text: str) -> str:
+    """``text`` cut to ``MAX_SHOWN_CHARS`` characters, saying how long it was."""
+    if len(text) <= MAX_SHOWN_CHARS:
+        return text
+    return f"{text[:MAX_SHOWN_CHARS]}... ({len(text):,} characters)"
+
+
+def _listed(names: object, *, quote: bool = False, most: int = 12) -> str:
+    """Up to ``most`` names, each on one line and clipped, then how many more there were."""
+    names = [str(name) for name in names]
+    shown = [_clipped(repr(name) if quote else repr(name)[1:-1]) for name in names[:most]]
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(shown) + more
 
 
 def _one_line(reason: object) -> str:

@@ -50,13 +50,24 @@ class OutputDir:
         if self.path.exists() and not self.path.is_dir():
             raise ArgumentError(f"--out {self.path} exists and is not a directory")
         parent = self.path.resolve().parent
+        if parent.exists() and not parent.is_dir():
+            raise ArgumentError(f"--out {self.path}: {parent} is a file, not a folder")
         if not parent.is_dir():
             raise ArgumentError(f"--out {self.path}: parent folder {parent} does not exist")
         if not os.access(parent, os.W_OK) or (
             self.path.exists() and not os.access(self.path, os.W_OK)
         ):
             raise ArgumentError(f"--out {self.path} is not writable")
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=parent))
+        try:
+            self.staging = Path(
+                tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=parent)
+            )
+        except OSError as error:
+            # os.access cannot see everything (root, read-only mounts, /proc): trying can.
+            raise ArgumentError(
+                f"--out {self.path} is not writable: cannot create a folder in {parent}"
+                f" ({error.strerror or type(error).__name__})"
+            ) from error
         self.written: list[str] = []
 
     def file(self, name: str) -> Path:
