@@ -1,0 +1,398 @@
+"""Every user mistake the CLI can meet: one line naming it, status 2, nothing written.
+
+Each test feeds one bad thing to ``python -m engine.attribute --all`` (in-process through
+``main`` where that is enough, as a subprocess where the interpreter's own output matters)
+and checks the whole contract: the exit status, exactly one line on stderr that names the
+problem, no traceback, and no results folder or staging leftovers beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from engine.attribute import main
+from engine.data import MAX_LINE_BYTES, MAX_SHOWN_CHARS, load_titanic
+from engine.errors import CheckpointError, DataError
+from engine.model import CHECKPOINT_FORMAT, TitanicMLP, load_weights, save_weights
+
+HEADER = "PassengerId,Survived,Pclass,Name,Sex,Age,SibSp,Parch,Ticket,Fare,Cabin,Embarked"
+ROWS = (
+    '1,0,3,"Braund, Mr. Owen Harris",male,22,1,0,A/5 21171,7.25,,S',
+    '2,1,1,"Cumings, Mrs. John Bradley",female,38,1,0,PC 17599,71.2833,C85,C',
+    '3,1,3,"Heikkinen, Miss. Laina",female,26,0,0,STON/O2. 3101282,7.925,,S',
+)
+
+
+def with_field(row: str, column: str, value: str) -> str:
+    """Replace one field of a row; the quoted Name holds one comma."""
+    fields = row.split(",")
+    index = HEADER.split(",").index(column)
+    index += index > HEADER.split(",").index("Name")
+    fields[index] = value
+    return ",".join(fields)
+
+
+def csv_text(*rows: str, header: str = HEADER) -> bytes:
+    return ("\n".join([header, *rows]) + "\n").encode()
+
+
+def assert_refused(status: int, stderr: str, folder: Path, *names: str, code: int = 2) -> None:
+    """The CLI's contract for a refused job, checked in full."""
+    lines = stderr.strip().splitlines()
+    assert status == code, stderr
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    for name in names:
+        assert name in lines[0], f"{name!r} not in {lines[0]!r}"
+    assert not (folder / "results").exists()
+    assert not [p.name for p in folder.iterdir() if ".partial-" in p.name]
+
+
+def run_main(capsys: pytest.CaptureFixture, *flags: str) -> tuple[int, str]:
+    status = main(["--all", *flags])
+    return status, capsys.readouterr().err
+
+
+def run_subprocess(folder: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.attribute", "--all", *flags],
+        capture_output=True, text=True, cwd=folder, timeout=120, env=os.environ.copy(),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Data files, each refused before any training
+
+
+def _folder(tmp: Path) -> Path:
+    return tmp
+
+
+def _empty(tmp: Path) -> Path:
+    (tmp / "bad.csv").write_bytes(b"")
+    return tmp / "bad.csv"
+
+
+def _header_only(tmp: Path) -> Path:
+    (tmp / "bad.csv").write_bytes(csv_text())
+    return tmp / "bad.csv"
+
+
+def _missing_columns(tmp: Path) -> Path:
+    header = HEADER.replace(",Age", "").replace(",Fare", "")
+    rows = [with_field(with_field(r, "Age", "DROP"), "Fare", "DROP") for r in ROWS]
+    rows = [r.replace(",DROP", "") for r in rows]
+    (tmp / "bad.csv").write_bytes(csv_text(*rows, header=header))
+    return tmp / "bad.csv"
+
+
+def _text_in_number(tmp: Path) -> Path:
+    (tmp / "bad.csv").write_bytes(csv_text(ROWS[0], with_field(ROWS[1], "Fare", "cheap"), ROWS[2]))
+    return tmp / "bad.csv"
+
+
+def _unknown_sex(tmp: Path) -> Path:
+    (tmp / "bad.csv").write_bytes(csv_text(ROWS[0], ROWS[1], with_field(ROWS[2], "Sex", "M")))
+    return tmp / "bad.csv"
+
+
+def _all_missing(tmp: Path) -> Path:
+    (tmp / "bad.csv").write_bytes(csv_text(*(with_field(r, "SibSp", "") for r in ROWS)))
+    return tmp / "bad.csv"
+
+
+def _infinite(tmp: Path) -> Path:
+    (tmp / "bad.csv").write_bytes(csv_text(ROWS[0], with_field(ROWS[1], "Age", "-inf"), ROWS[2]))
+    return tmp / "bad.csv"
+
+
+def _not_utf8(tmp: Path) -> Path:
+    (tmp / "bad.csv").write_bytes(csv_text(*ROWS).replace(b"Laina", b"La\xefna"))
+    return tmp / "bad.csv"
+
+
+def _huge_line(tmp: Path) -> Path:
+    huge = with_field(ROWS[1], "Ticket", "x" * (MAX_LINE_BYTES + 1))
+    (tmp / "bad.csv").write_bytes(csv_text(ROWS[0], huge, ROWS[2]))
+    return tmp / "bad.csv"
+
+
+@pytest.mark.parametrize(
+    ("make", "names"),
+    [
+        (lambda tmp: tmp / "absent.csv", ["absent.csv", "no such file"]),
+        (_folder, ["directory"]),
+        (_empty, ["bad.csv", "empty"]),
+        (_header_only, ["bad.csv", "no data rows"]),
+        (_missing_columns, ["bad.csv", "Age", "Fare"]),
+        (_text_in_number, ["Fare", "row 2", "'cheap'"]),
+        (_unknown_sex, ["Sex", "row 3", "'M'"]),
+        (_all_missing, ["SibSp", "no values"]),
+        (_infinite, ["Age", "row 2", "inf"]),
+        (_not_utf8, ["UTF-8", "line 4"]),
+        (_huge_line, ["line 3", "bytes long"]),
+    ],
+    ids=["missing", "directory", "empty", "header-only", "missing-columns", "text-in-number",
+         "unknown-sex", "all-missing-column", "inf", "not-utf8", "huge-line"],
+)
+def test_bad_data_file_is_one_line_exit_two_and_no_files(tmp_path, capsys, make, names):
+    data = make(tmp_path)
+
+    status, err = run_main(capsys, "--data", str(data), "--out", str(tmp_path / "results"))
+
+    assert_refused(status, err, tmp_path, *names)
+
+
+def test_huge_line_message_stays_short(tmp_path):
+    huge = with_field(ROWS[1], "Ticket", "x" * (MAX_LINE_BYTES + 1))
+    (tmp_path / "t.csv").write_bytes(csv_text(ROWS[0], huge, ROWS[2]))
+
+    with pytest.raises(DataError) as err:
+        load_titanic(tmp_path / "t.csv")
+
+    assert len(str(err.value)) < 300
+    assert f"{len(huge):,} bytes" in str(err.value)
+
+
+def test_long_line_under_the_limit_loads(tmp_path):
+    long_ticket = "x" * 100_000
+    path = tmp_path / "t.csv"
+    path.write_bytes(csv_text(ROWS[0], with_field(ROWS[1], "Ticket", long_ticket), ROWS[2]))
+
+    assert load_titanic(path)["Ticket"].iloc[1] == long_ticket
+
+
+def test_long_bad_value_is_clipped_in_the_message(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes(csv_text(ROWS[0], with_field(ROWS[1], "Age", "y" * 5000), ROWS[2]))
+
+    with pytest.raises(DataError) as err:
+        load_titanic(path)
+
+    message = str(err.value)
+    assert "Age" in message and "row 2" in message and "5,002 characters" in message
+    assert len(message) < 100 + 2 * MAX_SHOWN_CHARS + len(str(path))
+
+
+def test_column_name_with_a_line_break_keeps_the_message_on_one_line(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes(b'"Passenger\nId",Survived\n1,0\n')
+
+    with pytest.raises(DataError) as err:
+        load_titanic(path)
+
+    assert "\n" not in str(err.value) and "Passenger\\nId" in str(err.value)
+
+
+def test_true_false_in_a_numeric_column_is_not_a_number(tmp_path):
+    rows = [with_field(r, "Age", flag) for r, flag in zip(ROWS, ("True", "False", "True"))]
+    (tmp_path / "t.csv").write_bytes(csv_text(*rows))
+
+    with pytest.raises(DataError, match="column Age, row 1 .*expected a number"):
+        load_titanic(tmp_path / "t.csv")
+
+
+def test_passenger_id_too_large_to_be_exact_is_refused(tmp_path):
+    (tmp_path / "t.csv").write_bytes(
+        csv_text(ROWS[0], with_field(ROWS[1], "PassengerId", "1e30"), ROWS[2])
+    )
+
+    with pytest.raises(DataError, match="PassengerId, row 2 .*whole number"):
+        load_titanic(tmp_path / "t.csv")
+
+
+# ---------------------------------------------------------------------------
+# Command-line arguments
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [
+        (["--n-steps", "0"], ["n_steps=0", "at least 1"]),
+        (["--n-steps", "-5"], ["n_steps=-5"]),
+        (["--n-steps", "1", "--method", "riemann_trapezoid"], ["riemann_trapezoid", "at least 2"]),
+        (["--method", "simpson"], ["unknown method 'simpson'", "gausslegendre"]),
+        (["--baselines", "mean,median"], ["--baselines", "'median'", "mean, random, zero, one"]),
+        (["--baselines", ""], ["--baselines", "''"]),
+        (["--baselines", "zero,zero"], ["--baselines", "'zero'", "twice"]),
+        (["--epochs", "0"], ["--epochs", "at least 1", "0"]),
+        (["--epochs", "-3"], ["--epochs", "-3"]),
+    ],
+    ids=["n-steps-0", "n-steps-negative", "n-steps-1-riemann", "unknown-method",
+         "unknown-baseline", "no-baseline", "baseline-twice", "epochs-0", "epochs-negative"],
+)
+def test_bad_argument_value_is_one_line_exit_two(tmp_path, capsys, titanic_csv, flags, names):
+    status, err = run_main(
+        capsys, "--data", str(titanic_csv), "--out", str(tmp_path / "results"), *flags
+    )
+
+    assert_refused(status, err, tmp_path, *names)
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [
+        (["--n-steps", "abc"], ["--n-steps", "'abc'"]),
+        (["--n-steps", "2.5"], ["--n-steps", "'2.5'"]),
+        (["--epochs", "many"], ["--epochs", "'many'"]),
+        (["--device", "tpu"], ["--device", "'tpu'"]),
+        (["--colour"], ["--colour"]),
+    ],
+    ids=["n-steps-text", "n-steps-fraction", "epochs-text", "unknown-device", "unknown-flag"],
+)
+def test_unparsable_flag_is_one_line_without_usage_block(tmp_path, capsys, flags, names):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--all", "--out", str(tmp_path / "results"), *flags])
+    captured = capsys.readouterr()
+
+    assert_refused(stopped.value.code, captured.err, tmp_path, "error:", *names)
+    assert captured.out == ""
+
+
+def test_non_integer_n_steps_from_a_shell_is_one_line(tmp_path):
+    completed = run_subprocess(tmp_path, "--n-steps", "abc", "--out", str(tmp_path / "results"))
+
+    assert_refused(completed.returncode, completed.stderr, tmp_path, "--n-steps", "'abc'")
+    assert completed.stdout == ""
+
+
+def test_unwritable_out_is_one_line_exit_two(tmp_path, capsys):
+    # /proc refuses new folders even to root, for whom permission bits are no obstacle.
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc for a folder nobody can write to")
+    out = Path("/proc/engine-results")
+
+    status, err = run_main(capsys, "--out", str(out))
+
+    assert_refused(status, err, tmp_path, str(out), "not writable")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="permission bits do not stop root")
+def test_read_only_parent_folder_is_refused(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        status, err = run_main(capsys, "--out", str(locked / "results"))
+    finally:
+        locked.chmod(0o755)
+
+    assert_refused(status, err, locked, "not writable")
+
+
+def test_existing_file_as_out_is_kept_and_refused(tmp_path, capsys, titanic_csv):
+    taken = tmp_path / "results"
+    taken.write_text("keep me")
+
+    status, err = run_main(capsys, "--data", str(titanic_csv), "--out", str(taken))
+
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "not a directory" in err and str(taken) in err
+    assert taken.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_out_inside_a_file_is_refused(tmp_path, capsys, titanic_csv):
+    (tmp_path / "notes.txt").write_text("keep me")
+    out = tmp_path / "notes.txt" / "results"
+
+    status, err = run_main(capsys, "--data", str(titanic_csv), "--out", str(out))
+
+    assert_refused(status, err, tmp_path, "notes.txt", "is a file")
+
+
+def test_out_in_a_missing_folder_is_refused(tmp_path, capsys, titanic_csv):
+    out = tmp_path / "no" / "such" / "results"
+
+    status, err = run_main(capsys, "--data", str(titanic_csv), "--out", str(out))
+
+    assert_refused(status, err, tmp_path, "does not exist")
+
+
+def test_debug_adds_the_traceback_and_keeps_the_status(tmp_path, capsys):
+    status, err = run_main(capsys, "--data", str(tmp_path / "absent.csv"), "--debug",
+                           "--out", str(tmp_path / "results"))
+
+    assert status == 2
+    assert "Traceback" in err and "DataError" in err
+    assert err.strip().splitlines()[-1].startswith("error: ")
+
+
+# ---------------------------------------------------------------------------
+# A subset of baselines goes all the way to the files
+
+
+@pytest.fixture(scope="module")
+def two_baseline_run(tmp_path_factory, titanic_csv):
+    out = tmp_path_factory.mktemp("subset") / "results"
+    status = main(["--all", "--data", str(titanic_csv), "--out", str(out), "--epochs", "1",
+                   "--baselines", "zero,random"])
+    return status, out
+
+
+def test_baselines_flag_chooses_the_tables_rows_in_its_order(two_baseline_run):
+    status, out = two_baseline_run
+    table = pd.read_csv(out / "interpretation_results.csv")
+
+    assert status == 0
+    assert list(dict.fromkeys(table["base-type"])) == ["zero-base", "random-base"]
+    assert len(table) == 179 * 2 * 5
+    assert len(pd.read_csv(out / "convergence.csv")) == 179 * 2
+
+
+def test_baselines_flag_chooses_the_heatmaps(two_baseline_run):
+    _, out = two_baseline_run
+
+    assert sorted(p.name for p in out.glob("heatmap_*.png")) == [
+        "heatmap_random-base.png", "heatmap_zero-base.png"
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_checkpoint_of_another_network_is_named(tmp_path):
+    other = torch.nn.Sequential(torch.nn.Linear(7, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    path = tmp_path / "other.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "layer_order": "article",
+                "state_dict": other.state_dict()}, path)
+
+    with pytest.raises(CheckpointError) as err:
+        load_weights(path)
+
+    message = str(err.value)
+    assert "\n" not in message
+    assert "other.pt" in message and "l1.weight" in message and "0.weight" in message
+
+
+def test_checkpoint_for_another_input_width_names_the_tensor(tmp_path):
+    net = TitanicMLP()
+    state_dict = net.state_dict()
+    state_dict["l1.weight"] = torch.zeros(128, 9)
+    path = tmp_path / "wide.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "layer_order": "article",
+                "state_dict": state_dict}, path)
+
+    with pytest.raises(CheckpointError, match=r"l1\.weight has shape \(128, 9\), expected"):
+        load_weights(path)
+
+
+@pytest.mark.parametrize("keep", [0, 100, 0.5], ids=["empty", "100-bytes", "half"])
+def test_cut_checkpoint_is_one_line_checkpoint_error(tmp_path, keep):
+    whole = save_weights(TitanicMLP(), tmp_path / "whole.pt").read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole[: int(keep * len(whole)) if isinstance(keep, float) else keep])
+
+    with pytest.raises(CheckpointError) as err:
+        load_weights(cut)
+
+    assert "\n" not in str(err.value) and "cut.pt" in str(err.value)
