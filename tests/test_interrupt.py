@@ -1,0 +1,90 @@
+"""Ctrl-C during training or attribution: status 130, one message, no result files.
+
+The CLI runs as a real subprocess; the test waits for the phase line on stderr, then
+sends SIGINT as a terminal would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="sends SIGINT to a subprocess")
+
+
+def _default_sigint() -> None:
+    # A test runner started in the background may ignore SIGINT, and children inherit
+    # that; a terminal's Ctrl-C reaches a process with the default disposition.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def interrupt_when(folder: Path, phase: str, *flags: str, settle: float = 0.0):
+    """Start the CLI, send SIGINT once ``phase`` appears on stderr (plus ``settle`` s)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine.attribute", "--all", "--out", str(folder / "results"),
+         *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=folder,
+        env=os.environ.copy(), preexec_fn=_default_sigint,
+    )
+    seen = []
+    try:
+        for line in process.stderr:
+            seen.append(line)
+            if line.startswith(phase):
+                time.sleep(settle)
+                process.send_signal(signal.SIGINT)
+                break
+        out, rest = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return process.returncode, "".join(seen) + rest
+
+
+def assert_interrupted(status: int, stderr: str, folder: Path) -> None:
+    assert status == 130, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted: no results were written"
+    assert not (folder / "results").exists()
+    assert not [p.name for p in folder.iterdir() if ".partial-" in p.name]
+
+
+def test_ctrl_c_during_training(tmp_path, titanic_csv):
+    # Far more epochs than the test will wait for; the pause lets Lightning's fit begin,
+    # which handles Ctrl-C its own way (it calls sys.exit(1)).
+    status, stderr = interrupt_when(
+        tmp_path, "training", "--data", str(titanic_csv), "--epochs", "100000", settle=1.5
+    )
+
+    assert_interrupted(status, stderr, tmp_path)
+
+
+def test_ctrl_c_during_attribution(tmp_path, titanic_csv):
+    # 179 rows x 4 baselines x 400 steps: long enough to be inside the engine or Captum.
+    status, stderr = interrupt_when(
+        tmp_path, "explaining", "--data", str(titanic_csv), "--epochs", "1", "--n-steps", "400"
+    )
+
+    assert_interrupted(status, stderr, tmp_path)
+
+
+def test_ctrl_c_keeps_earlier_results(tmp_path, titanic_csv):
+    earlier = tmp_path / "results"
+    earlier.mkdir()
+    (earlier / "convergence.csv").write_text("from an earlier run\n")
+
+    status, stderr = interrupt_when(
+        tmp_path, "training", "--data", str(titanic_csv), "--epochs", "100000", settle=0.5
+    )
+
+    assert status == 130, stderr
+    assert [p.name for p in earlier.iterdir()] == ["convergence.csv"]
+    assert (earlier / "convergence.csv").read_text() == "from an earlier run\n"
+    assert not [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]
