@@ -205,6 +205,16 @@ def run_all(config: JobConfig) -> dict[str, object]:
     }
 
 
+def _one_line(error: Exception, *, debug: bool) -> str:
+    """The first line of the message; an unexpected error also names its type."""
+    lines = str(error).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if isinstance(error, EngineError):
+        return text
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if debug else f"{text} (run with --debug for the traceback)"
+
+
 @contextmanager
 def _noticed_interrupts() -> Iterator[list[int]]:
     """Record each SIGINT (and raise KeyboardInterrupt as usual) while the job runs.
@@ -268,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - every failure becomes one line and a status
         if args.debug:
             traceback.print_exc()
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(error, debug=args.debug)}", file=sys.stderr)
         usage = isinstance(error, EngineError) and not isinstance(error, ModelError)
         return EXIT_USAGE if usage else EXIT_FAILURE
     print_summary(summary)

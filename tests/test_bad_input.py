@@ -327,6 +327,64 @@ def test_debug_adds_the_traceback_and_keeps_the_status(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------
+# Failures while running: status 1, one line, nothing half-written
+
+
+def assert_failed_late(status: int, stderr: str, folder: Path, *names: str) -> None:
+    """Progress lines may come first; the last line is the error, and nothing was kept."""
+    last = stderr.strip().splitlines()[-1]
+    assert status == 1, stderr
+    assert last.startswith("error: ") and "Traceback" not in stderr
+    for name in names:
+        assert name in last, f"{name!r} not in {last!r}"
+    assert not (folder / "results").exists()
+    assert not [p.name for p in folder.iterdir() if ".partial-" in p.name]
+
+
+def test_unexpected_error_is_its_first_line_and_type_with_status_one(
+    tmp_path, capsys, monkeypatch
+):
+    def broken(config):
+        raise RuntimeError("first line\nsecond line")
+
+    monkeypatch.setattr("engine.attribute.run_all", broken)
+    status, err = run_main(capsys, "--out", str(tmp_path / "results"))
+
+    assert_refused(status, err, tmp_path, "RuntimeError: first line", "--debug", code=1)
+    assert "second line" not in err
+
+
+def test_failure_after_tables_are_staged_leaves_no_files(
+    tmp_path, capsys, monkeypatch, titanic_csv
+):
+    # The pictures come after the tables and the weights: by then those are staged.
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("engine.plots.attribution_heatmap", disk_full)
+    status, err = run_main(capsys, "--data", str(titanic_csv), "--out",
+                           str(tmp_path / "results"), "--epochs", "1")
+
+    assert_failed_late(status, err, tmp_path, "OSError", "No space left")
+
+
+def test_engine_disagreeing_with_captum_is_status_one_and_no_files(
+    tmp_path, capsys, monkeypatch, titanic_csv
+):
+    from engine import core
+
+    def doubled(*args, **kwargs):
+        attributions, delta = core.integrated_gradients(*args, **kwargs)
+        return 2 * attributions, delta
+
+    monkeypatch.setattr("engine.attribute.integrated_gradients", doubled)
+    status, err = run_main(capsys, "--data", str(titanic_csv), "--out",
+                           str(tmp_path / "results"), "--epochs", "1")
+
+    assert_failed_late(status, err, tmp_path, "Captum", "exceeds 1e-5")
+
+
+# ---------------------------------------------------------------------------
 # A subset of baselines goes all the way to the files
 
 
