@@ -281,7 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {_one_line(error, debug=args.debug)}", file=sys.stderr)
         usage = isinstance(error, EngineError) and not isinstance(error, ModelError)
         return EXIT_USAGE if usage else EXIT_FAILURE
-    print_summary(summary)
+    try:
+        print_summary(summary)
+    except KeyboardInterrupt:
+        print(f"interrupted: the results in {summary['out']} are complete", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 

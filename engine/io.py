@@ -6,7 +6,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,10 +89,15 @@ class OutputDir:
     def commit(self) -> list[Path]:
         self.path.mkdir(exist_ok=True)
         published = []
-        for name in self.written:
-            target = self.path / name
-            os.replace(self.staging / name, target)
-            published.append(target)
+        # A Ctrl-C between two renames would leave new files beside old ones: hold it.
+        with _sigint_held() as held:
+            for name in self.written:
+                target = self.path / name
+                os.replace(self.staging / name, target)
+                published.append(target)
+        if held:
+            log.warning("Ctrl-C came while the results were being moved into place; "
+                        "they were finished first and are complete")
         self.discard()
         log.info("wrote %d files to %s", len(published), self.path)
         return published
@@ -104,6 +111,21 @@ class OutputDir:
     def __exit__(self, exc_type, exc, tb) -> None:
         # Reached without commit only on an error or interrupt: drop everything staged.
         self.discard()
+
+
+@contextmanager
+def _sigint_held() -> Iterator[list[int]]:
+    """Record SIGINT instead of raising while the block runs (main thread only)."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield held
+    finally:
+        # None: a handler set outside Python, which cannot be put back from here.
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
 def _jsonable(value: Any) -> Any:

@@ -88,3 +88,30 @@ def test_ctrl_c_keeps_earlier_results(tmp_path, titanic_csv):
     assert [p.name for p in earlier.iterdir()] == ["convergence.csv"]
     assert (earlier / "convergence.csv").read_text() == "from an earlier run\n"
     assert not [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_ctrl_c_during_the_final_renames_is_held_until_all_files_are_in_place(
+    tmp_path, monkeypatch, caplog
+):
+    from engine import io
+
+    outputs = io.OutputDir(tmp_path / "results")
+    for name in ("a.txt", "b.txt", "c.txt"):
+        outputs.write_text(name, name)
+    real_replace = io.os.replace
+    calls = []
+
+    def replace_then_ctrl_c(source, target):
+        real_replace(source, target)
+        calls.append(target)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(io.os, "replace", replace_then_ctrl_c)
+    handler_before = signal.getsignal(signal.SIGINT)
+    with caplog.at_level("WARNING", logger="engine.io"):
+        outputs.commit()
+
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["a.txt", "b.txt", "c.txt"]
+    assert "Ctrl-C" in caplog.text
+    assert signal.getsignal(signal.SIGINT) is handler_before
