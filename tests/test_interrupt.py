@@ -48,22 +48,32 @@ def interrupt_when(folder: Path, phase: str, *flags: str, settle: float = 0.0):
     return process.returncode, "".join(seen) + rest
 
 
-def assert_interrupted(status: int, stderr: str, folder: Path) -> None:
+def assert_interrupted(
+    status: int, stderr: str, folder: Path, earlier_results: list[str] | None = None
+) -> None:
     assert status == 130, stderr
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == "interrupted: no results were written"
-    assert not (folder / "results").exists()
+    if earlier_results is None:
+        assert not (folder / "results").exists()
+    else:
+        assert sorted(p.name for p in (folder / "results").iterdir()) == earlier_results
     assert not [p.name for p in folder.iterdir() if ".partial-" in p.name]
 
 
-def test_ctrl_c_during_training(tmp_path, titanic_csv):
+def test_ctrl_c_during_training_keeps_earlier_results_as_they_were(tmp_path, titanic_csv):
+    earlier = tmp_path / "results"
+    earlier.mkdir()
+    (earlier / "convergence.csv").write_text("from an earlier run\n")
+
     # Far more epochs than the test will wait for; the pause lets Lightning's fit begin,
     # which handles Ctrl-C its own way (it calls sys.exit(1)).
     status, stderr = interrupt_when(
         tmp_path, "training", "--data", str(titanic_csv), "--epochs", "100000", settle=1.5
     )
 
-    assert_interrupted(status, stderr, tmp_path)
+    assert_interrupted(status, stderr, tmp_path, earlier_results=["convergence.csv"])
+    assert (earlier / "convergence.csv").read_text() == "from an earlier run\n"
 
 
 def test_ctrl_c_during_attribution(tmp_path, titanic_csv):
@@ -73,21 +83,6 @@ def test_ctrl_c_during_attribution(tmp_path, titanic_csv):
     )
 
     assert_interrupted(status, stderr, tmp_path)
-
-
-def test_ctrl_c_keeps_earlier_results(tmp_path, titanic_csv):
-    earlier = tmp_path / "results"
-    earlier.mkdir()
-    (earlier / "convergence.csv").write_text("from an earlier run\n")
-
-    status, stderr = interrupt_when(
-        tmp_path, "training", "--data", str(titanic_csv), "--epochs", "100000", settle=0.5
-    )
-
-    assert status == 130, stderr
-    assert [p.name for p in earlier.iterdir()] == ["convergence.csv"]
-    assert (earlier / "convergence.csv").read_text() == "from an earlier run\n"
-    assert not [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
 def test_ctrl_c_during_the_final_renames_is_held_until_all_files_are_in_place(
