@@ -45,6 +45,7 @@ def interrupt_when(folder: Path, phase: str, *flags: str, settle: float = 0.0):
         if process.poll() is None:
             process.kill()
             process.wait()
+    assert any(line.startswith(phase) for line in seen), f"no line starting {phase!r}: {seen}"
     return process.returncode, "".join(seen) + rest
 
 
