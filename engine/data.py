@@ -299,11 +299,15 @@ def _checked(frame: pd.DataFrame, label: str) -> pd.DataFrame:
 
 def _numeric(values: pd.Series, column: str, label: str) -> pd.Series:
     """Convert a column to float, naming the first text or infinite value."""
-    if pd.api.types.is_bool_dtype(values):
-        # read_csv turns a column of True/False into booleans; they are not numbers here.
-        raise DataError(
-            f"{label}: column {column}, {_where(0)}: expected a number, got {values.iloc[0]!r}"
-        )
+    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        # read_csv reads True/False as booleans, which to_numeric would take as 1/0.
+        booleans = values.map(lambda value: isinstance(value, (bool, np.bool_)))
+        if booleans.any():
+            row = int(np.flatnonzero(booleans.to_numpy(dtype=bool))[0])
+            raise DataError(
+                f"{label}: column {column}, {_where(row)}: expected a number,"
+                f" got {bool(values.iloc[row])}"
+            )
     numbers = pd.to_numeric(values, errors="coerce")
     text = numbers.isna() & values.notna()
     if text.any():

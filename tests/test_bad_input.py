@@ -195,7 +195,17 @@ def test_true_false_in_a_numeric_column_is_not_a_number(tmp_path):
     rows = [with_field(r, "Age", flag) for r, flag in zip(ROWS, ("True", "False", "True"))]
     (tmp_path / "t.csv").write_bytes(csv_text(*rows))
 
-    with pytest.raises(DataError, match="column Age, row 1 .*expected a number"):
+    with pytest.raises(DataError, match="column Age, row 1 .*expected a number, got True$"):
+        load_titanic(tmp_path / "t.csv")
+
+
+def test_true_false_among_blanks_is_not_taken_for_one_and_zero(tmp_path):
+    # Only True, False and blanks: read_csv gives Python booleans that to_numeric takes.
+    rows = [with_field(ROWS[0], "Fare", ""), with_field(ROWS[1], "Fare", "False"),
+            with_field(ROWS[2], "Fare", "True")]
+    (tmp_path / "t.csv").write_bytes(csv_text(*rows))
+
+    with pytest.raises(DataError, match="column Fare, row 2 .*expected a number, got False$"):
         load_titanic(tmp_path / "t.csv")
 
 
