@@ -17,6 +17,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, event, given, settings
@@ -90,6 +91,19 @@ def nearly_valid_tables(draw) -> bytes:
     return _csv_bytes(columns, rows)
 
 
+@st.composite
+def valid_tables(draw) -> tuple[list[str], list[list[str]]]:
+    """Well-formed files: blanks only where the article fills them, first row complete."""
+    columns = draw(st.permutations([*REQUIRED_COLUMNS, "Name"]))
+    full = {**VALID_CELL, "Pclass": st.sampled_from(["1", "2", "3"]),
+            "Age": st.floats(0, 90).map(repr), "Fare": st.floats(0, 600).map(repr),
+            "Sex": st.sampled_from(["male", "female"])}
+    rows = [[draw(full.get(column, st.text(max_size=6))) for column in columns]]
+    for _ in range(draw(st.integers(0, 6))):
+        rows.append([draw(VALID_CELL.get(column, st.text(max_size=6))) for column in columns])
+    return list(columns), rows
+
+
 def _load_or_refuse(folder: Path, raw: bytes) -> None:
     """Load ``raw``; a refusal must be a one-line DataError, a success must be usable."""
     path = folder / "fuzz.csv"
@@ -132,6 +146,24 @@ def test_random_tables_load_or_raise_data_error(tmp_path, raw):
 @given(raw=nearly_valid_tables())
 def test_nearly_valid_tables_load_with_the_right_columns_or_raise_data_error(tmp_path, raw):
     _load_or_refuse(tmp_path, raw)
+
+
+@FUZZ
+@given(table=valid_tables())
+def test_valid_tables_load_with_every_number_as_written(tmp_path, table):
+    columns, rows = table
+    path = tmp_path / "valid.csv"
+    path.write_bytes(_csv_bytes(columns, rows))
+
+    frame = load_titanic(path)
+
+    assert len(frame) == len(rows)
+    for column in ("PassengerId", "Survived", "Pclass", "Age", "SibSp", "Fare"):
+        written = [row[columns.index(column)] for row in rows]
+        expected = [float(cell) if cell else np.nan for cell in written]
+        np.testing.assert_array_equal(frame[column].to_numpy(dtype=float), expected)
+    written_sex = [row[columns.index("Sex")] or None for row in rows]
+    assert [None if pd.isna(v) else v for v in frame["Sex"]] == written_sex
 
 
 # ---------------------------------------------------------------------------
