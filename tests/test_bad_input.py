@@ -327,6 +327,13 @@ def test_out_in_a_missing_folder_is_refused(tmp_path, capsys, titanic_csv):
     assert_refused(status, err, tmp_path, "does not exist")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible here")
+def test_device_cuda_without_a_gpu_is_one_line_exit_two(tmp_path, capsys):
+    status, err = run_main(capsys, "--device", "cuda", "--out", str(tmp_path / "results"))
+
+    assert_refused(status, err, tmp_path, "--device cuda", "no CUDA device")
+
+
 def test_debug_adds_the_traceback_and_keeps_the_status(tmp_path, capsys):
     status, err = run_main(capsys, "--data", str(tmp_path / "absent.csv"), "--debug",
                            "--out", str(tmp_path / "results"))
@@ -464,10 +471,3 @@ def test_cut_checkpoint_is_one_line_checkpoint_error(tmp_path, keep):
         load_weights(cut)
 
     assert "\n" not in str(err.value) and "cut.pt" in str(err.value)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible here")
-def test_device_cuda_without_a_gpu_is_one_line_exit_two(tmp_path, capsys):
-    status, err = run_main(capsys, "--device", "cuda", "--out", str(tmp_path / "results"))
-
-    assert_refused(status, err, tmp_path, "--device cuda", "no CUDA device")
