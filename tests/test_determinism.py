@@ -22,11 +22,12 @@ def two_runs(tmp_path_factory, titanic_csv):
     folders = []
     for name in ("first", "second"):
         out = tmp_path_factory.mktemp(name) / "results"
-        subprocess.run(
+        completed = subprocess.run(
             [sys.executable, "-m", "engine.attribute", "--all", "--data", str(titanic_csv),
              "--out", str(out), "--epochs", "2", "--seed", "7"],
-            check=True, capture_output=True, timeout=300, env=os.environ.copy(),
+            capture_output=True, text=True, timeout=300, env=os.environ.copy(),
         )
+        assert completed.returncode == 0, completed.stderr
         folders.append(out)
     return folders
 
