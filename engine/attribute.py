@@ -2,6 +2,7 @@
 
     python -m engine.attribute --all [--data FILE] [--out results/] [--epochs 20]
         [--n-steps 50] [--method gausslegendre] [--seed 404] [--device auto]
+        [--explain-row 6] [--flip Sex]
 
 Exit status: 0 on success, 2 for bad input or usage, 1 for a failure while running,
 130 when interrupted. Nothing is written to ``--out`` unless the whole job succeeds.

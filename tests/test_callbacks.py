@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 import pytorch_lightning as pl
@@ -232,3 +233,33 @@ def test_mismatched_arguments_are_named(data, baselines, change, message):
 def test_results_before_any_training_are_an_argument_error(data, baselines):
     with pytest.raises(ArgumentError, match="not seen any training"):
         new_callback(data, baselines).table()
+
+
+# ---------------------------------------------------------------------------
+# Lightning's progress bar: on a terminal, not in CI
+
+
+def train_one_epoch_on_a_terminal(data, monkeypatch, ci: str | None):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    return train_titanic(data, epochs=1, seed=404, accelerator="cpu").trainer
+
+
+def test_progress_bar_shows_on_a_terminal(data, monkeypatch):
+    trainer = train_one_epoch_on_a_terminal(data, monkeypatch, ci=None)
+    assert trainer.progress_bar_callback is not None
+
+
+def test_progress_bar_is_off_in_ci_even_on_a_terminal(data, monkeypatch):
+    trainer = train_one_epoch_on_a_terminal(data, monkeypatch, ci="true")
+    assert trainer.progress_bar_callback is None
+
+
+def test_progress_bar_is_off_when_not_on_a_terminal(data, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    monkeypatch.delenv("CI", raising=False)
+    trainer = train_titanic(data, epochs=1, seed=404, accelerator="cpu").trainer
+    assert trainer.progress_bar_callback is None
