@@ -168,7 +168,8 @@ def run_all(config: JobConfig) -> dict[str, object]:
         passenger = explain_flipped(
             net, inputs, baselines, data.feature_names, row=config.explain_row,
             feature=config.flip, passenger_ids=ids, n_steps=config.n_steps,
-            method=config.method, name=_passenger_name(frame, data.test_index[config.explain_row]),
+            method=config.method,
+            **_passenger_in_file(frame, data.test_index[config.explain_row], data.feature_names),
         )
 
         outputs.write_csv("interpretation_results.csv",
@@ -244,11 +245,18 @@ def _check_passenger_flags(config: JobConfig, n_test: int, feature_names: Sequen
         raise UsageError(f"--flip {config.flip}: expected one of {', '.join(feature_names)}")
 
 
-def _passenger_name(frame, position: int) -> str | None:
-    if "Name" not in frame.columns:
-        return None
-    name = frame["Name"].iloc[int(position)]
-    return None if name is None or name != name else str(name)
+def _passenger_in_file(frame, position: int, feature_names: Sequence[str]) -> dict[str, object]:
+    """The passenger's name and feature values as the CSV has them, for the report."""
+    record = frame.iloc[int(position)]
+    name = record.get("Name")
+    raw = [_as_in_file(record[feature]) for feature in feature_names]
+    return {"name": None if name is None or name != name else str(name), "raw": raw}
+
+
+def _as_in_file(value: object) -> str:
+    if isinstance(value, float):
+        return "blank (median used)" if value != value else f"{value:g}"
+    return str(value)
 
 
 def _say(message: str) -> None:

@@ -32,6 +32,7 @@ class FlippedPassenger:
 
     ``features`` and ``attributions`` hold the two versions in that order: ``(2, F)`` and
     ``(2, B, F)``; ``probabilities`` are the model's survival probabilities of both.
+    ``raw`` holds the passenger's values as the data file has them, when known.
     """
 
     row: int
@@ -42,6 +43,7 @@ class FlippedPassenger:
     attributions: np.ndarray
     probabilities: tuple[float, float]
     name: str | None = None
+    raw: tuple[str, ...] | None = None
 
     def labels(self) -> tuple[str, str]:
         """Legend labels of the two versions, naming the flipped feature's values."""
@@ -71,6 +73,7 @@ def explain_flipped(
     n_steps: int = 50,
     method: str = "gausslegendre",
     name: str | None = None,
+    raw: Sequence[str] | None = None,
 ) -> FlippedPassenger:
     """Explain ``inputs[row]`` and a copy with ``feature`` flipped, in one engine call.
 
@@ -98,6 +101,8 @@ def explain_flipped(
         Passed to :func:`engine.integrated_gradients`.
     name
         The passenger's name, if known.
+    raw
+        ``F`` values as the file has them, for the report's table, if known.
 
     Raises
     ------
@@ -131,6 +136,7 @@ def explain_flipped(
         attributions=attributions.transpose(0, 1).detach().cpu().double().numpy(),
         probabilities=(float(probabilities[0]), float(probabilities[1])),
         name=name,
+        raw=None if raw is None else tuple(map(str, raw)),
     )
 
 
@@ -297,14 +303,18 @@ def _passenger_section(report: TitanicReport) -> str:
         "value gets no attribution (IG multiplies by x - baseline): against the zero "
         "baseline a female passenger's Sex attribution is 0.</p>"
     )
-    header = "<tr><th>feature</th><th>as is</th><th>flipped</th></tr>"
+    raw = passenger.raw
+    header = ("<tr><th>feature</th>" + ("<th>in the file</th>" if raw else "")
+              + "<th>as is</th><th>flipped</th></tr>")
     rows = "".join(
         ('<tr class="changed">' if name == passenger.feature else "<tr>")
-        + f"<td>{html.escape(name)}</td><td>{passenger.features[0, i]:.3f}</td>"
-        f"<td>{passenger.features[1, i]:.3f}</td></tr>"
+        + f"<td>{html.escape(name)}</td>"
+        + (f"<td>{html.escape(raw[i])}</td>" if raw else "")
+        + f"<td>{passenger.features[0, i]:.3f}</td><td>{passenger.features[1, i]:.3f}</td></tr>"
         for i, name in enumerate(passenger.feature_names)
     )
-    table = f'<table class="numbers">{header}{rows}</table>'
+    table = (f'<table class="numbers">{header}{rows}</table>'
+             "<p class=\"note\">as is and flipped: the model's inputs, min-max normalised</p>")
     return text + table + _figure(
         report.passenger_figure, "Survival probability and attributions, as is and flipped"
     )
@@ -391,7 +401,7 @@ pre { background: #f3f5f7; border-radius: 6px; padding: 10px 14px; overflow-x: a
       font-size: 14px; }
 figure { margin: 12px 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eceff2; }
-figcaption { font-size: 14px; color: #5b6670; margin-top: 2px; }
+.note, figcaption { font-size: 14px; color: #5b6670; margin-top: 2px; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(250px, 1fr));
         gap: 8px 16px; }
 details { margin: 8px 0; }
