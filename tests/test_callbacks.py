@@ -130,6 +130,21 @@ def test_cost_per_epoch_is_logged(data, baselines, caplog):
     assert any("after epoch 1" in m and "% of the epoch" in m for m in messages)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_the_gpu_the_last_epoch_equals_a_direct_engine_call(data, baselines):
+    callback = new_callback(data, baselines)
+    trained = train_titanic(data, epochs=2, seed=404, accelerator="gpu", progress=False,
+                            callbacks=[callback])
+
+    net = trained.net.cuda().eval()
+    expected = integrated_gradients(net, data.test_features.cuda(), baselines.cuda(),
+                                    n_steps=N_STEPS)
+
+    # TF32 or a different kernel choice may round differently from the training-time call.
+    torch.testing.assert_close(callback.attributions[-1], expected.cpu(), rtol=1e-3, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Leaving the model as it was
 

@@ -77,7 +77,7 @@ def report(tmp_path) -> TitanicReport:
         row=6, passenger_id=719, feature="Sex", feature_names=FEATURES,
         features=np.array([[1.0, 1.0, 0.35, 0.0, 0.03], [1.0, 0.0, 0.35, 0.0, 0.03]]),
         attributions=np.zeros((2, 4, 5)), probabilities=(0.14, 0.59),
-        name="McEvoy, Mr. Michael",
+        name="McEvoy, Mr. Michael", raw=("3", "male", "blank (median used)", "0", "15.5"),
     )
     validation = ValidationReport(
         max_rel_error=8.5e-8, n_rows=179, n_baselines=4, n_steps=50, method="gausslegendre",
@@ -130,7 +130,8 @@ def test_every_picture_is_embedded_byte_for_byte(report):
 def test_page_shows_the_numbers_it_is_given(report):
     page = render_report(report)
     for text in ("891", "713", "179", "0.838", "8.50e-08", "9.2x", "McEvoy, Mr. Michael",
-                 "0.14", "0.59", "Validation against Captum", "One passenger, one feature"):
+                 "0.14", "0.59", "blank (median used)", "Validation against Captum",
+                 "One passenger, one feature"):
         assert text in page, text
 
 
