@@ -106,12 +106,6 @@ def run_all(config: JobConfig) -> dict[str, object]:
     from engine.callbacks import AttributionCallback
     from engine.data import load_titanic, locate_titanic_csv, prepare_titanic
     from engine.model import predict_proba, save_weights, train_titanic
-    from engine.plots import (
-        attribution_gif,
-        attribution_heatmap,
-        baseline_comparison,
-        passenger_comparison,
-    )
     from engine.report import TitanicReport, explain_flipped, render_report
     from engine.validate import compare_with_captum
 
@@ -185,40 +179,20 @@ def run_all(config: JobConfig) -> dict[str, object]:
 
         _say("drawing the heatmaps, the animation over epochs and the passenger comparison")
         mean_attribution = attributions.mean(dim=1).cpu().numpy()  # (baselines, features)
-        top_features, heatmaps = {}, {}
-        for kind, means in zip(BASELINE_KINDS, mean_attribution):
-            heatmaps[kind] = outputs.file(f"heatmap_{kind}.png")
-            attribution_heatmap(
-                means, data.feature_names, heatmaps[kind],
-                title=f"Mean attribution, {kind}, epoch {config.epochs}",
-            )
-            top_features[kind] = data.feature_names[int(abs(means).argmax())]
-        side_by_side = outputs.file("heatmap_baselines.png")
-        baseline_comparison(
-            mean_attribution, BASELINE_KINDS, data.feature_names, side_by_side,
-            title=f"Mean attribution per baseline, epoch {config.epochs}",
-        )
-        animation = outputs.file("heatmap_by_epoch.gif")
-        attribution_gif(by_epoch.mean_attributions(), by_epoch.epochs, BASELINE_KINDS,
-                        data.feature_names, animation)
-        passenger_figure = outputs.file("passenger_comparison.png")
-        passenger_comparison(
-            passenger.attributions, passenger.probabilities, passenger.labels(),
-            BASELINE_KINDS, data.feature_names, passenger_figure,
-            title=f"Passenger {passenger.passenger_id} (test row {passenger.row}): "
-                  f"{passenger.feature} flipped",
-        )
-
+        top_features = {
+            kind: data.feature_names[int(abs(means).argmax())]
+            for kind, means in zip(BASELINE_KINDS, mean_attribution)
+        }
+        pictures = _draw_pictures(outputs, mean_attribution, by_epoch, passenger,
+                                  data.feature_names, config.epochs)
         outputs.write_text("report.html", render_report(TitanicReport(
             source=str(source), n_passengers=len(data.labels), n_train=len(data.train_index),
             n_test=len(data.test_index), feature_names=tuple(data.feature_names),
             baseline_names=BASELINE_KINDS, epochs=config.epochs, seed=config.seed,
             layer_order=config.layer_order, device=config.device, n_steps=config.n_steps,
             method=config.method, accuracy=accuracy, classification_report=report,
-            top_features=top_features, side_by_side=side_by_side, heatmaps=heatmaps,
-            animation=animation, epoch_costs=by_epoch.costs, passenger=passenger,
-            passenger_figure=passenger_figure, validation=validation,
-            max_abs_delta=float(delta.abs().max()),
+            top_features=top_features, epoch_costs=by_epoch.costs, passenger=passenger,
+            validation=validation, max_abs_delta=float(delta.abs().max()), **pictures,
         )))
 
         outputs.commit()
@@ -233,6 +207,40 @@ def run_all(config: JobConfig) -> dict[str, object]:
         "passenger": passenger,
         "out": config.out,
     }
+
+
+def _draw_pictures(outputs, mean_attribution, by_epoch, passenger, feature_names, epochs):
+    """Write every picture into the staging folder; return their paths by report field."""
+    from engine.plots import (
+        attribution_gif,
+        attribution_heatmap,
+        baseline_comparison,
+        passenger_comparison,
+    )
+
+    heatmaps = {}
+    for kind, means in zip(BASELINE_KINDS, mean_attribution):
+        heatmaps[kind] = outputs.file(f"heatmap_{kind}.png")
+        attribution_heatmap(means, feature_names, heatmaps[kind],
+                            title=f"Mean attribution, {kind}, epoch {epochs}")
+
+    side_by_side = outputs.file("heatmap_baselines.png")
+    baseline_comparison(mean_attribution, BASELINE_KINDS, feature_names, side_by_side,
+                        title=f"Mean attribution per baseline, epoch {epochs}")
+
+    animation = outputs.file("heatmap_by_epoch.gif")
+    attribution_gif(by_epoch.mean_attributions(), by_epoch.epochs, BASELINE_KINDS,
+                    feature_names, animation)
+
+    passenger_figure = outputs.file("passenger_comparison.png")
+    passenger_comparison(
+        passenger.attributions, passenger.probabilities, passenger.labels(), BASELINE_KINDS,
+        feature_names, passenger_figure,
+        title=f"Passenger {passenger.passenger_id} (test row {passenger.row}): "
+              f"{passenger.feature} flipped",
+    )
+    return {"heatmaps": heatmaps, "side_by_side": side_by_side, "animation": animation,
+            "passenger_figure": passenger_figure}
 
 
 def _check_passenger_flags(config: JobConfig, n_test: int, feature_names: Sequence[str]) -> None:
