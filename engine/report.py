@@ -51,6 +51,12 @@ class FlippedPassenger:
         before, after = (self.describe(version[index]) for version in self.features)
         return f"as is ({before})", f"{self.feature} flipped ({after})"
 
+    @property
+    def unchanged(self) -> bool:
+        """True when flipping left the value as it was (0.5, the middle of the range)."""
+        index = self._feature_index()
+        return bool(self.features[0, index] == self.features[1, index])
+
     def describe(self, value: float) -> str:
         """A normalised value of the flipped feature in words (Sex: male or female)."""
         if self.feature == "Sex":
@@ -170,7 +176,23 @@ class TitanicReport:
 
 
 def render_report(report: TitanicReport) -> str:
-    """The whole page as one HTML string, pictures embedded."""
+    """The whole page as one HTML string, pictures embedded.
+
+    Parameters
+    ----------
+    report
+        What to show; its picture files must exist.
+
+    Returns
+    -------
+    str
+        A complete HTML document that references nothing outside itself.
+
+    Raises
+    ------
+    ArgumentError
+        If a picture file is missing.
+    """
     sections = [
         _section("Data and split", _data_section(report)),
         _section("Model and accuracy", _model_section(report)),
@@ -299,10 +321,16 @@ def _passenger_section(report: TitanicReport) -> str:
         f"<p>Test row {passenger.row}: {html.escape(who)}. The model gives a survival "
         f"probability of <b>{before:.2f}</b> {html.escape(labels[0])} and <b>{after:.2f}</b> "
         f"with {html.escape(passenger.feature)} flipped, every other feature unchanged. "
-        "Flipping maps a normalised value v to 1 - v. A feature equal to the baseline's "
-        "value gets no attribution (IG multiplies by x - baseline): against the zero "
-        "baseline a female passenger's Sex attribution is 0.</p>"
+        "Flipping maps a normalised value v to 1 - v.</p>"
     )
+    if passenger.unchanged:
+        text += (f"<p><b>Note:</b> this passenger's {html.escape(passenger.feature)} is in the "
+                 "middle of its range, so flipping leaves it unchanged; choose another row "
+                 "or feature.</p>")
+    if passenger.feature == "Sex":
+        text += ("<p>A feature equal to the baseline's value gets no attribution (IG "
+                 "multiplies by x - baseline): against the zero baseline a female "
+                 "passenger's Sex attribution is 0.</p>")
     raw = passenger.raw
     header = ("<tr><th>feature</th>" + ("<th>in the file</th>" if raw else "")
               + "<th>as is</th><th>flipped</th></tr>")
@@ -358,12 +386,12 @@ def _key_values(rows: Sequence[tuple[str, str]]) -> str:
 def _figure(path: Path, caption: str, css_class: str = "") -> str:
     css = f' class="{css_class}"' if css_class else ""
     return (
-        f'<figure{css}><img src="{data_uri(path)}" alt="{html.escape(caption)}">'
+        f'<figure{css}><img src="{_data_uri(path)}" alt="{html.escape(caption)}">'
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
     )
 
 
-def data_uri(path: str | Path) -> str:
+def _data_uri(path: str | Path) -> str:
     """The file as a base64 ``data:`` URI, its type guessed from the suffix.
 
     Raises

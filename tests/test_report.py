@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -198,3 +199,20 @@ def test_bad_row_or_feature_is_named(net_rows_baselines, row, feature, message):
         explain_flipped(net, rows, baselines, FEATURES, row=row, feature=feature,
                         passenger_ids=list(range(10)))
     assert message in str(err.value)
+
+
+def test_a_flip_that_changes_nothing_is_pointed_out(net_rows_baselines, report):
+    net, rows, baselines = net_rows_baselines
+    rows[4, 0] = 0.5  # Pclass 2nd: the middle of the range, where 1 - v = v
+    result = explain_flipped(net, rows, baselines, FEATURES, row=4, feature="Pclass",
+                             passenger_ids=list(range(10)))
+
+    assert result.unchanged
+    assert result.probabilities[0] == result.probabilities[1]
+    page = render_report(dataclasses.replace(report, passenger=result))
+    assert "flipping leaves it unchanged" in page
+
+
+def test_a_real_flip_is_not_called_unchanged(report):
+    assert not report.passenger.unchanged
+    assert "flipping leaves it unchanged" not in render_report(report)
