@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 class EpochCost:
     """Seconds spent attributing at one epoch, next to the seconds the epoch took.
 
-    ``epoch_seconds`` is None for the snapshot taken before training.
+    ``epoch_seconds`` runs from the epoch's start to its end hook, validation included;
+    it is None for the snapshot taken before training.
     """
 
     epoch: int
