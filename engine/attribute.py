@@ -71,9 +71,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="where to train and attribute (default: cuda if available)")
     parser.add_argument("--layer-order", default="article", choices=("article", "conventional"),
                         help="the article's layer call order or the textbook one")
-    parser.add_argument("--explain-row", type=int, default=6,
+    parser.add_argument("--explain-row", type=int, default=6, metavar="N",
                         help="test row for the passenger comparison (default 6)")
-    parser.add_argument("--flip", default="Sex",
+    parser.add_argument("--flip", default="Sex", metavar="FEATURE",
                         help="feature flipped (v -> 1 - v) in the passenger comparison "
                              "(default Sex: male <-> female)")
     parser.add_argument("--debug", action="store_true",
