@@ -49,8 +49,8 @@ def test_side_by_side_is_one_png_wider_than_a_single_heatmap(tmp_path):
 
 def test_gif_has_one_frame_per_snapshot(tmp_path):
     path = tmp_path / "epochs.gif"
-    epochs = list(range(7))  # before training and six epochs
-    means = np.cumsum(seeded(7, 4, 5), axis=0)
+    epochs = list(range(4))  # before training and three epochs
+    means = np.cumsum(seeded(4, 4, 5), axis=0)
 
     written = attribution_gif(means, epochs, BASELINES, FEATURES, path, frame_ms=300,
                               last_frame_ms=1500)
@@ -64,7 +64,7 @@ def test_gif_has_one_frame_per_snapshot(tmp_path):
             sizes.add(image.size)
             durations.append(image.info["duration"])
     assert len(sizes) == 1
-    assert durations == [300] * 6 + [1500]
+    assert durations == [300] * 3 + [1500]
 
 
 def test_gif_keeps_frames_whose_attributions_do_not_change(tmp_path):
