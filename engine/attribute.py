@@ -2,7 +2,7 @@
 
     python -m engine.attribute --all [--data FILE] [--out results/] [--epochs 20]
         [--n-steps 50] [--method gausslegendre] [--seed 404] [--device auto]
-        [--baselines mean,random,zero,one]
+        [--explain-row 6] [--flip Sex] [--baselines mean,random,zero,one]
 
 Exit status: 0 on success, 2 for bad input or usage, 1 for a failure while running,
 130 when interrupted. Nothing is written to ``--out`` unless the whole job succeeds.
@@ -48,6 +48,8 @@ class JobConfig:
     seed: int
     device: str
     layer_order: str
+    explain_row: int = 6
+    flip: str = "Sex"
     baselines: tuple[str, ...] = BASELINE_KINDS
 
 
@@ -81,6 +83,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="where to train and attribute (default: cuda if available)")
     parser.add_argument("--layer-order", default="article", choices=("article", "conventional"),
                         help="the article's layer call order or the textbook one")
+    parser.add_argument("--explain-row", type=int, default=6, metavar="N",
+                        help="test row for the passenger comparison (default 6)")
+    parser.add_argument("--flip", default="Sex", metavar="FEATURE",
+                        help="feature flipped (v -> 1 - v) in the passenger comparison "
+                             "(default Sex: male <-> female)")
     parser.add_argument("--baselines", default="mean,random,zero,one",
                         help="comma-separated baselines to explain against, from mean, "
                              "random, zero and one (default: all four)")
@@ -104,7 +111,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
     return JobConfig(
         data=args.data, out=args.out, epochs=args.epochs, n_steps=args.n_steps,
         method=args.method, seed=args.seed, device=device, layer_order=args.layer_order,
-        baselines=baselines,
+        explain_row=args.explain_row, flip=args.flip, baselines=baselines,
     )
 
 
@@ -128,22 +135,33 @@ def run_all(config: JobConfig) -> dict[str, object]:
     """The worked example end to end; returns the summary the CLI prints."""
     from sklearn.metrics import classification_report
 
+    from engine.callbacks import AttributionCallback
     from engine.data import load_titanic, locate_titanic_csv, prepare_titanic
     from engine.model import predict_proba, save_weights, train_titanic
-    from engine.plots import attribution_heatmap
+    from engine.report import TitanicReport, explain_flipped, render_report
     from engine.validate import compare_with_captum
 
     outputs = OutputDir(config.out)
     with outputs:
         source = locate_titanic_csv(config.data)
-        data = prepare_titanic(load_titanic(source), source=source)
+        frame = load_titanic(source)
+        data = prepare_titanic(frame, source=source)
+        _check_passenger_flags(config, len(data.test_index), data.feature_names)
         _say(f"data: {source} ({len(data.labels)} passengers, "
              f"{len(data.train_index)} train, {len(data.test_index)} test)")
 
-        _say(f"training {config.epochs} epochs on {config.device} (seed {config.seed})")
+        ids = data.test_passenger_ids
+        baselines = make_baselines(config.baselines, data.mean_baseline, seed=config.seed)
+        # The test set against every baseline, before training and after each epoch.
+        by_epoch = AttributionCallback(
+            data.test_features, baselines, config.baselines, data.feature_names,
+            row_ids=ids, n_steps=config.n_steps, method=config.method,
+        )
+        _say(f"training {config.epochs} epochs on {config.device} (seed {config.seed}), "
+             "explaining the test set after every epoch")
         classifier = train_titanic(
             data, epochs=config.epochs, seed=config.seed, layer_order=config.layer_order,
-            accelerator="gpu" if config.device == "cuda" else "cpu",
+            accelerator="gpu" if config.device == "cuda" else "cpu", callbacks=[by_epoch],
         )
         net = classifier.net.to(config.device).eval()
         survived = predict_proba(net, data.test_features.to(config.device)).cpu() >= 0.5
@@ -152,7 +170,6 @@ def run_all(config: JobConfig) -> dict[str, object]:
         accuracy = float((survived.numpy().astype(int) == truth).mean())
 
         inputs = data.test_features.to(config.device)
-        baselines = make_baselines(config.baselines, data.mean_baseline, seed=config.seed)
         baselines = baselines.to(config.device)
         _say(f"explaining {inputs.shape[0]} rows x {len(config.baselines)} baselines x "
              f"{config.n_steps} steps in one batched pass")
@@ -174,10 +191,17 @@ def run_all(config: JobConfig) -> dict[str, object]:
                 "exceeds 1e-5"
             )
 
-        ids = data.test_passenger_ids
+        passenger = explain_flipped(
+            net, inputs, baselines, data.feature_names, row=config.explain_row,
+            feature=config.flip, passenger_ids=ids, n_steps=config.n_steps,
+            method=config.method,
+            **_passenger_in_file(frame, data.test_index[config.explain_row], data.feature_names),
+        )
+
         outputs.write_csv("interpretation_results.csv", tidy_attributions(
             attributions, ids, config.baselines, data.feature_names))
         outputs.write_csv("convergence.csv", tidy_deltas(delta, ids, config.baselines))
+        outputs.write_csv("attribution_by_epoch.csv", by_epoch.table())
         outputs.write_json("validation.json", {
             **validation.as_dict(), "max_abs_delta": float(delta.abs().max()),
             "accuracy": accuracy, "layer_order": config.layer_order, "seed": config.seed,
@@ -185,14 +209,23 @@ def run_all(config: JobConfig) -> dict[str, object]:
         outputs.write_text("classification_report.txt", report)
         save_weights(net.cpu(), outputs.file("model.pt"))
 
+        _say("drawing the heatmaps, the animation over epochs and the passenger comparison")
         mean_attribution = attributions.mean(dim=1).cpu().numpy()  # (baselines, features)
-        top_features = {}
-        for kind, means in zip(config.baselines, mean_attribution):
-            attribution_heatmap(
-                means, data.feature_names, outputs.file(f"heatmap_{kind}.png"),
-                title=f"Mean attribution, {kind}, epoch {config.epochs}",
-            )
-            top_features[kind] = data.feature_names[int(abs(means).argmax())]
+        top_features = {
+            kind: data.feature_names[int(abs(means).argmax())]
+            for kind, means in zip(config.baselines, mean_attribution)
+        }
+        pictures = _draw_pictures(outputs, mean_attribution, by_epoch, passenger,
+                                  data.feature_names, config.epochs, kinds=config.baselines)
+        outputs.write_text("report.html", render_report(TitanicReport(
+            source=str(source), n_passengers=len(data.labels), n_train=len(data.train_index),
+            n_test=len(data.test_index), feature_names=tuple(data.feature_names),
+            baseline_names=config.baselines, epochs=config.epochs, seed=config.seed,
+            layer_order=config.layer_order, device=config.device, n_steps=config.n_steps,
+            method=config.method, accuracy=accuracy, classification_report=report,
+            top_features=top_features, epoch_costs=by_epoch.costs, passenger=passenger,
+            validation=validation, max_abs_delta=float(delta.abs().max()), **pictures,
+        )))
 
         outputs.commit()
 
@@ -202,8 +235,69 @@ def run_all(config: JobConfig) -> dict[str, object]:
         "top_features": top_features,
         "validation": validation,
         "max_abs_delta": float(delta.abs().max()),
+        "epoch_costs": by_epoch.costs,
+        "passenger": passenger,
         "out": config.out,
     }
+
+
+def _draw_pictures(outputs, mean_attribution, by_epoch, passenger, feature_names, epochs,
+                   kinds=BASELINE_KINDS):
+    """Write every picture into the staging folder; return their paths by report field."""
+    from engine.plots import (
+        attribution_gif,
+        attribution_heatmap,
+        baseline_comparison,
+        passenger_comparison,
+    )
+
+    heatmaps = {}
+    for kind, means in zip(kinds, mean_attribution):
+        heatmaps[kind] = outputs.file(f"heatmap_{kind}.png")
+        attribution_heatmap(means, feature_names, heatmaps[kind],
+                            title=f"Mean attribution, {kind}, epoch {epochs}")
+
+    side_by_side = outputs.file("heatmap_baselines.png")
+    baseline_comparison(mean_attribution, kinds, feature_names, side_by_side,
+                        title=f"Mean attribution per baseline, epoch {epochs}")
+
+    animation = outputs.file("heatmap_by_epoch.gif")
+    attribution_gif(by_epoch.mean_attributions(), by_epoch.epochs, kinds,
+                    feature_names, animation)
+
+    passenger_figure = outputs.file("passenger_comparison.png")
+    passenger_comparison(
+        passenger.attributions, passenger.probabilities, passenger.labels(), kinds,
+        feature_names, passenger_figure,
+        title=f"Passenger {passenger.passenger_id} (test row {passenger.row}): "
+              f"{passenger.feature} flipped",
+    )
+    return {"heatmaps": heatmaps, "side_by_side": side_by_side, "animation": animation,
+            "passenger_figure": passenger_figure}
+
+
+def _check_passenger_flags(config: JobConfig, n_test: int, feature_names: Sequence[str]) -> None:
+    """Refuse a bad --explain-row or --flip before training rather than after."""
+    if not 0 <= config.explain_row < n_test:
+        raise UsageError(
+            f"--explain-row {config.explain_row}: expected a test row from 0 to {n_test - 1}"
+        )
+    if config.flip not in feature_names:
+        raise UsageError(f"--flip {config.flip}: expected one of {', '.join(feature_names)}")
+
+
+def _passenger_in_file(frame, position: int, feature_names: Sequence[str]) -> dict[str, object]:
+    """The passenger's name and feature values as the CSV has them, for the report."""
+    record = frame.iloc[int(position)]
+    name = record.get("Name")
+    raw = [_as_in_file(record[feature]) for feature in feature_names]
+    return {"name": None if name is None or name != name else str(name), "raw": raw}
+
+
+def _as_in_file(value: object) -> str:
+    if isinstance(value, float):
+        return "blank (median used)" if value != value else f"{value:g}"
+    return str(value)
 
 
 def _one_line(error: Exception, *, debug: bool) -> str:
@@ -254,7 +348,18 @@ def print_summary(summary: dict[str, object]) -> None:
           f"(max |delta| {summary['max_abs_delta']:.2e})")
     print(f"engine {validation.engine_seconds * 1e3:.1f} ms vs Captum "
           f"{validation.captum_seconds * 1e3:.1f} ms ({validation.speedup:.1f}x)")
-    print(f"results in {summary['out']}/")
+    costs = summary.get("epoch_costs")
+    if costs:
+        per_epoch = sorted(cost.attribution_seconds for cost in costs)[len(costs) // 2]
+        print(f"attribution during training: {len(costs)} snapshots, median "
+              f"{per_epoch * 1e3:.1f} ms each")
+    passenger = summary.get("passenger")
+    if passenger is not None:
+        before, after = passenger.probabilities
+        print(f"passenger {passenger.passenger_id} (test row {passenger.row}): survival "
+              f"{before:.2f} as is, {after:.2f} with {passenger.feature} flipped"
+              + (" (the flip left its value unchanged)" if passenger.unchanged else ""))
+    print(f"results in {summary['out']}/ (open report.html)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

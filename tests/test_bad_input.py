@@ -426,9 +426,16 @@ def test_baselines_flag_chooses_the_tables_rows_in_its_order(two_baseline_run):
 def test_baselines_flag_chooses_the_heatmaps(two_baseline_run):
     _, out = two_baseline_run
 
-    assert sorted(p.name for p in out.glob("heatmap_*.png")) == [
+    assert sorted(p.name for p in out.glob("heatmap_*-base.png")) == [
         "heatmap_random-base.png", "heatmap_zero-base.png"
     ]
+
+
+def test_baselines_flag_chooses_the_baselines_explained_during_training(two_baseline_run):
+    _, out = two_baseline_run
+    table = pd.read_csv(out / "attribution_by_epoch.csv")
+
+    assert set(table["base-type"]) == {"zero-base", "random-base"}
 
 
 # ---------------------------------------------------------------------------

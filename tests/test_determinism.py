@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-TABLES = ("interpretation_results.csv", "convergence.csv", "classification_report.txt")
+TABLES = ("interpretation_results.csv", "convergence.csv", "classification_report.txt",
+          "attribution_by_epoch.csv")
 TIMINGS = ("engine_seconds", "captum_seconds", "speedup")
 
 
@@ -58,11 +59,12 @@ def test_validation_report_is_equal_apart_from_timings(two_runs):
     assert first["seed"] == 7
 
 
-def test_heatmaps_have_identical_pixels(two_runs):
+def test_pictures_have_identical_pixels(two_runs):
     first, second = two_runs
-    names = sorted(p.name for p in first.glob("heatmap_*.png"))
+    names = sorted(p.name for p in first.iterdir() if p.suffix in (".png", ".gif"))
 
-    assert names == sorted(p.name for p in second.glob("heatmap_*.png")) and len(names) == 4
+    assert names == sorted(p.name for p in second.iterdir() if p.suffix in (".png", ".gif"))
+    assert "heatmap_mean-base.png" in names
     for name in names:
         pixels = [np.asarray(Image.open(out / name)) for out in two_runs]
         assert np.array_equal(*pixels), name
