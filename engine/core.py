@@ -601,13 +601,13 @@ def _as_targets(target: TargetArg, n_rows: int, device: torch.device) -> Any:
         raise ArgumentError(f"target has dtype {per_row.dtype}: expected integer indices")
     if per_row.numel() == 1 and per_row.dim() <= 1:
         return (int(per_row.reshape(())),)
-    if per_row.dim() == 1:
-        per_row = per_row.unsqueeze(1)
-    if per_row.dim() != 2 or per_row.shape[0] != n_rows:
+    if per_row.dim() not in (1, 2) or per_row.shape[0] != n_rows:
         raise ArgumentError(
             f"target has shape {tuple(per_row.shape)}: expected an int, a tuple, or {n_rows} "
             "targets, one per row"
         )
+    if per_row.dim() == 1:
+        per_row = per_row.unsqueeze(1)
     return per_row.to(device=device, dtype=torch.long)
 
 
