@@ -195,7 +195,7 @@ def _pair_gradients(
 def _attribution_sum(grads: tuple[Tensor, ...], sub: PathProblem) -> Tensor:
     """Sum over features of grad * (x - baseline), (M,) float64."""
     return sum(
-        (grad * (x.double() - base[0].double())).flatten(1).sum(1)
+        (grad * (x.double() - base[0].double())).reshape(len(grad), -1).sum(1)
         for grad, x, base in zip(grads, sub.inputs, sub.baselines)
     )
 
@@ -235,5 +235,5 @@ def _error_estimate(
             difference = grad[pairs] - fine
             if multiply_by_inputs:
                 difference = difference * (x.double() - base[0].double())
-            estimate[pairs] += difference.abs().flatten(1).sum(1)
+            estimate[pairs] += difference.abs().reshape(len(pairs), -1).sum(1)
     return estimate, points

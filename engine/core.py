@@ -453,7 +453,8 @@ def convergence_delta(
     chunk_points: int,
 ) -> Tensor:
     """sum(attributions) - (F(x) - F(baseline)) per (baseline, row), shape (B, N)."""
-    attribution_sum = sum(a.double().flatten(2).sum(-1) for a in attributions)
+    # reshape, not flatten: inputs may be (N,) with no feature dimensions.
+    attribution_sum = sum(a.double().reshape(*a.shape[:2], -1).sum(-1) for a in attributions)
     return attribution_sum - output_gap(forward_func, problem, chunk_points)
 
 

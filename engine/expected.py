@@ -128,7 +128,7 @@ def expected_gradients(
         all_rows = torch.arange(n_rows, device=device)
         output = _forward(forward_func, problem.inputs, problem.args_for(all_rows))
         input_out = problem.select(output, all_rows).double()
-    attribution_sum = sum(s.flatten(1).sum(1) for s in sums) / n_samples
+    attribution_sum = sum(s.reshape(n_rows, -1).sum(1) for s in sums) / n_samples
     return result, attribution_sum - (input_out - baseline_out / n_samples)
 
 
