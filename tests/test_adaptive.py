@@ -1,5 +1,7 @@
 """Adaptive steps and the quadrature error estimate."""
 
+import copy
+
 import pytest
 import torch
 
@@ -25,7 +27,7 @@ def titanic(titanic_csv):
 @pytest.fixture(scope="module")
 def digits(digits_cnn):
     net, data = digits_cnn
-    net = net.double()
+    net = copy.deepcopy(net).double()
     images = data.test_images[:25].double()
     with torch.no_grad():
         target = net(images).argmax(1)
