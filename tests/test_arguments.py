@@ -272,3 +272,32 @@ def test_eval_mode_batchnorm_is_accepted():
     actual = integrated_gradients(model, x, n_steps=10)
 
     assert relative_error(actual[0], captum_ig(model, x, None, n_steps=10)) <= 1e-5
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cpu_model_with_cuda_inputs_names_both_devices():
+    with pytest.raises(ArgumentError, match=r"model is on cpu .* inputs are on cuda"):
+        integrated_gradients(nn.Linear(3, 1), torch.randn(2, 3, device="cuda"))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_every_argument_form_runs_on_cuda_like_on_cpu():
+    torch.manual_seed(19)
+    model = MultiDimOutput().eval()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    baselines = torch.randn(2, 4, 3, dtype=torch.float64)
+    target = [(1, 0), (0, 2), (1, 1), (0, 0)]
+
+    on_cpu = integrated_gradients(model, x, baselines, target=target, n_steps=7,
+                                  delta_tolerance=1e-3, error_estimate=True)
+    on_gpu = integrated_gradients(model.cuda(), x.cuda(), baselines.cuda(), target=target,
+                                  n_steps=7, delta_tolerance=1e-3, error_estimate=True)
+
+    torch.testing.assert_close(on_gpu.attributions.cpu(), on_cpu.attributions,
+                               rtol=1e-10, atol=1e-12)
+    assert torch.equal(on_gpu.n_steps.cpu(), on_cpu.n_steps)

@@ -244,3 +244,19 @@ def test_baseline_of_neither_captum_shape_is_refused():
     with pytest.raises(ArgumentError, match=r"baselines has shape \(2, 3\): expected \(4, 3\)"):
         IntegratedGradients(BasicModel_MultiLayer()).attribute(
             torch.randn(4, 3), torch.zeros(2, 3), target=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_drop_in_class_inside_noise_tunnel_on_cuda():
+    model = BasicModel_MultiLayer().cuda()
+    x = torch.tensor([[1.5, 2.0, 1.3], [0.5, 0.1, 2.3]], device="cuda")
+
+    def attribute(explainer):
+        return NoiseTunnel(explainer).attribute(x, nt_type="smoothgrad", nt_samples=4,
+                                                stdevs=0.0, target=0, n_steps=50)
+
+    theirs, ours = run_both(attribute, lambda cls: cls(model))
+
+    assert ours.device.type == "cuda"
+    assert_same(ours, theirs, 1e-5)

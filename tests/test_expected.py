@@ -117,3 +117,15 @@ def test_background_with_other_features_is_refused():
 def test_zero_samples_are_refused():
     with pytest.raises(ArgumentError, match="n_samples must be a positive integer"):
         expected_gradients(nn.Linear(3, 1), torch.randn(2, 3), torch.randn(5, 3), n_samples=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_draws_equal_cpu_draws():
+    torch.manual_seed(47)
+    x, background = torch.randn(3, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+
+    on_cpu = expected_gradients(SumOfSquares(), x, background, n_samples=9, seed=3)
+    on_gpu = expected_gradients(SumOfSquares(), x.cuda(), background.cuda(), n_samples=9, seed=3)
+
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-12, atol=1e-14)
