@@ -416,8 +416,8 @@ def _probe_row_coupling(forward_func: Callable[..., Tensor], problem: PathProble
     if change > tolerance:
         raise ModelError(
             f"the model's output for row 0 changed by {change:.3g} when the other rows of "
-            "the batch changed: rows interact (BatchNorm or similar in training mode?); call "
-            "model.eval() or pass allow_coupled_rows=True"
+            "the batch changed: rows interact or the model is random (BatchNorm or Dropout in "
+            "training mode?); call model.eval() or pass allow_coupled_rows=True"
         )
 
 

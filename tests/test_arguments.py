@@ -252,6 +252,14 @@ def test_rows_coupled_without_batchnorm_are_found_by_the_probe():
         integrated_gradients(batch_centred, torch.randn(3, 2), torch.zeros(1, 2))
 
 
+def test_training_mode_dropout_is_caught_by_the_probe():
+    torch.manual_seed(21)
+    model = nn.Sequential(nn.Linear(3, 64), nn.Dropout(0.5), nn.Linear(64, 1)).train()
+
+    with pytest.raises(ModelError, match=r"model is random.*model\.eval\(\)"):
+        integrated_gradients(model, torch.randn(3, 3))
+
+
 def test_allow_coupled_rows_runs_and_warns(caplog):
     torch.manual_seed(17)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).train()
