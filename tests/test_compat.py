@@ -6,11 +6,14 @@ same arguments and seeds; ours must give Captum's shapes, types and numbers (to 
 rounding: Captum rounds its step weights to float32, the engine does not).
 """
 
+import importlib
+import random
+
+import numpy as np
 import pytest
 import torch
 from captum.attr import IntegratedGradients as CaptumIG
 from captum.attr import NoiseTunnel
-from captum.testing.attr.helpers.test_config import config as captum_config
 from captum.testing.helpers.basic_models import (
     BasicModel,
     BasicModel2,
@@ -25,6 +28,25 @@ from captum.testing.helpers.basic_models import (
 from engine import IntegratedGradients
 from engine.errors import ArgumentError
 from tests.test_core import relative_error
+
+
+def load_captum_config():
+    """Captum's shared attribution test cases; its import reseeds every generator, undone."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cudnn_deterministic = torch.backends.cudnn.deterministic
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        return importlib.import_module("captum.testing.attr.helpers.test_config").config
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        torch.backends.cudnn.deterministic = cudnn_deterministic
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+captum_config = load_captum_config()
 
 METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid",
            "gausslegendre")
