@@ -40,14 +40,19 @@ class PathProblem:
 
     ``inputs[i]`` is (N, *F_i). ``baselines[i]`` is (B, N, *F_i) when every row has its
     own baseline, or (B, 1, *F_i) when each baseline kind is shared by all rows.
-    ``targets`` is None, or a tuple index applied to every row's output, or a (N,) long
-    tensor with one output column per row.
+    ``targets`` is None, or a tuple index applied to every row's output, or a (N, k) long
+    tensor with one index tuple of length k per row. ``target_range`` holds, per index
+    position, the smallest and largest target asked for, so that a target the output does
+    not have is named without a device sync. ``per_row_args`` marks which
+    ``forward_args`` follow their row (None: every tensor whose first dimension is N).
     """
 
     inputs: tuple[Tensor, ...]
     baselines: tuple[Tensor, ...]
     targets: None | tuple[int, ...] | Tensor
     forward_args: tuple[Any, ...]
+    target_range: tuple[tuple[int, int], ...] = ()
+    per_row_args: tuple[bool, ...] | None = None
 
     @property
     def n_rows(self) -> int:
@@ -78,8 +83,12 @@ class PathProblem:
 
     def args_for(self, rows: Tensor) -> tuple[Any, ...]:
         """Extra forward arguments for points on ``rows``: per-row tensors are gathered."""
+        per_row = self.per_row_args
+        if per_row is None:
+            per_row = tuple(_is_per_row(arg, self.n_rows) for arg in self.forward_args)
         return tuple(
-            arg[rows] if _is_per_row(arg, self.n_rows) else arg for arg in self.forward_args
+            arg[rows.to(arg.device)] if follows else arg
+            for arg, follows in zip(self.forward_args, per_row)
         )
 
     def select(self, output: Tensor, rows: Tensor) -> Tensor:
@@ -91,10 +100,35 @@ class PathProblem:
                     "pass target= to choose one"
                 )
             return output.reshape(output.shape[0])
+        self._check_target_range(output)
         if isinstance(self.targets, tuple):
-            return output[(slice(None), *self.targets)]
-        index = self.targets[rows].to(output.device)
-        return output.reshape(output.shape[0], -1).gather(1, index.view(-1, 1)).view(-1)
+            selected = output[(slice(None), *self.targets)]
+        else:
+            index = self.targets[rows.to(self.targets.device)].to(output.device)
+            points = torch.arange(output.shape[0], device=output.device)
+            selected = output[(points, *index.unbind(1))]
+        if selected.dim() > 1 and selected[0].numel() != 1:
+            raise ArgumentError(
+                f"target selects {tuple(selected.shape[1:])} outputs per row from model "
+                f"output {tuple(output.shape[1:])}: expected one (give one index per dimension)"
+            )
+        return selected.reshape(output.shape[0])
+
+    def _check_target_range(self, output: Tensor) -> None:
+        per_row_shape = tuple(output.shape[1:])
+        if len(self.target_range) > len(per_row_shape):
+            raise ArgumentError(
+                f"target has {len(self.target_range)} indices but the model's output per row "
+                f"has shape {per_row_shape}"
+            )
+        for dim, ((low, high), size) in enumerate(zip(self.target_range, per_row_shape)):
+            if low < -size or high >= size:
+                bad = high if high >= size else low
+                where = "" if len(per_row_shape) == 1 else f" along output dimension {dim + 1}"
+                raise ArgumentError(
+                    f"target {bad} is out of range: the model returns {size} outputs per row"
+                    f"{where} (valid targets are 0..{size - 1})"
+                )
 
 
 def _is_per_row(arg: Any, n_rows: int) -> bool:
@@ -112,7 +146,12 @@ def integrated_gradients(
     method: str = "gausslegendre",
     internal_batch_size: int | None = None,
     return_convergence_delta: bool = False,
-) -> TensorOrTuple | tuple[TensorOrTuple, Tensor]:
+    multiply_by_inputs: bool = True,
+    allow_coupled_rows: bool = False,
+    delta_tolerance: float | None = None,
+    max_steps: int | None = None,
+    error_estimate: bool = False,
+) -> Any:
     """Integrated Gradients of every row against every baseline in one batched pass.
 
     Parameters
@@ -124,14 +163,16 @@ def integrated_gradients(
         (N, *F) floating point; the device of the first input is where the work runs.
     baselines : None, scalar, Tensor or tuple
         One entry per input. (B, *F): B baseline kinds shared by all rows; (B, N, *F): a
-        baseline per kind and row; a scalar: one kind filled with it; None: zeros.
+        baseline per kind and row; a scalar: one kind filled with it; None: zeros. Tensors
+        must have the input's dtype (integer tensors are converted).
     target : None, int, tuple, list or Tensor
         Which output to explain: None for a single output per row, an index (int or
-        tuple) for every row, or one int per row.
+        tuple) for every row, or one index per row (a list or (N,) tensor of ints, or a
+        list of tuples / (N, k) tensor for outputs with several dimensions).
     additional_forward_args : any
         Extra positional arguments; tensors whose first dimension is N follow their row.
     n_steps : int
-        Nodes of the quadrature rule.
+        Nodes of the quadrature rule (the first level when ``delta_tolerance`` is given).
     method : str
         ``gausslegendre``, ``riemann_left``, ``riemann_right``, ``riemann_middle`` or
         ``riemann_trapezoid``, defined as in Captum.
@@ -139,13 +180,30 @@ def integrated_gradients(
         Path points per forward/backward; None puts all of them in one chunk.
     return_convergence_delta : bool
         Also return sum(attributions) - (F(x) - F(baseline)) per (baseline, row).
+    multiply_by_inputs : bool
+        False returns the path-averaged gradients without the (x - baseline) factor
+        (Captum's "global" attribution).
+    allow_coupled_rows : bool
+        Run even when the model's rows interact (BatchNorm in training mode); the result
+        is then not IG of each row, and a warning is logged.
+    delta_tolerance : float, optional
+        Adaptive steps: pairs whose |delta| exceeds this are recomputed with twice the
+        steps, up to ``max_steps``. Returns an ``IGResult``.
+    max_steps : int, optional
+        Largest step count adaptive refinement may use (default 16 * n_steps).
+    error_estimate : bool
+        Also estimate each pair's quadrature error by comparing with twice the nodes.
+        Returns an ``IGResult``.
 
     Returns
     -------
     attributions : Tensor or tuple of Tensor
         (B, N, *F) per input, in the input's dtype.
     delta : Tensor
-        (B, N), only when ``return_convergence_delta``.
+        (B, N) float64, only when ``return_convergence_delta``.
+    IGResult
+        Instead of the above when ``delta_tolerance`` or ``error_estimate`` is given:
+        attributions, delta, steps per pair, total path points and the error estimate.
 
     References
     ----------
@@ -155,11 +213,21 @@ def integrated_gradients(
     problem = make_problem(inputs, baselines, target, additional_forward_args)
     rule = quadrature_rule(method, n_steps)
     chunk_points = _chunk_points(internal_batch_size, problem, rule)
-    refuse_coupled_rows(forward_func)
+    check_model_device(forward_func, problem.inputs[0].device)
+    check_independent_rows(forward_func, problem, allow_coupled_rows)
+
+    if delta_tolerance is not None or error_estimate or max_steps is not None:
+        from engine.adaptive import adaptive_integrated_gradients
+
+        return adaptive_integrated_gradients(
+            forward_func, problem, rule, chunk_points, is_tuple=is_tuple,
+            delta_tolerance=delta_tolerance, max_steps=max_steps,
+            error_estimate=error_estimate, multiply_by_inputs=multiply_by_inputs,
+        )
 
     total_grads = integrate(forward_func, problem, rule, chunk_points)
     attributions = tuple(
-        (grad * (x.unsqueeze(0) - base)).to(x.dtype)
+        (grad * (x.unsqueeze(0) - base) if multiply_by_inputs else grad).to(x.dtype)
         for grad, x, base in zip(total_grads, problem.inputs, problem.baselines)
     )
     result = attributions if is_tuple else attributions[0]
@@ -249,7 +317,16 @@ def _accumulate(
 
 
 def _forward(forward_func: Callable[..., Tensor], points: tuple[Tensor, ...], args) -> Tensor:
-    output = forward_func(*points, *args)
+    try:
+        output = forward_func(*points, *args)
+    except RuntimeError as error:
+        if "device" not in str(error):
+            raise
+        first_line = str(error).strip().splitlines()[0]
+        raise ArgumentError(
+            f"the model failed on inputs on {points[0].device}: {first_line} (move the model "
+            "and every tensor it uses to the inputs' device)"
+        ) from error
     if not isinstance(output, Tensor):
         raise ModelError(f"the model must return a Tensor, got {type(output).__name__}")
     if output.dim() == 0 or output.shape[0] != points[0].shape[0]:
@@ -266,7 +343,17 @@ def _refuse_non_finite(selected: Tensor, rows: Tensor) -> None:
         return
     bad_rows = torch.unique(rows[~finite]).tolist()
     shown = ", ".join(str(r) for r in bad_rows[:10]) + (" ..." if len(bad_rows) > 10 else "")
-    raise ModelError(f"the model returned non-finite outputs on the path of rows {shown}")
+    raise ModelError(
+        f"the model returned non-finite outputs (nan or inf) on the path of row(s) {shown}: "
+        "check those rows and their baselines"
+    )
+
+
+def _module_of(forward_func: Callable[..., Tensor]) -> nn.Module | None:
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    owner = getattr(forward_func, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
 
 
 def refuse_coupled_rows(forward_func: Callable[..., Tensor]) -> None:
@@ -275,9 +362,7 @@ def refuse_coupled_rows(forward_func: Callable[..., Tensor]) -> None:
     Summing the outputs before the backward is exact only when each output depends on its
     own row alone; batch statistics break that, and would also change with the chunking.
     """
-    module = forward_func if isinstance(forward_func, nn.Module) else None
-    if module is None and isinstance(getattr(forward_func, "__self__", None), nn.Module):
-        module = forward_func.__self__
+    module = _module_of(forward_func)
     if module is None:
         return
     coupled = [
@@ -288,8 +373,77 @@ def refuse_coupled_rows(forward_func: Callable[..., Tensor]) -> None:
     if coupled:
         raise ModelError(
             f"layer(s) {', '.join(coupled)} are in training mode and mix rows through batch "
-            "statistics: call model.eval() before computing attributions"
+            "statistics: call model.eval() before computing attributions "
+            "(or pass allow_coupled_rows=True)"
         )
+
+
+def check_independent_rows(
+    forward_func: Callable[..., Tensor], problem: PathProblem, allow: bool
+) -> None:
+    """Refuse models whose output for one row depends on the other rows of the batch.
+
+    Known culprits (BatchNorm in training mode) are found by name; anything else by a
+    probe: the first row's input is evaluated beside two different partners, and its
+    output must not change. ``allow`` turns the refusal into a logged warning.
+    """
+    try:
+        refuse_coupled_rows(forward_func)
+        _probe_row_coupling(forward_func, problem)
+    except ModelError as error:
+        if not allow:
+            raise
+        log.warning("allow_coupled_rows=True: %s; attributions are not per-row IG", error)
+
+
+def _probe_row_coupling(forward_func: Callable[..., Tensor], problem: PathProblem) -> None:
+    device = problem.inputs[0].device
+    pair = torch.zeros(2, dtype=torch.long, device=device)
+    rows = pair % problem.n_rows
+    outputs = []
+    with torch.no_grad():
+        # Batches (x, baseline) and (x, midpoint): the input row is the same in both.
+        for partner in (0.0, 0.5):
+            alphas = torch.tensor([1.0, partner], dtype=torch.float64, device=device)
+            points = problem.path_points(pair, alphas)
+            outputs.append(_forward(forward_func, points, problem.args_for(rows))[0])
+    first, second = outputs[0].double(), outputs[1].double()
+    if not (torch.isfinite(first).all() and torch.isfinite(second).all()):
+        return
+    # Batched kernels may round differently with other partners, never by more than this.
+    tolerance = torch.finfo(outputs[0].dtype).eps ** 0.5 * (1.0 + float(first.abs().max()))
+    change = float((first - second).abs().max())
+    if change > tolerance:
+        raise ModelError(
+            f"the model's output for row 0 changed by {change:.3g} when the other rows of "
+            "the batch changed: rows interact or the model is random (BatchNorm or Dropout in "
+            "training mode?); call model.eval() or pass allow_coupled_rows=True"
+        )
+
+
+def check_model_device(forward_func: Callable[..., Tensor], device: torch.device) -> None:
+    """Raise ``ArgumentError`` when the model's parameters are not on the inputs' device."""
+    module = _module_of(forward_func)
+    if module is None:
+        return
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.device != device and not _same_device(tensor.device, device):
+            raise ArgumentError(
+                f"the model is on {tensor.device} (parameter {name}) but the inputs are on "
+                f"{device}: move one to the other, e.g. model.to({str(device)!r})"
+            )
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    # "cuda" and "cuda:0" name the same device when 0 is the current one.
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (
+        b.index if b.index is not None else current
+    )
 
 
 def convergence_delta(
@@ -299,6 +453,15 @@ def convergence_delta(
     chunk_points: int,
 ) -> Tensor:
     """sum(attributions) - (F(x) - F(baseline)) per (baseline, row), shape (B, N)."""
+    # reshape, not flatten: inputs may be (N,) with no feature dimensions.
+    attribution_sum = sum(a.double().reshape(*a.shape[:2], -1).sum(-1) for a in attributions)
+    return attribution_sum - output_gap(forward_func, problem, chunk_points)
+
+
+def output_gap(
+    forward_func: Callable[..., Tensor], problem: PathProblem, chunk_points: int
+) -> Tensor:
+    """F(x) - F(baseline) of the target output per (baseline, row): (B, N) float64."""
     device = problem.inputs[0].device
     n_pairs = problem.n_baselines * problem.n_rows
     ends = torch.empty(2, n_pairs, dtype=torch.float64, device=device)
@@ -313,9 +476,7 @@ def convergence_delta(
                 output = _forward(forward_func, points, problem.args_for(rows))
                 ends[end, pair] = problem.select(output, rows).double()
 
-    attribution_sum = sum(a.double().flatten(2).sum(-1) for a in attributions)
-    gap = (ends[0] - ends[1]).view(problem.n_baselines, problem.n_rows)
-    return attribution_sum - gap
+    return (ends[0] - ends[1]).view(problem.n_baselines, problem.n_rows)
 
 
 def make_problem(
@@ -340,11 +501,13 @@ def make_problem(
         # Mixed per-row and shared baselines: expand the shared ones so indexing is uniform.
         laid_out = tuple(base.expand(base.shape[0], n_rows, *base.shape[2:]) for base in laid_out)
 
+    targets = _as_targets(target, n_rows, input_tuple[0].device)
     return PathProblem(
         inputs=input_tuple,
         baselines=laid_out,
-        targets=_as_targets(target, n_rows, input_tuple[0].device),
+        targets=targets,
         forward_args=_as_forward_args(additional_forward_args),
+        target_range=_target_range(targets),
     )
 
 
@@ -393,8 +556,7 @@ def _lay_out_baseline(base: Any, x: Tensor, index: int, many: bool) -> Tensor:
         return torch.full((1, 1, *features), float(base), dtype=x.dtype, device=x.device)
     if not isinstance(base, Tensor):
         raise ArgumentError(f"{name} must be a Tensor or a number, got {type(base).__name__}")
-    if not base.is_floating_point():
-        raise ArgumentError(f"{name} has dtype {base.dtype}: expected a floating point dtype")
+    _check_baseline_dtype(base, x, name, f"inputs[{index}]" if many else "inputs")
     base = base.detach().to(device=x.device, dtype=x.dtype)
 
     shape = tuple(base.shape)
@@ -408,24 +570,59 @@ def _lay_out_baseline(base: Any, x: Tensor, index: int, many: bool) -> Tensor:
     )
 
 
+def _check_baseline_dtype(base: Tensor, x: Tensor, name: str, input_name: str) -> None:
+    # Integer baselines convert exactly (Captum accepts them too); another floating dtype
+    # would silently round the path, so it is refused like Captum's model would refuse it.
+    if base.dtype == torch.bool or base.is_complex():
+        raise ArgumentError(f"{name} has dtype {base.dtype}: expected {x.dtype} like {input_name}")
+    if base.is_floating_point() and base.dtype != x.dtype:
+        raise ArgumentError(
+            f"{name} has dtype {base.dtype} but {input_name} has {x.dtype}: convert the "
+            f"baselines with .to({x.dtype})"
+        )
+
+
 def _as_targets(target: TargetArg, n_rows: int, device: torch.device) -> Any:
+    """None, a tuple index for every row, or a (N, k) long tensor: one index per row."""
     if target is None:
         return None
     if isinstance(target, bool):
         raise ArgumentError(f"target must be an int, a tuple or one int per row, got {target!r}")
     if isinstance(target, int):
         return (target,)
-    if isinstance(target, tuple) and all(isinstance(t, int) for t in target):
-        return target
+    if isinstance(target, tuple) and all(_is_index(t) for t in target) and len(target) > 0:
+        return tuple(int(t) for t in target)
+    if isinstance(target, list) and target and all(isinstance(t, tuple) for t in target):
+        # Captum's list of tuples: one multi-dimensional index per row.
+        if len({len(t) for t in target}) != 1 or not all(_is_index(i) for t in target for i in t):
+            raise ArgumentError("target is a list of tuples of different lengths or non-integers")
+        target = torch.tensor(target, dtype=torch.long)
     per_row = torch.as_tensor(target) if not isinstance(target, Tensor) else target
-    if per_row.dim() == 0:
-        return (int(per_row),)
-    if per_row.dim() != 1 or per_row.shape[0] != n_rows or per_row.is_floating_point():
+    if per_row.is_floating_point() or per_row.is_complex() or per_row.dtype == torch.bool:
+        raise ArgumentError(f"target has dtype {per_row.dtype}: expected integer indices")
+    if per_row.numel() == 1 and per_row.dim() <= 1:
+        return (int(per_row.reshape(())),)
+    if per_row.dim() not in (1, 2) or per_row.shape[0] != n_rows:
         raise ArgumentError(
-            f"target has shape {tuple(per_row.shape)} and dtype {per_row.dtype}: expected "
-            f"an int, a tuple, or {n_rows} integer targets, one per row"
+            f"target has shape {tuple(per_row.shape)}: expected an int, a tuple, or {n_rows} "
+            "targets, one per row"
         )
+    if per_row.dim() == 1:
+        per_row = per_row.unsqueeze(1)
     return per_row.to(device=device, dtype=torch.long)
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _target_range(targets: Any) -> tuple[tuple[int, int], ...]:
+    if targets is None:
+        return ()
+    if isinstance(targets, tuple):
+        return tuple((t, t) for t in targets)
+    low, high = targets.amin(0).tolist(), targets.amax(0).tolist()
+    return tuple(zip(low, high))
 
 
 def _as_forward_args(additional_forward_args: Any) -> tuple[Any, ...]:

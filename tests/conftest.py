@@ -27,3 +27,12 @@ def titanic_csv(repo_root: Path) -> Path:
         return locate_titanic_csv()
     except DataError as error:
         pytest.fail(f"Kaggle's Titanic train.csv is needed for the tests: {error}")
+
+
+@pytest.fixture(scope="session")
+def digits_cnn():
+    """scikit-learn's digits and the small CNN trained on them for a few seconds (seeded)."""
+    from engine.digits import load_digits_data, train_digits_cnn
+
+    data = load_digits_data(seed=0)
+    return train_digits_cnn(data, epochs=5, seed=0), data

@@ -1,0 +1,196 @@
+"""Expected gradients: IG averaged over baselines drawn from a background set.
+
+For input x, background rows b and a model F with target t,
+
+    EG(x) = E_{b, a ~ U(0, 1)} [ (x - b) * dF_t/dx (b + a (x - b)) ]
+
+estimated with ``n_samples`` draws of (b, a) per row: one path point per draw, so the
+whole estimate is one batched forward/backward over N * n_samples points (cut into chunks
+only when ``internal_batch_size`` says so). Draws come from a seeded generator on the CPU,
+so a seed gives the same baselines and alphas on every device.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from engine.core import (
+    TargetArg,
+    TensorOrTuple,
+    _forward,
+    _refuse_non_finite,
+    check_independent_rows,
+    check_model_device,
+    make_problem,
+)
+from engine.errors import ArgumentError
+
+__all__ = ["expected_gradients"]
+
+log = logging.getLogger(__name__)
+
+
+def expected_gradients(
+    forward_func: Callable[..., Tensor],
+    inputs: TensorOrTuple,
+    background: TensorOrTuple,
+    *,
+    n_samples: int = 50,
+    target: TargetArg = None,
+    additional_forward_args: Any = None,
+    seed: int = 0,
+    internal_batch_size: int | None = None,
+    return_convergence_delta: bool = False,
+    allow_coupled_rows: bool = False,
+) -> TensorOrTuple | tuple[TensorOrTuple, Tensor]:
+    """Expected gradients of every row, baselines drawn from ``background``.
+
+    Parameters
+    ----------
+    forward_func : callable
+        The model; rows must not interact.
+    inputs : Tensor or tuple of Tensor
+        (N, *F) floating point.
+    background : Tensor or tuple of Tensor
+        (K, *F) per input: the rows baselines are drawn from, uniformly.
+    n_samples : int
+        Draws of (baseline, alpha) per row.
+    target, additional_forward_args
+        As in ``integrated_gradients``.
+    seed : int
+        Seeds the draws.
+    internal_batch_size : int, optional
+        Path points per forward/backward; None: all N * n_samples at once.
+    return_convergence_delta : bool
+        Also return sum(attributions) - (F(x) - mean over draws of F(b)) per row: it
+        shrinks as n_samples grows, like 1 / sqrt(n_samples).
+    allow_coupled_rows : bool
+        Run even when rows interact (a warning is logged).
+
+    Returns
+    -------
+    attributions : Tensor or tuple of Tensor
+        (N, *F) per input.
+    delta : Tensor
+        (N,) float64, only when ``return_convergence_delta``.
+
+    References
+    ----------
+    Erion, Janizek, Sturmfels, Lundberg and Lee, "Improving performance of deep learning
+    models with axiomatic attribution priors and expected gradients", Nature Machine
+    Intelligence 2021.
+    """
+    is_tuple = isinstance(inputs, tuple)
+    problem = make_problem(inputs, None, target, additional_forward_args)
+    background = _check_background(background, problem.inputs, is_tuple)
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ArgumentError(f"n_samples must be a positive integer, got {n_samples!r}")
+    device = problem.inputs[0].device
+    check_model_device(forward_func, device)
+    check_independent_rows(forward_func, problem, allow_coupled_rows)
+
+    # Points are numbered (row, sample), sample fastest.
+    n_rows, total = problem.n_rows, problem.n_rows * n_samples
+    generator = torch.Generator().manual_seed(seed)
+    drawn = torch.randint(background[0].shape[0], (total,), generator=generator).to(device)
+    alphas = torch.rand(total, generator=generator, dtype=torch.float64).to(device)
+    chunk = total if internal_batch_size is None else internal_batch_size
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ArgumentError(f"internal_batch_size must be a positive integer, got {chunk!r}")
+
+    sums = [torch.zeros(x.shape, dtype=torch.float64, device=device) for x in problem.inputs]
+    baseline_out = torch.zeros(n_rows, dtype=torch.float64, device=device)
+    log.debug("expected gradients: %d rows x %d samples in chunks of %d", n_rows, n_samples,
+              chunk)
+    for start in range(0, total, chunk):
+        point = torch.arange(start, min(start + chunk, total), device=device)
+        rows = point // n_samples
+        grads, scaled, base_values = _chunk(
+            forward_func, problem, background, rows, drawn[point], alphas[point],
+            return_convergence_delta,
+        )
+        for grad_sum, grad, factor in zip(sums, grads, scaled):
+            grad_sum.index_add_(0, rows, grad.double() * factor)
+        if base_values is not None:
+            baseline_out.index_add_(0, rows, base_values)
+
+    attributions = tuple((s / n_samples).to(x.dtype) for s, x in zip(sums, problem.inputs))
+    result = attributions if is_tuple else attributions[0]
+    if not return_convergence_delta:
+        return result
+
+    with torch.no_grad():
+        all_rows = torch.arange(n_rows, device=device)
+        output = _forward(forward_func, problem.inputs, problem.args_for(all_rows))
+        input_out = problem.select(output, all_rows).double()
+    attribution_sum = sum(s.reshape(n_rows, -1).sum(1) for s in sums) / n_samples
+    return result, attribution_sum - (input_out - baseline_out / n_samples)
+
+
+def _chunk(
+    forward_func: Callable[..., Tensor],
+    problem: Any,
+    background: tuple[Tensor, ...],
+    rows: Tensor,
+    drawn: Tensor,
+    alphas: Tensor,
+    with_baseline_outputs: bool,
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Tensor | None]:
+    """Gradients at one chunk of points, their (x - b) factors and, if asked, F(b)."""
+    args = problem.args_for(rows)
+    points, factors = [], []
+    for x, back in zip(problem.inputs, background):
+        x_rows, base = x[rows], back[drawn]
+        alpha = alphas.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        points.append((base + alpha * (x_rows - base)).requires_grad_())
+        factors.append((x_rows - base).double())
+
+    with torch.enable_grad():
+        output = _forward(forward_func, tuple(points), args)
+        selected = problem.select(output, rows)
+        _refuse_non_finite(selected, rows)
+        grads = torch.autograd.grad(selected.sum(), points)
+
+    base_values = None
+    if with_baseline_outputs:
+        with torch.no_grad():
+            bases = tuple(back[drawn] for back in background)
+            base_values = problem.select(_forward(forward_func, bases, args), rows).double()
+    return grads, tuple(factors), base_values
+
+
+def _check_background(
+    background: TensorOrTuple, inputs: tuple[Tensor, ...], is_tuple: bool
+) -> tuple[Tensor, ...]:
+    given = background if isinstance(background, tuple) else (background,)
+    if len(given) != len(inputs):
+        raise ArgumentError(
+            f"got {len(given)} background tensors for {len(inputs)} inputs: expected one per "
+            "input"
+        )
+    checked = []
+    for i, (back, x) in enumerate(zip(given, inputs)):
+        name = f"background[{i}]" if is_tuple else "background"
+        if not isinstance(back, Tensor):
+            raise ArgumentError(f"{name} must be a Tensor, got {type(back).__name__}")
+        if back.dim() != x.dim() or tuple(back.shape[1:]) != tuple(x.shape[1:]):
+            raise ArgumentError(
+                f"{name} has shape {tuple(back.shape)}: expected (K, "
+                f"{', '.join(map(str, x.shape[1:]))}) like the inputs' rows"
+            )
+        if back.shape[0] == 0:
+            raise ArgumentError(f"{name} has no rows: expected at least one background row")
+        if back.is_floating_point() and back.dtype != x.dtype:
+            raise ArgumentError(
+                f"{name} has dtype {back.dtype} but the inputs have {x.dtype}: convert it "
+                f"with .to({x.dtype})"
+            )
+        checked.append(back.detach().to(device=x.device, dtype=x.dtype))
+    if len({back.shape[0] for back in checked}) > 1:
+        raise ArgumentError("every background tensor needs the same number of rows")
+    return tuple(checked)

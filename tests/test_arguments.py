@@ -1,0 +1,311 @@
+"""Every argument form Captum accepts, and a named error for every bad one."""
+
+import logging
+
+import pytest
+import torch
+from captum.attr import IntegratedGradients as CaptumIG
+from torch import nn
+
+from engine import integrated_gradients
+from engine.errors import ArgumentError, ModelError
+from tests.test_core import mlp, relative_error
+
+
+def captum_ig(model, x, baseline, **kwargs):
+    return CaptumIG(model).attribute(x, baseline, **kwargs)
+
+
+class MultiDimOutput(nn.Module):
+    """(N, 3) -> (N, 2, 3): a model whose output per row is a matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 6).double()
+
+    def forward(self, x):
+        return torch.tanh(self.linear(x)).view(-1, 2, 3)
+
+
+class TwoInputs(nn.Module):
+    """Tuple inputs (N, 3) and (N, 2, 2) plus an extra per-row tensor and a scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4).double()
+        self.b = nn.Linear(4, 4).double()
+
+    def forward(self, x, y, extra, scale):
+        hidden = torch.tanh(self.a(x) + self.b(y.flatten(1)) * extra)
+        return scale * hidden
+
+
+def test_per_row_tuple_targets_equal_captum():
+    torch.manual_seed(10)
+    model = MultiDimOutput().eval()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    target = [(1, 0), (0, 2), (1, 1), (0, 0)]
+
+    actual = integrated_gradients(model, x, torch.zeros(1, 3, dtype=torch.float64),
+                                  target=target, n_steps=20)
+    expected = captum_ig(model, x, 0.0, target=target, n_steps=20)
+
+    assert relative_error(actual[0], expected) <= 1e-6
+
+
+def test_one_tuple_target_applies_to_every_row():
+    torch.manual_seed(11)
+    model = MultiDimOutput().eval()
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    actual = integrated_gradients(model, x, target=(1, 2), n_steps=10)
+    per_row = integrated_gradients(model, x, target=[(1, 2)] * 5, n_steps=10)
+
+    torch.testing.assert_close(actual, per_row, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "target", [2, torch.tensor(2), torch.tensor([2]), [2, 2, 2, 2], torch.full((4,), 2)]
+)
+def test_target_forms_for_the_same_class_agree(target):
+    torch.manual_seed(12)
+    model = mlp(3, 8, 4)
+    x = torch.randn(4, 3, dtype=torch.float64)
+
+    actual = integrated_gradients(model, x, target=target, n_steps=6)
+    expected = integrated_gradients(model, x, target=2, n_steps=6)
+
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(-1,), (-1, 1)])
+def test_models_returning_one_value_per_row_need_no_target(shape):
+    torch.manual_seed(13)
+    net = mlp(3, 8, 1)
+
+    def model(x):
+        return net(x).view(shape)
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    actual = integrated_gradients(model, x, n_steps=8)
+
+    expected = captum_ig(model, x, None, n_steps=8)
+    assert relative_error(actual[0], expected) <= 1e-6
+
+
+def test_tuple_inputs_with_scalar_kind_and_per_row_baselines_equal_captum():
+    torch.manual_seed(14)
+    model = TwoInputs().eval()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randn(6, 2, 2, dtype=torch.float64)
+    extra = torch.randn(6, 4, dtype=torch.float64)
+    y_base = torch.randn(6, 2, 2, dtype=torch.float64)
+
+    # One baseline kind: a scalar for x, a per-row tensor for y: (1, N, *F).
+    ax, ay = integrated_gradients(
+        model, (x, y), (0.5, y_base.unsqueeze(0)), target=1,
+        additional_forward_args=(extra, 3.0), n_steps=16,
+    )
+    cx, cy = CaptumIG(model).attribute(
+        (x, y), (0.5, y_base), target=1, additional_forward_args=(extra, 3.0), n_steps=16
+    )
+
+    assert ax.shape == (1, 6, 3) and ay.shape == (1, 6, 2, 2)
+    assert relative_error(ax[0], cx) <= 1e-6
+    assert relative_error(ay[0], cy) <= 1e-6
+
+
+def test_per_row_forward_args_follow_their_row_across_baseline_kinds():
+    torch.manual_seed(15)
+    model = TwoInputs().eval()
+    x, y = torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 2, 2, dtype=torch.float64)
+    extra = torch.randn(3, 4, dtype=torch.float64)
+    baselines = (torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 2, 2, dtype=torch.float64))
+
+    together = integrated_gradients(model, (x, y), baselines, target=0,
+                                    additional_forward_args=(extra, 2.0), n_steps=5)
+
+    for row in range(3):
+        alone = integrated_gradients(
+            model, (x[row : row + 1], y[row : row + 1]), baselines, target=0,
+            additional_forward_args=(extra[row : row + 1], 2.0), n_steps=5,
+        )
+        for joint, single in zip(together, alone):
+            torch.testing.assert_close(joint[:, row], single[:, 0], rtol=1e-12, atol=1e-14)
+
+
+def test_multiply_by_inputs_false_gives_the_averaged_gradient():
+    torch.manual_seed(16)
+    model = mlp(4, 8, 1)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    baselines = torch.randn(2, 4, dtype=torch.float64)
+
+    ig = integrated_gradients(model, x, baselines, n_steps=9)
+    averaged = integrated_gradients(model, x, baselines, n_steps=9, multiply_by_inputs=False)
+
+    torch.testing.assert_close(averaged * (x - baselines.unsqueeze(1)), ig, rtol=1e-12, atol=0)
+
+
+def test_integer_baselines_are_converted_like_captum_does():
+    model = mlp(3, 4, 1)
+    x = torch.randn(2, 3, dtype=torch.float64)
+
+    from_ints = integrated_gradients(model, x, torch.ones(1, 3, dtype=torch.long), n_steps=4)
+    from_floats = integrated_gradients(model, x, torch.ones(1, 3, dtype=torch.float64), n_steps=4)
+
+    torch.testing.assert_close(from_ints, from_floats, rtol=0, atol=0)
+
+
+# Bad arguments: one test per mistake, each checks the message names it.
+
+
+def test_baseline_of_another_float_dtype_is_refused():
+    with pytest.raises(ArgumentError, match=r"baselines has dtype torch.float64 but inputs"):
+        integrated_gradients(nn.Linear(3, 1), torch.randn(2, 3), torch.zeros(1, 3).double())
+
+
+def test_baseline_with_wrong_row_count_is_refused():
+    with pytest.raises(ArgumentError, match=r"\(1, 3, 3\).*\(B, 2, 3\) per row"):
+        integrated_gradients(nn.Linear(3, 1), torch.randn(2, 3), torch.zeros(1, 3, 3))
+
+
+def test_tuple_baseline_count_must_match_inputs():
+    with pytest.raises(ArgumentError, match="got 1 baselines for 2 inputs"):
+        integrated_gradients(lambda a, b: a.sum(1) + b.sum(1),
+                             (torch.randn(2, 3), torch.randn(2, 3)), (torch.zeros(1, 3),))
+
+
+def test_model_on_another_device_is_named_with_both_devices():
+    model = nn.Linear(3, 1, device="meta")
+
+    with pytest.raises(ArgumentError, match=r"model is on meta \(parameter weight\).*on cpu"):
+        integrated_gradients(model, torch.randn(2, 3))
+
+
+def test_device_failure_inside_a_plain_function_is_explained():
+    weight = torch.randn(3, 1, device="meta")
+
+    def model(x):
+        if x.device != weight.device:
+            raise RuntimeError("Expected all tensors to be on the same device, but found two")
+        return x @ weight
+
+    with pytest.raises(ArgumentError, match="failed on inputs on cpu: Expected all tensors"):
+        integrated_gradients(model, torch.randn(2, 3))
+
+
+def test_integer_inputs_are_refused_with_the_fix():
+    with pytest.raises(ArgumentError, match=r"inputs has dtype torch.int64.*\.float\(\)"):
+        integrated_gradients(nn.Linear(3, 1), torch.ones(2, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("target", [4, -5, [0, 4], torch.tensor([1, 7])])
+def test_target_out_of_range_names_target_and_output_count(target):
+    with pytest.raises(ArgumentError, match=r"target -?\d+ is out of range.*returns 4 outputs"):
+        integrated_gradients(nn.Linear(3, 4), torch.randn(2, 3), target=target)
+
+
+def test_too_many_target_indices_are_refused():
+    with pytest.raises(ArgumentError, match=r"target has 2 indices.*shape \(4,\)"):
+        integrated_gradients(nn.Linear(3, 4), torch.randn(2, 3), target=(1, 0))
+
+
+def test_target_selecting_several_outputs_is_refused():
+    with pytest.raises(ArgumentError, match=r"selects \(3,\) outputs per row"):
+        integrated_gradients(MultiDimOutput().eval(), torch.randn(2, 3).double(), target=1)
+
+
+def test_float_targets_are_refused():
+    with pytest.raises(ArgumentError, match="target has dtype torch.float32"):
+        integrated_gradients(nn.Linear(3, 4), torch.randn(2, 3), target=torch.tensor([0.0, 1.0]))
+
+
+def test_target_list_of_wrong_length_is_refused():
+    with pytest.raises(ArgumentError, match=r"target has shape \(3,\).*2 targets"):
+        integrated_gradients(nn.Linear(3, 4), torch.randn(2, 3), target=[0, 1, 2])
+
+
+def test_non_finite_model_output_names_the_rows():
+    def model(x):
+        out = x.sum(1)
+        return torch.where(x[:, 0] > 10, out / 0.0 * 0.0, out)
+
+    x = torch.zeros(4, 2)
+    x[1, 0] = x[3, 0] = 20.0
+    with pytest.raises(ModelError, match=r"non-finite outputs.*row\(s\) 1, 3"):
+        integrated_gradients(model, x, torch.zeros(1, 2))
+
+
+def test_training_mode_batchnorm_names_the_layer_and_the_opt_in():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).train()
+
+    with pytest.raises(ModelError, match=r"layer\(s\) 1 are in training mode.*allow_coupled"):
+        integrated_gradients(model, torch.randn(4, 3))
+
+
+def test_rows_coupled_without_batchnorm_are_found_by_the_probe():
+    def batch_centred(x):
+        # Subtracting the batch mean mixes rows, with no BatchNorm layer to find.
+        return (x - x.mean(0, keepdim=True)).pow(2).sum(1)
+
+    with pytest.raises(ModelError, match="rows interact"):
+        integrated_gradients(batch_centred, torch.randn(3, 2), torch.zeros(1, 2))
+
+
+def test_training_mode_dropout_is_caught_by_the_probe():
+    torch.manual_seed(21)
+    model = nn.Sequential(nn.Linear(3, 64), nn.Dropout(0.5), nn.Linear(64, 1)).train()
+
+    with pytest.raises(ModelError, match=r"model is random.*model\.eval\(\)"):
+        integrated_gradients(model, torch.randn(3, 3))
+
+
+def test_allow_coupled_rows_runs_and_warns(caplog):
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).train()
+
+    with caplog.at_level(logging.WARNING, logger="engine.core"):
+        attributions = integrated_gradients(model, torch.randn(4, 3), allow_coupled_rows=True)
+
+    assert attributions.shape == (1, 4, 3)
+    assert torch.isfinite(attributions).all()
+    assert "allow_coupled_rows=True" in caplog.text
+
+
+def test_eval_mode_batchnorm_is_accepted():
+    torch.manual_seed(18)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).eval()
+    x = torch.randn(4, 3)
+
+    actual = integrated_gradients(model, x, n_steps=10)
+
+    assert relative_error(actual[0], captum_ig(model, x, None, n_steps=10)) <= 1e-5
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cpu_model_with_cuda_inputs_names_both_devices():
+    with pytest.raises(ArgumentError, match=r"model is on cpu .* inputs are on cuda"):
+        integrated_gradients(nn.Linear(3, 1), torch.randn(2, 3, device="cuda"))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_every_argument_form_runs_on_cuda_like_on_cpu():
+    torch.manual_seed(19)
+    model = MultiDimOutput().eval()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    baselines = torch.randn(2, 4, 3, dtype=torch.float64)
+    target = [(1, 0), (0, 2), (1, 1), (0, 0)]
+
+    on_cpu = integrated_gradients(model, x, baselines, target=target, n_steps=7,
+                                  delta_tolerance=1e-3, error_estimate=True)
+    on_gpu = integrated_gradients(model.cuda(), x.cuda(), baselines.cuda(), target=target,
+                                  n_steps=7, delta_tolerance=1e-3, error_estimate=True)
+
+    torch.testing.assert_close(on_gpu.attributions.cpu(), on_cpu.attributions,
+                               rtol=1e-10, atol=1e-12)
+    assert torch.equal(on_gpu.n_steps.cpu(), on_cpu.n_steps)

@@ -1,0 +1,131 @@
+"""Expected gradients against closed forms."""
+
+import pytest
+import torch
+from torch import nn
+
+from engine import expected_gradients
+from engine.errors import ArgumentError
+
+
+class SumOfSquares(nn.Module):
+    def forward(self, x):
+        return x.pow(2).sum(1)
+
+
+def test_single_background_row_gives_linear_closed_form_exactly():
+    torch.manual_seed(40)
+    model = nn.Linear(4, 1).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    background = torch.randn(1, 4, dtype=torch.float64)
+
+    attributions = expected_gradients(model, x, background, n_samples=7)
+
+    # The gradient of a linear model is w everywhere, whatever alpha was drawn.
+    expected = model.weight[0].detach() * (x - background)
+    torch.testing.assert_close(attributions, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_model_converges_to_the_background_mean():
+    torch.manual_seed(41)
+    model = nn.Linear(4, 1).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    background = torch.randn(40, 4, dtype=torch.float64)
+
+    attributions = expected_gradients(model, x, background, n_samples=4000, seed=1)
+
+    weight = model.weight[0].detach()
+    expected = weight * (x - background.mean(0))
+    # Monte Carlo: the standard error of the drawn mean is std(b) / sqrt(4000); 5 of them.
+    bound = 5 * (weight.abs() * background.std(0)) / 4000**0.5
+    assert bool(((attributions - expected).abs() <= bound).all())
+
+
+def test_quadratic_model_matches_its_closed_form():
+    torch.manual_seed(42)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    background = torch.randn(20, 3, dtype=torch.float64)
+
+    attributions = expected_gradients(SumOfSquares(), x, background, n_samples=20000, seed=2)
+
+    # E[(x - b) * 2 (b + a (x - b))] over a ~ U(0, 1) and b is x^2 - E[b^2].
+    expected = x.pow(2) - background.pow(2).mean(0)
+    # Each draw's term has a standard deviation of a few units here; over 20,000 draws the
+    # standard error is about 0.02, so 0.15 is more than six of them.
+    torch.testing.assert_close(attributions, expected, rtol=0, atol=0.15)
+
+
+def test_same_seed_same_draws_other_seed_other_draws():
+    torch.manual_seed(43)
+    x, background = torch.randn(3, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+
+    first = expected_gradients(SumOfSquares(), x, background, n_samples=8, seed=5)
+    again = expected_gradients(SumOfSquares(), x, background, n_samples=8, seed=5)
+    other = expected_gradients(SumOfSquares(), x, background, n_samples=8, seed=6)
+
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert not torch.allclose(first, other)
+
+
+def test_chunking_gives_the_same_estimate():
+    torch.manual_seed(44)
+    x, background = torch.randn(5, 3, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64)
+
+    whole = expected_gradients(SumOfSquares(), x, background, n_samples=11)
+    chunked = expected_gradients(SumOfSquares(), x, background, n_samples=11,
+                                 internal_batch_size=7)
+
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)
+
+
+def test_delta_is_completeness_against_the_drawn_baselines():
+    torch.manual_seed(45)
+    model = nn.Linear(3, 1).double()
+    x, background = torch.randn(4, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+
+    _, delta = expected_gradients(model, x, background, n_samples=30,
+                                  return_convergence_delta=True)
+
+    # Linear: sum(w (x - mean b)) equals F(x) - mean F(b) for the very baselines drawn.
+    assert delta.shape == (4,)
+    assert float(delta.abs().max()) <= 1e-12
+
+
+def test_tuple_inputs_and_per_row_targets():
+    torch.manual_seed(46)
+    linear = nn.Linear(5, 3).double()
+
+    def model(a, b):
+        return linear(torch.cat([a, b], 1))
+
+    x = (torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
+    background = (torch.zeros(1, 2, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64))
+    target = torch.tensor([0, 2, 1, 0])
+
+    first, second = expected_gradients(model, x, background, target=target, n_samples=3)
+
+    weight = linear.weight.detach()[target]
+    torch.testing.assert_close(first, weight[:, :2] * x[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(second, weight[:, 2:] * x[1], rtol=1e-12, atol=1e-12)
+
+
+def test_background_with_other_features_is_refused():
+    with pytest.raises(ArgumentError, match=r"background has shape \(5, 4\): expected \(K, 3\)"):
+        expected_gradients(nn.Linear(3, 1), torch.randn(2, 3), torch.randn(5, 4))
+
+
+def test_zero_samples_are_refused():
+    with pytest.raises(ArgumentError, match="n_samples must be a positive integer"):
+        expected_gradients(nn.Linear(3, 1), torch.randn(2, 3), torch.randn(5, 3), n_samples=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_draws_equal_cpu_draws():
+    torch.manual_seed(47)
+    x, background = torch.randn(3, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+
+    on_cpu = expected_gradients(SumOfSquares(), x, background, n_samples=9, seed=3)
+    on_gpu = expected_gradients(SumOfSquares(), x.cuda(), background.cuda(), n_samples=9, seed=3)
+
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-12, atol=1e-14)
