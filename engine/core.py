@@ -495,6 +495,8 @@ def make_problem(
         for i, (base, x) in enumerate(zip(baseline_tuple, input_tuple))
     )
     kinds = {base.shape[0] for base in laid_out}
+    if 0 in kinds:
+        raise ArgumentError("baselines hold no baseline (B = 0): expected at least one")
     if len(kinds) > 1:
         raise ArgumentError(f"every input needs the same number of baselines, got {sorted(kinds)}")
     if len({base.shape[1] for base in laid_out}) > 1:
@@ -526,6 +528,10 @@ def _as_input_tuple(inputs: TensorOrTuple) -> tuple[Tensor, ...]:
             )
         if x.dim() == 0 or x.shape[0] == 0:
             raise ArgumentError(f"{name} has shape {tuple(x.shape)}: expected (N, *features)")
+        if x.numel() == 0:
+            raise ArgumentError(
+                f"{name} has shape {tuple(x.shape)}: every row needs at least one feature"
+            )
     first = input_tuple[0]
     for i, x in enumerate(input_tuple[1:], start=1):
         if x.shape[0] != first.shape[0]:

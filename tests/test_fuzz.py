@@ -4,10 +4,8 @@ Whatever comes in, the outcome is one of two things: an ``EngineError`` subclass
 one-line message), or a result of exactly the promised shape and dtype. Any other
 exception is a bug that would reach the user as a traceback.
 
-Inputs the engine still mishandles are written down as ``xfail(strict=True)`` tests at
-the end, each with the smallest input found; the fuzzing steers around them (see
-``_known_core_bug``) so it keeps guarding everything else. When one is fixed, its xfail
-turns into a failure: delete the test's mark and the matching line in ``_known_core_bug``.
+Inputs the fuzzing once found escaping as other exceptions are pinned down as plain
+tests at the end, each with the smallest input found.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -233,34 +231,9 @@ def _n_kinds(baselines: object) -> int:
     return baselines.shape[0] if isinstance(baselines, torch.Tensor) else 1
 
 
-def _known_core_bug(call: dict) -> bool:
-    """Inputs that still escape as a non-EngineError; each has an xfail test below."""
-    inputs, baselines, target = call["inputs"], call["baselines"], call["target"]
-    classes = 1 if call["model"].flat else call["model"].classes
-    if inputs.dim() == 0:
-        return False
-    if isinstance(baselines, torch.Tensor) and baselines.dim() > 0 and baselines.shape[0] == 0:
-        return True  # test_zero_baseline_kinds_are_refused
-    if inputs.dim() > 1 and 0 in inputs.shape[1:]:
-        return True  # test_inputs_without_features_are_refused
-    if inputs.dim() == 1 and call["return_convergence_delta"]:
-        return True  # test_one_dimensional_inputs_get_a_convergence_delta
-    if target is None or isinstance(target, bool):
-        return False
-    if isinstance(target, (int, tuple)):
-        index = target if isinstance(target, int) else target[0]
-        # test_target_out_of_range_is_refused, test_target_on_a_flat_output_is_refused
-        return call["model"].flat or not -classes <= index < classes
-    values = torch.as_tensor(target)
-    if values.is_floating_point() or values.dim() != 1 or len(values) != inputs.shape[:1].numel():
-        return False
-    return bool(((values < 0) | (values >= classes)).any())  # per-row, out of range
-
-
 @FUZZ
 @given(call=api_calls())
 def test_api_raises_engine_error_or_returns_the_promised_shape(call):
-    assume(not _known_core_bug(call))
     model, inputs = call.pop("model"), call.pop("inputs")
     baselines = call.pop("baselines")
 
@@ -291,8 +264,10 @@ def valid_api_calls(draw) -> dict:
     model = AnyShapeModel(draw(st.integers(1, 3)), flat=draw(st.booleans()))
 
     kinds = draw(st.integers(1, 3))
+    # Tensor baselines share the inputs' dtype: a mismatch is refused, not converted.
     baselines = draw(st.sampled_from([
-        None, 0.5, torch.rand(kinds, *features), torch.rand(kinds, n_rows, *features),
+        None, 0.5, torch.rand(kinds, *features).to(dtype),
+        torch.rand(kinds, n_rows, *features).to(dtype),
     ]))
     targets = [None] if model.flat or model.classes == 1 else [
         draw(st.integers(0, model.classes - 1)),
@@ -329,52 +304,40 @@ def test_valid_calls_return_exactly_the_promised_shape_and_dtype(call):
 
 
 # ---------------------------------------------------------------------------
-# Found by the fuzzing above; the fixes belong in engine/core.py
+# Found by the fuzzing above, now refused with an EngineError
 
 
 def _two_class_model() -> nn.Module:
     return nn.Linear(3, 2)
 
 
-@pytest.mark.xfail(strict=True, raises=(IndexError, RuntimeError),
-                   reason="target beyond the model's outputs escapes as IndexError")
 @pytest.mark.parametrize("target", [2, (5,), -3], ids=["int", "tuple", "negative"])
 def test_target_out_of_range_is_refused(target):
     with pytest.raises(EngineError):
         integrated_gradients(_two_class_model(), torch.randn(2, 3), target=target)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="a per-row target beyond the outputs escapes from gather as RuntimeError")
-@pytest.mark.parametrize("target", [[0, 2], torch.tensor([0, -1])], ids=["too-big", "negative"])
+@pytest.mark.parametrize("target", [[0, 2], torch.tensor([0, -3])], ids=["too-big", "negative"])
 def test_per_row_target_out_of_range_is_refused(target):
     with pytest.raises(EngineError):
         integrated_gradients(_two_class_model(), torch.randn(2, 3), target=target)
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="a target for a model with one output per row escapes as IndexError")
 def test_target_on_a_flat_output_is_refused():
     with pytest.raises(EngineError):
         integrated_gradients(lambda x: x.sum(1), torch.randn(2, 3), target=0)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="baselines of shape (0, F) give 0 points and range() step 0")
 def test_zero_baseline_kinds_are_refused():
     with pytest.raises(EngineError):
         integrated_gradients(nn.Linear(3, 1), torch.randn(2, 3), torch.zeros(0, 3))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="inputs of shape (N, 0) fail in _accumulate's view(-1, 0)")
 def test_inputs_without_features_are_refused():
     with pytest.raises(EngineError):
         integrated_gradients(lambda x: x.sum(1, keepdim=True), torch.randn(2, 0))
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="convergence_delta calls flatten(2) on (B, N) attributions of 1-D inputs")
 def test_one_dimensional_inputs_get_a_convergence_delta():
     inputs = torch.randn(4, dtype=torch.float64)
 
@@ -383,3 +346,12 @@ def test_one_dimensional_inputs_get_a_convergence_delta():
     )
 
     assert attributions.shape == (1, 4) and delta.shape == (1, 4)
+
+
+def test_negative_per_row_targets_count_from_the_end_like_an_int_target():
+    model, inputs = _two_class_model(), torch.randn(2, 3)
+
+    from_end = integrated_gradients(model, inputs, target=torch.tensor([0, -1]))
+    explicit = integrated_gradients(model, inputs, target=[0, 1])
+
+    torch.testing.assert_close(from_end, explicit, rtol=0, atol=0)
