@@ -254,7 +254,7 @@ class ChunkAttribution(pl.LightningModule):
     def predict_dataloader(self) -> DataLoader:
         return DataLoader([chunk.index for chunk in self.assigned], batch_size=None)
 
-    def predict_step(self, batch: int, batch_idx: int) -> None:
+    def predict_step(self, batch: int, batch_idx: int) -> int:
         chunk = self.store.chunks[int(batch)]
         inputs = self.features[chunk.start:chunk.stop].to(self.device)
         attributions, delta = integrated_gradients(
@@ -268,6 +268,7 @@ class ChunkAttribution(pl.LightningModule):
             "delta": delta.detach().cpu().numpy(),
             "passenger_id": self.passenger_ids[chunk.start:chunk.stop],
         })
+        return chunk.index
 
 
 # ---------------------------------------------------------------------------
@@ -364,6 +365,8 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
         raise ArgumentError(
             f"--format {job.output_format!r}: expected one of {', '.join(OUTPUT_FORMATS)}"
         )
+    if job.output_format == "parquet":
+        _check_pyarrow()
     frame = read_rows(job.data)
     features = job.scaling.apply(frame)
     passenger_ids = frame["PassengerId"].to_numpy().astype(np.int64)
@@ -390,6 +393,13 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
 
     files: list[Path] = []
     if trainer.is_global_zero:
+        missing = store.pending()
+        if missing:
+            # A process died without an error reaching this one; a rerun resumes.
+            raise RuntimeError(
+                f"{len(missing)} chunk(s) missing after all processes finished, first rows "
+                f"{missing[0].start}-{missing[0].stop - 1}: run the same command again to resume"
+            )
         files = write_tables(store, job.out, FEATURES, job.output_format)
         store.remove()
     return {
@@ -402,6 +412,15 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
         "files": files,
         "world_size": trainer.world_size,
     }
+
+
+def _check_pyarrow() -> None:
+    try:
+        import pyarrow.parquet  # noqa: F401
+    except ImportError as error:
+        raise ArgumentError(
+            "--format parquet needs pyarrow: pip install 'engine[parquet]' (or use --format csv)"
+        ) from error
 
 
 def _trainer(job: AttributionJob) -> pl.Trainer:
@@ -436,8 +455,6 @@ def _quiet_lightning() -> Iterator[None]:
             # A rank whose chunks are all done from an earlier run has nothing to predict.
             warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
             warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-            # Each chunk's results go to the store, not back through Lightning.
-            warnings.filterwarnings("ignore", message=".*predict returned None.*")
             yield
     finally:
         for name, level in saved.items():
