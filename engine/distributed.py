@@ -350,8 +350,8 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
     -------
     dict
         ``is_global_zero``, ``n_rows``, ``n_chunks``, ``reused`` (chunks found from an
-        earlier run), ``computed``, ``seconds`` (of attribution), ``files`` (written by
-        rank 0) and ``world_size``.
+        earlier run), ``computed``, ``seconds`` (of ``Trainer.predict``, starting the
+        processes included), ``files`` (written by rank 0) and ``world_size``.
 
     Raises
     ------
@@ -367,6 +367,8 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
         )
     if job.output_format == "parquet":
         _check_pyarrow()
+    if job.out.exists() and not job.out.is_dir():
+        raise ArgumentError(f"--out {job.out} exists and is not a directory")
     frame = read_rows(job.data)
     features = job.scaling.apply(frame)
     passenger_ids = frame["PassengerId"].to_numpy().astype(np.int64)

@@ -244,3 +244,21 @@ def test_a_missing_checkpoint_is_one_line_exit_two(tmp_path, capsys, rows_csv, t
 
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1 and str(missing) in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_agrees_with_the_cpu_run(tmp_path, rows_csv, checkpoint, titanic_csv):
+    small = tmp_path / "small.csv"
+    pd.read_csv(rows_csv).iloc[:120].to_csv(small, index=False)
+    arguments = flags(small, checkpoint, titanic_csv, tmp_path / "cpu")
+
+    assert main(arguments) == 0
+    arguments[arguments.index("--device") + 1] = "cuda"
+    arguments[arguments.index("--out") + 1] = str(tmp_path / "cuda")
+    assert main(arguments) == 0
+
+    cpu = pd.read_csv(tmp_path / "cpu" / "interpretation_results.csv")
+    cuda = pd.read_csv(tmp_path / "cuda" / "interpretation_results.csv")
+    # TF32 is off by default for matmuls; float32 kernels differ in summation order only.
+    np.testing.assert_allclose(cuda["value"], cpu["value"], rtol=0, atol=1e-5)
