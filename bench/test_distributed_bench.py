@@ -50,7 +50,7 @@ def test_rows_per_second_in_cpu_processes(benchmark, job, devices):
         assert completed.returncode == 0, completed.stderr
         return completed.stdout
 
-    stdout = benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=0)
+    stdout = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
 
     seconds = float(re.search(r"computed in ([\d.]+) s", stdout).group(1))
     benchmark.extra_info.update({

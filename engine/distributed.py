@@ -46,6 +46,7 @@ __all__ = [
     "AttributionJob",
     "ChunkAttribution",
     "FeatureScaling",
+    "StoppedBySignal",
     "explain_rows",
     "read_rows",
     "write_tables",
@@ -196,6 +197,11 @@ def file_sha256(path: str | Path) -> str:
 # The Lightning module: one predict step per chunk
 
 
+class StoppedBySignal(RuntimeError):
+    """The run was asked to stop; its finished chunks are on disk."""
+
+
+
 class ChunkAttribution(pl.LightningModule):
     """Integrated Gradients of the job's missing chunks as a Lightning predict loop.
 
@@ -255,6 +261,13 @@ class ChunkAttribution(pl.LightningModule):
         return DataLoader([chunk.index for chunk in self.assigned], batch_size=None)
 
     def predict_step(self, batch: int, batch_idx: int) -> int:
+        # Lightning notes a SIGTERM but lets predict run on; stop between chunks instead,
+        # so a scheduler's warning before its kill costs no finished work.
+        if getattr(self.trainer, "received_sigterm", False):
+            raise StoppedBySignal(
+                f"stopped by SIGTERM; {len(self.store.done())} finished chunk(s) are kept in "
+                f"{self.store.folder}: run the same command again to resume"
+            )
         chunk = self.store.chunks[int(batch)]
         inputs = self.features[chunk.start:chunk.stop].to(self.device)
         attributions, delta = integrated_gradients(

@@ -149,25 +149,33 @@ def test_two_ddp_processes_give_the_attributions_of_one(
     assert not (out / ".chunks").exists()
 
 
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
 def test_a_killed_run_resumes_without_recomputing_and_ends_identical(
-    tmp_path, one_process_run, rows_csv, checkpoint, titanic_csv
+    tmp_path, one_process_run, rows_csv, checkpoint, titanic_csv, stop
 ):
     out = tmp_path / "results"
     arguments = flags(rows_csv, checkpoint, titanic_csv, out, "--debug")
     n_chunks = N_ROWS // CHUNK_ROWS
     store = out / ".chunks"
 
-    # Kill the whole process group as soon as a few chunks are on disk.
+    # Stop the run as soon as a few chunks are on disk: SIGKILL to the whole process
+    # group, or SIGTERM to the process (a scheduler's warning, honoured between chunks).
     process = cli(arguments, tmp_path, start_new_session=True)
     deadline = time.monotonic() + 240
     while len(list(store.glob("chunk-*.npz"))) < 3 and process.poll() is None:
         assert time.monotonic() < deadline, "no chunk was written in time"
         time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.communicate()
+    if stop == "SIGKILL":
+        os.killpg(process.pid, signal.SIGKILL)
+    else:
+        process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
     finished_before = {p.name for p in store.glob("chunk-*.npz")}
 
-    assert process.returncode == -signal.SIGKILL
+    if stop == "SIGKILL":
+        assert process.returncode == -signal.SIGKILL
+    else:
+        assert process.returncode == 1 and "run the same command again to resume" in stderr
     assert 3 <= len(finished_before) < n_chunks
     assert not (out / "interpretation_results.csv").exists()
 
