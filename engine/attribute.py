@@ -2,6 +2,7 @@
 
     python -m engine.attribute --all [--data FILE] [--out results/] [--epochs 20]
         [--n-steps 50] [--method gausslegendre] [--seed 404] [--device auto]
+        [--explain-row 6] [--flip Sex]
 
 Explain any CSV with the Titanic columns with a saved model, on one or many devices:
 
@@ -48,6 +49,8 @@ class JobConfig:
     seed: int
     device: str
     layer_order: str
+    explain_row: int = 6
+    flip: str = "Sex"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -73,6 +76,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="where to train and attribute (default: cuda if available)")
     parser.add_argument("--layer-order", default="article", choices=("article", "conventional"),
                         help="the article's layer call order or the textbook one")
+    parser.add_argument("--explain-row", type=int, default=6, metavar="N",
+                        help="test row for the passenger comparison (default 6)")
+    parser.add_argument("--flip", default="Sex", metavar="FEATURE",
+                        help="feature flipped (v -> 1 - v) in the passenger comparison "
+                             "(default Sex: male <-> female)")
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks and debug logs")
     _add_checkpoint_flags(parser)
@@ -94,6 +102,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
     return JobConfig(
         data=args.data, out=args.out, epochs=args.epochs, n_steps=args.n_steps,
         method=args.method, seed=args.seed, device=device, layer_order=args.layer_order,
+        explain_row=args.explain_row, flip=args.flip,
     )
 
 
@@ -101,22 +110,33 @@ def run_all(config: JobConfig) -> dict[str, object]:
     """The worked example end to end; returns the summary the CLI prints."""
     from sklearn.metrics import classification_report
 
+    from engine.callbacks import AttributionCallback
     from engine.data import load_titanic, locate_titanic_csv, prepare_titanic
     from engine.model import predict_proba, save_weights, train_titanic
-    from engine.plots import attribution_heatmap
+    from engine.report import TitanicReport, explain_flipped, render_report
     from engine.validate import compare_with_captum
 
     outputs = OutputDir(config.out)
     with outputs:
         source = locate_titanic_csv(config.data)
-        data = prepare_titanic(load_titanic(source), source=source)
+        frame = load_titanic(source)
+        data = prepare_titanic(frame, source=source)
+        _check_passenger_flags(config, len(data.test_index), data.feature_names)
         _say(f"data: {source} ({len(data.labels)} passengers, "
              f"{len(data.train_index)} train, {len(data.test_index)} test)")
 
-        _say(f"training {config.epochs} epochs on {config.device} (seed {config.seed})")
+        ids = data.test_passenger_ids
+        baselines = make_baselines(BASELINE_KINDS, data.mean_baseline, seed=config.seed)
+        # The test set against every baseline, before training and after each epoch.
+        by_epoch = AttributionCallback(
+            data.test_features, baselines, BASELINE_KINDS, data.feature_names,
+            row_ids=ids, n_steps=config.n_steps, method=config.method,
+        )
+        _say(f"training {config.epochs} epochs on {config.device} (seed {config.seed}), "
+             "explaining the test set after every epoch")
         classifier = train_titanic(
             data, epochs=config.epochs, seed=config.seed, layer_order=config.layer_order,
-            accelerator="gpu" if config.device == "cuda" else "cpu",
+            accelerator="gpu" if config.device == "cuda" else "cpu", callbacks=[by_epoch],
         )
         net = classifier.net.to(config.device).eval()
         survived = predict_proba(net, data.test_features.to(config.device)).cpu() >= 0.5
@@ -125,7 +145,6 @@ def run_all(config: JobConfig) -> dict[str, object]:
         accuracy = float((survived.numpy().astype(int) == truth).mean())
 
         inputs = data.test_features.to(config.device)
-        baselines = make_baselines(BASELINE_KINDS, data.mean_baseline, seed=config.seed)
         baselines = baselines.to(config.device)
         _say(f"explaining {inputs.shape[0]} rows x {len(BASELINE_KINDS)} baselines x "
              f"{config.n_steps} steps in one batched pass")
@@ -147,10 +166,17 @@ def run_all(config: JobConfig) -> dict[str, object]:
                 "exceeds 1e-5"
             )
 
-        ids = data.test_passenger_ids
+        passenger = explain_flipped(
+            net, inputs, baselines, data.feature_names, row=config.explain_row,
+            feature=config.flip, passenger_ids=ids, n_steps=config.n_steps,
+            method=config.method,
+            **_passenger_in_file(frame, data.test_index[config.explain_row], data.feature_names),
+        )
+
         outputs.write_csv("interpretation_results.csv",
                           tidy_attributions(attributions, ids, BASELINE_KINDS, data.feature_names))
         outputs.write_csv("convergence.csv", tidy_deltas(delta, ids, BASELINE_KINDS))
+        outputs.write_csv("attribution_by_epoch.csv", by_epoch.table())
         outputs.write_json("validation.json", {
             **validation.as_dict(), "max_abs_delta": float(delta.abs().max()),
             "accuracy": accuracy, "layer_order": config.layer_order, "seed": config.seed,
@@ -158,14 +184,23 @@ def run_all(config: JobConfig) -> dict[str, object]:
         outputs.write_text("classification_report.txt", report)
         save_weights(net.cpu(), outputs.file("model.pt"))
 
+        _say("drawing the heatmaps, the animation over epochs and the passenger comparison")
         mean_attribution = attributions.mean(dim=1).cpu().numpy()  # (baselines, features)
-        top_features = {}
-        for kind, means in zip(BASELINE_KINDS, mean_attribution):
-            attribution_heatmap(
-                means, data.feature_names, outputs.file(f"heatmap_{kind}.png"),
-                title=f"Mean attribution, {kind}, epoch {config.epochs}",
-            )
-            top_features[kind] = data.feature_names[int(abs(means).argmax())]
+        top_features = {
+            kind: data.feature_names[int(abs(means).argmax())]
+            for kind, means in zip(BASELINE_KINDS, mean_attribution)
+        }
+        pictures = _draw_pictures(outputs, mean_attribution, by_epoch, passenger,
+                                  data.feature_names, config.epochs)
+        outputs.write_text("report.html", render_report(TitanicReport(
+            source=str(source), n_passengers=len(data.labels), n_train=len(data.train_index),
+            n_test=len(data.test_index), feature_names=tuple(data.feature_names),
+            baseline_names=BASELINE_KINDS, epochs=config.epochs, seed=config.seed,
+            layer_order=config.layer_order, device=config.device, n_steps=config.n_steps,
+            method=config.method, accuracy=accuracy, classification_report=report,
+            top_features=top_features, epoch_costs=by_epoch.costs, passenger=passenger,
+            validation=validation, max_abs_delta=float(delta.abs().max()), **pictures,
+        )))
 
         outputs.commit()
 
@@ -175,8 +210,68 @@ def run_all(config: JobConfig) -> dict[str, object]:
         "top_features": top_features,
         "validation": validation,
         "max_abs_delta": float(delta.abs().max()),
+        "epoch_costs": by_epoch.costs,
+        "passenger": passenger,
         "out": config.out,
     }
+
+
+def _draw_pictures(outputs, mean_attribution, by_epoch, passenger, feature_names, epochs):
+    """Write every picture into the staging folder; return their paths by report field."""
+    from engine.plots import (
+        attribution_gif,
+        attribution_heatmap,
+        baseline_comparison,
+        passenger_comparison,
+    )
+
+    heatmaps = {}
+    for kind, means in zip(BASELINE_KINDS, mean_attribution):
+        heatmaps[kind] = outputs.file(f"heatmap_{kind}.png")
+        attribution_heatmap(means, feature_names, heatmaps[kind],
+                            title=f"Mean attribution, {kind}, epoch {epochs}")
+
+    side_by_side = outputs.file("heatmap_baselines.png")
+    baseline_comparison(mean_attribution, BASELINE_KINDS, feature_names, side_by_side,
+                        title=f"Mean attribution per baseline, epoch {epochs}")
+
+    animation = outputs.file("heatmap_by_epoch.gif")
+    attribution_gif(by_epoch.mean_attributions(), by_epoch.epochs, BASELINE_KINDS,
+                    feature_names, animation)
+
+    passenger_figure = outputs.file("passenger_comparison.png")
+    passenger_comparison(
+        passenger.attributions, passenger.probabilities, passenger.labels(), BASELINE_KINDS,
+        feature_names, passenger_figure,
+        title=f"Passenger {passenger.passenger_id} (test row {passenger.row}): "
+              f"{passenger.feature} flipped",
+    )
+    return {"heatmaps": heatmaps, "side_by_side": side_by_side, "animation": animation,
+            "passenger_figure": passenger_figure}
+
+
+def _check_passenger_flags(config: JobConfig, n_test: int, feature_names: Sequence[str]) -> None:
+    """Refuse a bad --explain-row or --flip before training rather than after."""
+    if not 0 <= config.explain_row < n_test:
+        raise UsageError(
+            f"--explain-row {config.explain_row}: expected a test row from 0 to {n_test - 1}"
+        )
+    if config.flip not in feature_names:
+        raise UsageError(f"--flip {config.flip}: expected one of {', '.join(feature_names)}")
+
+
+def _passenger_in_file(frame, position: int, feature_names: Sequence[str]) -> dict[str, object]:
+    """The passenger's name and feature values as the CSV has them, for the report."""
+    record = frame.iloc[int(position)]
+    name = record.get("Name")
+    raw = [_as_in_file(record[feature]) for feature in feature_names]
+    return {"name": None if name is None or name != name else str(name), "raw": raw}
+
+
+def _as_in_file(value: object) -> str:
+    if isinstance(value, float):
+        return "blank (median used)" if value != value else f"{value:g}"
+    return str(value)
 
 
 def _say(message: str) -> None:
@@ -193,7 +288,18 @@ def print_summary(summary: dict[str, object]) -> None:
           f"(max |delta| {summary['max_abs_delta']:.2e})")
     print(f"engine {validation.engine_seconds * 1e3:.1f} ms vs Captum "
           f"{validation.captum_seconds * 1e3:.1f} ms ({validation.speedup:.1f}x)")
-    print(f"results in {summary['out']}/")
+    costs = summary.get("epoch_costs")
+    if costs:
+        per_epoch = sorted(cost.attribution_seconds for cost in costs)[len(costs) // 2]
+        print(f"attribution during training: {len(costs)} snapshots, median "
+              f"{per_epoch * 1e3:.1f} ms each")
+    passenger = summary.get("passenger")
+    if passenger is not None:
+        before, after = passenger.probabilities
+        print(f"passenger {passenger.passenger_id} (test row {passenger.row}): survival "
+              f"{before:.2f} as is, {after:.2f} with {passenger.feature} flipped"
+              + (" (the flip left its value unchanged)" if passenger.unchanged else ""))
+    print(f"results in {summary['out']}/ (open report.html)")
 
 
 # ---------------------------------------------------------------------------

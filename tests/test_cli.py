@@ -19,6 +19,11 @@ EXPECTED_FILES = {
     "heatmap_random-base.png",
     "heatmap_zero-base.png",
     "heatmap_one-base.png",
+    "heatmap_baselines.png",
+    "heatmap_by_epoch.gif",
+    "attribution_by_epoch.csv",
+    "passenger_comparison.png",
+    "report.html",
 }
 
 
@@ -117,3 +122,55 @@ def test_existing_file_as_out_is_refused(tmp_path, capsys, titanic_csv):
     assert main(["--all", "--data", str(titanic_csv), "--out", str(out)]) == 2
     assert "not a directory" in capsys.readouterr().err
     assert out.read_text() == "keep me"
+
+
+def test_attribution_by_epoch_covers_every_epoch_and_ends_at_the_final_table(finished_run):
+    _, out = finished_run
+    by_epoch = pd.read_csv(out / "attribution_by_epoch.csv")
+    final = pd.read_csv(out / "interpretation_results.csv")
+
+    assert list(by_epoch.columns) == ["epoch", "row", "passenger_id", "base-type", "feature",
+                                      "value"]
+    assert len(by_epoch) == (3 + 1) * 179 * 4 * 5
+    assert sorted(by_epoch["epoch"].unique()) == [0, 1, 2, 3]
+    keys = ["row", "base-type", "feature"]
+    last = by_epoch[by_epoch["epoch"] == 3].merge(final, on=keys, suffixes=("_epoch", ""))
+    assert len(last) == len(final)
+    # Same weights, rows, baselines and rule: only float32 summation order may differ.
+    assert (last["value_epoch"] - last["value"]).abs().max() <= 1e-6
+
+
+def test_gif_has_a_frame_for_before_training_and_each_epoch(finished_run):
+    from PIL import Image
+
+    _, out = finished_run
+    with Image.open(out / "heatmap_by_epoch.gif") as animation:
+        assert animation.format == "GIF" and animation.n_frames == 3 + 1
+
+
+def test_report_embeds_everything_it_shows(finished_run):
+    from tests.test_report import references
+
+    _, out = finished_run
+    found = references((out / "report.html").read_text())
+    assert found.loading_tags == []
+    assert len(found.urls) == 7  # side by side, four heatmaps, the GIF, the passenger
+    assert all(url.startswith(("data:image/png;base64,", "data:image/gif;base64,"))
+               for url in found.urls)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--explain-row", "179"], "--explain-row 179: expected a test row from 0 to 178"),
+        (["--flip", "Name"], "--flip Name: expected one of Pclass, Sex, Age, SibSp, Fare"),
+    ],
+)
+def test_bad_passenger_flags_exit_two_before_training(tmp_path, capsys, titanic_csv, flags,
+                                                      message):
+    status = main(["--all", "--data", str(titanic_csv), "--out", str(tmp_path / "r"), *flags])
+
+    err = capsys.readouterr().err
+    assert status == 2
+    assert message in err and "training" not in err
+    assert list(tmp_path.iterdir()) == []

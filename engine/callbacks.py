@@ -1,0 +1,257 @@
+"""Attribution during training: the same explanation after every epoch, as a tidy table.
+
+A Lightning callback explains a fixed set of rows against fixed baselines before the first
+epoch and after each one, with one batched call of the engine per epoch. The model is
+only read: its modes, parameters, gradients and the random number generators are left
+exactly as training had them, so a run with the callback trains the same weights as a
+run without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from engine.core import integrated_gradients
+from engine.errors import ArgumentError
+
+__all__ = ["AttributionCallback", "EpochCost"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpochCost:
+    """Seconds spent attributing at one epoch, next to the seconds the epoch took.
+
+    ``epoch_seconds`` runs from the epoch's start to its end hook, validation included;
+    it is None for the snapshot taken before training.
+    """
+
+    epoch: int
+    attribution_seconds: float
+    epoch_seconds: float | None
+
+    @property
+    def fraction(self) -> float | None:
+        """Attribution time over epoch time, or None before training."""
+        if not self.epoch_seconds:
+            return None
+        return self.attribution_seconds / self.epoch_seconds
+
+
+class AttributionCallback(pl.Callback):
+    """Integrated Gradients of chosen rows against chosen baselines at every epoch.
+
+    Snapshots are labelled by the number of finished epochs: ``epoch 0`` is the model
+    before training, ``epoch k`` the model after ``k`` epochs.
+
+    Parameters
+    ----------
+    inputs
+        ``(N, F)`` rows to explain, for the Titanic job the test set.
+    baselines
+        ``(B, F)`` baselines, one per kind.
+    baseline_names
+        ``B`` names, for the ``base-type`` column.
+    feature_names
+        ``F`` names, for the ``feature`` column.
+    row_ids
+        ``N`` identifiers (passenger ids) for a ``passenger_id`` column; optional.
+    n_steps, method, target, internal_batch_size
+        Passed to :func:`engine.integrated_gradients`.
+
+    Attributes
+    ----------
+    epochs : list of int
+        The epoch of each snapshot, ``[0, 1, ..., E]`` after a full run.
+    costs : list of EpochCost
+        Seconds spent per snapshot, and the epoch's own duration.
+    """
+
+    def __init__(
+        self,
+        inputs: Tensor,
+        baselines: Tensor,
+        baseline_names: Sequence[str],
+        feature_names: Sequence[str],
+        *,
+        row_ids: Sequence[int] | None = None,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        target: int | None = None,
+        internal_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(inputs, Tensor) or inputs.dim() != 2:
+            raise ArgumentError(f"inputs must be a (N, F) tensor, got {_describe(inputs)}")
+        if not isinstance(baselines, Tensor) or baselines.shape[1:] != inputs.shape[1:]:
+            raise ArgumentError(
+                f"baselines must be a (B, {inputs.shape[1]}) tensor, got {_describe(baselines)}"
+            )
+        if len(baseline_names) != baselines.shape[0]:
+            raise ArgumentError(
+                f"got {len(baseline_names)} baseline names for {baselines.shape[0]} baselines"
+            )
+        if len(feature_names) != inputs.shape[1]:
+            raise ArgumentError(
+                f"got {len(feature_names)} feature names for {inputs.shape[1]} features"
+            )
+        if row_ids is not None and len(row_ids) != inputs.shape[0]:
+            raise ArgumentError(f"got {len(row_ids)} row ids for {inputs.shape[0]} rows")
+
+        self.inputs = inputs.detach()
+        self.baselines = baselines.detach()
+        self.baseline_names = tuple(baseline_names)
+        self.feature_names = tuple(feature_names)
+        self.row_ids = None if row_ids is None else np.asarray(row_ids)
+        self.n_steps = n_steps
+        self.method = method
+        self.target = target
+        self.internal_batch_size = internal_batch_size
+
+        self.epochs: list[int] = []
+        self.costs: list[EpochCost] = []
+        self._snapshots: list[Tensor] = []  # each (B, N, F) on the CPU
+        self._outputs: list[Tensor] = []  # each (N,) on the CPU
+        self._epoch_started: float | None = None
+
+    # -- Lightning hooks ------------------------------------------------------------------
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._snapshot(pl_module, epoch=0, epoch_seconds=None)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch_seconds = None
+        if self._epoch_started is not None:
+            epoch_seconds = time.perf_counter() - self._epoch_started
+        self._snapshot(pl_module, epoch=trainer.current_epoch + 1, epoch_seconds=epoch_seconds)
+
+    # -- The work -------------------------------------------------------------------------
+
+    def explain(self, model: nn.Module) -> tuple[Tensor, Tensor]:
+        """Attributions ``(B, N, F)`` and outputs ``(N,)`` of ``model``, leaving it untouched.
+
+        The model is put in eval mode for the call and every submodule gets its own mode
+        back afterwards; the random number generators are restored; parameter gradients
+        are never written (the engine differentiates with respect to the inputs only).
+        """
+        device = _device_of(model, self.inputs.device)
+        inputs = self.inputs.to(device)
+        baselines = self.baselines.to(device)
+
+        with _eval_mode(model), _kept_rng(device):
+            attributions = integrated_gradients(
+                model, inputs, baselines, target=self.target, n_steps=self.n_steps,
+                method=self.method, internal_batch_size=self.internal_batch_size,
+            )
+            with torch.no_grad():
+                outputs = model(inputs)
+        if self.target is not None:
+            outputs = outputs[:, self.target]
+        return attributions.detach(), outputs.detach().reshape(inputs.shape[0])
+
+    def _snapshot(self, model: nn.Module, *, epoch: int, epoch_seconds: float | None) -> None:
+        started = time.perf_counter()
+        attributions, outputs = self.explain(model)
+        attributions, outputs = attributions.cpu(), outputs.cpu()
+        seconds = time.perf_counter() - started
+
+        self.epochs.append(epoch)
+        self._snapshots.append(attributions)
+        self._outputs.append(outputs)
+        cost = EpochCost(epoch, seconds, epoch_seconds)
+        self.costs.append(cost)
+        if cost.fraction is None:
+            log.info("attribution before training: %.1f ms", seconds * 1e3)
+        else:
+            log.info(
+                "attribution after epoch %d: %.1f ms, %.0f%% of the epoch's %.1f ms",
+                epoch, seconds * 1e3, 100 * cost.fraction, epoch_seconds * 1e3,
+            )
+
+    # -- Results --------------------------------------------------------------------------
+
+    @property
+    def attributions(self) -> Tensor:
+        """``(E + 1, B, N, F)`` attributions, one snapshot per entry of :attr:`epochs`."""
+        if not self._snapshots:
+            raise ArgumentError("no attributions yet: the callback has not seen any training")
+        return torch.stack(self._snapshots)
+
+    @property
+    def outputs(self) -> Tensor:
+        """``(E + 1, N)`` model outputs (survival probabilities) of the explained rows."""
+        if not self._outputs:
+            raise ArgumentError("no outputs yet: the callback has not seen any training")
+        return torch.stack(self._outputs)
+
+    def mean_attributions(self) -> np.ndarray:
+        """``(E + 1, B, F)`` mean attribution per feature over the rows, per epoch."""
+        return self.attributions.mean(dim=2).double().numpy()
+
+    def table(self) -> pd.DataFrame:
+        """Rows ``epoch, row, [passenger_id,] base-type, feature, value``.
+
+        One row per epoch x baseline x explained row x feature, epochs in order.
+        """
+        stacked = self.attributions  # (E + 1, B, N, F)
+        n_epochs, n_kinds, n_rows, n_features = stacked.shape
+        epoch, kind, row, feature = np.meshgrid(
+            np.arange(n_epochs), np.arange(n_kinds), np.arange(n_rows), np.arange(n_features),
+            indexing="ij",
+        )
+        columns = {"epoch": np.asarray(self.epochs)[epoch.ravel()], "row": row.ravel()}
+        if self.row_ids is not None:
+            columns["passenger_id"] = self.row_ids[row.ravel()]
+        columns["base-type"] = np.asarray(self.baseline_names)[kind.ravel()]
+        columns["feature"] = np.asarray(self.feature_names)[feature.ravel()]
+        columns["value"] = stacked.double().numpy().ravel()
+        return pd.DataFrame(columns)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _device_of(model: nn.Module, fallback: torch.device) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return fallback if parameter is None else parameter.device
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration; each submodule gets back its own mode, mixed or not."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
+def _kept_rng(device: torch.device) -> Iterator[None]:
+    """Restore the CPU (and the current CUDA device's) generator after the block.
+
+    The engine draws no random numbers today; restoring costs microseconds and keeps
+    training identical even if a model samples in its forward pass.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield

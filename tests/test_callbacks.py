@@ -1,0 +1,280 @@
+"""Attribution during training: a snapshot per epoch that leaves training as it was."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from engine import integrated_gradients
+from engine.baselines import BASELINE_KINDS, make_baselines
+from engine.callbacks import AttributionCallback
+from engine.data import load_titanic, prepare_titanic
+from engine.errors import ArgumentError
+from engine.model import TitanicClassifier, train_titanic
+
+EPOCHS = 3
+# Few nodes keep the tests fast; the callback does not care how many there are.
+N_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def data(titanic_csv):
+    return prepare_titanic(load_titanic(titanic_csv), source=titanic_csv)
+
+
+@pytest.fixture(scope="module")
+def baselines(data):
+    return make_baselines(BASELINE_KINDS, data.mean_baseline, seed=404)
+
+
+def new_callback(data, baselines) -> AttributionCallback:
+    return AttributionCallback(
+        data.test_features, baselines, BASELINE_KINDS, data.feature_names,
+        row_ids=data.test_passenger_ids, n_steps=N_STEPS,
+    )
+
+
+@pytest.fixture(scope="module")
+def watched(data, baselines):
+    """A 3-epoch run with the callback, and the same run without it."""
+    callback = new_callback(data, baselines)
+    with_callback = train_titanic(data, epochs=EPOCHS, seed=404, accelerator="cpu",
+                                  progress=False, callbacks=[callback])
+    without = train_titanic(data, epochs=EPOCHS, seed=404, accelerator="cpu", progress=False)
+    return callback, with_callback, without
+
+
+def test_table_has_a_row_for_every_epoch_row_baseline_and_feature(watched, data):
+    callback, _, _ = watched
+    table = callback.table()
+
+    n_rows = len(data.test_index)
+    assert list(table.columns) == ["epoch", "row", "passenger_id", "base-type", "feature",
+                                   "value"]
+    assert len(table) == (EPOCHS + 1) * len(BASELINE_KINDS) * n_rows * len(data.feature_names)
+    combinations = table.groupby(["epoch", "row", "base-type", "feature"]).size()
+    assert (combinations == 1).all()
+    assert sorted(table["epoch"].unique()) == list(range(EPOCHS + 1))
+    assert set(table["passenger_id"]) == set(data.test_passenger_ids)
+    assert table["value"].notna().all()
+
+
+def test_last_epoch_equals_a_direct_engine_call_on_the_trained_model(watched, data, baselines):
+    callback, trained, _ = watched
+
+    expected = integrated_gradients(trained.net.eval(), data.test_features, baselines,
+                                    n_steps=N_STEPS)
+
+    # The same float32 arithmetic on the same weights; the tolerance only allows for a
+    # different summation order inside the matrix products.
+    torch.testing.assert_close(callback.attributions[-1], expected, rtol=1e-5, atol=1e-7)
+    table = callback.table()
+    last = table[table["epoch"] == EPOCHS]["value"].to_numpy()
+    torch.testing.assert_close(torch.tensor(last), expected.double().flatten(),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_epoch_zero_explains_the_untrained_model(watched, data, baselines):
+    callback, _, _ = watched
+    pl.seed_everything(404, workers=True, verbose=False)
+    untrained = TitanicClassifier().net.eval()  # what train_titanic starts from
+
+    expected = integrated_gradients(untrained, data.test_features, baselines, n_steps=N_STEPS)
+
+    assert callback.epochs[0] == 0
+    torch.testing.assert_close(callback.attributions[0], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_snapshots_change_as_the_model_learns(watched):
+    callback, _, _ = watched
+    means = callback.mean_attributions()  # (epochs + 1, baselines, features)
+    assert means.shape == (EPOCHS + 1, len(BASELINE_KINDS), 5)
+    assert all((means[k] != means[k + 1]).any() for k in range(EPOCHS))
+
+
+def test_training_with_the_callback_gives_the_same_weights(watched):
+    _, with_callback, without = watched
+    first, second = with_callback.net.state_dict(), without.net.state_dict()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_outputs_are_the_survival_probabilities_of_each_snapshot(watched, data):
+    callback, trained, _ = watched
+    with torch.no_grad():
+        expected = trained.net.eval()(data.test_features).squeeze(-1)
+    assert callback.outputs.shape == (EPOCHS + 1, len(data.test_index))
+    torch.testing.assert_close(callback.outputs[-1], expected)
+
+
+def test_cost_is_recorded_for_every_snapshot_with_the_epoch_duration(watched):
+    callback, _, _ = watched
+    assert [cost.epoch for cost in callback.costs] == list(range(EPOCHS + 1))
+    assert callback.costs[0].epoch_seconds is None and callback.costs[0].fraction is None
+    for cost in callback.costs[1:]:
+        assert cost.attribution_seconds > 0 and cost.epoch_seconds > 0
+        assert cost.fraction == pytest.approx(cost.attribution_seconds / cost.epoch_seconds)
+
+
+def test_cost_per_epoch_is_logged(data, baselines, caplog):
+    callback = new_callback(data, baselines)
+    with caplog.at_level(logging.INFO, logger="engine.callbacks"):
+        train_titanic(data, epochs=1, seed=404, accelerator="cpu", progress=False,
+                      callbacks=[callback])
+    messages = [r.getMessage() for r in caplog.records if r.name == "engine.callbacks"]
+    assert any("before training" in m and "ms" in m for m in messages)
+    assert any("after epoch 1" in m and "% of the epoch" in m for m in messages)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_the_gpu_the_last_epoch_equals_a_direct_engine_call(data, baselines):
+    callback = new_callback(data, baselines)
+    trained = train_titanic(data, epochs=2, seed=404, accelerator="gpu", progress=False,
+                            callbacks=[callback])
+
+    net = trained.net.cuda().eval()
+    expected = integrated_gradients(net, data.test_features.cuda(), baselines.cuda(),
+                                    n_steps=N_STEPS)
+
+    # TF32 or a different kernel choice may round differently from the training-time call.
+    torch.testing.assert_close(callback.attributions[-1], expected.cpu(), rtol=1e-3, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Leaving the model as it was
+
+
+class Mixed(nn.Module):
+    """A model with dropout (random, mode-dependent) and a submodule left in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(5, 16)
+        self.drop = nn.Dropout(0.5)
+        self.frozen = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.frozen(self.drop(torch.tanh(self.hidden(x)))))
+
+
+def mixed_model() -> Mixed:
+    torch.manual_seed(0)
+    model = Mixed().train()
+    model.frozen.eval()
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    return model
+
+
+def test_explain_restores_each_submodules_mode(data, baselines):
+    model = mixed_model()
+    new_callback(data, baselines).explain(model)
+    assert model.training and model.hidden.training and model.drop.training
+    assert not model.frozen.training
+
+
+def test_explain_leaves_parameter_gradients_untouched(data, baselines):
+    model = mixed_model()
+    before = [p.grad.clone() for p in model.parameters()]
+    new_callback(data, baselines).explain(model)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))
+
+
+class Noisy(nn.Module):
+    """Draws random numbers in every forward pass, in any mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x + 1e-3 * torch.rand_like(x))
+
+
+def test_explain_leaves_the_random_generator_where_it_was(data, baselines):
+    model = Noisy()
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+
+    torch.manual_seed(123)
+    new_callback(data, baselines).explain(model)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_explain_runs_in_eval_mode(data, baselines):
+    # Dropout in train mode would make two calls differ; eval mode makes them equal.
+    model = mixed_model()
+    callback = new_callback(data, baselines)
+    first, _ = callback.explain(model)
+    second, _ = callback.explain(model)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------
+# Bad arguments
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"baseline_names": ("only-one",)}, "1 baseline names for 4 baselines"),
+        ({"feature_names": ("a", "b")}, "2 feature names for 5 features"),
+        ({"row_ids": [1, 2, 3]}, "3 row ids for 179 rows"),
+        ({"baselines": torch.zeros(4, 3)}, "(B, 5)"),
+        ({"inputs": torch.zeros(5)}, "(N, F)"),
+    ],
+)
+def test_mismatched_arguments_are_named(data, baselines, change, message):
+    arguments = {
+        "inputs": data.test_features, "baselines": baselines,
+        "baseline_names": BASELINE_KINDS, "feature_names": data.feature_names,
+        "row_ids": data.test_passenger_ids,
+    }
+    arguments.update(change)
+    with pytest.raises(ArgumentError) as err:
+        AttributionCallback(
+            arguments.pop("inputs"), arguments.pop("baselines"), arguments.pop("baseline_names"),
+            arguments.pop("feature_names"), **arguments,
+        )
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_results_before_any_training_are_an_argument_error(data, baselines):
+    with pytest.raises(ArgumentError, match="not seen any training"):
+        new_callback(data, baselines).table()
+
+
+# ---------------------------------------------------------------------------
+# Lightning's progress bar: on a terminal, not in CI
+
+
+def train_one_epoch_on_a_terminal(data, monkeypatch, ci: str | None):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    return train_titanic(data, epochs=1, seed=404, accelerator="cpu").trainer
+
+
+def test_progress_bar_shows_on_a_terminal(data, monkeypatch):
+    trainer = train_one_epoch_on_a_terminal(data, monkeypatch, ci=None)
+    assert trainer.progress_bar_callback is not None
+
+
+def test_progress_bar_is_off_in_ci_even_on_a_terminal(data, monkeypatch):
+    trainer = train_one_epoch_on_a_terminal(data, monkeypatch, ci="true")
+    assert trainer.progress_bar_callback is None
+
+
+def test_progress_bar_is_off_when_not_on_a_terminal(data, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    monkeypatch.delenv("CI", raising=False)
+    trainer = train_titanic(data, epochs=1, seed=404, accelerator="cpu").trainer
+    assert trainer.progress_bar_callback is None

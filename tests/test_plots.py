@@ -1,0 +1,103 @@
+"""The pictures are valid image files of the expected size and frame count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.errors import ArgumentError
+from engine.plots import (
+    attribution_gif,
+    attribution_heatmap,
+    baseline_comparison,
+    passenger_comparison,
+)
+
+FEATURES = ("Pclass", "Sex", "Age", "SibSp", "Fare")
+BASELINES = ("mean-base", "random-base", "zero-base", "one-base")
+
+
+def seeded(*shape: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(scale=0.1, size=shape)
+
+
+def test_heatmap_is_a_valid_png(tmp_path):
+    path = tmp_path / "heatmap.png"
+    attribution_heatmap(seeded(5), FEATURES, path, title="mean-base, epoch 3")
+    with Image.open(path) as image:
+        image.verify()
+        assert image.format == "PNG"
+
+
+def test_heatmap_of_all_zeros_still_draws(tmp_path):
+    # Before training every attribution can be zero: the colour scale must not divide by 0.
+    path = tmp_path / "zeros.png"
+    attribution_heatmap(np.zeros(5), FEATURES, path, title="zeros")
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+
+
+def test_side_by_side_is_one_png_wider_than_a_single_heatmap(tmp_path):
+    single, side = tmp_path / "single.png", tmp_path / "side.png"
+    attribution_heatmap(seeded(5), FEATURES, single, title="one")
+    baseline_comparison(seeded(4, 5), BASELINES, FEATURES, side, title="all four")
+    with Image.open(single) as one, Image.open(side) as four:
+        assert four.format == "PNG"
+        assert four.width > one.width  # four columns need more room than one
+
+
+def test_gif_has_one_frame_per_snapshot(tmp_path):
+    path = tmp_path / "epochs.gif"
+    epochs = list(range(4))  # before training and three epochs
+    means = np.cumsum(seeded(4, 4, 5), axis=0)
+
+    written = attribution_gif(means, epochs, BASELINES, FEATURES, path, frame_ms=300,
+                              last_frame_ms=1500)
+
+    with Image.open(path) as image:
+        assert image.format == "GIF"
+        assert image.is_animated and image.n_frames == written == len(epochs)
+        sizes, durations = set(), []
+        for frame in range(image.n_frames):
+            image.seek(frame)
+            sizes.add(image.size)
+            durations.append(image.info["duration"])
+    assert len(sizes) == 1
+    assert durations == [300] * 3 + [1500]
+
+
+def test_gif_keeps_frames_whose_attributions_do_not_change(tmp_path):
+    # Identical numbers in two snapshots still make two frames: the titles differ.
+    path = tmp_path / "still.gif"
+    means = np.repeat(seeded(1, 4, 5), 3, axis=0)
+    attribution_gif(means, [0, 1, 2], BASELINES, FEATURES, path)
+    with Image.open(path) as image:
+        assert image.n_frames == 3
+
+
+def test_gif_with_mismatched_epochs_is_refused(tmp_path):
+    with pytest.raises(ArgumentError, match="3 epochs"):
+        attribution_gif(seeded(4, 4, 5), [0, 1, 2], BASELINES, FEATURES, tmp_path / "x.gif")
+    assert not (tmp_path / "x.gif").exists()
+
+
+def test_passenger_comparison_is_a_valid_png(tmp_path):
+    path = tmp_path / "passenger.png"
+    passenger_comparison(seeded(2, 4, 5), [0.14, 0.59], ["as is (male)", "Sex flipped (female)"],
+                         BASELINES, FEATURES, path, title="Passenger 719")
+    with Image.open(path) as image:
+        image.verify()
+        assert image.format == "PNG"
+
+
+def test_passenger_comparison_needs_a_probability_per_version(tmp_path):
+    with pytest.raises(ArgumentError, match="1 probabilities"):
+        passenger_comparison(seeded(2, 4, 5), [0.1], ["a", "b"], BASELINES, FEATURES,
+                             tmp_path / "p.png", title="t")
+
+
+def test_comparison_with_the_wrong_shape_names_both_shapes(tmp_path):
+    with pytest.raises(ArgumentError) as err:
+        baseline_comparison(seeded(5, 4), BASELINES, FEATURES, tmp_path / "s.png", title="t")
+    assert "(4, 5)" in str(err.value) and "(5, 4)" in str(err.value)

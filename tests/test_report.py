@@ -1,0 +1,218 @@
+"""report.html is one self-contained page, and the flipped-passenger comparison it shows."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine import integrated_gradients
+from engine.callbacks import EpochCost
+from engine.errors import ArgumentError
+from engine.model import TitanicMLP, predict_proba
+from engine.report import FlippedPassenger, TitanicReport, explain_flipped, render_report
+from engine.validate import ValidationReport
+
+FEATURES = ("Pclass", "Sex", "Age", "SibSp", "Fare")
+BASELINES = ("mean-base", "random-base", "zero-base", "one-base")
+
+# Attributes through which a page can pull in another resource.
+URL_ATTRIBUTES = {"src", "href", "srcset", "poster", "data", "action", "background",
+                  "formaction", "cite", "longdesc", "manifest", "xlink:href"}
+LOADING_TAGS = {"script", "link", "iframe", "object", "embed", "base", "frame", "applet"}
+
+
+class References(HTMLParser):
+    """Every URL-carrying attribute, every tag that loads something, every style block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+        self.loading_tags: list[str] = []
+        self.styles: list[str] = []
+        self._in_style = False
+
+    def handle_starttag(self, tag, attrs):
+        if tag in LOADING_TAGS:
+            self.loading_tags.append(tag)
+        self._in_style = tag == "style"
+        for name, value in attrs:
+            if name in URL_ATTRIBUTES and value is not None:
+                self.urls.append(value)
+            if name == "style" and value:
+                self.styles.append(value)
+
+    def handle_endtag(self, tag):
+        if tag == "style":
+            self._in_style = False
+
+    def handle_data(self, data):
+        if self._in_style:
+            self.styles.append(data)
+
+
+def references(page: str) -> References:
+    parser = References()
+    parser.feed(page)
+    parser.close()
+    return parser
+
+
+def picture(path: Path, kind: str, colour: tuple[int, int, int]) -> Path:
+    Image.new("RGB", (8, 6), colour).save(path, format=kind)
+    return path
+
+
+@pytest.fixture
+def report(tmp_path) -> TitanicReport:
+    heatmaps = {kind: picture(tmp_path / f"h_{kind}.png", "PNG", (i * 40, 120, 60))
+                for i, kind in enumerate(BASELINES)}
+    passenger = FlippedPassenger(
+        row=6, passenger_id=719, feature="Sex", feature_names=FEATURES,
+        features=np.array([[1.0, 1.0, 0.35, 0.0, 0.03], [1.0, 0.0, 0.35, 0.0, 0.03]]),
+        attributions=np.zeros((2, 4, 5)), probabilities=(0.14, 0.59),
+        name="McEvoy, Mr. Michael", raw=("3", "male", "blank (median used)", "0", "15.5"),
+    )
+    validation = ValidationReport(
+        max_rel_error=8.5e-8, n_rows=179, n_baselines=4, n_steps=50, method="gausslegendre",
+        dtype="float32", engine_seconds=0.05, captum_seconds=0.46,
+    )
+    return TitanicReport(
+        source="data/train.csv", n_passengers=891, n_train=713, n_test=179,
+        feature_names=FEATURES, baseline_names=BASELINES, epochs=2, seed=404,
+        layer_order="article", device="cpu", n_steps=50, method="gausslegendre",
+        accuracy=0.838, classification_report="  precision <recall> & f1\n",
+        top_features=dict(zip(BASELINES, ("Sex", "SibSp", "Sex", "SibSp"))),
+        side_by_side=picture(tmp_path / "side.png", "PNG", (10, 200, 10)),
+        heatmaps=heatmaps,
+        animation=picture(tmp_path / "epochs.gif", "GIF", (200, 10, 10)),
+        epoch_costs=[EpochCost(0, 0.3, None), EpochCost(1, 0.06, 0.02), EpochCost(2, 0.05, 0.02)],
+        passenger=passenger,
+        passenger_figure=picture(tmp_path / "passenger.png", "PNG", (10, 10, 200)),
+        validation=validation, max_abs_delta=0.043,
+    )
+
+
+def test_page_loads_nothing_from_outside(report):
+    page = render_report(report)
+    found = references(page)
+
+    assert found.loading_tags == []
+    assert found.urls, "the page should carry its pictures"
+    assert all(url.startswith("data:") for url in found.urls), found.urls
+    for style in found.styles:
+        assert "@import" not in style
+        assert all(url.strip("'\" ").startswith("data:")
+                   for url in re.findall(r"url\(([^)]*)\)", style))
+
+
+def test_every_picture_is_embedded_byte_for_byte(report):
+    page = render_report(report)
+    embedded = [url for url in references(page).urls if url.startswith("data:")]
+
+    pictures = [report.side_by_side, *report.heatmaps.values(), report.animation,
+                report.passenger_figure]
+    expected = {(f"image/{p.suffix[1:]}", p.read_bytes()) for p in pictures}
+    decoded = set()
+    for url in embedded:
+        header, payload = url.split(",", 1)
+        assert header.endswith(";base64")
+        decoded.add((header[len("data:"):-len(";base64")], base64.b64decode(payload)))
+    assert decoded == expected
+
+
+def test_page_shows_the_numbers_it_is_given(report):
+    page = render_report(report)
+    for text in ("891", "713", "179", "0.838", "8.50e-08", "9.2x", "McEvoy, Mr. Michael",
+                 "0.14", "0.59", "blank (median used)", "Validation against Captum",
+                 "One passenger, one feature"):
+        assert text in page, text
+
+
+def test_text_is_escaped(report):
+    page = render_report(report)
+    assert "&lt;recall&gt; &amp; f1" in page
+    assert "<recall>" not in page
+
+
+def test_a_missing_picture_is_named(report, tmp_path):
+    report.side_by_side.unlink()
+    with pytest.raises(ArgumentError, match="side.png"):
+        render_report(report)
+
+
+# ---------------------------------------------------------------------------
+# The flipped passenger
+
+
+@pytest.fixture
+def net_rows_baselines():
+    torch.manual_seed(0)
+    net = TitanicMLP().eval()
+    rows = torch.rand(10, 5, generator=torch.Generator().manual_seed(1))
+    rows[:, 1] = torch.tensor([1.0, 0.0] * 5)  # Sex is 0 or 1
+    baselines = torch.rand(4, 5, generator=torch.Generator().manual_seed(2))
+    return net, rows, baselines
+
+
+def test_flip_changes_only_the_chosen_feature_to_one_minus_it(net_rows_baselines):
+    net, rows, baselines = net_rows_baselines
+    result = explain_flipped(net, rows, baselines, FEATURES, row=3, feature="Sex",
+                             passenger_ids=list(range(100, 110)))
+
+    assert result.passenger_id == 103
+    np.testing.assert_array_equal(result.features[0], rows[3].double().numpy())
+    expected = rows[3].double().numpy().copy()
+    expected[1] = 1.0 - expected[1]
+    np.testing.assert_array_equal(result.features[1], expected)
+    assert result.labels() == ("as is (female)", "Sex flipped (male)")
+
+
+def test_flipped_passenger_matches_direct_engine_and_prediction(net_rows_baselines):
+    net, rows, baselines = net_rows_baselines
+    result = explain_flipped(net, rows, baselines, FEATURES, row=2, feature="Pclass",
+                             passenger_ids=list(range(10)), n_steps=16)
+
+    versions = torch.from_numpy(result.features).float()
+    expected = integrated_gradients(net, versions, baselines, n_steps=16)  # (B, 2, F)
+    np.testing.assert_allclose(result.attributions, expected.transpose(0, 1).double().numpy(),
+                               rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(result.probabilities, predict_proba(net, versions).numpy(),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize(("row", "feature", "message"), [
+    (10, "Sex", "--explain-row 10: expected a test row from 0 to 9"),
+    (-1, "Sex", "--explain-row -1"),
+    (0, "Name", "--flip 'Name': expected one of Pclass, Sex"),
+])
+def test_bad_row_or_feature_is_named(net_rows_baselines, row, feature, message):
+    net, rows, baselines = net_rows_baselines
+    with pytest.raises(ArgumentError) as err:
+        explain_flipped(net, rows, baselines, FEATURES, row=row, feature=feature,
+                        passenger_ids=list(range(10)))
+    assert message in str(err.value)
+
+
+def test_a_flip_that_changes_nothing_is_pointed_out(net_rows_baselines, report):
+    net, rows, baselines = net_rows_baselines
+    rows[4, 0] = 0.5  # Pclass 2nd: the middle of the range, where 1 - v = v
+    result = explain_flipped(net, rows, baselines, FEATURES, row=4, feature="Pclass",
+                             passenger_ids=list(range(10)))
+
+    assert result.unchanged
+    assert result.probabilities[0] == result.probabilities[1]
+    page = render_report(dataclasses.replace(report, passenger=result))
+    assert "flipping leaves it unchanged" in page
+
+
+def test_a_real_flip_is_not_called_unchanged(report):
+    assert not report.passenger.unchanged
+    assert "flipping leaves it unchanged" not in render_report(report)
