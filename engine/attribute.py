@@ -326,19 +326,19 @@ class CheckpointConfig:
 def _add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "explaining a file with a saved model (--data FILE --checkpoint model.pt)")
-    group.add_argument("--checkpoint", type=Path,
+    group.add_argument("--checkpoint", type=Path, metavar="PATH",
                        help="weights saved by --all (model.pt): explain every row of --data")
-    group.add_argument("--reference", type=Path,
+    group.add_argument("--reference", type=Path, metavar="FILE",
                        help="the file the model was trained on; its medians and min/max "
                             "prepare --data (default: the file --all would use)")
-    group.add_argument("--devices", type=int, default=1,
+    group.add_argument("--devices", type=int, default=1, metavar="N",
                        help="processes per node, one per device (default 1)")
-    group.add_argument("--strategy", default="auto",
+    group.add_argument("--strategy", default="auto", metavar="NAME",
                        help="Lightning strategy, e.g. ddp or ddp_spawn (default auto)")
-    group.add_argument("--num-nodes", type=int, default=1, help="machines (default 1)")
+    group.add_argument("--num-nodes", type=int, default=1, metavar="M", help="machines (default 1)")
     group.add_argument("--format", dest="output_format", default="csv",
                        choices=("csv", "parquet"), help="table format (default csv)")
-    group.add_argument("--chunk-rows", type=int, default=1024,
+    group.add_argument("--chunk-rows", type=int, default=1024, metavar="N",
                        help="rows per chunk, the unit a resumed run skips (default 1024)")
 
 
