@@ -201,7 +201,6 @@ class StoppedBySignal(RuntimeError):
     """The run was asked to stop; its finished chunks are on disk."""
 
 
-
 class ChunkAttribution(pl.LightningModule):
     """Integrated Gradients of the job's missing chunks as a Lightning predict loop.
 
