@@ -4,6 +4,11 @@
         [--n-steps 50] [--method gausslegendre] [--seed 404] [--device auto]
         [--explain-row 6] [--flip Sex] [--baselines mean,random,zero,one]
 
+Explain any CSV with the Titanic columns with a saved model, on one or many devices:
+
+    python -m engine.attribute --data FILE --checkpoint model.pt [--devices N]
+        [--strategy ddp] [--num-nodes M] [--format parquet|csv] [--chunk-rows 1024]
+
 Exit status: 0 on success, 2 for bad input or usage, 1 for a failure while running,
 130 when interrupted. Nothing is written to ``--out`` unless the whole job succeeds.
 """
@@ -93,12 +98,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "random, zero and one (default: all four)")
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks and debug logs")
+    _add_checkpoint_flags(parser)
     return parser.parse_args(argv)
 
 
 def job_config(args: argparse.Namespace) -> JobConfig:
     if not args.all:
-        raise UsageError("nothing to do: pass --all to train and explain the Titanic test set")
+        raise UsageError("nothing to do: pass --all to train and explain the Titanic test set, "
+                         "or --data FILE --checkpoint model.pt to explain a file")
     if args.epochs < 1:
         raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
     check_method(args.method, args.n_steps)
@@ -362,24 +369,134 @@ def print_summary(summary: dict[str, object]) -> None:
     print(f"results in {summary['out']}/ (open report.html)")
 
 
+# ---------------------------------------------------------------------------
+# --checkpoint: explain any Titanic-shaped CSV with a saved model, over Lightning
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    data: Path
+    checkpoint: Path
+    reference: Path | None
+    out: Path
+    n_steps: int
+    method: str
+    seed: int
+    accelerator: str
+    devices: int
+    strategy: str
+    num_nodes: int
+    output_format: str
+    chunk_rows: int
+
+
+def _add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "explaining a file with a saved model (--data FILE --checkpoint model.pt)")
+    group.add_argument("--checkpoint", type=Path, metavar="PATH",
+                       help="weights saved by --all (model.pt): explain every row of --data")
+    group.add_argument("--reference", type=Path, metavar="FILE",
+                       help="the file the model was trained on; its medians and min/max "
+                            "prepare --data (default: the file --all would use)")
+    group.add_argument("--devices", type=int, default=1, metavar="N",
+                       help="processes per node, one per device (default 1)")
+    group.add_argument("--strategy", default="auto", metavar="NAME",
+                       help="Lightning strategy, e.g. ddp or ddp_spawn (default auto)")
+    group.add_argument("--num-nodes", type=int, default=1, metavar="M", help="machines (default 1)")
+    group.add_argument("--format", dest="output_format", default="csv",
+                       choices=("csv", "parquet"), help="table format (default csv)")
+    group.add_argument("--chunk-rows", type=int, default=1024, metavar="N",
+                       help="rows per chunk, the unit a resumed run skips (default 1024)")
+
+
+def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
+    if args.all:
+        raise UsageError("--all and --checkpoint do not go together: --all trains its own model")
+    if args.data is None:
+        raise UsageError("--checkpoint needs --data FILE: the CSV of rows to explain")
+    if args.layer_order != "article":
+        raise UsageError("--layer-order does not apply to --checkpoint: the file stores it")
+    for flag, value in (("--devices", args.devices), ("--num-nodes", args.num_nodes),
+                        ("--chunk-rows", args.chunk_rows)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    check_method(args.method, args.n_steps)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible")
+    accelerator = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}[args.device]
+    return CheckpointConfig(
+        data=args.data, checkpoint=args.checkpoint, reference=args.reference, out=args.out,
+        n_steps=args.n_steps, method=args.method, seed=args.seed, accelerator=accelerator,
+        devices=args.devices, strategy=args.strategy, num_nodes=args.num_nodes,
+        output_format=args.output_format, chunk_rows=args.chunk_rows,
+    )
+
+
+def run_checkpoint(config: CheckpointConfig) -> dict[str, object]:
+    """Explain every row of ``config.data`` with a saved model; resumes an interrupted run.
+
+    Every process Lightning starts runs this; only rank 0's summary is printed.
+    """
+    from engine.data import load_titanic, locate_titanic_csv
+    from engine.distributed import AttributionJob, FeatureScaling, explain_rows, file_sha256
+    from engine.model import load_weights
+
+    net = load_weights(config.checkpoint)
+    # The model saw features scaled by its training file: a new file gets the same scaling.
+    reference = locate_titanic_csv(config.reference)
+    scaling = FeatureScaling.from_reference(load_titanic(reference))
+    job = AttributionJob(
+        data=config.data, out=config.out, n_steps=config.n_steps, method=config.method,
+        seed=config.seed, scaling=scaling, checkpoint_sha256=file_sha256(config.checkpoint),
+        output_format=config.output_format, chunk_rows=config.chunk_rows,
+        accelerator=config.accelerator, devices=config.devices, strategy=config.strategy,
+        num_nodes=config.num_nodes,
+    )
+    summary = explain_rows(job, net)
+    return {**summary, "reference": reference, "n_steps": config.n_steps, "out": config.out}
+
+
+def print_checkpoint_summary(summary: dict[str, object]) -> None:
+    if not summary["is_global_zero"]:
+        return
+    rate = summary["n_rows"] * summary["computed"] / max(summary["n_chunks"], 1)
+    rate /= max(summary["seconds"], 1e-9)
+    print(f"scaled like {summary['reference']} (medians fill blanks, min/max scale)")
+    print(f"explained {summary['n_rows']} rows x {len(BASELINE_KINDS)} baselines x "
+          f"{summary['n_steps']} steps in {summary['world_size']} process(es)")
+    print(f"chunks: {summary['n_chunks']} in all, {summary['reused']} reused from an earlier "
+          f"run, {summary['computed']} computed in {summary['seconds']:.2f} s "
+          f"({rate:.0f} rows/s)")
+    for path in summary["files"]:
+        print(f"wrote {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # A --checkpoint run keeps its finished chunks; --all writes nothing until the end.
+    interrupted = (
+        "interrupted: finished chunks are kept; run the same command again to resume"
+        if args.checkpoint is not None else "interrupted: no results were written"
+    )
     try:
         with _noticed_interrupts() as interrupts:
-            summary = run_all(job_config(args))
+            if args.checkpoint is not None:
+                summary = run_checkpoint(checkpoint_config(args))
+            else:
+                summary = run_all(job_config(args))
     except KeyboardInterrupt:
-        print("interrupted: no results were written", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return EXIT_INTERRUPTED
     except SystemExit:
         # Lightning turns Ctrl-C during fit into sys.exit(1); the status should still
         # say "interrupted". Any other exit is passed on.
         if not interrupts:
             raise
-        print("interrupted: no results were written", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - every failure becomes one line and a status
         if args.debug:
@@ -388,7 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         usage = isinstance(error, EngineError) and not isinstance(error, ModelError)
         return EXIT_USAGE if usage else EXIT_FAILURE
     try:
-        print_summary(summary)
+        if args.checkpoint is not None:
+            print_checkpoint_summary(summary)
+        else:
+            print_summary(summary)
     except KeyboardInterrupt:
         print(f"interrupted: the results in {summary['out']} are complete", file=sys.stderr)
         return EXIT_INTERRUPTED

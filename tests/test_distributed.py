@@ -1,0 +1,272 @@
+"""Attribution over Lightning processes, and runs that survive being killed.
+
+The multi-process runs go through the command line in a subprocess: Lightning's DDP
+launcher starts its extra processes by running the same command again.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from engine.attribute import main
+from engine.baselines import BASELINE_KINDS, make_baselines
+from engine.core import integrated_gradients
+from engine.data import FEATURES, load_titanic, prepare_titanic
+from engine.distributed import FeatureScaling, read_rows
+from engine.errors import DataError
+from engine.model import TitanicMLP, save_weights
+
+N_ROWS = 2000
+CHUNK_ROWS = 50
+N_STEPS = 32
+# float32 forward/backward: the same chunk on 1 or 2 threads may round differently.
+ATOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def rows_csv(tmp_path_factory, titanic_csv):
+    """N_ROWS passengers: Kaggle's rows repeated with fresh ids, without Survived."""
+    frame = pd.read_csv(titanic_csv)
+    repeats = -(-N_ROWS // len(frame))
+    rows = pd.concat([frame] * repeats, ignore_index=True).iloc[:N_ROWS].copy()
+    rows["PassengerId"] = np.arange(1, N_ROWS + 1)
+    path = tmp_path_factory.mktemp("rows") / "passengers.csv"
+    rows.drop(columns=["Survived"]).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(7)
+    return save_weights(TitanicMLP(), tmp_path_factory.mktemp("model") / "model.pt")
+
+
+def flags(rows_csv, checkpoint, titanic_csv, out, *extra):
+    return ["--data", str(rows_csv), "--checkpoint", str(checkpoint), "--reference",
+            str(titanic_csv), "--out", str(out), "--n-steps", str(N_STEPS),
+            "--chunk-rows", str(CHUNK_ROWS), "--device", "cpu", *extra]
+
+
+def cli(arguments, cwd, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine.attribute", *arguments], cwd=cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
+    )
+
+
+def finished(process, timeout=300):
+    stdout, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, stderr
+    return stdout, stderr
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, rows_csv, checkpoint, titanic_csv):
+    """An uninterrupted run in one process: the reference for the other runs."""
+    out = tmp_path_factory.mktemp("one") / "results"
+    finished(cli(flags(rows_csv, checkpoint, titanic_csv, out, "--devices", "1"), out.parent))
+    return out
+
+
+def test_training_file_is_scaled_exactly_as_for_training(titanic_csv):
+    frame = load_titanic(titanic_csv)
+    prepared = prepare_titanic(frame, source=titanic_csv)
+
+    scaling = FeatureScaling.from_reference(frame)
+
+    assert torch.equal(scaling.apply(frame), prepared.features)
+    assert torch.equal(scaling.mean_baseline(), prepared.mean_baseline)
+
+
+def test_a_new_file_gets_the_training_files_scaling_not_its_own(titanic_csv):
+    frame = load_titanic(titanic_csv)
+    scaling = FeatureScaling.from_reference(frame)
+    richest = frame.nlargest(1, "Fare")
+
+    # On its own a one-row file would scale every feature to 0; the training range keeps
+    # the highest fare at 1 and the blanks filled with the training medians.
+    features = scaling.apply(richest)
+    assert features[0, FEATURES.index("Fare")] == 1.0
+
+
+def test_rows_without_survived_are_read(rows_csv):
+    frame = read_rows(rows_csv)
+
+    assert len(frame) == N_ROWS and "Survived" not in frame.columns
+
+
+def test_a_missing_feature_column_is_named(tmp_path, rows_csv):
+    bad = tmp_path / "bad.csv"
+    pd.read_csv(rows_csv).drop(columns=["Fare"]).to_csv(bad, index=False)
+
+    with pytest.raises(DataError, match=r"bad.csv: missing required column\(s\) Fare;"):
+        read_rows(bad)
+
+
+def test_one_process_matches_the_engine_on_the_whole_table(
+    one_process_run, rows_csv, checkpoint, titanic_csv
+):
+    from engine.model import load_weights
+
+    scaling = FeatureScaling.from_reference(load_titanic(titanic_csv))
+    inputs = scaling.apply(read_rows(rows_csv))
+    baselines = make_baselines(BASELINE_KINDS, scaling.mean_baseline(), seed=404)
+    expected, _ = integrated_gradients(
+        load_weights(checkpoint), inputs, baselines, n_steps=N_STEPS,
+        return_convergence_delta=True,
+    )
+
+    table = pd.read_csv(one_process_run / "interpretation_results.csv")
+    assert list(table.columns) == ["row", "passenger_id", "base-type", "feature", "value"]
+    values = table["value"].to_numpy().reshape(len(BASELINE_KINDS), N_ROWS, len(FEATURES))
+    np.testing.assert_allclose(values, expected.double().numpy(), rtol=0, atol=ATOL)
+    assert table["passenger_id"].iloc[: len(FEATURES) * 2].tolist() == [1] * 5 + [2] * 5
+
+
+def test_two_ddp_processes_give_the_attributions_of_one(
+    tmp_path, one_process_run, rows_csv, checkpoint, titanic_csv
+):
+    out = tmp_path / "results"
+    stdout, _ = finished(cli(
+        flags(rows_csv, checkpoint, titanic_csv, out, "--devices", "2", "--strategy", "ddp"),
+        tmp_path,
+    ))
+
+    assert "in 2 process(es)" in stdout
+    for name, column in (("interpretation_results", "value"), ("convergence", "delta")):
+        one = pd.read_csv(one_process_run / f"{name}.csv")
+        two = pd.read_csv(out / f"{name}.csv")
+        pd.testing.assert_frame_equal(two.drop(columns=column), one.drop(columns=column))
+        np.testing.assert_allclose(two[column], one[column], rtol=0, atol=ATOL)
+    assert not (out / ".chunks").exists()
+
+
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+def test_a_killed_run_resumes_without_recomputing_and_ends_identical(
+    tmp_path, one_process_run, rows_csv, checkpoint, titanic_csv, stop
+):
+    out = tmp_path / "results"
+    arguments = flags(rows_csv, checkpoint, titanic_csv, out, "--debug")
+    n_chunks = N_ROWS // CHUNK_ROWS
+    store = out / ".chunks"
+
+    # Stop the run as soon as a few chunks are on disk: SIGKILL to the whole process
+    # group, or SIGTERM to the process (a scheduler's warning, honoured between chunks).
+    process = cli(arguments, tmp_path, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while len(list(store.glob("chunk-*.npz"))) < 3 and process.poll() is None:
+        assert time.monotonic() < deadline, "no chunk was written in time"
+        time.sleep(0.01)
+    if stop == "SIGKILL":
+        os.killpg(process.pid, signal.SIGKILL)
+    else:
+        process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    finished_before = {p.name for p in store.glob("chunk-*.npz")}
+
+    if stop == "SIGKILL":
+        assert process.returncode == -signal.SIGKILL
+    else:
+        assert process.returncode == 1 and "run the same command again to resume" in stderr
+    assert 3 <= len(finished_before) < n_chunks
+    assert not (out / "interpretation_results.csv").exists()
+
+    stdout, stderr = finished(cli(arguments, tmp_path))
+
+    computed = {f"chunk-{int(i):06d}.npz" for i in re.findall(r"chunk (\d+) \(rows", stderr)}
+    assert computed.isdisjoint(finished_before)
+    assert computed | finished_before == {f"chunk-{i:06d}.npz" for i in range(n_chunks)}
+    assert f"{len(finished_before)} reused from an earlier run" in stdout
+    for name in ("interpretation_results.csv", "convergence.csv"):
+        assert (out / name).read_bytes() == (one_process_run / name).read_bytes()
+
+
+def test_a_changed_config_refuses_the_old_chunks_with_exit_two(
+    tmp_path, monkeypatch, capsys, rows_csv, checkpoint, titanic_csv
+):
+    small = tmp_path / "small.csv"
+    pd.read_csv(rows_csv).iloc[:300].to_csv(small, index=False)
+    out = tmp_path / "results"
+    # Keep the finished chunks as a killed run would have left them.
+    monkeypatch.setattr("engine.store.ChunkStore.remove", lambda store: None)
+    assert main(flags(small, checkpoint, titanic_csv, out, "--n-steps", "8")) == 0
+    written = (out / "convergence.csv").read_bytes()
+    capsys.readouterr()
+
+    status = main(flags(small, checkpoint, titanic_csv, out, "--n-steps", "16"))
+
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert len(err.splitlines()) == 1
+    assert "another job (n_steps: 8 then, 16 now)" in err and ".chunks" in err
+    assert (out / "convergence.csv").read_bytes() == written
+
+
+def test_parquet_output_holds_the_csv_rows(tmp_path, rows_csv, checkpoint, titanic_csv):
+    small = tmp_path / "small.csv"
+    pd.read_csv(rows_csv).iloc[:120].to_csv(small, index=False)
+
+    assert main(flags(small, checkpoint, titanic_csv, tmp_path / "csv")) == 0
+    assert main(flags(small, checkpoint, titanic_csv, tmp_path / "pq", "--format", "parquet")) == 0
+
+    assert sorted(p.name for p in (tmp_path / "pq").iterdir()) == [
+        "convergence.parquet", "interpretation_results.parquet",
+    ]
+    for name in ("interpretation_results", "convergence"):
+        table = pd.read_parquet(tmp_path / "pq" / f"{name}.parquet")
+        expected = pd.read_csv(tmp_path / "csv" / f"{name}.csv")
+        pd.testing.assert_frame_equal(table, expected, check_dtype=False, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--all"], "--all and --checkpoint"),
+        (["--devices", "0"], "--devices must be at least 1"),
+        (["--chunk-rows", "0"], "--chunk-rows must be at least 1"),
+        (["--layer-order", "conventional"], "--layer-order does not apply"),
+    ],
+)
+def test_bad_checkpoint_flags_exit_two_before_any_work(
+    tmp_path, capsys, rows_csv, checkpoint, titanic_csv, extra, message
+):
+    status = main(flags(rows_csv, checkpoint, titanic_csv, tmp_path / "results", *extra))
+
+    assert status == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_checkpoint_is_one_line_exit_two(tmp_path, capsys, rows_csv, titanic_csv):
+    missing = tmp_path / "nowhere.pt"
+
+    status = main(flags(rows_csv, missing, titanic_csv, tmp_path / "results"))
+
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1 and str(missing) in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_agrees_with_the_cpu_run(tmp_path, rows_csv, checkpoint, titanic_csv):
+    small = tmp_path / "small.csv"
+    pd.read_csv(rows_csv).iloc[:120].to_csv(small, index=False)
+    arguments = flags(small, checkpoint, titanic_csv, tmp_path / "cpu")
+
+    assert main(arguments) == 0
+    arguments[arguments.index("--device") + 1] = "cuda"
+    arguments[arguments.index("--out") + 1] = str(tmp_path / "cuda")
+    assert main(arguments) == 0
+
+    cpu = pd.read_csv(tmp_path / "cpu" / "interpretation_results.csv")
+    cuda = pd.read_csv(tmp_path / "cuda" / "interpretation_results.csv")
+    # TF32 is off by default for matmuls; float32 kernels differ in summation order only.
+    np.testing.assert_allclose(cuda["value"], cpu["value"], rtol=0, atol=1e-5)

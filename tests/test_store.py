@@ -1,0 +1,147 @@
+"""The resumable chunk store: row ranges, atomic chunk files, and the manifest's guard."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from engine.distributed import write_tables
+from engine.errors import ArgumentError, DataError
+from engine.io import tidy_attributions, tidy_deltas
+from engine.store import ChunkStore, config_hash, plan_chunks
+
+KINDS = ("mean-base", "zero-base")
+FEATURES = ("a", "b", "c")
+
+
+def make_store(folder, n_rows=10, chunk_rows=4, **config):
+    config = {"n_steps": 8, "method": "gausslegendre", **config}
+    return ChunkStore(folder, config, plan_chunks(n_rows, chunk_rows), KINDS)
+
+
+def chunk_arrays(chunk, generator):
+    return {
+        "attributions": torch.randn(len(KINDS), chunk.n_rows, len(FEATURES),
+                                    generator=generator).numpy(),
+        "delta": torch.randn(len(KINDS), chunk.n_rows, generator=generator,
+                             dtype=torch.float64).numpy(),
+        "passenger_id": np.arange(chunk.start, chunk.stop) + 100,
+    }
+
+
+def test_plan_covers_every_row_once_in_order():
+    chunks = plan_chunks(10, 4)
+
+    assert [(c.start, c.stop) for c in chunks] == [(0, 4), (4, 8), (8, 10)]
+    assert [c.index for c in chunks] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("n_rows", "chunk_rows"), [(0, 4), (10, 0), (10, True)])
+def test_plan_refuses_counts_below_one(n_rows, chunk_rows):
+    with pytest.raises(ArgumentError, match="positive integer"):
+        plan_chunks(n_rows, chunk_rows)
+
+
+def test_config_hash_ignores_key_order_but_not_values():
+    assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
+    assert config_hash({"a": 1, "b": 2}) != config_hash({"a": 1, "b": 3})
+
+
+def test_manifest_records_row_ranges_baselines_and_hash(tmp_path):
+    store = make_store(tmp_path / "chunks")
+    store.open()
+
+    manifest = json.loads((tmp_path / "chunks" / "manifest.json").read_text())
+    assert manifest["config_hash"] == store.hash
+    assert manifest["baselines"] == list(KINDS)
+    assert [c["rows"] for c in manifest["chunks"]] == [[0, 4], [4, 8], [8, 10]]
+
+
+def test_written_chunks_are_done_and_read_back_exactly(tmp_path):
+    store = make_store(tmp_path / "chunks")
+    store.open()
+    arrays = chunk_arrays(store.chunks[1], torch.Generator().manual_seed(0))
+
+    store.write(store.chunks[1], arrays)
+
+    assert store.done() == {1}
+    assert [c.index for c in store.pending()] == [0, 2]
+    back = store.read(store.chunks[1])
+    for name, value in arrays.items():
+        assert np.array_equal(back[name], value) and back[name].dtype == value.dtype
+
+
+def test_reopening_with_the_same_config_keeps_finished_chunks(tmp_path):
+    store = make_store(tmp_path / "chunks")
+    store.open()
+    store.write(store.chunks[0], chunk_arrays(store.chunks[0], torch.Generator().manual_seed(0)))
+
+    again = make_store(tmp_path / "chunks")
+    again.open()
+
+    assert again.done() == {0}
+
+
+def test_a_changed_config_is_refused_naming_the_setting(tmp_path):
+    make_store(tmp_path / "chunks", n_steps=8).open()
+
+    with pytest.raises(ArgumentError, match=r"another job \(n_steps: 8 then, 16 now\)") as error:
+        make_store(tmp_path / "chunks", n_steps=16).open()
+    assert "\n" not in str(error.value)
+
+
+def test_a_temporary_file_left_by_a_kill_is_not_a_finished_chunk(tmp_path):
+    store = make_store(tmp_path / "chunks")
+    store.open()
+    (tmp_path / "chunks" / ".chunk-000000.npz.x1y2.tmp").write_bytes(b"half a chunk")
+
+    assert store.done() == set()
+
+
+def test_a_chunk_of_another_job_is_refused_on_read(tmp_path):
+    store = make_store(tmp_path / "chunks")
+    store.open()
+    other = make_store(tmp_path / "other", n_steps=16)
+    other.open()
+    other.write(other.chunks[0], chunk_arrays(other.chunks[0], torch.Generator().manual_seed(0)))
+    (tmp_path / "other" / "chunk-000000.npz").rename(tmp_path / "chunks" / "chunk-000000.npz")
+
+    with pytest.raises(DataError, match="another job"):
+        store.read(store.chunks[0])
+
+
+def test_tables_from_chunks_are_the_tables_of_the_whole_arrays(tmp_path):
+    store = make_store(tmp_path / "chunks")
+    store.open()
+    generator = torch.Generator().manual_seed(1)
+    parts = [chunk_arrays(chunk, generator) for chunk in store.chunks]
+    for chunk, arrays in zip(store.chunks, parts):
+        store.write(chunk, arrays)
+
+    write_tables(store, tmp_path / "out", FEATURES, "csv")
+
+    attributions = torch.from_numpy(np.concatenate([p["attributions"] for p in parts], axis=1))
+    delta = torch.from_numpy(np.concatenate([p["delta"] for p in parts], axis=1))
+    ids = np.concatenate([p["passenger_id"] for p in parts])
+    expected = tidy_attributions(attributions, ids, KINDS, FEATURES).to_csv(index=False)
+    assert (tmp_path / "out" / "interpretation_results.csv").read_text() == expected
+    expected = tidy_deltas(delta, ids, KINDS).to_csv(index=False)
+    assert (tmp_path / "out" / "convergence.csv").read_text() == expected
+
+
+def test_parquet_tables_hold_the_same_rows_as_csv(tmp_path):
+    store = make_store(tmp_path / "chunks")
+    store.open()
+    generator = torch.Generator().manual_seed(2)
+    for chunk in store.chunks:
+        store.write(chunk, chunk_arrays(chunk, generator))
+
+    write_tables(store, tmp_path / "csv", FEATURES, "csv")
+    write_tables(store, tmp_path / "parquet", FEATURES, "parquet")
+
+    for name in ("interpretation_results", "convergence"):
+        from_csv = pd.read_csv(tmp_path / "csv" / f"{name}.csv")
+        from_parquet = pd.read_parquet(tmp_path / "parquet" / f"{name}.parquet")
+        pd.testing.assert_frame_equal(from_parquet, from_csv, check_dtype=False, rtol=0, atol=0)
