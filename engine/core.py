@@ -163,7 +163,7 @@ def integrated_gradients(
         ``gausslegendre``, ``riemann_left``, ``riemann_right``, ``riemann_middle`` or
         ``riemann_trapezoid``, defined as in Captum.
     internal_batch_size : int, optional
-        Path points per forward/backward; None puts all of them in one chunk.
+        Path points per forward/backward; None plans chunks from ``memory_budget``.
     return_convergence_delta : bool
         Also return sum(attributions) - (F(x) - F(baseline)) per (baseline, row).
     memory_budget : int, optional
