@@ -502,11 +502,11 @@ def _integrate_hoisted(
     n_baselines, n_rows = problem.n_baselines, problem.n_rows
     result = torch.empty((n_baselines, n_rows, *x.shape[1:]), dtype=_accumulate_dtype(x),
                          device=x.device)
-    with torch.no_grad():
-        # (B, 1 or N, *F) -> (B, 1 or N, *H); shared baselines go through the prefix once.
-        hidden_base = split.prefix(base.flatten(0, 1)).unflatten(0, base.shape[:2])
-    block = _hoisted_block_rows(split, problem, hidden_base, options)
     per_row_base = base.shape[1] == n_rows
+    with torch.no_grad():
+        # Shared baselines go through the prefix once: (B, 1, *F) -> (B, 1, *H).
+        hidden_base = split.prefix(base[:, :1].flatten(0, 1)).unflatten(0, (n_baselines, 1))
+    block = _hoisted_block_rows(problem, hidden_base, options)
     total = n_baselines * n_rows * rule.n_steps
 
     with Progress.or_nested(None, total, options) as bar:
@@ -514,10 +514,15 @@ def _integrate_hoisted(
             rows = slice(first, min(first + block, n_rows))
             with torch.no_grad():
                 hidden_x = split.prefix(x[rows])
+                if per_row_base:
+                    # (B, rows, *F) -> (B, rows, *H), one block at a time.
+                    hidden_base = split.prefix(base[:, rows].flatten(0, 1)).unflatten(
+                        0, (n_baselines, hidden_x.shape[0])
+                    )
             sub = dataclasses.replace(
                 problem,
                 inputs=(hidden_x,),
-                baselines=(hidden_base[:, rows] if per_row_base else hidden_base,),
+                baselines=(hidden_base,),
                 targets=_rows_of(problem.targets, rows),
                 forward_args=(),
             )
@@ -530,14 +535,12 @@ def _integrate_hoisted(
     return result
 
 
-def _hoisted_block_rows(
-    split: AffineSplit, problem: PathProblem, hidden_base: Tensor, options: RunOptions
-) -> int:
+def _hoisted_block_rows(problem: PathProblem, hidden_base: Tensor, options: RunOptions) -> int:
     """Rows per block: hidden inputs, per-row hidden baselines and sums within a quarter budget."""
     device = problem.inputs[0].device
     budget = options.memory_budget or default_memory_budget(device)
-    hidden_row = hidden_base[0, 0].numel() * 4
-    per_row_base = hidden_base.shape[1] == problem.n_rows
+    hidden_row = hidden_base[0, 0].numel() * 8
+    per_row_base = problem.baselines[0].shape[1] == problem.n_rows
     row_bytes = hidden_row * (1 + problem.n_baselines * (2 if per_row_base else 1))
     return max(1, min(problem.n_rows, budget // 4 // max(row_bytes, 1)))
 

@@ -115,6 +115,20 @@ def test_hoisted_per_row_baselines_and_targets_equal_plain_path():
     assert relative_error(hoisted, plain) <= 1e-12
 
 
+def test_hoisted_rows_in_blocks_under_a_small_budget_equal_plain_path():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Linear(32, 32), nn.ELU(), nn.Linear(32, 1))
+    model = model.double().eval()
+    x = torch.randn(9, 6, dtype=torch.float64)
+    baselines = torch.randn(3, 9, 6, dtype=torch.float64)
+
+    # 20 kB: a quarter budget holds the hidden rows and sums of two rows at a time.
+    blocked = integrated_gradients(model, x, baselines, n_steps=12, memory_budget=20_000)
+    plain = integrated_gradients(model, x, baselines, n_steps=12, hoist=False)
+
+    assert relative_error(blocked, plain) <= 1e-12
+
+
 class Branchy(nn.Module):
     """A model whose forward branches on data: torch.fx cannot trace it."""
 
