@@ -330,3 +330,20 @@ def test_bad_speed_arguments_raise_argument_error(name, value):
 
     with pytest.raises(ArgumentError, match=name):
         integrated_gradients(net, x, baselines, n_steps=5, **{name: value})
+
+
+# ---------------------------------------------------------------------------
+# Progress
+
+
+@pytest.mark.parametrize("progress, shown", [(True, True), (False, False)])
+def test_progress_bar_follows_the_progress_argument(monkeypatch, capsys, progress, shown):
+    import engine.progress
+
+    # No delay, so that even this short run would draw a bar.
+    monkeypatch.setattr(engine.progress, "SHOW_AFTER_SECONDS", 0.0)
+    net, x, baselines = titanic_job()
+
+    integrated_gradients(net, x, baselines, n_steps=5, progress=progress)
+
+    assert ("integrated gradients" in capsys.readouterr().err) is shown
