@@ -2,11 +2,12 @@
 
     python scripts/bench_report.py results/bench.json [more.json ...] [--out results/bench_report]
 
-merges the files, writes ``<out>.md`` and ``<out>.png`` and prints the markdown. Each row
-is one contender on one job: best and median time; from the best round, path points per
-second, nominal GFLOP/s (the plain path's forward and input-gradient FLOPs, so hoisted runs
-show a useful-work rate), the fraction of the fp32 matmul peak measured on the same machine
-in the same run, and the speed-up over the article's loop and over Captum's best call.
+merges the files (a later file's result for the same contender and job wins), writes
+``<out>.md`` and ``<out>.png`` and prints the markdown. Each row is one contender on one
+job: best and median time; from the best round, path points per second, nominal GFLOP/s
+(the plain path's forward and input-gradient FLOPs, so hoisted runs show a useful-work
+rate), the fraction of the fp32 matmul peak measured on the same machine in the same run,
+and the speed-up over the article's loop and over Captum's best call.
 """
 
 from __future__ import annotations
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path}: not pytest-benchmark JSON ({error})", file=sys.stderr)
             return 2
         rows.extend(more)
+    # A later file's measurement of the same contender on the same job replaces an earlier.
+    rows = list({(r["device"], r["size"], r["contender"]): r for r in rows}.values())
     if not rows:
         print(f"error: {args.json[0]}: no engine benchmarks in it", file=sys.stderr)
         return 2
