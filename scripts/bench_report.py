@@ -31,8 +31,10 @@ TARGETS = [
      "captum-best", 15, "speedup"),
     ("hoisted engine >= 1000x the article loop", "titanic-179", "engine-fp32", "article-loop",
      1000, "speedup"),
-    ("20k rows >= 60% of the fp32 matmul peak (best engine variant)", "tiled-20k", "best",
-     None, 0.6, "peak"),
+    # Hoisted runs do less arithmetic than the nominal FLOPs: only the plain path's rate is
+    # a fraction of the peak.
+    ("20k rows >= 60% of the fp32 matmul peak (plain path)", "tiled-20k",
+     "engine-plain-fp32", None, 0.6, "peak"),
     ("bf16 >= 1.7x fp32 (20k rows)", "tiled-20k", "engine-bf16", "engine-fp32", 1.7,
      "speedup"),
     ("bf16 relative error <= 1e-2", "tiled-20k", "engine-bf16", None, 1e-2, "error"),
@@ -106,15 +108,11 @@ def targets(rows: list[dict], device: str = "cpu") -> str:
 
 def _target_value(rows, device, size, contender, baseline, kind) -> float | None:
     here = [r for r in rows if r["device"] == device and r["size"] == size]
-    if contender == "best":
-        engines = [r for r in here if r["contender"].startswith("engine")]
-        if not engines:
-            return None
-        best = min(engines, key=lambda r: r["seconds"])
-        return best["flops"] / best["seconds"] / 1e9 / best["matmul_peak_gflops"]
     subject = next((r for r in here if r["contender"] == contender), None)
     if subject is None:
         return None
+    if kind == "peak":
+        return subject["flops"] / subject["seconds"] / 1e9 / subject["matmul_peak_gflops"]
     if kind == "error":
         return subject.get("rel_error_vs_fp32")
     if baseline == "captum-best":
