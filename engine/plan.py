@@ -8,8 +8,9 @@ backward, and their difference divided by the difference in points is the per-po
 
 On a CPU a chunk that fits the budget can still be too big to be fast: once one layer's
 activations spill out of the cache, every elementwise op streams through main memory.
-``CPU_CHUNK_BYTES`` caps the saved bytes of a CPU chunk; its value was chosen with
-``bench/test_chunks.py`` on the Titanic network (see the README).
+``CPU_CHUNK_BYTES`` caps the saved bytes of a CPU chunk (a few thousand points on the
+Titanic network). ``bench/test_chunks.py`` sweeps the chunk size; the sweeps made so far ran
+on a shared, loaded machine and only ruled out very small and very large chunks.
 """
 
 from __future__ import annotations
