@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import nox
@@ -29,10 +30,12 @@ def tests(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The benchmarks, with pytest-benchmark's JSON saved for scripts/bench_report.py."""
     _install(session)
+    os.makedirs("results", exist_ok=True)
     session.run(
-        "pytest", "bench/", "--benchmark-only", "--benchmark-json=results/bench.json",
-        *session.posargs,
+        "pytest", "bench/", "-m", "not gpu", "--benchmark-only",
+        "--benchmark-json=results/bench.json", *session.posargs,
     )
+    session.run("python", "scripts/bench_report.py", "results/bench.json")
 
 
 @nox.session
@@ -55,4 +58,11 @@ def gpu(session: nox.Session) -> None:
     )
     if "True" not in str(visible):
         session.skip("torch sees no CUDA device: GPU checks skipped")
-    session.run("pytest", "-m", "gpu", "-q", "tests/", *session.posargs)
+    session.run("pytest", "-m", "gpu", "-q", "-ra", "tests/", *session.posargs)
+    # The CUDA benchmarks: article loop, Captum, eager, compiled, bf16, graph replay.
+    os.makedirs("results", exist_ok=True)
+    session.run(
+        "pytest", "bench/test_titanic.py", "-m", "gpu", "--benchmark-only",
+        "--benchmark-json=results/bench_gpu.json",
+    )
+    session.run("python", "scripts/bench_report.py", "results/bench_gpu.json")

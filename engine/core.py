@@ -14,6 +14,7 @@ every point's gradient at once (Captum asks for one gradient output per point in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,11 +24,32 @@ import torch
 from torch import Tensor, nn
 
 from engine.errors import ArgumentError, ModelError
+from engine.hoist import (
+    AffineSplit,
+    fast_model,
+    pull_back,
+    reproduces,
+    split_affine_prefix,
+)
+from engine.plan import (
+    RunOptions,
+    choose_chunk_points,
+    default_memory_budget,
+    precision_context,
+    run_options,
+    saved_bytes,
+)
+from engine.progress import Progress
 from engine.quadrature import QuadratureRule, quadrature_rule
+from engine.step import compiled_model, frozen_parameters, pad_rows
 
 __all__ = ["integrated_gradients"]
 
 log = logging.getLogger(__name__)
+
+# Points in the larger of the two planning probes; rows checked before hoisting a prefix.
+PROBE_POINTS = 64
+HOIST_CHECK_ROWS = 4
 
 TensorOrTuple = Union[Tensor, tuple[Tensor, ...]]
 BaselineArg = Union[None, int, float, Tensor, tuple[Union[int, float, Tensor], ...]]
@@ -151,6 +173,11 @@ def integrated_gradients(
     delta_tolerance: float | None = None,
     max_steps: int | None = None,
     error_estimate: bool = False,
+    memory_budget: int | None = None,
+    compile: bool | str = False,
+    precision: str = "fp32",
+    hoist: bool = True,
+    progress: bool | None = None,
 ) -> Any:
     """Integrated Gradients of every row against every baseline in one batched pass.
 
@@ -177,7 +204,7 @@ def integrated_gradients(
         ``gausslegendre``, ``riemann_left``, ``riemann_right``, ``riemann_middle`` or
         ``riemann_trapezoid``, defined as in Captum.
     internal_batch_size : int, optional
-        Path points per forward/backward; None puts all of them in one chunk.
+        Path points per forward/backward; None plans chunks from ``memory_budget``.
     return_convergence_delta : bool
         Also return sum(attributions) - (F(x) - F(baseline)) per (baseline, row).
     multiply_by_inputs : bool
@@ -194,6 +221,24 @@ def integrated_gradients(
     error_estimate : bool
         Also estimate each pair's quadrature error by comparing with twice the nodes.
         Returns an ``IGResult``.
+    memory_budget : int, optional
+        Bytes the chunks may use for activations when ``internal_batch_size`` is None;
+        default half the free memory on CUDA, 1 GiB on a CPU. Peak memory follows the
+        budget, not the number of rows.
+    compile : bool or str
+        ``torch.compile`` the model for the chunk loop (True, or a torch.compile mode such
+        as ``"reduce-overhead"`` for CUDA graph replay). Chunks are padded to one shape so
+        it compiles once; the compiled model is reused by later calls.
+    precision : str
+        ``"fp32"``; ``"bf16"`` or ``"fp16"`` run forward and backward under autocast
+        (gradients are still summed in float32); ``"tf32"`` allows TensorFloat-32 matmuls
+        on CUDA.
+    hoist : bool
+        Evaluate the model's leading affine layers (Linear, Conv, eval BatchNorm) once per
+        row and baseline instead of once per path point. Exact up to rounding; models that
+        do not trace with ``torch.fx`` run the plain path.
+    progress : bool, optional
+        Progress bar for runs longer than a few seconds; None: only on a terminal.
 
     Returns
     -------
@@ -212,9 +257,13 @@ def integrated_gradients(
     is_tuple = isinstance(inputs, tuple)
     problem = make_problem(inputs, baselines, target, additional_forward_args)
     rule = quadrature_rule(method, n_steps)
-    chunk_points = _chunk_points(internal_batch_size, problem, rule)
+    options = dataclasses.replace(
+        run_options(memory_budget, compile, precision, hoist, progress),
+        internal_batch_size=internal_batch_size,
+    )
     check_model_device(forward_func, problem.inputs[0].device)
     check_independent_rows(forward_func, problem, allow_coupled_rows)
+    chunk_points = _chunk_points(internal_batch_size, problem, rule, forward_func, options)
 
     if delta_tolerance is not None or error_estimate or max_steps is not None:
         from engine.adaptive import adaptive_integrated_gradients
@@ -225,7 +274,7 @@ def integrated_gradients(
             error_estimate=error_estimate, multiply_by_inputs=multiply_by_inputs,
         )
 
-    total_grads = integrate(forward_func, problem, rule, chunk_points)
+    total_grads = integrate(forward_func, problem, rule, chunk_points, options)
     attributions = tuple(
         (grad * (x.unsqueeze(0) - base) if multiply_by_inputs else grad).to(x.dtype)
         for grad, x, base in zip(total_grads, problem.inputs, problem.baselines)
@@ -238,10 +287,19 @@ def integrated_gradients(
     return result, delta
 
 
-def _chunk_points(internal_batch_size: int | None, problem: PathProblem, rule: QuadratureRule):
+def _chunk_points(
+    internal_batch_size: int | None,
+    problem: PathProblem,
+    rule: QuadratureRule,
+    forward_func: Callable[..., Tensor] | None = None,
+    options: RunOptions | None = None,
+) -> int:
+    """Points per chunk: ``internal_batch_size`` if given, else planned from the budget."""
     total = problem.n_baselines * problem.n_rows * rule.n_steps
     if internal_batch_size is None:
-        return total
+        if forward_func is None:
+            return total
+        return _planned_chunk_points(forward_func, problem, rule, options or RunOptions())
     if isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int):
         raise ArgumentError(f"internal_batch_size must be an integer, got {internal_batch_size!r}")
     if internal_batch_size < 1:
@@ -249,13 +307,82 @@ def _chunk_points(internal_batch_size: int | None, problem: PathProblem, rule: Q
     return min(internal_batch_size, total)
 
 
+def _planned_chunk_points(
+    forward_func: Callable[..., Tensor],
+    problem: PathProblem,
+    rule: QuadratureRule,
+    options: RunOptions,
+) -> int:
+    """Chunk size from the memory budget and the activation bytes measured on two probes."""
+    device = problem.inputs[0].device
+    total = problem.n_baselines * problem.n_rows * rule.n_steps
+    budget = options.memory_budget or default_memory_budget(device)
+    alphas = torch.full((PROBE_POINTS,), 0.5, dtype=torch.float64, device=device)
+    pair = torch.arange(PROBE_POINTS, device=device) % (problem.n_baselines * problem.n_rows)
+
+    def probe(count: int) -> int:
+        def run() -> None:
+            rows = pair[:count] % problem.n_rows
+            points = tuple(
+                p.requires_grad_() for p in problem.path_points(pair[:count], alphas[:count])
+            )
+            with precision_context(options, device):
+                _forward(forward_func, points, problem.args_for(rows))
+
+        with torch.enable_grad():
+            return saved_bytes(run)
+
+    activation = (probe(PROBE_POINTS) - probe(PROBE_POINTS // 2)) / (PROBE_POINTS // 2)
+    point_bytes = sum(x[0].numel() * x.element_size() for x in problem.inputs)
+    # Points, their gradients and the weighted copy live next to the activations.
+    per_point = max(activation, 0.0) + 3 * point_bytes
+    chunk = choose_chunk_points(per_point, budget, total, rule.n_steps, device)
+    log.debug(
+        "plan: %.0f bytes per point, budget %d bytes on %s -> %d points per chunk",
+        per_point, budget, device, chunk,
+    )
+    return chunk
+
+
 def integrate(
     forward_func: Callable[..., Tensor],
     problem: PathProblem,
     rule: QuadratureRule,
     chunk_points: int,
+    options: RunOptions | None = None,
 ) -> tuple[Tensor, ...]:
-    """Sum of w_k * gradient over the path, per input: (B, N, *F) in the accumulation dtype."""
+    """Sum of w_k * gradient over the path, per input: (B, N, *F) in the accumulation dtype.
+
+    Parameters are frozen (``requires_grad=False``) while it runs, so the backward computes
+    input gradients only; they are restored afterwards.
+    """
+    options = options or RunOptions()
+    with frozen_parameters(forward_func):
+        split = _usable_split(forward_func, problem, options)
+        if split is not None:
+            return (_integrate_hoisted(split, problem, rule, chunk_points, options),)
+        return _integrate_points(_fast(forward_func, problem), problem, rule, chunk_points,
+                                 options)
+
+
+def _fast(forward_func: Callable[..., Tensor], problem: PathProblem) -> Callable[..., Tensor]:
+    """The model with slow kernels substituted (see engine.hoist), when that is exact here."""
+    fast = fast_model(forward_func)
+    if fast is None or len(problem.inputs) != 1 or problem.forward_args:
+        return forward_func
+    if not reproduces(fast, forward_func, problem.inputs[0][:HOIST_CHECK_ROWS]):
+        return forward_func
+    return fast
+
+
+def _integrate_points(
+    forward_func: Callable[..., Tensor],
+    problem: PathProblem,
+    rule: QuadratureRule,
+    chunk_points: int,
+    options: RunOptions,
+    progress: Progress | None = None,
+) -> tuple[Tensor, ...]:
     device = problem.inputs[0].device
     n_pairs = problem.n_baselines * problem.n_rows
     n_steps = rule.n_steps
@@ -266,17 +393,25 @@ def integrate(
     ]
     alphas = torch.as_tensor(rule.alphas, dtype=torch.float64, device=device)
     weights = [torch.as_tensor(rule.weights, device=device).to(s.dtype) for s in sums]
+    step_fn = chunk_step(forward_func, problem, options, chunk_points)
     log.debug(
-        "integrate: %d pairs x %d steps = %d points in chunks of %d",
-        n_pairs, n_steps, total, chunk_points,
+        "integrate: %d pairs x %d steps = %d points in chunks of %d (%s, %s)",
+        n_pairs, n_steps, total, chunk_points, options.precision,
+        "compiled" if options.compile_mode else "eager",
     )
 
-    for start in range(0, total, chunk_points):
-        point = torch.arange(start, min(start + chunk_points, total), device=device)
-        pair, step = point // n_steps, point % n_steps
-        grads = _chunk_gradients(forward_func, problem, pair, alphas[step])
-        for grad, grad_sum, weight in zip(grads, sums, weights):
-            _accumulate(grad_sum, grad.to(grad_sum.dtype), weight, pair, step, n_steps)
+    with Progress.or_nested(progress, total, options) as bar:
+        start = 0
+        while start < total:
+            stop = min(start + chunk_points, total)
+            try:
+                _integrate_chunk(step_fn, problem, sums, weights, alphas, start, stop, n_steps)
+            except torch.OutOfMemoryError:
+                chunk_points = _halved(chunk_points, n_steps, device)
+                step_fn = chunk_step(forward_func, problem, options, chunk_points)
+                continue
+            bar.update(stop - start)
+            start = stop
 
     return tuple(
         grad_sum.view(problem.n_baselines, problem.n_rows, *grad_sum.shape[1:])
@@ -284,36 +419,202 @@ def integrate(
     )
 
 
+def _halved(chunk_points: int, n_steps: int, device: torch.device) -> int:
+    if chunk_points <= 1:
+        raise ModelError(f"out of memory on {device} with a single path point per chunk")
+    smaller = max(1, chunk_points // 2)
+    if smaller >= n_steps:
+        smaller -= smaller % n_steps
+    log.warning("out of memory on %s: %d -> %d points per chunk", device, chunk_points, smaller)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return smaller
+
+
+def _integrate_chunk(
+    step_fn: Callable[..., tuple[Tensor, ...]],
+    problem: PathProblem,
+    sums: list[Tensor],
+    weights: list[Tensor],
+    alphas: Tensor,
+    start: int,
+    stop: int,
+    n_steps: int,
+) -> None:
+    if start % n_steps == 0 and stop % n_steps == 0:
+        # Whole paths: points built by broadcasting, gradients folded over the step axis.
+        pairs = torch.arange(start // n_steps, stop // n_steps, device=alphas.device)
+        points = _whole_path_points(problem, pairs, alphas)
+        rows = (pairs % problem.n_rows).repeat_interleave(n_steps)
+        grads = _chunk_gradients(step_fn, problem, points, rows)
+        for grad, grad_sum, weight in zip(grads, sums, weights):
+            _accumulate(grad_sum, grad.to(grad_sum.dtype), weight, pairs, None, n_steps)
+        return
+
+    point = torch.arange(start, stop, device=alphas.device)
+    pair, step = point // n_steps, point % n_steps
+    points = problem.path_points(pair, alphas[step])
+    grads = _chunk_gradients(step_fn, problem, points, pair % problem.n_rows)
+    for grad, grad_sum, weight in zip(grads, sums, weights):
+        _accumulate(grad_sum, grad.to(grad_sum.dtype), weight, pair, step, n_steps)
+
+
+def _whole_path_points(problem: PathProblem, pairs: Tensor, alphas: Tensor) -> tuple[Tensor, ...]:
+    """Every step of each pair's path: (pairs * steps, *F), step fastest."""
+    rows = pairs % problem.n_rows
+    base_index = problem.baseline_index(pairs)
+    points = []
+    for x, base in zip(problem.inputs, problem.baselines):
+        x_rows = x[rows].unsqueeze(1)
+        base_rows = base.flatten(0, 1)[base_index].unsqueeze(1)
+        alpha = alphas.to(x.dtype).view(1, -1, *([1] * (x.dim() - 1)))
+        # (pairs, steps, *F); the same expression and rounding as the per-point path.
+        path = base_rows + alpha * (x_rows - base_rows)
+        points.append(path.flatten(0, 1))
+    return tuple(points)
+
+
 def _accumulate_dtype(x: Tensor) -> torch.dtype:
     # Half-precision gradients are summed in float32; float32 and float64 keep their own.
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def chunk_step(
+    forward_func: Callable[..., Tensor],
+    problem: PathProblem,
+    options: RunOptions,
+    chunk_points: int,
+) -> Callable[[tuple[Tensor, ...], Tensor], tuple[tuple[Tensor, ...], Tensor]]:
+    """One chunk's forward and backward: (points, rows) -> (gradients, target outputs)."""
+    device = problem.inputs[0].device
+    mode = options.compile_mode
+    model = compiled_model(forward_func, mode) if mode else forward_func
+
+    def step(points: tuple[Tensor, ...], rows: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
+        count = rows.shape[0]
+        if mode and count < chunk_points:
+            # One shape for every chunk: the compiled model is traced once.
+            *points, rows = pad_rows((*points, rows), chunk_points)
+        with torch.enable_grad():
+            points = tuple(p.detach().requires_grad_() for p in points)
+            with precision_context(options, device):
+                output = _forward(model, points, problem.args_for(rows))
+                selected = problem.select(output, rows)
+            grads = torch.autograd.grad(selected.sum(), points)
+        return tuple(g[:count] for g in grads), selected[:count].detach()
+
+    return step
+
+
 def _chunk_gradients(
-    forward_func: Callable[..., Tensor], problem: PathProblem, pair: Tensor, alphas: Tensor
+    step_fn: Callable[..., tuple[Tensor, ...]],
+    problem: PathProblem,
+    points: tuple[Tensor, ...],
+    rows: Tensor,
 ) -> tuple[Tensor, ...]:
-    rows = pair % problem.n_rows
-    with torch.enable_grad():
-        points = tuple(p.requires_grad_() for p in problem.path_points(pair, alphas))
-        output = _forward(forward_func, points, problem.args_for(rows))
-        selected = problem.select(output, rows)
-        _refuse_non_finite(selected, rows)
-        return torch.autograd.grad(selected.sum(), points)
+    """Gradient of each point's target output at that point, one backward for the chunk."""
+    grads, selected = step_fn(points, rows)
+    _refuse_non_finite(selected, rows)
+    return grads
 
 
 def _accumulate(
-    grad_sum: Tensor, grad: Tensor, weight: Tensor, pair: Tensor, step: Tensor, n_steps: int
+    grad_sum: Tensor,
+    grad: Tensor,
+    weight: Tensor,
+    pair: Tensor,
+    step: Tensor | None,
+    n_steps: int,
 ) -> None:
-    first, count = int(pair[0]), len(pair)
-    if int(step[0]) == 0 and count % n_steps == 0:
-        # The chunk holds whole paths: a weighted sum over the step axis, no scatter.
+    """Add w_k * gradient into each pair's sum; ``step`` None means whole paths in order."""
+    if step is None:
         # (pairs, steps, features) -> (pairs, features)
-        paths = grad.reshape(count // n_steps, n_steps, -1)
-        folded = torch.einsum("psf,s->pf", paths, weight)
-        grad_sum[first : first + count // n_steps] += folded.view(-1, *grad_sum.shape[1:])
+        paths = grad.reshape(len(pair), n_steps, -1)
+        # A vector-matrix product per pair; einsum would copy the paths to a bmm layout.
+        folded = torch.matmul(weight, paths)
+        first = int(pair[0])
+        grad_sum[first : first + len(pair)] += folded.view(-1, *grad_sum.shape[1:])
         return
     weighted = grad * weight[step].view(-1, *([1] * (grad.dim() - 1)))
     grad_sum.index_add_(0, pair, weighted)
+
+
+def _usable_split(
+    forward_func: Callable[..., Tensor], problem: PathProblem, options: RunOptions
+) -> AffineSplit | None:
+    """The model's affine prefix, when hoisting is on and exact for this problem."""
+    if not options.hoist or len(problem.inputs) != 1 or problem.forward_args:
+        return None
+    split = split_affine_prefix(forward_func)
+    if split is None or not split.is_affine_now():
+        return None
+    if not reproduces(split.run, forward_func, problem.inputs[0][:HOIST_CHECK_ROWS]):
+        log.debug("affine prefix not hoisted: the split does not reproduce the model")
+        return None
+    return split
+
+
+def _integrate_hoisted(
+    split: AffineSplit,
+    problem: PathProblem,
+    rule: QuadratureRule,
+    chunk_points: int,
+    options: RunOptions,
+) -> Tensor:
+    """The integral over the model after its affine prefix, pulled back: (B, N, *F).
+
+    Rows go in blocks so that the prefix outputs and the hidden-space sums stay within the
+    memory budget however many rows there are.
+    """
+    x, base = problem.inputs[0], problem.baselines[0]
+    n_baselines, n_rows = problem.n_baselines, problem.n_rows
+    result = torch.empty((n_baselines, n_rows, *x.shape[1:]), dtype=_accumulate_dtype(x),
+                         device=x.device)
+    per_row_base = base.shape[1] == n_rows
+    with torch.no_grad():
+        # Shared baselines go through the prefix once: (B, 1, *F) -> (B, 1, *H).
+        hidden_base = split.prefix(base[:, :1].flatten(0, 1)).unflatten(0, (n_baselines, 1))
+    block = _hoisted_block_rows(problem, hidden_base, options)
+    total = n_baselines * n_rows * rule.n_steps
+
+    with Progress.or_nested(None, total, options) as bar:
+        for first in range(0, n_rows, block):
+            rows = slice(first, min(first + block, n_rows))
+            with torch.no_grad():
+                hidden_x = split.prefix(x[rows])
+                if per_row_base:
+                    # (B, rows, *F) -> (B, rows, *H), one block at a time.
+                    hidden_base = split.prefix(base[:, rows].flatten(0, 1)).unflatten(
+                        0, (n_baselines, hidden_x.shape[0])
+                    )
+            sub = dataclasses.replace(
+                problem,
+                inputs=(hidden_x,),
+                baselines=(hidden_base,),
+                targets=_rows_of(problem.targets, rows),
+                forward_args=(),
+            )
+            sub_chunk = chunk_points
+            if options.internal_batch_size is None:
+                sub_chunk = _planned_chunk_points(split.suffix, sub, rule, options)
+            (hidden_sum,) = _integrate_points(split.suffix, sub, rule, sub_chunk, options, bar)
+            pulled = pull_back(split, hidden_sum.flatten(0, 1), x)
+            result[:, rows] = pulled.view(n_baselines, -1, *x.shape[1:]).to(result.dtype)
+    return result
+
+
+def _hoisted_block_rows(problem: PathProblem, hidden_base: Tensor, options: RunOptions) -> int:
+    """Rows per block: hidden inputs, per-row hidden baselines and sums within a quarter budget."""
+    device = problem.inputs[0].device
+    budget = options.memory_budget or default_memory_budget(device)
+    hidden_row = hidden_base[0, 0].numel() * 8
+    per_row_base = problem.baselines[0].shape[1] == problem.n_rows
+    row_bytes = hidden_row * (1 + problem.n_baselines * (2 if per_row_base else 1))
+    return max(1, min(problem.n_rows, budget // 4 // max(row_bytes, 1)))
+
+
+def _rows_of(targets: Any, rows: slice) -> Any:
+    return targets[rows] if isinstance(targets, Tensor) else targets
 
 
 def _forward(forward_func: Callable[..., Tensor], points: tuple[Tensor, ...], args) -> Tensor:

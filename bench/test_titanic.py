@@ -1,0 +1,87 @@
+"""Article loop vs Captum at its best vs the engine, on the Titanic job and a tiled 20k set.
+
+Run with ``pytest bench/ --benchmark-only --benchmark-json=results/bench.json`` and turn
+the JSON into a table with ``python scripts/bench_report.py results/bench.json``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.conftest import job_for, record
+from bench.jobs import (
+    CUDA_ONLY_VARIANTS,
+    ENGINE_VARIANTS,
+    article_loop,
+    captum_one_call,
+    captum_per_baseline,
+    engine_run,
+    synchronize,
+    timed_first_call,
+)
+
+# Captum's internal_batch_size for the 20k set (one million points a call otherwise).
+CAPTUM_CHUNK = {"titanic-179": None, "tiled-20k": 100_000}
+# Rounds per size: enough to see the spread, few enough for two shared cores.
+ENGINE_ROUNDS = {"titanic-179": 10, "tiled-20k": 2}
+_REFERENCES: dict[tuple[str, str], torch.Tensor] = {}
+CAPTUM_ROUNDS = {"titanic-179": 3, "tiled-20k": 1}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected.double()).norm() / expected.double().norm())
+
+
+def run(benchmark, function, device: str, rounds: int, warmup: int):
+    def call():
+        result = function()
+        synchronize(device)
+        return result
+
+    return benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)
+
+
+def test_article_loop(benchmark, device):
+    """716 Captum calls, one per passenger and baseline (the Titanic size only)."""
+    job = job_for(device, "titanic-179")
+    record(benchmark, job, device, "titanic-179", "article-loop")
+
+    result = run(benchmark, lambda: article_loop(job), device, rounds=1, warmup=0)
+
+    assert result.shape == (4, 179, 5)
+
+
+@pytest.mark.parametrize("layout", ["captum-per-baseline", "captum-one-call"])
+def test_captum_best(benchmark, device, size, layout):
+    job = job_for(device, size)
+    call = captum_per_baseline if layout == "captum-per-baseline" else captum_one_call
+    record(benchmark, job, device, size, layout)
+
+    result = run(benchmark, lambda: call(job, CAPTUM_CHUNK[size]), device,
+                 rounds=CAPTUM_ROUNDS[size], warmup=0)
+
+    assert result.shape == (4, job.inputs.shape[0], 5)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [*ENGINE_VARIANTS, *(pytest.param(name, marks=pytest.mark.gpu) for name in CUDA_ONLY_VARIANTS)],
+)
+def test_engine(benchmark, device, size, variant):
+    if variant in CUDA_ONLY_VARIANTS and device != "cuda":
+        pytest.skip(f"{variant} is a CUDA feature")
+    job = job_for(device, size)
+    options = {**ENGINE_VARIANTS, **CUDA_ONLY_VARIANTS}[variant]
+    if (device, size) not in _REFERENCES:
+        _REFERENCES[device, size] = engine_run(job, hoist=False)
+    reference = _REFERENCES[device, size]
+
+    # The first call compiles (when asked to) and plans; its time is reported apart.
+    first_seconds = timed_first_call(lambda: engine_run(job, **options), device)
+    record(benchmark, job, device, size, variant, first_call_seconds=first_seconds)
+    result = run(benchmark, lambda: engine_run(job, **options), device,
+                 rounds=ENGINE_ROUNDS[size], warmup=1)
+
+    benchmark.extra_info["rel_error_vs_fp32"] = relative_error(result, reference)
+    assert relative_error(result, reference) <= 1e-2

@@ -1,0 +1,220 @@
+"""Hoist a model's leading affine layers out of the path integral.
+
+If the model starts with an affine map A (Linear, Conv, eval-mode BatchNorm, with nothing
+non-linear between them), then A(b + a (x - b)) = A(b) + a (A(x) - A(b)): the straight
+path in input space is a straight path in A's output space. So the prefix runs once per
+row and once per baseline instead of once per path point, the integral is taken over the
+rest of the model at h_b + a (h_x - h_b), and the summed gradient g is pulled back through
+the prefix once: the input gradient is J_A^T g, and J_A does not depend on the point.
+Exact in exact arithmetic; in floating point it differs from the plain path by rounding.
+
+The split is found with ``torch.fx``: follow the input through call_module nodes while each
+is affine and feeds only the next. A model that does not trace, or whose traced split does
+not reproduce its own outputs on a few rows, is not hoisted.
+
+The traced rest of the model also gets one kernel substitution: a PReLU with a single
+slope runs as ``leaky_relu`` with that slope on a CPU. Values and gradients are the same
+bit for bit, but PReLU's CPU backward always computes the slope's gradient too, through a
+slow reduction that costs 20x the whole rest of the backward on the article's network.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, fx, nn
+
+__all__ = ["AffineSplit", "fast_model", "pull_back", "reproduces", "split_affine_prefix"]
+
+log = logging.getLogger(__name__)
+
+_LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+           nn.ConvTranspose2d, nn.ConvTranspose3d)
+# Affine only in eval mode: batch statistics and dropout masks depend on the batch.
+_AFFINE_IN_EVAL = (nn.modules.batchnorm._BatchNorm, nn.Dropout)
+_SHAPE_ONLY = (nn.Identity, nn.Flatten)
+
+_FAST: weakref.WeakKeyDictionary[nn.Module, nn.Module | None] = weakref.WeakKeyDictionary()
+_SPLITS: weakref.WeakKeyDictionary[nn.Module, AffineSplit | None] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class AffineSplit:
+    """``model(x) == suffix(prefix(x))`` with ``prefix`` affine.
+
+    ``modules`` are the prefix's layers; ``layers`` their qualified names.
+    """
+
+    prefix: nn.Module
+    suffix: nn.Module
+    layers: tuple[str, ...]
+    modules: tuple[nn.Module, ...]
+
+    def run(self, x: Tensor) -> Tensor:
+        """``suffix(prefix(x))``."""
+        return self.suffix(self.prefix(x))
+
+    def is_affine_now(self) -> bool:
+        """Whether every prefix layer is affine in its current train/eval mode."""
+        return not any(
+            isinstance(module, _AFFINE_IN_EVAL) and module.training for module in self.modules
+        )
+
+
+def split_affine_prefix(model: object) -> AffineSplit | None:
+    """The model's leading affine layers and the rest, or None when there are none.
+
+    Traces ``model`` with ``torch.fx`` once per model object; a model that is not an
+    ``nn.Module``, does not trace, or has no leading affine layer gives None.
+    """
+    if not isinstance(model, nn.Module) or isinstance(model, fx.GraphModule):
+        return None
+    if model in _SPLITS:
+        return _SPLITS[model]
+    try:
+        split = _split(model)
+    except Exception as error:  # noqa: BLE001 - any tracing failure means "do not hoist"
+        log.debug("no affine prefix hoisting: %s does not trace (%s)", type(model).__name__,
+                  str(error).splitlines()[0] if str(error) else type(error).__name__)
+        split = None
+    _SPLITS[model] = split
+    return split
+
+
+def _split(model: nn.Module) -> AffineSplit | None:
+    graph = fx.symbolic_trace(model).graph
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    if len(placeholders) != 1:
+        return None
+
+    prefix_nodes: list[fx.Node] = []
+    node = placeholders[0]
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op != "call_module" or user.args != (node,) or user.kwargs:
+            break
+        module = model.get_submodule(str(user.target))
+        if not isinstance(module, _LINEAR + _AFFINE_IN_EVAL + _SHAPE_ONLY):
+            break
+        prefix_nodes.append(user)
+        node = user
+    modules = tuple(model.get_submodule(str(n.target)) for n in prefix_nodes)
+    if not any(isinstance(m, _LINEAR + _AFFINE_IN_EVAL) for m in modules):
+        return None
+
+    prefix = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    env[placeholders[0]] = prefix.node_copy(placeholders[0])
+    for prefix_node in prefix_nodes:
+        env[prefix_node] = prefix.node_copy(prefix_node, lambda n: env[n])
+    prefix.output(env[prefix_nodes[-1]])
+
+    suffix = fx.Graph()
+    skipped = {placeholders[0], *prefix_nodes}
+    env = {prefix_nodes[-1]: suffix.placeholder("hidden")}
+    for rest in graph.nodes:
+        if rest not in skipped:
+            env[rest] = suffix.node_copy(rest, lambda n: env[n])
+
+    suffix_module = fx.GraphModule(model, suffix)
+    _substitute_kernels(suffix_module)
+    layers = tuple(str(n.target) for n in prefix_nodes)
+    log.debug("affine prefix of %s: %s", type(model).__name__, ", ".join(layers))
+    return AffineSplit(
+        prefix=fx.GraphModule(model, prefix),
+        suffix=suffix_module,
+        layers=layers,
+        modules=modules,
+    )
+
+
+class _ScalarSlopePReLU(nn.Module):
+    """A single-slope PReLU that runs as leaky_relu on a CPU (same values and gradients)."""
+
+    def __init__(self, prelu: nn.PReLU) -> None:
+        super().__init__()
+        self.prelu = prelu
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.prelu.weight
+        if x.device.type != "cpu" or weight.requires_grad or torch.compiler.is_compiling():
+            return self.prelu(x)
+        return nn.functional.leaky_relu(x, float(weight))
+
+
+def _substitute_kernels(graph_module: fx.GraphModule) -> None:
+    for node in graph_module.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = graph_module.get_submodule(str(node.target))
+        if isinstance(module, nn.PReLU) and module.weight.numel() == 1:
+            name = f"scalar_slope_{str(node.target).replace('.', '_')}"
+            graph_module.add_submodule(name, _ScalarSlopePReLU(module))
+            node.target = name
+    graph_module.recompile()
+
+
+def fast_model(model: object) -> nn.Module | None:
+    """The model traced with ``torch.fx`` and its slow kernels substituted, or None.
+
+    None when the model does not trace or has nothing to substitute.
+    """
+    if not isinstance(model, nn.Module) or isinstance(model, fx.GraphModule):
+        return None
+    if model in _FAST:
+        return _FAST[model]
+    fast = None
+    if any(isinstance(m, nn.PReLU) and m.weight.numel() == 1 for m in model.modules()):
+        try:
+            fast = fx.symbolic_trace(model)
+            _substitute_kernels(fast)
+        except Exception as error:  # noqa: BLE001 - any tracing failure: run the model as is
+            log.debug("no kernel substitution: %s does not trace (%s)",
+                      type(model).__name__, type(error).__name__)
+            fast = None
+    _FAST[model] = fast
+    return fast
+
+
+def reproduces(
+    candidate: Callable[[Tensor], Tensor], model: nn.Module, sample: Tensor
+) -> bool:
+    """Whether ``candidate(sample)`` equals ``model(sample)`` to rounding.
+
+    Guards against models whose traced graph is not what they run (forward hooks, state
+    read at call time, Python branches taken differently from the trace).
+    """
+    with torch.no_grad():
+        try:
+            direct = model(sample)
+            split_output = candidate(sample)
+        except Exception as error:  # noqa: BLE001 - a split that fails to run is not used
+            log.debug("affine split does not run: %s", error)
+            return False
+    if not isinstance(direct, Tensor) or not isinstance(split_output, Tensor):
+        return False
+    if direct.shape != split_output.shape:
+        return False
+    tolerance = 1e3 * torch.finfo(direct.dtype).eps if direct.is_floating_point() else 0
+    scale = direct.detach().abs().max().clamp_min(1.0)
+    return bool(((direct - split_output).abs().max() <= tolerance * scale).item())
+
+
+def pull_back(split: AffineSplit, hidden_grad: Tensor, like: Tensor) -> Tensor:
+    """J_A^T g for each row of ``hidden_grad``: (P, *H) -> (P, *F), F the features of ``like``.
+
+    The prefix is affine, so its vector-Jacobian product is the same at every point; it is
+    taken at zero, in the dtype of ``like`` (the inputs, hence the prefix's weights).
+    """
+    anchor = torch.zeros(
+        (hidden_grad.shape[0], *like.shape[1:]), dtype=like.dtype, device=like.device,
+        requires_grad=True,
+    )
+    with torch.enable_grad():
+        hidden = split.prefix(anchor)
+        (grad,) = torch.autograd.grad(hidden, anchor, grad_outputs=hidden_grad.to(hidden.dtype))
+    return grad

@@ -1,0 +1,162 @@
+"""Memory budget -> path points per chunk, and the run options that shape the chunk loop.
+
+The kernel never lays out the whole (baselines, rows, steps, *features) batch: it cuts the
+points into chunks whose activations fit a byte budget. The activation size per point is
+measured, not guessed: two small probe forwards record the bytes autograd saves for the
+backward, and their difference divided by the difference in points is the per-point cost
+(weights and other constants cancel out).
+
+On a CPU a chunk that fits the budget can still be too big to be fast: once one layer's
+activations spill out of the cache, every elementwise op streams through main memory.
+``CPU_CHUNK_BYTES`` caps the saved bytes of a CPU chunk (a few thousand points on the
+Titanic network). ``bench/test_chunks.py`` sweeps the chunk size; the sweeps made so far ran
+on a shared, loaded machine and only ruled out very small and very large chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from engine.errors import ArgumentError
+
+__all__ = ["PRECISIONS", "RunOptions", "default_memory_budget", "run_options"]
+
+log = logging.getLogger(__name__)
+
+# Autocast dtype per precision name; "tf32" is float32 storage with TensorFloat-32 matmuls
+# on CUDA (plain float32 on a CPU).
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "tf32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+CPU_BUDGET_BYTES = 1 << 30
+CUDA_FREE_FRACTION = 0.5
+CPU_CHUNK_BYTES = 8 << 20
+# Backward keeps a gradient alongside each saved activation, plus temporaries.
+BACKWARD_FACTOR = 3
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the chunk loop runs; see ``integrated_gradients`` for the meaning of each."""
+
+    memory_budget: int | None = None
+    compile: bool | str = False
+    precision: str = "fp32"
+    hoist: bool = True
+    progress: bool | None = None
+    internal_batch_size: int | None = None
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return PRECISIONS[self.precision]
+
+    @property
+    def compile_mode(self) -> str | None:
+        """torch.compile's mode, or None for eager."""
+        if self.compile is False:
+            return None
+        return "default" if self.compile is True else str(self.compile)
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def run_options(
+    memory_budget: int | None = None,
+    compile: bool | str = False,
+    precision: str = "fp32",
+    hoist: bool = True,
+    progress: bool | None = None,
+) -> RunOptions:
+    """Check the speed and memory arguments; raise ``ArgumentError`` naming the bad one."""
+    if memory_budget is not None and (
+        isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1
+    ):
+        raise ArgumentError(
+            f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}"
+        )
+    if not isinstance(compile, bool) and compile not in COMPILE_MODES:
+        raise ArgumentError(
+            f"compile must be True, False or one of {', '.join(COMPILE_MODES)}, got {compile!r}"
+        )
+    if precision not in PRECISIONS:
+        raise ArgumentError(
+            f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+        )
+    if not isinstance(hoist, bool):
+        raise ArgumentError(f"hoist must be True or False, got {hoist!r}")
+    if progress is not None and not isinstance(progress, bool):
+        raise ArgumentError(f"progress must be True, False or None, got {progress!r}")
+    return RunOptions(memory_budget, compile, precision, hoist, progress)
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes the chunk loop may use: half the free memory on CUDA, 1 GiB on a CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_FREE_FRACTION)
+    return CPU_BUDGET_BYTES
+
+
+def saved_bytes(run_forward: Callable[[], object]) -> int:
+    """Bytes of the tensors autograd saves for the backward while ``run_forward`` runs."""
+    seen: dict[tuple[int, torch.device], int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        seen[(storage.data_ptr(), tensor.device)] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run_forward()
+    return sum(seen.values())
+
+
+def choose_chunk_points(
+    bytes_per_point: float,
+    budget: int,
+    total: int,
+    n_steps: int,
+    device: torch.device,
+) -> int:
+    """Points per chunk: within the budget, cache-sized on a CPU, whole paths when possible."""
+    per_point = max(bytes_per_point, 1.0)
+    points = int(budget // (per_point * BACKWARD_FACTOR))
+    if device.type == "cpu":
+        points = min(points, int(CPU_CHUNK_BYTES // per_point))
+    points = max(1, min(points, total))
+    if points >= n_steps:
+        # Whole paths fold over the step axis without a scatter.
+        points -= points % n_steps
+    return points
+
+
+@contextlib.contextmanager
+def precision_context(options: RunOptions, device: torch.device) -> Iterator[None]:
+    """Autocast for bf16/fp16; TensorFloat-32 matmuls for tf32 on CUDA."""
+    with contextlib.ExitStack() as stack:
+        if options.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(device.type, dtype=options.autocast_dtype))
+        if options.precision == "tf32" and device.type == "cuda":
+            stack.enter_context(_tf32_matmuls())
+        yield
+
+
+@contextlib.contextmanager
+def _tf32_matmuls() -> Iterator[None]:
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

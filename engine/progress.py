@@ -1,0 +1,44 @@
+"""A progress bar over path points that appears only for long runs on a terminal."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from tqdm.auto import tqdm
+
+__all__ = ["Progress"]
+
+# Runs shorter than this never show a bar.
+SHOW_AFTER_SECONDS = 3.0
+
+
+class Progress:
+    """Counts path points; draws a tqdm bar after a few seconds when stderr is a terminal."""
+
+    def __init__(self, total: int, enabled: bool | None) -> None:
+        show = sys.stderr.isatty() if enabled is None else enabled
+        self._bar = tqdm(
+            total=total, unit="pt", unit_scale=True, desc="integrated gradients",
+            delay=SHOW_AFTER_SECONDS, disable=not show, leave=False,
+        )
+
+    def update(self, points: int) -> None:
+        self._bar.update(points)
+
+    def close(self) -> None:
+        self._bar.close()
+
+    @classmethod
+    @contextlib.contextmanager
+    def or_nested(cls, parent: Progress | None, total: int, options) -> Iterator[Progress]:
+        """``parent`` if there is one (an outer loop owns the bar), else a new bar."""
+        if parent is not None:
+            yield parent
+            return
+        bar = cls(total, options.progress)
+        try:
+            yield bar
+        finally:
+            bar.close()

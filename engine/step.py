@@ -1,0 +1,70 @@
+"""What one chunk's forward/backward runs on: frozen weights, an optional compiled model.
+
+Freezing the parameters for the duration of a run is not cosmetic: autograd skips weight
+gradients it is not asked for, but some kernels (PReLU's backward, for one) compute the
+input and weight gradients together unless the weight does not require grad.
+
+``torch.compile`` traces the model once per chunk shape; every chunk is padded to the
+planned size so that the model compiles once per run, and the compiled model is kept per
+model object so that a second run does not compile again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["compiled_model", "frozen_parameters", "pad_rows"]
+
+log = logging.getLogger(__name__)
+
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[str, Callable[..., Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def module_of(forward_func: object) -> nn.Module | None:
+    """The module behind ``forward_func``: itself, or the owner of a bound method."""
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    owner = getattr(forward_func, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+@contextlib.contextmanager
+def frozen_parameters(forward_func: object) -> Iterator[None]:
+    """Set ``requires_grad=False`` on the model's parameters, and restore them after."""
+    module = module_of(forward_func)
+    parameters = [p for p in module.parameters() if p.requires_grad] if module else []
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+
+
+def compiled_model(forward_func: Callable[..., Tensor], mode: str) -> Callable[..., Tensor]:
+    """``torch.compile(forward_func, mode=mode)`` with fixed shapes, cached per module."""
+    module = forward_func if isinstance(forward_func, nn.Module) else None
+    if module is not None and mode in _COMPILED.get(module, {}):
+        return _COMPILED[module][mode]
+    compiled = torch.compile(forward_func, mode=mode, dynamic=False)
+    if module is not None:
+        _COMPILED.setdefault(module, {})[mode] = compiled
+    log.debug("compiling %s with mode %s", type(forward_func).__name__, mode)
+    return compiled
+
+
+def pad_rows(tensors: tuple[Tensor, ...], size: int) -> tuple[Tensor, ...]:
+    """Repeat the last row of each tensor until it has ``size`` rows."""
+    return tuple(
+        torch.cat([t, t[-1:].expand(size - t.shape[0], *t.shape[1:])]) if t.shape[0] < size else t
+        for t in tensors
+    )

@@ -1,0 +1,349 @@
+"""The chunk loop's speed paths give the plain path's numbers: hoisting, planning, precision."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from engine import integrated_gradients
+from engine.core import PathProblem, _chunk_points, make_problem
+from engine.errors import ArgumentError
+from engine.hoist import fast_model, split_affine_prefix
+from engine.model import TitanicMLP
+from engine.plan import BACKWARD_FACTOR, run_options
+from engine.quadrature import quadrature_rule
+
+
+def titanic_job(order: str = "article", dtype=torch.float64, rows: int = 23, seed: int = 0):
+    torch.manual_seed(seed)
+    net = TitanicMLP(order).to(dtype).eval()
+    x = torch.rand(rows, 5, dtype=dtype)
+    baselines = torch.stack([x.mean(0), torch.rand(5, dtype=dtype), torch.zeros(5, dtype=dtype),
+                             torch.ones(5, dtype=dtype)])
+    return net, x, baselines
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected.double()).norm() / expected.double().norm())
+
+
+class RowCounter:
+    """Counts the rows a module's forward sees."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.rows = 0
+        module.register_forward_hook(self)
+
+    def __call__(self, module, args, output) -> None:
+        self.rows += args[0].shape[0]
+
+
+# ---------------------------------------------------------------------------
+# Affine prefix hoisting
+
+
+@pytest.mark.parametrize("order, layers", [("article", ("l1", "l2")), ("conventional", ("l1",))])
+def test_affine_prefix_is_found_by_tracing(order, layers):
+    split = split_affine_prefix(TitanicMLP(order).eval())
+
+    assert split is not None and split.layers == layers
+
+
+@pytest.mark.parametrize("order", ["article", "conventional"])
+@pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid"])
+def test_hoisted_equals_plain_path_in_float64(order, method):
+    net, x, baselines = titanic_job(order)
+
+    hoisted = integrated_gradients(net, x, baselines, n_steps=20, method=method, hoist=True)
+    plain = integrated_gradients(net, x, baselines, n_steps=20, method=method, hoist=False)
+
+    # Exact in exact arithmetic; float64 rounding through a 128-wide layer stays far below.
+    assert relative_error(hoisted, plain) <= 1e-12
+
+
+def test_hoisting_runs_the_prefix_once_per_row_and_baseline():
+    net, x, baselines = titanic_job()
+    counter = RowCounter(net.l2)
+
+    integrated_gradients(net, x, baselines, n_steps=50)
+
+    # 23 rows and 4 baselines, a few rows to check the split, and the pull-back; never
+    # anything like the 4 * 23 * 50 = 4600 path points.
+    assert 0 < counter.rows < 400
+
+
+def test_hoist_false_runs_the_prefix_on_every_point():
+    net, x, baselines = titanic_job()
+    counter = RowCounter(net.l2)
+
+    integrated_gradients(net, x, baselines, n_steps=50, hoist=False)
+
+    assert counter.rows >= 4 * 23 * 50
+
+
+def test_hoisted_conv_batchnorm_prefix_equals_plain_path():
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv1d(2, 6, 3, padding=1), nn.BatchNorm1d(6), nn.Conv1d(6, 4, 3), nn.Tanh(),
+        nn.Flatten(), nn.Linear(4 * 6, 3),
+    ).double()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(7, 2, 8, dtype=torch.float64)
+    baselines = torch.randn(2, 2, 8, dtype=torch.float64)
+
+    assert split_affine_prefix(model).layers == ("0", "1", "2")
+    hoisted = integrated_gradients(model, x, baselines, target=1, n_steps=15)
+    plain = integrated_gradients(model, x, baselines, target=1, n_steps=15, hoist=False)
+
+    assert relative_error(hoisted, plain) <= 1e-12
+
+
+def test_hoisted_per_row_baselines_and_targets_equal_plain_path():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Linear(32, 32), nn.ELU(), nn.Linear(32, 3))
+    model = model.double().eval()
+    x = torch.randn(9, 6, dtype=torch.float64)
+    baselines = torch.randn(3, 9, 6, dtype=torch.float64)
+    target = torch.randint(0, 3, (9,))
+
+    hoisted = integrated_gradients(model, x, baselines, target=target, n_steps=12)
+    plain = integrated_gradients(model, x, baselines, target=target, n_steps=12, hoist=False)
+
+    assert relative_error(hoisted, plain) <= 1e-12
+
+
+def test_hoisted_rows_in_blocks_under_a_small_budget_equal_plain_path():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Linear(32, 32), nn.ELU(), nn.Linear(32, 1))
+    model = model.double().eval()
+    x = torch.randn(9, 6, dtype=torch.float64)
+    baselines = torch.randn(3, 9, 6, dtype=torch.float64)
+
+    # 20 kB: a quarter budget holds the hidden rows and sums of two rows at a time.
+    blocked = integrated_gradients(model, x, baselines, n_steps=12, memory_budget=20_000)
+    plain = integrated_gradients(model, x, baselines, n_steps=12, hoist=False)
+
+    assert relative_error(blocked, plain) <= 1e-12
+
+
+class Branchy(nn.Module):
+    """A model whose forward branches on data: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.linear(x)
+        if hidden.sum() > 0:
+            hidden = torch.tanh(hidden)
+        return self.head(torch.sigmoid(hidden))
+
+
+def test_untraceable_model_falls_back_to_the_plain_path():
+    torch.manual_seed(5)
+    model = Branchy().double().eval()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    baselines = torch.zeros(1, 4, dtype=torch.float64)
+
+    assert split_affine_prefix(model) is None
+    auto = integrated_gradients(model, x, baselines, n_steps=10)
+    plain = integrated_gradients(model, x, baselines, n_steps=10, hoist=False)
+
+    assert torch.equal(auto, plain)
+
+
+def test_prefix_with_dropout_in_training_mode_is_not_hoisted():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.0), nn.Linear(8, 8), nn.Tanh(),
+                          nn.Linear(8, 1)).double()
+    model.train()
+    counter = RowCounter(model[2])
+    x = torch.randn(5, 4, dtype=torch.float64)
+
+    integrated_gradients(model, x, torch.zeros(1, 4, dtype=torch.float64), n_steps=10)
+
+    assert counter.rows >= 5 * 10
+
+
+def test_parameters_require_grad_again_after_a_run():
+    net, x, baselines = titanic_job()
+    net.l1.weight.requires_grad_(False)
+
+    integrated_gradients(net, x, baselines, n_steps=5)
+
+    assert not net.l1.weight.requires_grad
+    assert all(p.requires_grad for name, p in net.named_parameters() if name != "l1.weight")
+
+
+def test_scalar_slope_prelu_substitution_is_bit_identical():
+    net, x, _ = titanic_job("conventional", dtype=torch.float32)
+    for parameter in net.parameters():
+        parameter.requires_grad_(False)
+    fast = fast_model(net)
+    points = x.clone().requires_grad_()
+
+    expected = net(points)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), points)
+    actual = fast(points)
+    (actual_grad,) = torch.autograd.grad(actual.sum(), points)
+
+    assert torch.equal(actual, expected) and torch.equal(actual_grad, expected_grad)
+
+
+# ---------------------------------------------------------------------------
+# Chunk planning
+
+
+def planned_chunk(net, x, baselines, budget: int, n_steps: int = 50) -> tuple[int, PathProblem]:
+    problem = make_problem(x, baselines, None, None)
+    rule = quadrature_rule("gausslegendre", n_steps)
+    options = run_options(memory_budget=budget)
+    return _chunk_points(None, problem, rule, net, options), problem
+
+
+def test_planned_chunk_fits_the_memory_budget():
+    net, x, baselines = titanic_job("conventional", dtype=torch.float32)
+    budget = 2 << 20
+
+    chunk, _ = planned_chunk(net, x, baselines, budget)
+
+    # The conventional network saves at least three 128-wide float32 activations a point.
+    assert 1 <= chunk * 3 * 128 * 4 * BACKWARD_FACTOR <= budget
+
+
+def test_planned_chunk_does_not_grow_with_the_rows():
+    net, small, baselines = titanic_job("conventional", dtype=torch.float32, rows=200)
+    large = torch.rand(20_000, 5)
+
+    small_chunk, _ = planned_chunk(net, small, baselines, 4 << 20)
+    large_chunk, _ = planned_chunk(net, large, baselines, 4 << 20)
+
+    assert small_chunk == large_chunk < 4 * 20_000 * 50
+
+
+def test_planned_chunk_holds_whole_paths():
+    net, x, baselines = titanic_job("conventional", dtype=torch.float32)
+
+    chunk, _ = planned_chunk(net, x, baselines, 16 << 20, n_steps=37)
+
+    assert chunk % 37 == 0
+
+
+@pytest.mark.parametrize("budget", [1 << 18, 1 << 22, 1 << 30])
+def test_result_does_not_depend_on_the_budget(budget):
+    net, x, baselines = titanic_job("conventional")
+    reference = integrated_gradients(net, x, baselines, n_steps=20, internal_batch_size=10**6)
+
+    actual = integrated_gradients(net, x, baselines, n_steps=20, memory_budget=budget)
+
+    assert relative_error(actual, reference) <= 1e-13
+
+
+def test_chunks_cutting_paths_equal_whole_paths():
+    net, x, baselines = titanic_job("conventional")
+
+    cut = integrated_gradients(net, x, baselines, n_steps=20, internal_batch_size=33, hoist=False)
+    whole = integrated_gradients(net, x, baselines, n_steps=20, internal_batch_size=40,
+                                 hoist=False)
+
+    assert relative_error(cut, whole) <= 1e-13
+
+
+class RunsOutOfMemory(nn.Module):
+    """Raises the CUDA out-of-memory error for any batch larger than ``limit`` points."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"{x.shape[0]} points do not fit")
+        return self.net(x)
+
+
+def test_out_of_memory_halves_the_chunk_and_retries(caplog):
+    torch.manual_seed(7)
+    model = RunsOutOfMemory(limit=100).eval()
+    x = torch.randn(10, 3, dtype=torch.float64)
+    baselines = torch.zeros(1, 3, dtype=torch.float64)
+    expected = integrated_gradients(model.net, x, baselines, n_steps=20, hoist=False)
+
+    with caplog.at_level(logging.WARNING, logger="engine.core"):
+        actual = integrated_gradients(model, x, baselines, n_steps=20, internal_batch_size=200)
+
+    assert relative_error(actual, expected) <= 1e-13
+    assert "out of memory" in caplog.text and "200 -> 100" in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# Precision and compilation
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_stays_within_one_percent_of_fp32(precision):
+    net, x, baselines = titanic_job(dtype=torch.float32, rows=50)
+    reference = integrated_gradients(net, x, baselines, n_steps=50)
+
+    actual = integrated_gradients(net, x, baselines, n_steps=50, precision=precision)
+
+    # bf16 keeps 8 bits of mantissa (relative rounding 4e-3); summed over 50 steps the
+    # rounding errors average out, and the gradients are summed in float32.
+    assert actual.dtype == torch.float32
+    assert relative_error(actual, reference) <= 1e-2
+
+
+def test_tf32_on_a_cpu_is_plain_fp32():
+    net, x, baselines = titanic_job(dtype=torch.float32)
+
+    tf32 = integrated_gradients(net, x, baselines, n_steps=10, precision="tf32")
+    fp32 = integrated_gradients(net, x, baselines, n_steps=10)
+
+    assert torch.equal(tf32, fp32)
+
+
+def test_compiled_equals_eager_on_cpu():
+    net, x, baselines = titanic_job("conventional", dtype=torch.float32, rows=30)
+    eager = integrated_gradients(net, x, baselines, n_steps=16, internal_batch_size=256)
+
+    # 30 * 4 * 16 = 1920 points: the last of eight chunks is padded to the same shape.
+    compiled = integrated_gradients(net, x, baselines, n_steps=16, internal_batch_size=256,
+                                    compile=True)
+
+    # Fused kernels reorder float32 sums: agreement to float32 rounding of the layers.
+    assert relative_error(compiled, eager) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("memory_budget", -1), ("memory_budget", 1.5), ("compile", "fastest"),
+     ("precision", "fp8"), ("hoist", "yes"), ("progress", 1)],
+)
+def test_bad_speed_arguments_raise_argument_error(name, value):
+    net, x, baselines = titanic_job()
+
+    with pytest.raises(ArgumentError, match=name):
+        integrated_gradients(net, x, baselines, n_steps=5, **{name: value})
+
+
+# ---------------------------------------------------------------------------
+# Progress
+
+
+@pytest.mark.parametrize("progress, shown", [(True, True), (False, False)])
+def test_progress_bar_follows_the_progress_argument(monkeypatch, capsys, progress, shown):
+    import engine.progress
+
+    # No delay, so that even this short run would draw a bar.
+    monkeypatch.setattr(engine.progress, "SHOW_AFTER_SECONDS", 0.0)
+    net, x, baselines = titanic_job()
+
+    integrated_gradients(net, x, baselines, n_steps=5, progress=progress)
+
+    assert ("integrated gradients" in capsys.readouterr().err) is shown
