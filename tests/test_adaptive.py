@@ -115,10 +115,12 @@ def test_total_points_count_every_level():
         return model(points)
 
     result = integrated_gradients(counted, x, torch.zeros(1, 3, dtype=torch.float64),
-                                  n_steps=2, delta_tolerance=1e-9, max_steps=64)
+                                  n_steps=2, delta_tolerance=1e-9, max_steps=64,
+                                  internal_batch_size=10_000)
 
-    # Every other forward is part of an integral: the row-coupling probe (two of 2 points)
-    # and the endpoints (one per pair at x and one at the baseline).
+    # A given internal_batch_size skips the planner's probe forwards. Every other forward
+    # is part of an integral: the row-coupling probe (two of 2 points) and the endpoints
+    # (one per pair at x and one at the baseline).
     assert result.total_points == sum(calls) - 2 * 2 - 2 * 6
     assert isinstance(result, IGResult)
 
