@@ -32,6 +32,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     temp = Path(temp_name)
+    # mkstemp creates 0600; the finished file gets the mode a plain open() would give it.
+    umask = os.umask(0)
+    os.umask(umask)
+    temp.chmod(0o666 & ~umask)
     try:
         yield temp
         os.replace(temp, path)

@@ -8,7 +8,6 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import nn
 
 from engine.data import FEATURES, TitanicData, TitanicDataModule
 from engine.errors import ArgumentError, CheckpointError
+from engine.io import atomic_path
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -358,17 +358,10 @@ def save_weights(net: TitanicMLP | TitanicClassifier, path: str | Path) -> Path:
     }
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".part", dir=path.parent)
-    temporary = Path(temporary)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary, temporary.open("wb") as stream:
+        torch.save(payload, stream)
+        stream.flush()
+        os.fsync(stream.fileno())
     logger.info("saved Titanic network weights to %s", path)
     return path
 
