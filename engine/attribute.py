@@ -38,6 +38,10 @@ from engine.quadrature import METHODS, check_method
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
+# Far past where any rule stops improving; beyond it the quadrature nodes alone need
+# gigabytes, and the run would fail late instead of now.
+MAX_STEPS = 100_000
+
 
 class UsageError(EngineError, ValueError):
     """The command line asks for something impossible."""
@@ -108,7 +112,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
                          "or --data FILE --checkpoint model.pt to explain a file")
     if args.epochs < 1:
         raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
-    check_method(args.method, args.n_steps)
+    _check_shared_flags(args)
     baselines = _baseline_kinds(args.baselines)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible")
@@ -120,6 +124,17 @@ def job_config(args: argparse.Namespace) -> JobConfig:
         method=args.method, seed=args.seed, device=device, layer_order=args.layer_order,
         explain_row=args.explain_row, flip=args.flip, baselines=baselines,
     )
+
+
+def _check_shared_flags(args: argparse.Namespace) -> None:
+    """Flags both jobs read, checked before any work so that a typo costs nothing."""
+    check_method(args.method, args.n_steps)
+    if args.n_steps > MAX_STEPS:
+        raise UsageError(f"--n-steps {args.n_steps} is more than the {MAX_STEPS:,} allowed")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
+    if str(args.out).strip() in ("", "."):
+        raise UsageError(f"--out {str(args.out)!r}: name a results folder, not the current one")
 
 
 def _baseline_kinds(text: str) -> tuple[str, ...]:
@@ -173,7 +188,9 @@ def run_all(config: JobConfig) -> dict[str, object]:
         net = classifier.net.to(config.device).eval()
         survived = predict_proba(net, data.test_features.to(config.device)).cpu() >= 0.5
         truth = data.test_labels.cpu().numpy().astype(int)
-        report = classification_report(truth, survived.numpy().astype(int), digits=3)
+        report = classification_report(
+            truth, survived.numpy().astype(int), digits=3, zero_division=0
+        )
         accuracy = float((survived.numpy().astype(int) == truth).mean())
 
         inputs = data.test_features.to(config.device)
@@ -420,7 +437,7 @@ def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
                         ("--chunk-rows", args.chunk_rows)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
-    check_method(args.method, args.n_steps)
+    _check_shared_flags(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible")
     accelerator = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}[args.device]

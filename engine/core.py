@@ -620,13 +620,18 @@ def _rows_of(targets: Any, rows: slice) -> Any:
 def _forward(forward_func: Callable[..., Tensor], points: tuple[Tensor, ...], args) -> Tensor:
     try:
         output = forward_func(*points, *args)
+    except torch.OutOfMemoryError:
+        raise  # the chunk loop halves the chunk and retries
     except RuntimeError as error:
-        if "device" not in str(error):
-            raise
-        first_line = str(error).strip().splitlines()[0]
-        raise ArgumentError(
-            f"the model failed on inputs on {points[0].device}: {first_line} (move the model "
-            "and every tensor it uses to the inputs' device)"
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if "device" in first_line:
+            raise ArgumentError(
+                f"the model failed on inputs on {points[0].device}: {first_line} (move the "
+                "model and every tensor it uses to the inputs' device)"
+            ) from error
+        shapes = ", ".join(str(tuple(p.shape)) for p in points)
+        raise ModelError(
+            f"the model failed on path points of shape {shapes}: {first_line}"
         ) from error
     if not isinstance(output, Tensor):
         raise ModelError(f"the model must return a Tensor, got {type(output).__name__}")
@@ -893,7 +898,7 @@ def _as_targets(target: TargetArg, n_rows: int, device: torch.device) -> Any:
     """None, a tuple index for every row, or a (N, k) long tensor: one index per row."""
     if target is None:
         return None
-    if isinstance(target, bool):
+    if isinstance(target, (bool, str, bytes, float)):
         raise ArgumentError(f"target must be an int, a tuple or one int per row, got {target!r}")
     if isinstance(target, int):
         return (target,)

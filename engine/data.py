@@ -8,6 +8,7 @@ position (which shares one row between train and test).
 
 from __future__ import annotations
 
+import csv
 import http.client
 import io
 import logging
@@ -240,7 +241,24 @@ def _load(path: Path, *, label: str) -> pd.DataFrame:
         frame = pd.read_csv(io.StringIO(text))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
         raise DataError(f"{label}: not a readable CSV ({_one_line(err)})") from err
+    _check_field_counts(text, label)
     return _checked(frame, label)
+
+
+def _check_field_counts(text: str, label: str) -> None:
+    """Refuse records with fewer fields than the header: pandas would fill them with NaN,
+    and the median fill would then invent a passenger."""
+    records = csv.reader(io.StringIO(text))
+    try:
+        header = next(records, [])
+        for record_number, record in enumerate(records, start=1):
+            if record and len(record) < len(header):
+                raise DataError(
+                    f"{label}: row {record_number} (line {records.line_num}) has "
+                    f"{len(record)} fields, the header has {len(header)}"
+                )
+    except csv.Error as err:
+        raise DataError(f"{label}: not a readable CSV ({_one_line(err)})") from err
 
 
 def _check_line_lengths(raw: bytes, label: str) -> None:

@@ -309,3 +309,18 @@ def test_every_argument_form_runs_on_cuda_like_on_cpu():
     torch.testing.assert_close(on_gpu.attributions.cpu(), on_cpu.attributions,
                                rtol=1e-10, atol=1e-12)
     assert torch.equal(on_gpu.n_steps.cpu(), on_cpu.n_steps)
+
+
+def test_a_model_that_rejects_the_input_shape_is_named_in_one_line():
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
+
+    with pytest.raises(ModelError, match=r"path points of shape \(\d+, 5\): mat1 and mat2") as info:
+        integrated_gradients(model, torch.randn(3, 5))
+
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("target", ["a", 1.0])
+def test_a_target_that_is_not_an_index_is_refused(target):
+    with pytest.raises(ArgumentError, match="target must be an int"):
+        integrated_gradients(nn.Linear(3, 2), torch.randn(2, 3), target=target)

@@ -478,3 +478,33 @@ def test_cut_checkpoint_is_one_line_checkpoint_error(tmp_path, keep):
         load_weights(cut)
 
     assert "\n" not in str(err.value) and "cut.pt" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [
+        (["--n-steps", "1000000000"], ["--n-steps", "100,000"]),
+        (["--seed", "-5"], ["--seed", "-5"]),
+        (["--seed", str(2**64)], ["--seed"]),
+        (["--out="], ["--out", "current"]),
+    ],
+    ids=["huge-n-steps", "negative-seed", "huge-seed", "empty-out"],
+)
+def test_flags_out_of_range_are_refused_before_any_work(tmp_path, capsys, monkeypatch, flags,
+                                                       names):
+    monkeypatch.chdir(tmp_path)
+
+    status, err = run_main(capsys, *flags)
+
+    assert_refused(status, err, tmp_path, *names)
+
+
+def test_a_row_with_missing_fields_is_refused_naming_its_line(tmp_path, capsys, titanic_csv):
+    lines = titanic_csv.read_text().splitlines(keepends=True)
+    lines[5] = "5,0,3\n"
+    short = tmp_path / "short_row.csv"
+    short.write_text("".join(lines))
+
+    status, err = run_main(capsys, "--data", str(short), "--out", str(tmp_path / "results"))
+
+    assert_refused(status, err, tmp_path, "short_row.csv", "line 6", "3 fields")
