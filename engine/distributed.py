@@ -20,8 +20,7 @@ import logging
 import os
 import sys
 import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from engine.core import integrated_gradients
 from engine.data import FEATURES, SEX_CODES, _check_ids, _check_sex, _decode, _numeric
 from engine.errors import ArgumentError, DataError
 from engine.io import OutputDir, tidy_attributions, tidy_deltas
-from engine.model import TitanicMLP
+from engine.model import TitanicMLP, quiet_lightning
 from engine.quadrature import check_method
 from engine.store import ChunkStore, RowChunk, plan_chunks
 
@@ -57,11 +56,6 @@ log = logging.getLogger(__name__)
 OUTPUT_FORMATS = ("csv", "parquet")
 TABLES = ("interpretation_results", "convergence")
 STORE_NAME = ".chunks"
-
-_LIGHTNING_LOGGERS = (
-    "lightning.pytorch", "pytorch_lightning", "lightning.fabric", "lightning_fabric",
-)
-
 
 # ---------------------------------------------------------------------------
 # Rows to explain, scaled as the model was trained
@@ -456,23 +450,10 @@ def _trainer(job: AttributionJob) -> pl.Trainer:
         )
 
 
-@contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Keep Lightning's start-up chatter and data-loader advice off the terminal."""
-    saved = {name: logging.getLogger(name).level for name in _LIGHTNING_LOGGERS}
-    for name in _LIGHTNING_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            # Chunks are slices of a tensor in memory: loader workers would only add start-up.
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            # A rank whose chunks are all done from an earlier run has nothing to predict.
-            warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-            yield
-    finally:
-        for name, level in saved.items():
-            logging.getLogger(name).setLevel(level)
+def _quiet_lightning() -> contextlib.AbstractContextManager[None]:
+    """Lightning kept quiet, and a rank whose chunks were all done earlier left in peace:
+    it has nothing to predict."""
+    return quiet_lightning(".*Total length of .* across ranks is zero.*")
 
 
 # ---------------------------------------------------------------------------

@@ -212,7 +212,7 @@ def train_titanic(
     if progress is None:
         progress = sys.stderr.isatty() and not os.environ.get("CI")
 
-    with _quiet_lightning(), _restored_determinism():
+    with quiet_lightning(), _restored_determinism():
         # Seeding first makes the initial weights part of what the seed fixes.
         pl.seed_everything(seed, workers=True)
         module = TitanicClassifier(layer_order=layer_order)
@@ -240,7 +240,7 @@ def train_titanic(
 
 
 @contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
+def quiet_lightning(*messages: str) -> Iterator[None]:
     """Hide Lightning's info chatter and its warning about data loader workers.
 
     The data fit in memory and batches are slices of one tensor, so worker
@@ -255,6 +255,9 @@ def _quiet_lightning() -> Iterator[None]:
             # Lightning 2.6 on a newer torch reports its own use of a deprecated
             # pytree class; nothing a user can act on.
             warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            # Callers add warnings of their own that nobody can act on.
+            for message in messages:
+                warnings.filterwarnings("ignore", message=message)
             yield
     finally:
         for name, level in saved.items():
