@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 from engine.baselines import BASELINE_KINDS, make_baselines
@@ -380,6 +381,8 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
     passenger_ids = frame["PassengerId"].to_numpy().astype(np.int64)
     baselines = make_baselines(BASELINE_KINDS, job.scaling.mean_baseline(), seed=job.seed)
 
+    # Lightning checks the strategy and devices here: before anything touches --out.
+    trainer = _trainer(job)
     config = job.store_config(len(frame), net.layer_order, baselines)
     store = ChunkStore(job.out / STORE_NAME, config, plan_chunks(len(frame), job.chunk_rows),
                        BASELINE_KINDS)
@@ -391,7 +394,6 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
         net, features, passenger_ids, baselines, store, n_steps=job.n_steps,
         method=job.method, internal_batch_size=job.internal_batch_size,
     )
-    trainer = _trainer(job)
     started = time.perf_counter()
     with _quiet_lightning():
         trainer.predict(module, return_predictions=False)
@@ -433,21 +435,29 @@ def _check_pyarrow() -> None:
 
 def _trainer(job: AttributionJob) -> pl.Trainer:
     progress = sys.stderr.isatty() and not os.environ.get("CI")
-    with _quiet_lightning():
-        return pl.Trainer(
-            accelerator=job.accelerator,
-            devices=job.devices,
-            strategy=job.strategy,
-            num_nodes=job.num_nodes,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=progress,
-            # Gradients along the path need autograd: no inference mode in predict.
-            inference_mode=False,
-            # The module deals out chunks itself; a distributed sampler would pad.
-            use_distributed_sampler=False,
-        )
+    try:
+        with _quiet_lightning():
+            return pl.Trainer(
+                accelerator=job.accelerator,
+                devices=job.devices,
+                strategy=job.strategy,
+                num_nodes=job.num_nodes,
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=progress,
+                # Gradients along the path need autograd: no inference mode in predict.
+                inference_mode=False,
+                # The module deals out chunks itself; a distributed sampler would pad.
+                use_distributed_sampler=False,
+            )
+    except (ValueError, MisconfigurationException) as error:
+        # Lightning checks the strategy/devices/accelerator combination here.
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ArgumentError(
+            f"Lightning refused --strategy {job.strategy!r} with {job.devices} device(s) on "
+            f"{job.accelerator}: {reason}"
+        ) from error
 
 
 def _quiet_lightning() -> contextlib.AbstractContextManager[None]:

@@ -270,3 +270,18 @@ def test_cuda_run_agrees_with_the_cpu_run(tmp_path, rows_csv, checkpoint, titani
     cuda = pd.read_csv(tmp_path / "cuda" / "interpretation_results.csv")
     # TF32 is off by default for matmuls; float32 kernels differ in summation order only.
     np.testing.assert_allclose(cuda["value"], cpu["value"], rtol=0, atol=1e-5)
+
+
+def test_a_strategy_lightning_does_not_know_is_one_line_exit_two(tmp_path, checkpoint,
+                                                                 titanic_csv):
+    completed = subprocess.run(
+        [sys.executable, "-m", "engine.attribute", "--data", str(titanic_csv),
+         "--checkpoint", str(checkpoint), "--strategy", "bogus",
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env=os.environ.copy(),
+    )
+
+    assert completed.returncode == 2, completed.stderr
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'bogus'" in lines[0]
+    assert not (tmp_path / "out").exists()
