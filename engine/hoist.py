@@ -12,10 +12,14 @@ The split is found with ``torch.fx``: follow the input through call_module nodes
 is affine and feeds only the next. A model that does not trace, or whose traced split does
 not reproduce its own outputs on a few rows, is not hoisted.
 
-The traced rest of the model also gets one kernel substitution: a PReLU with a single
-slope runs as ``leaky_relu`` with that slope on a CPU. Values and gradients are the same
-bit for bit, but PReLU's CPU backward always computes the slope's gradient too, through a
-slow reduction that costs 20x the whole rest of the backward on the article's network.
+The traced rest of the model also gets two kernel substitutions, both with the same values
+and gradients bit for bit:
+
+- a PReLU with a single slope runs as ``leaky_relu`` with that slope on a CPU: PReLU's
+  CPU backward always computes the slope's gradient too, through a slow reduction that
+  costs 20x the whole rest of the backward on the article's network;
+- a ``Linear(n, 1)`` takes its input gradient as a broadcast product instead of a matrix
+  product with an inner dimension of 1.
 """
 
 from __future__ import annotations
@@ -146,14 +150,65 @@ class _ScalarSlopePReLU(nn.Module):
         return nn.functional.leaky_relu(x, float(weight))
 
 
+class _RowDot(torch.autograd.Function):
+    """``linear(x, weight, bias)`` for one output, with the input gradient as a broadcast.
+
+    Autograd's Linear backward takes ``grad @ weight``, a matrix product with an inner
+    dimension of 1 that BLAS runs several times slower than the elementwise product it
+    equals (each entry is one multiplication, so the two agree bit for bit).
+    """
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 - autograd's signature
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205 - autograd's signature
+        (weight,) = ctx.saved_tensors
+        return grad * weight, None, None
+
+
+class _SingleOutputLinear(nn.Module):
+    """A ``Linear(n, 1)`` whose input gradient is a broadcast product (see ``_RowDot``).
+
+    Under ``torch.compile`` it is written as a product and a sum over features, which the
+    compiler fuses with the layers around it instead of calling a matrix product.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.linear.weight, self.linear.bias
+        if torch.compiler.is_compiling():
+            product = (x * weight[0]).sum(-1, keepdim=True)
+            return product if bias is None else product + bias
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            return self.linear(x)
+        return _RowDot.apply(x, weight, bias)
+
+
+def _substitute(module: nn.Module) -> nn.Module | None:
+    if isinstance(module, nn.PReLU) and module.weight.numel() == 1:
+        return _ScalarSlopePReLU(module)
+    if type(module) is nn.Linear and module.out_features == 1:
+        return _SingleOutputLinear(module)
+    return None
+
+
 def _substitute_kernels(graph_module: fx.GraphModule) -> None:
     for node in graph_module.graph.nodes:
         if node.op != "call_module":
             continue
-        module = graph_module.get_submodule(str(node.target))
-        if isinstance(module, nn.PReLU) and module.weight.numel() == 1:
-            name = f"scalar_slope_{str(node.target).replace('.', '_')}"
-            graph_module.add_submodule(name, _ScalarSlopePReLU(module))
+        replacement = _substitute(graph_module.get_submodule(str(node.target)))
+        if replacement is not None:
+            name = f"fast_{str(node.target).replace('.', '_')}"
+            graph_module.add_submodule(name, replacement)
             node.target = name
     graph_module.recompile()
 
@@ -168,7 +223,7 @@ def fast_model(model: object) -> nn.Module | None:
     if model in _FAST:
         return _FAST[model]
     fast = None
-    if any(isinstance(m, nn.PReLU) and m.weight.numel() == 1 for m in model.modules()):
+    if any(_substitute(m) is not None for m in model.modules()):
         try:
             fast = fx.symbolic_trace(model)
             _substitute_kernels(fast)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["compiled_model", "frozen_parameters", "pad_rows"]
+__all__ = ["compiled_model", "frozen_parameters", "memo", "pad_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,35 @@ def frozen_parameters(forward_func: object) -> Iterator[None]:
     finally:
         for parameter in parameters:
             parameter.requires_grad_(True)
+
+
+_MEMO: weakref.WeakKeyDictionary[nn.Module, dict[object, object]] = weakref.WeakKeyDictionary()
+
+
+def memo(forward_func: object, key: object, compute: Callable[[], object]) -> object:
+    """``compute()``, remembered per module while the module's layout is unchanged.
+
+    For facts about a model that cost a forward to learn and do not depend on its weights
+    (activation bytes per point, whether rows interact). The memo is keyed by ``key`` and
+    by which submodules the model has, whether each is in training mode and how many
+    forward hooks each has, so swapping a layer, adding a hook or calling ``.train()``
+    measures again. Plain functions are never memoised.
+    """
+    module = forward_func if isinstance(forward_func, nn.Module) else None
+    if module is None:
+        return compute()
+    layout = tuple(
+        (id(m), m.training, len(m._forward_hooks), len(m._forward_pre_hooks))
+        for m in module.modules()
+    )
+    table = _MEMO.setdefault(module, {})
+    full_key = (key, layout)
+    if full_key not in table:
+        value = compute()
+        if len(table) > 64:
+            table.clear()
+        table[full_key] = value
+    return table[full_key]
 
 
 def compiled_model(forward_func: Callable[..., Tensor], mode: str) -> Callable[..., Tensor]:
