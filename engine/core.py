@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.errors import ArgumentError, ModelError
+from engine.fused import compiled_whole_paths
 from engine.hoist import (
     AffineSplit,
     fast_model,
@@ -35,13 +36,14 @@ from engine.plan import (
     RunOptions,
     choose_chunk_points,
     default_memory_budget,
+    matmul_context,
     precision_context,
     run_options,
     saved_bytes,
 )
 from engine.progress import Progress
 from engine.quadrature import QuadratureRule, quadrature_rule
-from engine.step import compiled_model, frozen_parameters, pad_rows
+from engine.step import compiled_model, frozen_parameters, memo, pad_rows
 
 __all__ = ["integrated_gradients"]
 
@@ -332,7 +334,14 @@ def _planned_chunk_points(
         with torch.enable_grad():
             return saved_bytes(run)
 
-    activation = (probe(PROBE_POINTS) - probe(PROBE_POINTS // 2)) / (PROBE_POINTS // 2)
+    def measure() -> float:
+        return (probe(PROBE_POINTS) - probe(PROBE_POINTS // 2)) / (PROBE_POINTS // 2)
+
+    if problem.forward_args:
+        activation = measure()
+    else:
+        key = ("activation", _input_layout(problem), options.precision)
+        activation = float(memo(forward_func, key, measure))
     point_bytes = sum(x[0].numel() * x.element_size() for x in problem.inputs)
     # Points, their gradients and the weighted copy live next to the activations.
     per_point = max(activation, 0.0) + 3 * point_bytes
@@ -391,14 +400,19 @@ def _integrate_points(
         torch.zeros((n_pairs, *x.shape[1:]), dtype=_accumulate_dtype(x), device=device)
         for x in problem.inputs
     ]
-    alphas = torch.as_tensor(rule.alphas, dtype=torch.float64, device=device)
-    weights = [torch.as_tensor(rule.weights, device=device).to(s.dtype) for s in sums]
-    step_fn = chunk_step(forward_func, problem, options, chunk_points)
+    alphas = torch.tensor(rule.alphas, dtype=torch.float64, device=device)
+    weights = [torch.tensor(rule.weights, device=device).to(s.dtype) for s in sums]
     log.debug(
         "integrate: %d pairs x %d steps = %d points in chunks of %d (%s, %s)",
         n_pairs, n_steps, total, chunk_points, options.precision,
         "compiled" if options.compile_mode else "eager",
     )
+    if options.compile_mode and chunk_points >= n_steps and _fusable(problem, sums):
+        done = _integrate_fused(forward_func, problem, sums, alphas, weights[0], chunk_points,
+                                options, progress)
+        if done:
+            return _as_pair_grid(problem, sums)
+    step_fn = chunk_step(forward_func, problem, options, chunk_points)
 
     with Progress.or_nested(progress, total, options) as bar:
         start = 0
@@ -413,10 +427,100 @@ def _integrate_points(
             bar.update(stop - start)
             start = stop
 
+    return _as_pair_grid(problem, sums)
+
+
+def _as_pair_grid(problem: PathProblem, sums: list[Tensor]) -> tuple[Tensor, ...]:
     return tuple(
         grad_sum.view(problem.n_baselines, problem.n_rows, *grad_sum.shape[1:])
         for grad_sum in sums
     )
+
+
+def _fusable(problem: PathProblem, sums: list[Tensor]) -> bool:
+    # One weight tensor serves every input: their sums must share a dtype.
+    return len({s.dtype for s in sums}) == 1
+
+
+def _integrate_fused(
+    forward_func: Callable[..., Tensor],
+    problem: PathProblem,
+    sums: list[Tensor],
+    alphas: Tensor,
+    weights: Tensor,
+    chunk_points: int,
+    options: RunOptions,
+    progress: Progress | None,
+) -> bool:
+    """Whole-path chunks through one compiled graph each (see engine.fused); adds into ``sums``.
+
+    Returns False, having added nothing, when the first chunk does not compile; the caller
+    then runs the per-point loop.
+    """
+    device = alphas.device
+    n_steps = alphas.shape[0]
+    n_pairs = problem.n_baselines * problem.n_rows
+    _check_selection(forward_func, problem)
+    pairs_per_chunk = max(1, chunk_points // n_steps)
+    fused = compiled_whole_paths(options.compile_mode)
+    compiled_once = False
+
+    with Progress.or_nested(progress, n_pairs * n_steps, options) as bar:
+        first = 0
+        while first < n_pairs:
+            count = min(pairs_per_chunk, n_pairs - first)
+            pairs = torch.arange(first, first + count, device=device)
+            if count < pairs_per_chunk:
+                # One shape for every chunk: pad with copies of the last pair.
+                pairs = torch.cat([pairs, pairs[-1:].expand(pairs_per_chunk - count)])
+            rows = pairs % problem.n_rows
+            point_rows = rows.repeat_interleave(n_steps)
+            base_index = problem.baseline_index(pairs)
+            targets = problem.targets
+            if isinstance(targets, Tensor):
+                targets = targets[point_rows.to(targets.device)].to(device)
+            try:
+                # no_grad outside: torch.func.grad still differentiates inside, but
+                # nothing links the sums to weights that require grad.
+                with matmul_context(options, device), torch.no_grad():
+                    grads, selected = fused(
+                        forward_func,
+                        tuple(x[rows] for x in problem.inputs),
+                        tuple(base.flatten(0, 1)[base_index] for base in problem.baselines),
+                        alphas, weights, problem.args_for(point_rows), targets,
+                        options.autocast_dtype,
+                    )
+            except torch.OutOfMemoryError:
+                pairs_per_chunk = _halved(pairs_per_chunk * n_steps, n_steps, device) // n_steps
+                pairs_per_chunk = max(1, pairs_per_chunk)
+                continue
+            except (ArgumentError, ModelError, KeyboardInterrupt):
+                raise
+            except Exception as error:  # noqa: BLE001 - the per-point loop still works
+                if compiled_once:
+                    raise
+                log.info("whole-path compile failed (%s); compiling the model alone",
+                         str(error).strip().splitlines()[0] if str(error).strip() else
+                         type(error).__name__)
+                return False
+            compiled_once = True
+            _refuse_non_finite(selected[:count].reshape(-1), point_rows[: count * n_steps])
+            for grad_sum, grad in zip(sums, grads):
+                grad_sum[first : first + count] += grad[:count]
+            bar.update(count * n_steps)
+            first += count
+    return True
+
+
+def _check_selection(forward_func: Callable[..., Tensor], problem: PathProblem) -> None:
+    """Run ``problem.select`` eagerly on one point, so that target errors read as usual."""
+    device = problem.inputs[0].device
+    pair = torch.zeros(1, dtype=torch.long, device=device)
+    alphas = torch.ones(1, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        output = _forward(forward_func, problem.path_points(pair, alphas),
+                          problem.args_for(pair % problem.n_rows))
+    problem.select(output, pair % problem.n_rows)
 
 
 def _halved(chunk_points: int, n_steps: int, device: torch.device) -> int:
@@ -693,13 +797,25 @@ def check_independent_rows(
     probe: the first row's input is evaluated beside two different partners, and its
     output must not change. ``allow`` turns the refusal into a logged warning.
     """
+    def probe() -> bool:
+        _probe_row_coupling(forward_func, problem)
+        return True
+
     try:
         refuse_coupled_rows(forward_func)
-        _probe_row_coupling(forward_func, problem)
+        if problem.forward_args:
+            probe()
+        else:
+            # A model that passed once passes again until its layers or modes change.
+            memo(forward_func, ("independent rows", _input_layout(problem)), probe)
     except ModelError as error:
         if not allow:
             raise
         log.warning("allow_coupled_rows=True: %s; attributions are not per-row IG", error)
+
+
+def _input_layout(problem: PathProblem) -> tuple[object, ...]:
+    return tuple((tuple(x.shape[1:]), x.dtype, x.device) for x in problem.inputs)
 
 
 def _probe_row_coupling(forward_func: Callable[..., Tensor], problem: PathProblem) -> None:

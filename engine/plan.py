@@ -153,6 +153,15 @@ def precision_context(options: RunOptions, device: torch.device) -> Iterator[Non
 
 
 @contextlib.contextmanager
+def matmul_context(options: RunOptions, device: torch.device) -> Iterator[None]:
+    """TensorFloat-32 matmuls for tf32 on CUDA; nothing otherwise (autocast is separate)."""
+    with contextlib.ExitStack() as stack:
+        if options.precision == "tf32" and device.type == "cuda":
+            stack.enter_context(_tf32_matmuls())
+        yield
+
+
+@contextlib.contextmanager
 def _tf32_matmuls() -> Iterator[None]:
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

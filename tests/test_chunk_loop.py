@@ -322,6 +322,83 @@ def test_compiled_equals_eager_on_cpu():
     assert relative_error(compiled, eager) <= 1e-5
 
 
+def test_compiled_whole_paths_handle_targets_tuples_and_forward_args():
+    # Two inputs, a per-row extra argument, per-row targets, per-row baselines, and 7
+    # pairs in chunks of 3: the last chunk is padded. float64 so that only the fused
+    # kernels' summation order differs.
+    torch.manual_seed(5)
+    left, right = nn.Linear(3, 8).double(), nn.Linear(2, 8).double()
+
+    def model(a, b, scale):
+        return torch.tanh(left(a) + right(b)) * scale.unsqueeze(1)
+
+    a, b = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
+    bases = (torch.randn(1, 7, 3, dtype=torch.float64), torch.zeros(1, 7, 2, dtype=torch.float64))
+    scale = torch.rand(7, dtype=torch.float64) + 0.5
+    target = [0, 3, 7, 1, 2, 5, 4]
+    kwargs = dict(target=target, additional_forward_args=(scale,), n_steps=6,
+                  internal_batch_size=18)
+
+    eager = integrated_gradients(model, (a, b), bases, **kwargs)
+    compiled = integrated_gradients(model, (a, b), bases, compile=True, **kwargs)
+
+    for got, want in zip(compiled, eager):
+        assert relative_error(got, want) <= 1e-12
+
+
+def test_compiled_whole_paths_compile_once_for_every_chunk(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    from engine import fused
+
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    torch._dynamo.reset()
+    counters.clear()
+    net, x, baselines = titanic_job("article", dtype=torch.float32, rows=11)
+
+    # 44 pairs in chunks of 5: nine chunks, the last padded from 4 pairs.
+    integrated_gradients(net, x, baselines, n_steps=8, internal_batch_size=40, compile=True)
+
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_compiled_whole_paths_fall_back_when_they_do_not_compile(monkeypatch, caplog):
+    from engine import core
+
+    def broken(mode):
+        def fail(*args, **kwargs):
+            raise RuntimeError("functorch cannot differentiate this model")
+
+        return fail
+
+    monkeypatch.setattr(core, "compiled_whole_paths", broken)
+    net, x, baselines = titanic_job("conventional", dtype=torch.float64, rows=9)
+    eager = integrated_gradients(net, x, baselines, n_steps=8)
+
+    with caplog.at_level(logging.INFO, logger="engine.core"):
+        compiled = integrated_gradients(net, x, baselines, n_steps=8, compile=True,
+                                        hoist=False, internal_batch_size=40)
+
+    assert "whole-path compile failed (functorch cannot differentiate" in caplog.text
+    assert relative_error(compiled, eager) <= 1e-12
+
+
+def test_compiled_whole_paths_refuse_bad_targets_and_non_finite_outputs():
+    from engine.errors import ModelError
+
+    net = nn.Sequential(nn.Linear(3, 2)).double().eval()
+    x = torch.randn(4, 3, dtype=torch.float64)
+
+    with pytest.raises(ArgumentError, match="target 2 is out of range"):
+        integrated_gradients(net, x, target=2, compile=True, hoist=False)
+
+    def log_of_first(points):
+        return torch.log(points[:, 0] - 0.5)
+
+    with pytest.raises(ModelError, match="non-finite"):
+        integrated_gradients(log_of_first, torch.rand(4, 3, dtype=torch.float64), compile=True)
+
+
 @pytest.mark.parametrize(
     "name, value",
     [("memory_budget", -1), ("memory_budget", 1.5), ("compile", "fastest"),
