@@ -345,7 +345,8 @@ def _planned_chunk_points(
     point_bytes = sum(x[0].numel() * x.element_size() for x in problem.inputs)
     # Points, their gradients and the weighted copy live next to the activations.
     per_point = max(activation, 0.0) + 3 * point_bytes
-    chunk = choose_chunk_points(per_point, budget, total, rule.n_steps, device)
+    chunk = choose_chunk_points(per_point, budget, total, rule.n_steps, device,
+                                fused=options.compile_mode is not None)
     log.debug(
         "plan: %.0f bytes per point, budget %d bytes on %s -> %d points per chunk",
         per_point, budget, device, chunk,
@@ -379,9 +380,19 @@ def _fast(forward_func: Callable[..., Tensor], problem: PathProblem) -> Callable
     fast = fast_model(forward_func)
     if fast is None or len(problem.inputs) != 1 or problem.forward_args:
         return forward_func
-    if not reproduces(fast, forward_func, problem.inputs[0][:HOIST_CHECK_ROWS]):
+    if not _reproduces("kernel substitution", fast, forward_func, problem):
         return forward_func
     return fast
+
+
+def _reproduces(what: str, candidate: Callable[[Tensor], Tensor],
+                model: Callable[..., Tensor], problem: PathProblem) -> bool:
+    """``reproduces`` on the first rows, remembered while the model's layout is unchanged."""
+
+    def check() -> bool:
+        return reproduces(candidate, model, problem.inputs[0][:HOIST_CHECK_ROWS])
+
+    return bool(memo(model, ("reproduces", what, _input_layout(problem)), check))
 
 
 def _integrate_points(
@@ -517,10 +528,20 @@ def _check_selection(forward_func: Callable[..., Tensor], problem: PathProblem) 
     device = problem.inputs[0].device
     pair = torch.zeros(1, dtype=torch.long, device=device)
     alphas = torch.ones(1, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        output = _forward(forward_func, problem.path_points(pair, alphas),
-                          problem.args_for(pair % problem.n_rows))
-    problem.select(output, pair % problem.n_rows)
+
+    def check() -> bool:
+        with torch.no_grad():
+            output = _forward(forward_func, problem.path_points(pair, alphas),
+                              problem.args_for(pair % problem.n_rows))
+        problem.select(output, pair % problem.n_rows)
+        return True
+
+    if problem.forward_args:
+        check()
+        return
+    # Valid targets stay valid while the model's layout is unchanged.
+    kind = None if problem.targets is None else type(problem.targets).__name__
+    memo(forward_func, ("selection", _input_layout(problem), kind, problem.target_range), check)
 
 
 def _halved(chunk_points: int, n_steps: int, device: torch.device) -> int:
@@ -652,7 +673,7 @@ def _usable_split(
     split = split_affine_prefix(forward_func)
     if split is None or not split.is_affine_now():
         return None
-    if not reproduces(split.run, forward_func, problem.inputs[0][:HOIST_CHECK_ROWS]):
+    if not _reproduces("affine split", split.run, forward_func, problem):
         log.debug("affine prefix not hoisted: the split does not reproduce the model")
         return None
     return split

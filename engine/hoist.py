@@ -25,12 +25,13 @@ and gradients bit for bit:
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, fx, nn
+
+from engine.step import memo
 
 __all__ = ["AffineSplit", "fast_model", "pull_back", "reproduces", "split_affine_prefix"]
 
@@ -42,8 +43,6 @@ _LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
 _AFFINE_IN_EVAL = (nn.modules.batchnorm._BatchNorm, nn.Dropout)
 _SHAPE_ONLY = (nn.Identity, nn.Flatten)
 
-_FAST: weakref.WeakKeyDictionary[nn.Module, nn.Module | None] = weakref.WeakKeyDictionary()
-_SPLITS: weakref.WeakKeyDictionary[nn.Module, AffineSplit | None] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -72,21 +71,21 @@ class AffineSplit:
 def split_affine_prefix(model: object) -> AffineSplit | None:
     """The model's leading affine layers and the rest, or None when there are none.
 
-    Traces ``model`` with ``torch.fx`` once per model object; a model that is not an
-    ``nn.Module``, does not trace, or has no leading affine layer gives None.
+    Traces ``model`` with ``torch.fx`` once per model object and layout (see
+    ``engine.step.memo``); a model that is not an ``nn.Module``, does not trace, or has no
+    leading affine layer gives None.
     """
     if not isinstance(model, nn.Module) or isinstance(model, fx.GraphModule):
         return None
-    if model in _SPLITS:
-        return _SPLITS[model]
-    try:
-        split = _split(model)
-    except Exception as error:  # noqa: BLE001 - any tracing failure means "do not hoist"
-        log.debug("no affine prefix hoisting: %s does not trace (%s)", type(model).__name__,
-                  str(error).splitlines()[0] if str(error) else type(error).__name__)
-        split = None
-    _SPLITS[model] = split
-    return split
+    def trace() -> AffineSplit | None:
+        try:
+            return _split(model)
+        except Exception as error:  # noqa: BLE001 - any tracing failure means "do not hoist"
+            log.debug("no affine prefix hoisting: %s does not trace (%s)", type(model).__name__,
+                      str(error).splitlines()[0] if str(error) else type(error).__name__)
+            return None
+
+    return memo(model, "affine split", trace)
 
 
 def _split(model: nn.Module) -> AffineSplit | None:
@@ -220,19 +219,19 @@ def fast_model(model: object) -> nn.Module | None:
     """
     if not isinstance(model, nn.Module) or isinstance(model, fx.GraphModule):
         return None
-    if model in _FAST:
-        return _FAST[model]
-    fast = None
-    if any(_substitute(m) is not None for m in model.modules()):
+    def trace() -> nn.Module | None:
+        if not any(_substitute(m) is not None for m in model.modules()):
+            return None
         try:
             fast = fx.symbolic_trace(model)
             _substitute_kernels(fast)
         except Exception as error:  # noqa: BLE001 - any tracing failure: run the model as is
             log.debug("no kernel substitution: %s does not trace (%s)",
                       type(model).__name__, type(error).__name__)
-            fast = None
-    _FAST[model] = fast
-    return fast
+            return None
+        return fast
+
+    return memo(model, "kernel substitution", trace)
 
 
 def reproduces(

@@ -41,6 +41,9 @@ PRECISIONS: dict[str, torch.dtype | None] = {
 CPU_BUDGET_BYTES = 1 << 30
 CUDA_FREE_FRACTION = 0.5
 CPU_CHUNK_BYTES = 8 << 20
+# Compiled whole-path chunks keep most activations in registers; their per-call overhead
+# favours larger chunks (the Titanic job: 12k-36k points about equal, 4k points 1.4x slower).
+FUSED_CPU_CHUNK_BYTES = 32 << 20
 # Backward keeps a gradient alongside each saved activation, plus temporaries.
 BACKWARD_FACTOR = 3
 
@@ -128,12 +131,17 @@ def choose_chunk_points(
     total: int,
     n_steps: int,
     device: torch.device,
+    fused: bool = False,
 ) -> int:
-    """Points per chunk: within the budget, cache-sized on a CPU, whole paths when possible."""
+    """Points per chunk: within the budget, cache-sized on a CPU, whole paths when possible.
+
+    ``fused``: the chunks run as compiled whole-path graphs, which allow larger chunks.
+    """
     per_point = max(bytes_per_point, 1.0)
     points = int(budget // (per_point * BACKWARD_FACTOR))
     if device.type == "cpu":
-        points = min(points, int(CPU_CHUNK_BYTES // per_point))
+        cap = FUSED_CPU_CHUNK_BYTES if fused else CPU_CHUNK_BYTES
+        points = min(points, int(cap // per_point))
     points = max(1, min(points, total))
     if points >= n_steps:
         # Whole paths fold over the step axis without a scatter.

@@ -426,3 +426,18 @@ def test_progress_bar_follows_the_progress_argument(monkeypatch, capsys, progres
     integrated_gradients(net, x, baselines, n_steps=5, progress=progress)
 
     assert ("integrated gradients" in capsys.readouterr().err) is shown
+
+
+def test_a_swapped_layer_is_traced_again():
+    net, x, baselines = titanic_job("article")
+    before = integrated_gradients(net, x, baselines, n_steps=10)
+    torch.manual_seed(99)
+    net.l2 = nn.Linear(128, 128).double()
+
+    after = integrated_gradients(net, x, baselines, n_steps=10)
+    plain = integrated_gradients(net, x, baselines, n_steps=10, hoist=False)
+
+    # The new layer is used, and hoisted again rather than left to the plain path.
+    assert not torch.allclose(after, before)
+    assert relative_error(after, plain) <= 1e-10
+    assert split_affine_prefix(net).modules[1] is net.l2
