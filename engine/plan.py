@@ -41,9 +41,11 @@ PRECISIONS: dict[str, torch.dtype | None] = {
 CPU_BUDGET_BYTES = 1 << 30
 CUDA_FREE_FRACTION = 0.5
 CPU_CHUNK_BYTES = 8 << 20
-# Compiled whole-path chunks keep most activations in registers; their per-call overhead
-# favours larger chunks (the Titanic job: 12k-36k points about equal, 4k points 1.4x slower).
-FUSED_CPU_CHUNK_BYTES = 32 << 20
+# Compiled whole-path chunks keep most activations in registers and pay guard checks per
+# call, which favours larger chunks on the hoisted Titanic job (8k-36k points about equal,
+# 4k about 1.3x slower); its plain path, with matmul outputs in memory, prefers 4k (10k:
+# 1.15x slower). Twice the eager cap is the compromise.
+FUSED_CPU_CHUNK_BYTES = 16 << 20
 # Backward keeps a gradient alongside each saved activation, plus temporaries.
 BACKWARD_FACTOR = 3
 
