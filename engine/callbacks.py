@@ -67,8 +67,12 @@ class AttributionCallback(pl.Callback):
         ``F`` names, for the ``feature`` column.
     row_ids
         ``N`` identifiers (passenger ids) for a ``passenger_id`` column; optional.
-    n_steps, method, target, internal_batch_size
-        Passed to :func:`engine.integrated_gradients`.
+    n_steps, method, target, internal_batch_size, compile, precision
+        Passed to :func:`engine.integrated_gradients`. ``compile=True`` compiles once, at
+        the snapshot before training, and makes each later snapshot several times cheaper.
+    every_n_epochs
+        Snapshot after every n-th epoch (and always after the last one); the snapshot
+        before training is always taken.
 
     Attributes
     ----------
@@ -90,8 +94,14 @@ class AttributionCallback(pl.Callback):
         method: str = "gausslegendre",
         target: int | None = None,
         internal_batch_size: int | None = None,
+        compile: bool | str = False,
+        precision: str = "fp32",
+        every_n_epochs: int = 1,
     ) -> None:
         super().__init__()
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) \
+                or every_n_epochs < 1:
+            raise ArgumentError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
         if not isinstance(inputs, Tensor) or inputs.dim() != 2:
             raise ArgumentError(f"inputs must be a (N, F) tensor, got {_describe(inputs)}")
         if not isinstance(baselines, Tensor) or baselines.shape[1:] != inputs.shape[1:]:
@@ -118,12 +128,17 @@ class AttributionCallback(pl.Callback):
         self.method = method
         self.target = target
         self.internal_batch_size = internal_batch_size
+        self.compile = compile
+        self.precision = precision
+        self.every_n_epochs = every_n_epochs
 
         self.epochs: list[int] = []
         self.costs: list[EpochCost] = []
         self._snapshots: list[Tensor] = []  # each (B, N, F) on the CPU
         self._outputs: list[Tensor] = []  # each (N,) on the CPU
         self._epoch_started: float | None = None
+        # The last finished epoch not yet snapshotted, and how long it took.
+        self._pending: tuple[int, float | None] | None = None
 
     # -- Lightning hooks ------------------------------------------------------------------
 
@@ -137,7 +152,19 @@ class AttributionCallback(pl.Callback):
         epoch_seconds = None
         if self._epoch_started is not None:
             epoch_seconds = time.perf_counter() - self._epoch_started
-        self._snapshot(pl_module, epoch=trainer.current_epoch + 1, epoch_seconds=epoch_seconds)
+        finished = trainer.current_epoch + 1
+        if finished % self.every_n_epochs == 0 or finished == trainer.max_epochs:
+            self._pending = None
+            self._snapshot(pl_module, epoch=finished, epoch_seconds=epoch_seconds)
+        else:
+            self._pending = (finished, epoch_seconds)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Training stopped early between two snapshots: the final model still gets one.
+        if self._pending is not None:
+            finished, epoch_seconds = self._pending
+            self._pending = None
+            self._snapshot(pl_module, epoch=finished, epoch_seconds=epoch_seconds)
 
     # -- The work -------------------------------------------------------------------------
 
@@ -156,6 +183,7 @@ class AttributionCallback(pl.Callback):
             attributions = integrated_gradients(
                 model, inputs, baselines, target=self.target, n_steps=self.n_steps,
                 method=self.method, internal_batch_size=self.internal_batch_size,
+                compile=self.compile, precision=self.precision,
             )
             with torch.no_grad():
                 outputs = model(inputs)

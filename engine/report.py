@@ -268,11 +268,18 @@ def _heatmaps_section(report: TitanicReport) -> str:
     return note + f'<div class="grid">{cells}</div>'
 
 
+def _cadence(costs: Sequence[EpochCost]) -> str:
+    epochs = [cost.epoch for cost in costs if cost.epoch > 0]
+    if epochs == list(range(1, len(epochs) + 1)):
+        return "each epoch"
+    return "epochs " + ", ".join(str(epoch) for epoch in epochs)
+
+
 def _training_section(report: TitanicReport) -> str:
     text = (
         "<p>The test set was explained against every baseline before training and after "
-        "each epoch, with one batched engine call per snapshot. The colour scale is fixed "
-        "over all frames.</p>"
+        f"{_cadence(report.epoch_costs)}, with one batched engine call per snapshot. The "
+        "colour scale is fixed over all frames.</p>"
     )
     return text + _figure(report.animation, "Mean attribution per baseline, epoch by epoch") \
         + _cost_table(report.epoch_costs)
@@ -285,7 +292,7 @@ def _cost_table(costs: Sequence[EpochCost]) -> str:
     attribution_ms = np.array([cost.attribution_seconds for cost in costs]) * 1e3
     summary = (
         f"<p>Cost of one snapshot: median {np.median(attribution_ms):.1f} ms "
-        f"(first {attribution_ms[0]:.1f} ms, which includes warm-up), "
+        f"(first {attribution_ms[0]:.1f} ms, which includes warm-up and any compiling), "
         f"{attribution_ms.sum() / 1e3:.2f} s in all."
     )
     if trained:

@@ -278,3 +278,65 @@ def test_progress_bar_is_off_when_not_on_a_terminal(data, monkeypatch):
     monkeypatch.delenv("CI", raising=False)
     trainer = train_titanic(data, epochs=1, seed=404, accelerator="cpu").trainer
     assert trainer.progress_bar_callback is None
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True])
+def test_every_n_epochs_must_be_a_positive_integer(data, baselines, value):
+    with pytest.raises(ArgumentError, match="every_n_epochs must be an integer >= 1"):
+        AttributionCallback(data.test_features, baselines, BASELINE_KINDS, data.feature_names,
+                            every_n_epochs=value)
+
+
+# ---------------------------------------------------------------------------
+# Fewer snapshots, compiled snapshots
+
+
+def test_every_n_epochs_keeps_the_first_and_last_snapshot(data, baselines):
+    callback = AttributionCallback(
+        data.test_features, baselines, BASELINE_KINDS, data.feature_names, n_steps=N_STEPS,
+        every_n_epochs=2,
+    )
+    trained = train_titanic(data, epochs=5, seed=404, accelerator="cpu", progress=False,
+                            callbacks=[callback])
+
+    assert callback.epochs == [0, 2, 4, 5]
+    assert [cost.epoch for cost in callback.costs] == [0, 2, 4, 5]
+    assert set(callback.table()["epoch"]) == {0, 2, 4, 5}
+    expected = integrated_gradients(trained.net.eval(), data.test_features, baselines,
+                                    n_steps=N_STEPS)
+    torch.testing.assert_close(callback.attributions[-1], expected, rtol=1e-5, atol=1e-7)
+
+
+class StopAfter(pl.Callback):
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def test_a_run_stopped_between_snapshots_still_snapshots_its_final_model(data, baselines):
+    callback = AttributionCallback(
+        data.test_features, baselines, BASELINE_KINDS, data.feature_names, n_steps=N_STEPS,
+        every_n_epochs=2,
+    )
+    trained = train_titanic(data, epochs=10, seed=404, accelerator="cpu", progress=False,
+                            callbacks=[callback, StopAfter(3)])
+
+    assert callback.epochs == [0, 2, 3]
+    expected = integrated_gradients(trained.net.eval(), data.test_features, baselines,
+                                    n_steps=N_STEPS)
+    torch.testing.assert_close(callback.attributions[-1], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_snapshots_equal_eager_ones(data, baselines):
+    eager = new_callback(data, baselines)
+    compiled = AttributionCallback(
+        data.test_features, baselines, BASELINE_KINDS, data.feature_names, n_steps=N_STEPS,
+        compile=True,
+    )
+    train_titanic(data, epochs=2, seed=404, accelerator="cpu", progress=False,
+                  callbacks=[eager, compiled])
+
+    torch.testing.assert_close(compiled.attributions, eager.attributions, rtol=1e-4, atol=1e-6)

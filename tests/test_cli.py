@@ -105,6 +105,7 @@ def test_without_all_there_is_nothing_to_do(tmp_path, capsys):
         (["--epochs", "0"], "--epochs"),
         (["--n-steps", "1", "--method", "riemann_left"], "at least 2"),
         (["--method", "simpson"], "simpson"),
+        (["--snapshot-every", "0"], "--snapshot-every must be at least 1"),
     ],
 )
 def test_bad_flags_exit_two_before_any_work(tmp_path, capsys, flags, message):
@@ -174,3 +175,20 @@ def test_bad_passenger_flags_exit_two_before_training(tmp_path, capsys, titanic_
     assert status == 2
     assert message in err and "training" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compiled_run_with_fewer_snapshots(tmp_path, titanic_csv):
+    from PIL import Image
+
+    out = tmp_path / "results"
+    status = main(["--all", "--data", str(titanic_csv), "--out", str(out), "--epochs", "5",
+                   "--snapshot-every", "2", "--compile", "--n-steps", "8"])
+
+    assert status == 0
+    by_epoch = pd.read_csv(out / "attribution_by_epoch.csv")
+    assert sorted(by_epoch["epoch"].unique()) == [0, 2, 4, 5]
+    with Image.open(out / "heatmap_by_epoch.gif") as animation:
+        assert animation.n_frames == 4
+    assert "after epochs 2, 4, 5" in (out / "report.html").read_text()
+    validation = json.loads((out / "validation.json").read_text())
+    assert validation["max_rel_error"] <= 1e-5
