@@ -191,6 +191,10 @@ def _atomic(path: Path, write) -> None:
     os.close(handle)
     try:
         write(temporary)
+        # mkstemp makes the file 0600; give it the mode a plain open() would have.
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(temporary, 0o666 & ~mask)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -1,0 +1,93 @@
+"""scripts/bench_report.py: the table and the targets from pytest-benchmark's JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_report.py"
+
+
+@pytest.fixture(scope="module")
+def bench_report():
+    spec = importlib.util.spec_from_file_location("bench_report", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def entry(contender: str, seconds: float, size: str = "titanic-179", **extra) -> dict:
+    return {
+        "stats": {"min": seconds, "median": seconds * 1.1},
+        "extra_info": {
+            "contender": contender, "device": "cpu", "size": size, "machine": "test cpu",
+            "rows": 179, "baselines": 4, "points": 35_800, "flops": 2.0e9,
+            "matmul_peak_gflops": 100.0, "torch": "2.13.0", **extra,
+        },
+    }
+
+
+def write_json(path: Path, entries: list[dict]) -> Path:
+    path.write_text(json.dumps({"machine_info": {"python_version": "3.11"},
+                                "benchmarks": entries}))
+    return path
+
+
+def target_lines(text: str) -> dict[str, str]:
+    lines = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[0] not in ("target", "---"):
+            lines[cells[0]] = f"{cells[1]} | {cells[2]}"
+    return lines
+
+
+def test_targets_use_the_fastest_named_contender_and_the_worst_error(bench_report, tmp_path,
+                                                                     capsys):
+    entries = [
+        entry("article-loop", 2.0),
+        entry("captum-per-baseline", 0.2),
+        entry("captum-one-call", 0.4),
+        entry("engine-fp32", 0.010),
+        entry("engine-compiled", 0.0018),
+        entry("engine-plain-fp32", 0.030),
+        entry("engine-plain-compiled-bf16", 0.012),
+        entry("engine-plain-fp32", 2.0, size="tiled-20k", rel_error_vs_fp32=0.0),
+        entry("engine-plain-compiled", 1.5, size="tiled-20k", rel_error_vs_fp32=1e-7),
+        entry("engine-plain-bf16", 1.0, size="tiled-20k", rel_error_vs_fp32=9e-3),
+        entry("engine-bf16", 0.5, size="tiled-20k", rel_error_vs_fp32=2e-2),
+    ]
+    path = write_json(tmp_path / "bench.json", entries)
+
+    assert bench_report.main([str(path), "--out", str(tmp_path / "report")]) == 0
+
+    found = target_lines(capsys.readouterr().out)
+    loop = "Titanic job >= 150x the article loop (default engine: hoisted, eager fp32)"
+    assert found[loop] == "200.0x | yes"
+    assert found["Titanic job >= 15x Captum's best call (default engine)"] == "20.0x | yes"
+    plain = "Titanic job >= 15x Captum's best call (plain path, fastest variant)"
+    assert found[plain] == "16.7x (engine-plain-compiled-bf16) | yes"
+    hoisted = "hoisted engine >= 1000x the article loop (fastest variant)"
+    assert found[hoisted] == "1111.1x (engine-compiled) | yes"
+    # 2e9 FLOP in 1.5 s against a 100 GFLOP/s peak: 1%.
+    peak = "20k rows >= 60% of the fp32 matmul peak (plain path, fp32)"
+    assert found[peak] == "1% (engine-plain-compiled) | no"
+    assert found["bf16 >= 1.7x fp32 (plain path, 20k rows, eager)"] == "2.0x | yes"
+    assert found["bf16 >= 1.7x fp32 (plain path, 20k rows, compiled)"] == "not measured | -"
+    error = "bf16 relative error <= 1e-2 (20k rows, worst variant)"
+    assert found[error] == "2.0e-02 (engine-bf16) | no"
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "report.png").is_file()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_file_without_engine_benchmarks_is_one_line_exit_two(bench_report, tmp_path, capsys):
+    path = write_json(tmp_path / "empty.json", [])
+
+    assert bench_report.main([str(path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
