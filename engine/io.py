@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -74,7 +76,9 @@ class OutputDir:
                 f"--out {self.path} is not writable: cannot create a folder in {parent}"
                 f" ({error.strerror or type(error).__name__})"
             ) from error
+        (self.staging / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         self.written: list[str] = []
+        _remove_abandoned(parent, self.path.name)
 
     def file(self, name: str) -> Path:
         """The staging path for ``name``; the caller writes it, ``commit`` publishes it."""
@@ -115,6 +119,38 @@ class OutputDir:
     def __exit__(self, exc_type, exc, tb) -> None:
         # Reached without commit only on an error or interrupt: drop everything staged.
         self.discard()
+
+
+OWNER_FILE = ".owner"
+
+
+def _remove_abandoned(parent: Path, name: str) -> None:
+    """Remove staging folders of earlier runs on this machine whose process is gone.
+
+    A run killed with SIGKILL cannot clean up after itself. Each staging folder names its
+    host and process; one from this host whose process no longer exists is removed. Others
+    (another host, a live process, no owner file) are left alone.
+    """
+    host = socket.gethostname()
+    for folder in parent.glob(f".{glob.escape(name)}.partial-*"):
+        try:
+            owner_host, pid = (folder / OWNER_FILE).read_text().split()
+            if owner_host != host or _alive(int(pid)):
+                continue
+        except (OSError, ValueError):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("removed %s, left by an earlier run that was killed", folder)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager

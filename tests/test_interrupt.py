@@ -111,3 +111,32 @@ def test_ctrl_c_during_the_final_renames_is_held_until_all_files_are_in_place(
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["a.txt", "b.txt", "c.txt"]
     assert "Ctrl-C" in caplog.text
     assert signal.getsignal(signal.SIGINT) is handler_before
+
+
+def test_staging_left_by_a_killed_run_is_removed_by_the_next_one(tmp_path):
+    import socket
+
+    from engine import io
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    dead_pid = int(finished.stdout)
+    host = socket.gethostname()
+    abandoned = tmp_path / ".results.partial-abandoned"
+    abandoned.mkdir()
+    (abandoned / io.OWNER_FILE).write_text(f"{host} {dead_pid}\n")
+    (abandoned / "model.pt").write_bytes(b"half written")
+    running = tmp_path / ".results.partial-running"
+    running.mkdir()
+    (running / io.OWNER_FILE).write_text(f"{host} {os.getpid()}\n")
+    elsewhere = tmp_path / ".results.partial-elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / io.OWNER_FILE).write_text(f"another-{host} {dead_pid}\n")
+    unowned = tmp_path / ".results.partial-unowned"
+    unowned.mkdir()
+
+    outputs = io.OutputDir(tmp_path / "results")
+    outputs.discard()
+
+    assert not abandoned.exists()
+    assert running.exists() and elsewhere.exists() and unowned.exists()
