@@ -43,7 +43,7 @@ from engine.plan import (
 )
 from engine.progress import Progress
 from engine.quadrature import QuadratureRule, quadrature_rule
-from engine.step import compiled_model, frozen_parameters, memo, pad_rows
+from engine.step import compiled_model, frozen_parameters, memo, module_of, pad_rows
 
 __all__ = ["integrated_gradients"]
 
@@ -473,7 +473,7 @@ def _integrate_fused(
     n_pairs = problem.n_baselines * problem.n_rows
     _check_selection(forward_func, problem)
     pairs_per_chunk = max(1, chunk_points // n_steps)
-    fused = compiled_whole_paths(options.compile_mode)
+    fused = compiled_whole_paths(forward_func, options.compile_mode)
     compiled_once = False
 
     with Progress.or_nested(progress, n_pairs * n_steps, options) as bar:
@@ -780,20 +780,13 @@ def _refuse_non_finite(selected: Tensor, rows: Tensor) -> None:
     )
 
 
-def _module_of(forward_func: Callable[..., Tensor]) -> nn.Module | None:
-    if isinstance(forward_func, nn.Module):
-        return forward_func
-    owner = getattr(forward_func, "__self__", None)
-    return owner if isinstance(owner, nn.Module) else None
-
-
 def refuse_coupled_rows(forward_func: Callable[..., Tensor]) -> None:
     """Raise ``ModelError`` if the model has layers that mix rows (BatchNorm in train mode).
 
     Summing the outputs before the backward is exact only when each output depends on its
     own row alone; batch statistics break that, and would also change with the chunking.
     """
-    module = _module_of(forward_func)
+    module = module_of(forward_func)
     if module is None:
         return
     coupled = [
@@ -866,7 +859,7 @@ def _probe_row_coupling(forward_func: Callable[..., Tensor], problem: PathProble
 
 def check_model_device(forward_func: Callable[..., Tensor], device: torch.device) -> None:
     """Raise ``ArgumentError`` when the model's parameters are not on the inputs' device."""
-    module = _module_of(forward_func)
+    module = module_of(forward_func)
     if module is None:
         return
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:

@@ -16,17 +16,24 @@ updates of its inputs, hooks that need autograd's graph) runs the per-point comp
 from __future__ import annotations
 
 import logging
+import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from engine.step import module_of
+
 __all__ = ["compiled_whole_paths", "whole_path_sums"]
 
 log = logging.getLogger(__name__)
 
-_COMPILED: dict[str, Callable[..., Any]] = {}
+# Compiled copies of whole_path_sums per model and mode (see compiled_whole_paths).
+_COMPILED: weakref.WeakKeyDictionary[Any, dict[str, Callable[..., Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def whole_path_sums(
@@ -83,8 +90,22 @@ def _select(output: Tensor, targets: None | tuple[int, ...] | Tensor) -> Tensor:
     return output[(points, *targets.unbind(1))].reshape(output.shape[0])
 
 
-def compiled_whole_paths(mode: str) -> Callable[..., Any]:
-    """``whole_path_sums`` compiled with ``mode`` and fixed shapes (one per mode)."""
-    if mode not in _COMPILED:
-        _COMPILED[mode] = torch.compile(whole_path_sums, mode=mode, dynamic=False)
-    return _COMPILED[mode]
+def compiled_whole_paths(model: Callable[..., Tensor], mode: str) -> Callable[..., Any]:
+    """``whole_path_sums`` compiled with ``mode`` and fixed shapes, one copy per model.
+
+    Dynamo keeps its compiled versions on the function's code object and stops compiling
+    new ones (falling back to eager, with a warning) after a few per code object. Every
+    model, chunk shape and precision is another version, so each model gets a copy of the
+    function with a code object of its own.
+    """
+    key = module_of(model) or model
+    try:
+        per_model = _COMPILED.setdefault(key, {})
+    except TypeError:  # not weak-referenceable: compile a copy for this call only
+        per_model = {}
+    if mode not in per_model:
+        copy = types.FunctionType(whole_path_sums.__code__.replace(), whole_path_sums.__globals__,
+                                  whole_path_sums.__name__, whole_path_sums.__defaults__,
+                                  whole_path_sums.__closure__)
+        per_model[mode] = torch.compile(copy, mode=mode, dynamic=False)
+    return per_model[mode]

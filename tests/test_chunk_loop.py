@@ -1,6 +1,7 @@
 """The chunk loop's speed paths give the plain path's numbers: hoisting, planning, precision."""
 
 import logging
+import weakref
 
 import pytest
 import torch
@@ -351,7 +352,7 @@ def test_compiled_whole_paths_compile_once_for_every_chunk(monkeypatch):
 
     from engine import fused
 
-    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(fused, "_COMPILED", weakref.WeakKeyDictionary())
     torch._dynamo.reset()
     counters.clear()
     net, x, baselines = titanic_job("article", dtype=torch.float32, rows=11)
@@ -365,7 +366,7 @@ def test_compiled_whole_paths_compile_once_for_every_chunk(monkeypatch):
 def test_compiled_whole_paths_fall_back_when_they_do_not_compile(monkeypatch, caplog):
     from engine import core
 
-    def broken(mode):
+    def broken(model, mode):
         def fail(*args, **kwargs):
             raise RuntimeError("functorch cannot differentiate this model")
 
@@ -441,3 +442,23 @@ def test_a_swapped_layer_is_traced_again():
     assert not torch.allclose(after, before)
     assert relative_error(after, plain) <= 1e-10
     assert split_affine_prefix(net).modules[1] is net.l2
+
+
+def test_many_compiled_models_each_get_compiled_code(monkeypatch):
+    # Dynamo stops compiling a function after a few versions (8 by default) and runs it
+    # eagerly; every model gets its own copy of the whole-path function, so the tenth
+    # model is compiled too.
+    from torch._dynamo.utils import counters
+
+    from engine import fused
+
+    monkeypatch.setattr(fused, "_COMPILED", weakref.WeakKeyDictionary())
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(8)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    for width in range(1, 11):
+        model = nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, 1)).double()
+        integrated_gradients(model, x, n_steps=4, compile=True, hoist=False)
+
+    assert counters["stats"]["unique_graphs"] == 10
