@@ -23,6 +23,7 @@ from torch import Tensor
 
 from engine.core import PathProblem, _chunk_points, integrate, output_gap
 from engine.errors import ArgumentError
+from engine.plan import RunOptions
 from engine.quadrature import QuadratureRule, quadrature_rule
 
 __all__ = ["IGResult", "adaptive_integrated_gradients"]
@@ -70,6 +71,7 @@ def adaptive_integrated_gradients(
     max_steps: int | None,
     error_estimate: bool,
     multiply_by_inputs: bool,
+    options: RunOptions | None = None,
 ) -> IGResult:
     """Refine the pairs whose |delta| exceeds ``delta_tolerance``; see ``IGResult``.
 
@@ -92,7 +94,7 @@ def adaptive_integrated_gradients(
     while True:
         level = quadrature_rule(rule.method, n_steps)
         sub = pair_problem(problem, pending)
-        level_grads = _pair_gradients(forward_func, sub, level, chunk_points)
+        level_grads = _pair_gradients(forward_func, sub, level, chunk_points, options)
         for grad, level_grad in zip(grads, level_grads):
             grad[pending] = level_grad
         steps[pending] = n_steps
@@ -116,7 +118,8 @@ def adaptive_integrated_gradients(
     estimate = None
     if error_estimate:
         estimate, extra_points = _error_estimate(
-            forward_func, problem, rule.method, steps, grads, chunk_points, multiply_by_inputs
+            forward_func, problem, rule.method, steps, grads, chunk_points, multiply_by_inputs,
+            options,
         )
         total_points += extra_points
 
@@ -185,11 +188,16 @@ def pair_problem(problem: PathProblem, pairs: Tensor) -> PathProblem:
 
 
 def _pair_gradients(
-    forward_func: Callable[..., Tensor], sub: PathProblem, rule: QuadratureRule, chunk: int
+    forward_func: Callable[..., Tensor],
+    sub: PathProblem,
+    rule: QuadratureRule,
+    chunk: int,
+    options: RunOptions | None,
 ) -> tuple[Tensor, ...]:
     """Weighted gradient sums of a pair problem, (M, *F) float64 per input."""
     chunk = min(chunk, _chunk_points(None, sub, rule))
-    return tuple(grad[0].double() for grad in integrate(forward_func, sub, rule, chunk))
+    grads = integrate(forward_func, sub, rule, chunk, options)
+    return tuple(grad[0].double() for grad in grads)
 
 
 def _attribution_sum(grads: tuple[Tensor, ...], sub: PathProblem) -> Tensor:
@@ -221,6 +229,7 @@ def _error_estimate(
     grads: list[Tensor],
     chunk_points: int,
     multiply_by_inputs: bool,
+    options: RunOptions | None,
 ) -> tuple[Tensor, int]:
     """sum over features of |A(n) - A(2n)| per pair, and the points it cost."""
     estimate = torch.zeros(len(steps), dtype=torch.float64, device=steps.device)
@@ -229,7 +238,7 @@ def _error_estimate(
         pairs = torch.nonzero(steps == n_steps).flatten()
         sub = pair_problem(problem, pairs)
         finer = _pair_gradients(forward_func, sub, quadrature_rule(method, 2 * n_steps),
-                                chunk_points)
+                                chunk_points, options)
         points += len(pairs) * 2 * n_steps
         for grad, fine, x, base in zip(grads, finer, sub.inputs, sub.baselines):
             difference = grad[pairs] - fine

@@ -43,7 +43,7 @@ from engine.plan import (
 )
 from engine.progress import Progress
 from engine.quadrature import QuadratureRule, quadrature_rule
-from engine.step import compiled_model, frozen_parameters, memo, module_of, pad_rows
+from engine.step import compiled_model, forget, frozen_parameters, memo, module_of, pad_rows
 
 __all__ = ["integrated_gradients"]
 
@@ -274,6 +274,7 @@ def integrated_gradients(
             forward_func, problem, rule, chunk_points, is_tuple=is_tuple,
             delta_tolerance=delta_tolerance, max_steps=max_steps,
             error_estimate=error_estimate, multiply_by_inputs=multiply_by_inputs,
+            options=options,
         )
 
     total_grads = integrate(forward_func, problem, rule, chunk_points, options)
@@ -377,22 +378,39 @@ def integrate(
 
 def _fast(forward_func: Callable[..., Tensor], problem: PathProblem) -> Callable[..., Tensor]:
     """The model with slow kernels substituted (see engine.hoist), when that is exact here."""
-    fast = fast_model(forward_func)
-    if fast is None or len(problem.inputs) != 1 or problem.forward_args:
+    if len(problem.inputs) != 1 or problem.forward_args:
         return forward_func
-    if not _reproduces("kernel substitution", fast, forward_func, problem):
-        return forward_func
-    return fast
+    fast = _checked_trace(forward_func, problem, fast_model, "kernel substitution",
+                          lambda traced: traced)
+    return forward_func if fast is None else fast
 
 
-def _reproduces(what: str, candidate: Callable[[Tensor], Tensor],
-                model: Callable[..., Tensor], problem: PathProblem) -> bool:
-    """``reproduces`` on the first rows, remembered while the model's layout is unchanged."""
+def _checked_trace(
+    forward_func: Callable[..., Tensor],
+    problem: PathProblem,
+    trace: Callable[[Any], Any],
+    memo_key: str,
+    runner: Callable[[Any], Callable[[Tensor], Tensor]],
+) -> Any:
+    """``trace(forward_func)`` if what it traced still computes the model, else None.
 
-    def check() -> bool:
-        return reproduces(candidate, model, problem.inputs[0][:HOIST_CHECK_ROWS])
-
-    return bool(memo(model, ("reproduces", what, _input_layout(problem)), check))
+    Traces are remembered per model layout, but a trace also bakes in Python state the
+    layout does not show (an attribute read in ``forward``, a branch taken). So every call
+    checks the remembered trace on the first rows; one that no longer reproduces the model
+    is traced again once, and dropped if the new trace does not reproduce it either.
+    """
+    sample = problem.inputs[0][:HOIST_CHECK_ROWS]
+    for attempt in range(2):
+        traced = trace(forward_func)
+        if traced is None:
+            return None
+        if reproduces(runner(traced), forward_func, sample):
+            return traced
+        if attempt == 0:
+            log.debug("%s no longer reproduces the model: tracing it again", memo_key)
+            forget(forward_func, memo_key)
+    log.debug("%s not used: the trace does not reproduce the model", memo_key)
+    return None
 
 
 def _integrate_points(
@@ -529,19 +547,10 @@ def _check_selection(forward_func: Callable[..., Tensor], problem: PathProblem) 
     pair = torch.zeros(1, dtype=torch.long, device=device)
     alphas = torch.ones(1, dtype=torch.float64, device=device)
 
-    def check() -> bool:
-        with torch.no_grad():
-            output = _forward(forward_func, problem.path_points(pair, alphas),
-                              problem.args_for(pair % problem.n_rows))
-        problem.select(output, pair % problem.n_rows)
-        return True
-
-    if problem.forward_args:
-        check()
-        return
-    # Valid targets stay valid while the model's layout is unchanged.
-    kind = None if problem.targets is None else type(problem.targets).__name__
-    memo(forward_func, ("selection", _input_layout(problem), kind, problem.target_range), check)
+    with torch.no_grad():
+        output = _forward(forward_func, problem.path_points(pair, alphas),
+                          problem.args_for(pair % problem.n_rows))
+    problem.select(output, pair % problem.n_rows)
 
 
 def _halved(chunk_points: int, n_steps: int, device: torch.device) -> int:
@@ -670,11 +679,9 @@ def _usable_split(
     """The model's affine prefix, when hoisting is on and exact for this problem."""
     if not options.hoist or len(problem.inputs) != 1 or problem.forward_args:
         return None
-    split = split_affine_prefix(forward_func)
+    split = _checked_trace(forward_func, problem, split_affine_prefix, "affine split",
+                           lambda traced: traced.run)
     if split is None or not split.is_affine_now():
-        return None
-    if not _reproduces("affine split", split.run, forward_func, problem):
-        log.debug("affine prefix not hoisted: the split does not reproduce the model")
         return None
     return split
 
@@ -811,17 +818,11 @@ def check_independent_rows(
     probe: the first row's input is evaluated beside two different partners, and its
     output must not change. ``allow`` turns the refusal into a logged warning.
     """
-    def probe() -> bool:
-        _probe_row_coupling(forward_func, problem)
-        return True
-
     try:
         refuse_coupled_rows(forward_func)
-        if problem.forward_args:
-            probe()
-        else:
-            # A model that passed once passes again until its layers or modes change.
-            memo(forward_func, ("independent rows", _input_layout(problem)), probe)
+        # Probed on every call: a flag read in forward can couple rows without any
+        # change to the model's layers.
+        _probe_row_coupling(forward_func, problem)
     except ModelError as error:
         if not allow:
             raise

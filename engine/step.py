@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["compiled_model", "frozen_parameters", "memo", "pad_rows"]
+__all__ = ["compiled_model", "forget", "frozen_parameters", "memo", "pad_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,11 @@ _MEMO: weakref.WeakKeyDictionary[nn.Module, dict[object, object]] = weakref.Weak
 def memo(forward_func: object, key: object, compute: Callable[[], object]) -> object:
     """``compute()``, remembered per module while the module's layout is unchanged.
 
-    For facts about a model that cost a forward to learn and do not depend on its weights
-    (activation bytes per point, whether rows interact). The memo is keyed by ``key`` and
+    For facts about a model that cost work to learn and do not depend on its weights (a
+    traced graph, activation bytes per point). Plain Python state of the model (a
+    temperature attribute, a flag read in ``forward``) is invisible to the key: facts
+    that decide correctness are checked on every call instead (see
+    ``engine.core._usable_split``). The memo is keyed by ``key`` and
     by which submodules the model has, whether each is in training mode and how many
     forward hooks each has, so swapping a layer, adding a hook or calling ``.train()``
     measures again. Plain functions are never memoised.
@@ -77,6 +80,15 @@ def memo(forward_func: object, key: object, compute: Callable[[], object]) -> ob
             table.clear()
         table[full_key] = value
     return table[full_key]
+
+
+def forget(forward_func: object, key: object) -> None:
+    """Drop what ``memo`` remembers under ``key`` for this module, whatever its layout."""
+    module = forward_func if isinstance(forward_func, nn.Module) else None
+    table = _MEMO.get(module) if module is not None else None
+    if table:
+        for full_key in [k for k in table if k[0] == key]:
+            del table[full_key]
 
 
 def compiled_model(forward_func: Callable[..., Tensor], mode: str) -> Callable[..., Tensor]:

@@ -462,3 +462,67 @@ def test_many_compiled_models_each_get_compiled_code(monkeypatch):
         integrated_gradients(model, x, n_steps=4, compile=True, hoist=False)
 
     assert counters["stats"]["unique_graphs"] == 10
+
+
+class Tempered(nn.Module):
+    """A model whose forward reads plain Python attributes a trace would bake in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(3, 16)
+        self.out = nn.Linear(16, 1)
+        self.temperature = 1.0
+        self.squash = True
+
+    def forward(self, x):
+        logit = self.out(torch.tanh(self.l1(x))) / self.temperature
+        return torch.sigmoid(logit) if self.squash else logit
+
+
+@pytest.mark.parametrize("hoist", [True, False])
+def test_python_state_changed_between_calls_is_followed(hoist):
+    torch.manual_seed(12)
+    net = Tempered().double().eval()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    integrated_gradients(net, x, n_steps=10, hoist=hoist)  # traces with temperature 1
+
+    for change in ({"temperature": 5.0}, {"squash": False}):
+        for name, value in change.items():
+            setattr(net, name, value)
+        got = integrated_gradients(net, x, n_steps=10, hoist=hoist)
+        # A plain function is never traced: the reference runs the model as it is now.
+        want = integrated_gradients(lambda points: net(points), x, n_steps=10)
+        assert relative_error(got, want) <= 1e-12
+
+
+def test_rows_coupled_by_a_flag_after_a_first_call_are_refused():
+    from engine.errors import ModelError
+
+    class Mixer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+            self.mix = False
+
+        def forward(self, x):
+            return self.lin(x - x.mean(0, keepdim=True) if self.mix else x)
+
+    net = Mixer().double().eval()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    integrated_gradients(net, x)
+    net.mix = True
+
+    with pytest.raises(ModelError, match="rows interact"):
+        integrated_gradients(net, x)
+
+
+def test_adaptive_steps_use_the_speed_options():
+    net, x, baselines = titanic_job(dtype=torch.float32, rows=12)
+    kwargs = dict(n_steps=8, delta_tolerance=1e-3, max_steps=32, hoist=False)
+
+    fp32 = integrated_gradients(net, x, baselines, **kwargs)
+    bf16 = integrated_gradients(net, x, baselines, precision="bf16", **kwargs)
+
+    # bf16 rounds every product: the result moves, but only by bf16 rounding.
+    difference = relative_error(bf16.attributions, fp32.attributions)
+    assert 0 < difference <= 3e-2
