@@ -77,7 +77,8 @@ class AttributionCallback(pl.Callback):
     Attributes
     ----------
     epochs : list of int
-        The epoch of each snapshot, ``[0, 1, ..., E]`` after a full run.
+        The epoch of each snapshot: ``[0, 1, ..., E]`` after a full run, or
+        ``[0, n, 2n, ..., E]`` with ``every_n_epochs=n``.
     costs : list of EpochCost
         Seconds spent per snapshot, and the epoch's own duration.
     """

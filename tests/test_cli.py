@@ -177,7 +177,7 @@ def test_bad_passenger_flags_exit_two_before_training(tmp_path, capsys, titanic_
     assert list(tmp_path.iterdir()) == []
 
 
-def test_compiled_run_with_fewer_snapshots(tmp_path, titanic_csv):
+def test_compiled_run_with_fewer_snapshots(tmp_path, titanic_csv, capsys):
     from PIL import Image
 
     out = tmp_path / "results"
@@ -185,6 +185,7 @@ def test_compiled_run_with_fewer_snapshots(tmp_path, titanic_csv):
                    "--snapshot-every", "2", "--compile", "--n-steps", "8"])
 
     assert status == 0
+    assert "compiled the engine's chunks in" in capsys.readouterr().err
     by_epoch = pd.read_csv(out / "attribution_by_epoch.csv")
     assert sorted(by_epoch["epoch"].unique()) == [0, 2, 4, 5]
     with Image.open(out / "heatmap_by_epoch.gif") as animation:
