@@ -138,8 +138,12 @@ def timed_first_call(function, device) -> float:
     return time.perf_counter() - started
 
 
-def measure_matmul_peak(device: str = "cpu", size: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 GFLOP/s of a square matmul on ``device``: the machine's reference peak."""
+def measure_matmul_peak(device: str = "cpu", size: int = 2048, repeats: int = 20) -> float:
+    """Best fp32 GFLOP/s of a square matmul on ``device``: the machine's reference peak.
+
+    The best of many repeats: on a shared machine a short measurement can land in a slow
+    moment and understate the peak, which would flatter every "of peak" figure.
+    """
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
     a @ b
