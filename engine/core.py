@@ -228,9 +228,10 @@ def integrated_gradients(
         default half the free memory on CUDA, 1 GiB on a CPU. Peak memory follows the
         budget, not the number of rows.
     compile : bool or str
-        ``torch.compile`` the model for the chunk loop (True, or a torch.compile mode such
-        as ``"reduce-overhead"`` for CUDA graph replay). Chunks are padded to one shape so
-        it compiles once; the compiled model is reused by later calls.
+        ``torch.compile`` each chunk of whole paths as one graph: path points, forward,
+        input-gradient backward and the weighted step sum (True, or a torch.compile mode
+        such as ``"reduce-overhead"`` for CUDA graph replay). Chunks are padded to one
+        shape so it compiles once per model and shape; later calls reuse it.
     precision : str
         ``"fp32"``; ``"bf16"`` or ``"fp16"`` run forward and backward under autocast
         (gradients are still summed in float32); ``"tf32"`` allows TensorFloat-32 matmuls
