@@ -44,7 +44,6 @@ _AFFINE_IN_EVAL = (nn.modules.batchnorm._BatchNorm, nn.Dropout)
 _SHAPE_ONLY = (nn.Identity, nn.Flatten)
 
 
-
 @dataclass(frozen=True)
 class AffineSplit:
     """``model(x) == suffix(prefix(x))`` with ``prefix`` affine.
@@ -77,6 +76,7 @@ def split_affine_prefix(model: object) -> AffineSplit | None:
     """
     if not isinstance(model, nn.Module) or isinstance(model, fx.GraphModule):
         return None
+
     def trace() -> AffineSplit | None:
         try:
             return _split(model)
@@ -219,6 +219,7 @@ def fast_model(model: object) -> nn.Module | None:
     """
     if not isinstance(model, nn.Module) or isinstance(model, fx.GraphModule):
         return None
+
     def trace() -> nn.Module | None:
         if not any(_substitute(m) is not None for m in model.modules()):
             return None
