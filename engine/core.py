@@ -316,8 +316,13 @@ def _planned_chunk_points(
     problem: PathProblem,
     rule: QuadratureRule,
     options: RunOptions,
+    hoisted: bool = False,
 ) -> int:
-    """Chunk size from the memory budget and the activation bytes measured on two probes."""
+    """Chunk size from the memory budget and the activation bytes measured on two probes.
+
+    ``hoisted``: ``forward_func`` is the rest of a model after its affine prefix; compiled
+    chunks of it may be larger (see ``choose_chunk_points``).
+    """
     device = problem.inputs[0].device
     total = problem.n_baselines * problem.n_rows * rule.n_steps
     budget = options.memory_budget or default_memory_budget(device)
@@ -348,7 +353,7 @@ def _planned_chunk_points(
     # Points, their gradients and the weighted copy live next to the activations.
     per_point = max(activation, 0.0) + 3 * point_bytes
     chunk = choose_chunk_points(per_point, budget, total, rule.n_steps, device,
-                                fused=options.compile_mode is not None)
+                                fused=hoisted and options.compile_mode is not None)
     log.debug(
         "plan: %.0f bytes per point, budget %d bytes on %s -> %d points per chunk",
         per_point, budget, device, chunk,
@@ -729,7 +734,7 @@ def _integrate_hoisted(
             )
             sub_chunk = chunk_points
             if options.internal_batch_size is None:
-                sub_chunk = _planned_chunk_points(split.suffix, sub, rule, options)
+                sub_chunk = _planned_chunk_points(split.suffix, sub, rule, options, hoisted=True)
             (hidden_sum,) = _integrate_points(split.suffix, sub, rule, sub_chunk, options, bar)
             pulled = pull_back(split, hidden_sum.flatten(0, 1), x)
             result[:, rows] = pulled.view(n_baselines, -1, *x.shape[1:]).to(result.dtype)

@@ -41,10 +41,11 @@ PRECISIONS: dict[str, torch.dtype | None] = {
 CPU_BUDGET_BYTES = 1 << 30
 CUDA_FREE_FRACTION = 0.5
 CPU_CHUNK_BYTES = 8 << 20
-# Compiled whole-path chunks keep most activations in registers and pay guard checks per
-# call, which favours larger chunks on the hoisted Titanic job (8k-36k points about equal,
-# 4k about 1.3x slower); its plain path, with matmul outputs in memory, prefers 4k (10k:
-# 1.15x slower). Twice the eager cap is the compromise.
+# Compiled whole-path chunks of a hoisted model (elementwise work after the prefix) keep
+# most activations in registers and pay guard checks per call, which favours larger
+# chunks: on the hoisted Titanic job 8k-36k points were about equal, 4k about 1.3x slower.
+# Compiled chunks of a plain path, whose matmul outputs go to memory, keep the eager cap
+# (4k points were 1.15x faster than 10k at 20k rows).
 FUSED_CPU_CHUNK_BYTES = 16 << 20
 # Backward keeps a gradient alongside each saved activation, plus temporaries.
 BACKWARD_FACTOR = 3
@@ -137,7 +138,8 @@ def choose_chunk_points(
 ) -> int:
     """Points per chunk: within the budget, cache-sized on a CPU, whole paths when possible.
 
-    ``fused``: the chunks run as compiled whole-path graphs, which allow larger chunks.
+    ``fused``: the chunks run as compiled whole-path graphs of a hoisted model, which
+    allow larger chunks.
     """
     per_point = max(bytes_per_point, 1.0)
     points = int(budget // (per_point * BACKWARD_FACTOR))
