@@ -442,7 +442,7 @@ def _integrate_points(
         n_pairs, n_steps, total, chunk_points, options.precision,
         "compiled" if options.compile_mode else "eager",
     )
-    if options.compile_mode and chunk_points >= n_steps and _fusable(problem, sums):
+    if options.compile_mode and chunk_points >= n_steps and _fusable(sums):
         done = _integrate_fused(forward_func, problem, sums, alphas, weights[0], chunk_points,
                                 options, progress)
         if done:
@@ -472,7 +472,7 @@ def _as_pair_grid(problem: PathProblem, sums: list[Tensor]) -> tuple[Tensor, ...
     )
 
 
-def _fusable(problem: PathProblem, sums: list[Tensor]) -> bool:
+def _fusable(sums: list[Tensor]) -> bool:
     # One weight tensor serves every input: their sums must share a dtype.
     return len({s.dtype for s in sums}) == 1
 
@@ -529,7 +529,7 @@ def _integrate_fused(
                 pairs_per_chunk = _halved(pairs_per_chunk * n_steps, n_steps, device) // n_steps
                 pairs_per_chunk = max(1, pairs_per_chunk)
                 continue
-            except (ArgumentError, ModelError, KeyboardInterrupt):
+            except (ArgumentError, ModelError):
                 raise
             except Exception as error:  # noqa: BLE001 - the per-point loop still works
                 if compiled_once:

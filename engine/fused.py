@@ -15,7 +15,6 @@ updates of its inputs, hooks that need autograd's graph) runs the per-point comp
 
 from __future__ import annotations
 
-import logging
 import types
 import weakref
 from collections.abc import Callable
@@ -27,8 +26,6 @@ from torch import Tensor
 from engine.step import module_of
 
 __all__ = ["compiled_whole_paths", "whole_path_sums"]
-
-log = logging.getLogger(__name__)
 
 # Compiled copies of whole_path_sums per model and mode (see compiled_whole_paths).
 _COMPILED: weakref.WeakKeyDictionary[Any, dict[str, Callable[..., Any]]] = (

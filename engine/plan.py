@@ -159,8 +159,7 @@ def precision_context(options: RunOptions, device: torch.device) -> Iterator[Non
     with contextlib.ExitStack() as stack:
         if options.autocast_dtype is not None:
             stack.enter_context(torch.autocast(device.type, dtype=options.autocast_dtype))
-        if options.precision == "tf32" and device.type == "cuda":
-            stack.enter_context(_tf32_matmuls())
+        stack.enter_context(matmul_context(options, device))
         yield
 
 
