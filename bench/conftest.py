@@ -8,6 +8,11 @@ import pytest
 import torch
 
 from bench.jobs import Job, measure_matmul_peak, titanic_job
+from engine.memory import keep_freed_memory
+
+# Every contender runs in this one process with the same malloc settings: freed memory is
+# kept for reuse, as the command line does (see engine/memory.py).
+KEPT_FREED_MEMORY = keep_freed_memory()
 
 # Rows per size: the Titanic test set itself, and the test set tiled to 20,000 rows.
 SIZES = {"titanic-179": None, "tiled-20k": 20_000}
@@ -77,5 +82,6 @@ def record(benchmark, job: Job, device: str, size: str, contender: str, **extra)
         contender=contender, device=device, size=size, machine=machine(device),
         rows=job.inputs.shape[0], baselines=job.baselines.shape[0], points=job.points,
         flops=job.flops, matmul_peak_gflops=matmul_peak(device), torch=torch.__version__,
+        kept_freed_memory=KEPT_FREED_MEMORY,
         **extra,
     )

@@ -34,6 +34,7 @@ from engine.baselines import BASELINE_KINDS, make_baselines
 from engine.core import integrated_gradients
 from engine.errors import EngineError, ModelError
 from engine.io import OutputDir, tidy_attributions, tidy_deltas
+from engine.memory import keep_freed_memory
 from engine.quadrature import METHODS, check_method
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -515,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # A command-line run owns its process: let malloc reuse the chunks' freed memory.
+    keep_freed_memory()
     # A --checkpoint run keeps its finished chunks; --all writes nothing until the end.
     interrupted = (
         "interrupted: finished chunks are kept; run the same command again to resume"
