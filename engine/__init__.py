@@ -5,6 +5,7 @@ from engine.compat import IntegratedGradients
 from engine.core import integrated_gradients
 from engine.errors import ArgumentError, CheckpointError, DataError, EngineError, ModelError
 from engine.expected import expected_gradients
+from engine.memory import keep_freed_memory
 from engine.quadrature import METHODS, quadrature_rule
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "ModelError",
     "expected_gradients",
     "integrated_gradients",
+    "keep_freed_memory",
     "quadrature_rule",
 ]

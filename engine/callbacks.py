@@ -70,6 +70,8 @@ class AttributionCallback(pl.Callback):
     n_steps, method, target, internal_batch_size, compile, precision
         Passed to :func:`engine.integrated_gradients`. ``compile=True`` compiles once, at
         the snapshot before training; later snapshots were 2-3x cheaper on the Titanic job.
+        On a CPU, :func:`engine.keep_freed_memory` (which the command line calls) saves
+        the page faults of every snapshot's chunks.
     every_n_epochs
         Snapshot after every n-th epoch (and always after the last one); the snapshot
         before training is always taken.
