@@ -193,3 +193,12 @@ def test_compiled_run_with_fewer_snapshots(tmp_path, titanic_csv, capsys):
     assert "after epochs 2, 4, 5" in (out / "report.html").read_text()
     validation = json.loads((out / "validation.json").read_text())
     assert validation["max_rel_error"] <= 1e-5
+
+
+def test_the_command_line_keeps_freed_memory(tmp_path, monkeypatch):
+    import engine.attribute
+
+    calls = []
+    monkeypatch.setattr(engine.attribute, "keep_freed_memory", lambda: calls.append(1))
+    assert main(["--out", str(tmp_path / "r")]) == 2
+    assert calls == [1]
