@@ -377,9 +377,25 @@ def integrate(
     with frozen_parameters(forward_func):
         split = _usable_split(forward_func, problem, options)
         if split is not None:
-            return (_integrate_hoisted(split, problem, rule, chunk_points, options),)
+            try:
+                return (_integrate_hoisted(split, problem, rule, chunk_points, options),)
+            except ModelError as error:
+                if not _wrote_leaf_in_place(error):
+                    raise
+                # hoist.py copies the prefix output for the in-place writes it can see in
+                # the traced graph; anything else lands here and runs unhoisted.
+                log.info("the model writes its affine prefix's output in place: running it "
+                         "without hoisting")
         return _integrate_points(_fast(forward_func, problem), problem, rule, chunk_points,
                                  options)
+
+
+def _wrote_leaf_in_place(error: BaseException) -> bool:
+    while error is not None:
+        if "leaf Variable that requires grad is being used in an in-place" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _fast(forward_func: Callable[..., Tensor], problem: PathProblem) -> Callable[..., Tensor]:

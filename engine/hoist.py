@@ -24,7 +24,9 @@ and gradients bit for bit:
 
 from __future__ import annotations
 
+import inspect
 import logging
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -124,6 +126,9 @@ def _split(model: nn.Module) -> AffineSplit | None:
             env[rest] = suffix.node_copy(rest, lambda n: env[n])
 
     suffix_module = fx.GraphModule(model, suffix)
+    hidden = next(n for n in suffix.nodes if n.op == "placeholder")
+    if _modified_in_place(suffix_module, hidden):
+        _copy_input(suffix_module, hidden)
     _substitute_kernels(suffix_module)
     layers = tuple(str(n.target) for n in prefix_nodes)
     log.debug("affine prefix of %s: %s", type(model).__name__, ", ".join(layers))
@@ -133,6 +138,70 @@ def _split(model: nn.Module) -> AffineSplit | None:
         layers=layers,
         modules=modules,
     )
+
+
+# Methods that return a view of their tensor: an in-place op on the view writes the tensor.
+_VIEW_METHODS = frozenset({"view", "view_as", "reshape", "flatten", "unflatten", "squeeze",
+                           "unsqueeze", "transpose", "permute", "expand", "expand_as",
+                           "narrow", "select", "t", "contiguous", "__getitem__"})
+_IN_PLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul,
+                                 operator.itruediv, operator.ipow, operator.setitem})
+
+
+def _modified_in_place(graph_module: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a user of ``node``, or of a view of it, writes it in place.
+
+    In the model the prefix's output is an intermediate tensor, which an in-place
+    activation (``nn.ReLU(inplace=True)``, ``x.relu_()``) may overwrite. In the suffix it is
+    the path points, a leaf that requires grad, which autograd refuses to modify in place.
+    """
+    for user in node.users:
+        if user.op == "call_module":
+            module = graph_module.get_submodule(str(user.target))
+            if getattr(module, "inplace", False) is True:
+                return True
+            if isinstance(module, _SHAPE_ONLY) and _modified_in_place(graph_module, user):
+                return True
+        elif user.op == "call_method":
+            name = str(user.target)
+            if user.args and user.args[0] is node:
+                if name.endswith("_") and not name.startswith("_"):
+                    return True
+                if name in _VIEW_METHODS and _modified_in_place(graph_module, user):
+                    return True
+        elif user.op == "call_function":
+            target = user.target
+            if target in _IN_PLACE_OPERATORS and user.args and user.args[0] is node:
+                return True
+            if target is operator.getitem and _modified_in_place(graph_module, user):
+                return True
+            name = getattr(target, "__name__", "")
+            if name.endswith("_") and not name.startswith("_"):
+                return True
+            if _inplace_argument(target, user):
+                return True
+    return False
+
+
+def _inplace_argument(function: object, node: fx.Node) -> bool:
+    """Whether a call such as ``F.relu(x, inplace=True)`` asks for in-place work."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    try:
+        bound = inspect.signature(function).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return False
+    return bound.arguments.get("inplace") is True
+
+
+def _copy_input(graph_module: fx.GraphModule, placeholder: fx.Node) -> None:
+    """Give the suffix a copy of its input to write on."""
+    graph = graph_module.graph
+    with graph.inserting_after(placeholder):
+        copy = graph.call_method("clone", (placeholder,))
+    placeholder.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+    graph_module.recompile()
+    log.debug("the model writes its affine prefix's output in place: the suffix copies it")
 
 
 class _ScalarSlopePReLU(nn.Module):

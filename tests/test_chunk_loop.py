@@ -526,3 +526,76 @@ def test_adaptive_steps_use_the_speed_options():
     # bf16 rounds every product: the result moves, but only by bf16 rounding.
     difference = relative_error(bf16.attributions, fp32.attributions)
     assert 0 < difference <= 3e-2
+
+
+class _InPlaceAfterPrefix(nn.Module):
+    """Linear, then an in-place write of its output in one of several spellings."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.spelling = spelling
+        self.layer = nn.Linear(5, 16)
+        self.act = nn.ReLU(inplace=True)
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.layer(x)
+        if self.spelling == "module":
+            hidden = self.act(hidden)
+        elif self.spelling == "functional":
+            hidden = nn.functional.relu(hidden, inplace=True)
+        elif self.spelling == "method":
+            hidden = hidden.relu_()
+        elif self.spelling == "operator":
+            hidden += 0.5
+            hidden = torch.tanh(hidden)
+        elif self.spelling == "view":
+            hidden.view(-1, 4, 4).tanh_()
+        return self.out(hidden)
+
+
+@torch.fx.wrap
+def _bump_in_place(hidden: torch.Tensor) -> torch.Tensor:
+    # Wrapped: the tracer records one opaque call and cannot see the in-place write.
+    return hidden.add_(0.5)
+
+
+class _HiddenInPlaceAfterPrefix(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(5, 16)
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(_bump_in_place(self.layer(x))))
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("spelling", ["module", "functional", "method", "operator", "view"])
+def test_in_place_write_after_the_prefix_is_hoisted_and_exact(spelling, compile, caplog):
+    torch.manual_seed(3)
+    model = _InPlaceAfterPrefix(spelling).double().eval()
+    inputs = torch.rand(6, 5, dtype=torch.float64)
+    baselines = torch.rand(2, 5, dtype=torch.float64)
+
+    assert split_affine_prefix(model) is not None
+    with caplog.at_level(logging.INFO, logger="engine.core"):
+        hoisted = integrated_gradients(model, inputs, baselines, compile=compile)
+    plain = integrated_gradients(model, inputs, baselines, hoist=False)
+
+    torch.testing.assert_close(hoisted, plain, rtol=1e-10, atol=1e-12)
+    assert "without hoisting" not in caplog.text
+
+
+def test_in_place_write_the_trace_cannot_see_runs_unhoisted(caplog):
+    torch.manual_seed(4)
+    model = _HiddenInPlaceAfterPrefix().double().eval()
+    inputs = torch.rand(6, 5, dtype=torch.float64)
+    baselines = torch.rand(2, 5, dtype=torch.float64)
+
+    with caplog.at_level(logging.INFO, logger="engine.core"):
+        result = integrated_gradients(model, inputs, baselines)
+    plain = integrated_gradients(model, inputs, baselines, hoist=False)
+
+    torch.testing.assert_close(result, plain, rtol=0, atol=0)
+    assert "without hoisting" in caplog.text
