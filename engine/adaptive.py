@@ -24,7 +24,7 @@ from torch import Tensor
 from engine.core import PathProblem, _chunk_points, integrate, output_gap
 from engine.errors import ArgumentError
 from engine.plan import RunOptions
-from engine.quadrature import QuadratureRule, quadrature_rule
+from engine.quadrature import QuadratureRule, max_steps_of, quadrature_rule
 
 __all__ = ["IGResult", "adaptive_integrated_gradients"]
 
@@ -78,7 +78,7 @@ def adaptive_integrated_gradients(
     Called by ``integrated_gradients`` after it has checked the arguments; ``rule`` is the
     first level and ``chunk_points`` bounds every forward/backward.
     """
-    tolerance, ceiling = _check_adaptive(delta_tolerance, max_steps, rule.n_steps)
+    tolerance, ceiling = _check_adaptive(delta_tolerance, max_steps, rule, error_estimate)
     n_pairs = problem.n_baselines * problem.n_rows
     device = problem.inputs[0].device
     gap = output_gap(forward_func, problem, chunk_points).flatten()
@@ -136,8 +136,10 @@ def adaptive_integrated_gradients(
 
 
 def _check_adaptive(
-    delta_tolerance: float | None, max_steps: int | None, n_steps: int
+    delta_tolerance: float | None, max_steps: int | None, rule: QuadratureRule,
+    error_estimate: bool,
 ) -> tuple[float, int]:
+    n_steps = rule.n_steps
     if delta_tolerance is None:
         tolerance = float("inf")
     elif isinstance(delta_tolerance, bool) or not isinstance(delta_tolerance, (int, float)):
@@ -151,6 +153,17 @@ def _check_adaptive(
         raise ArgumentError(f"max_steps must be an integer, got {max_steps!r}")
     if ceiling < n_steps:
         raise ArgumentError(f"max_steps={ceiling} is below n_steps={n_steps}")
+    # The error estimate compares the last level with one of twice the nodes.
+    most = max_steps_of(rule.method) // (2 if error_estimate else 1)
+    if max_steps is None:
+        ceiling = max(n_steps, min(ceiling, most))
+    if ceiling > most or (error_estimate and n_steps > most):
+        name = "n_steps" if max_steps is None else "max_steps"
+        raise ArgumentError(
+            f"{name}={ceiling} is too large for method {rule.method!r}: it allows at most "
+            f"{most:,}" + (" with error_estimate (which doubles the last level)"
+                           if error_estimate else "")
+        )
     return tolerance, ceiling
 
 

@@ -140,9 +140,9 @@ def job_config(args: argparse.Namespace) -> JobConfig:
 
 def _check_shared_flags(args: argparse.Namespace) -> None:
     """Flags both jobs read, checked before any work so that a typo costs nothing."""
-    check_method(args.method, args.n_steps)
     if args.n_steps > MAX_STEPS:
         raise UsageError(f"--n-steps {args.n_steps} is more than the {MAX_STEPS:,} allowed")
+    check_method(args.method, args.n_steps)
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
     if str(args.out).strip() in ("", "."):

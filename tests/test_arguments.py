@@ -324,3 +324,32 @@ def test_a_model_that_rejects_the_input_shape_is_named_in_one_line():
 def test_a_target_that_is_not_an_index_is_refused(target):
     with pytest.raises(ArgumentError, match="target must be an int"):
         integrated_gradients(nn.Linear(3, 2), torch.randn(2, 3), target=target)
+
+
+@pytest.mark.parametrize(
+    ("method", "n_steps"),
+    [("gausslegendre", 2049), ("riemann_middle", 1_000_001), ("gausslegendre", 10**9)],
+)
+def test_too_many_steps_are_refused_before_any_work(method, n_steps):
+    # Gauss-Legendre nodes cost n^3 to compute (hours at 30,000 nodes); a Riemann rule
+    # with 10^9 nodes would allocate gigabytes before the first chunk.
+    model = mlp(4, 8, 1)
+    with pytest.raises(ArgumentError, match=f"n_steps={n_steps} is too large for method"):
+        integrated_gradients(model, torch.rand(2, 4, dtype=torch.float64),
+                             torch.zeros(1, 4, dtype=torch.float64), n_steps=n_steps,
+                             method=method)
+
+
+def test_adaptive_steps_stop_at_the_largest_rule():
+    from engine.adaptive import _check_adaptive
+    from engine.quadrature import MAX_GAUSS_LEGENDRE_STEPS, quadrature_rule
+
+    rule = quadrature_rule("gausslegendre", 200)
+    # The default ceiling (16 x 200 nodes) is cut to the largest rule, or to half of it
+    # when the error estimate doubles the last level.
+    assert _check_adaptive(1e-3, None, rule, False)[1] == MAX_GAUSS_LEGENDRE_STEPS
+    assert _check_adaptive(1e-3, None, rule, True)[1] == MAX_GAUSS_LEGENDRE_STEPS // 2
+    with pytest.raises(ArgumentError, match="max_steps=4096 is too large"):
+        _check_adaptive(1e-3, 4096, rule, False)
+    with pytest.raises(ArgumentError, match="n_steps=2000 is too large.*error_estimate"):
+        _check_adaptive(None, None, quadrature_rule("gausslegendre", 2000), True)

@@ -228,6 +228,7 @@ def test_passenger_id_too_large_to_be_exact_is_refused(tmp_path):
         (["--n-steps", "0"], ["n_steps=0", "at least 1"]),
         (["--n-steps", "-5"], ["n_steps=-5"]),
         (["--n-steps", "1", "--method", "riemann_trapezoid"], ["riemann_trapezoid", "at least 2"]),
+        (["--n-steps", "100000"], ["n_steps=100000", "gausslegendre", "at most 2,048"]),
         (["--method", "simpson"], ["unknown method 'simpson'", "gausslegendre"]),
         (["--baselines", "mean,median"], ["--baselines", "'median'", "mean, random, zero, one"]),
         (["--baselines", ""], ["--baselines", "''"]),
@@ -235,7 +236,7 @@ def test_passenger_id_too_large_to_be_exact_is_refused(tmp_path):
         (["--epochs", "0"], ["--epochs", "at least 1", "0"]),
         (["--epochs", "-3"], ["--epochs", "-3"]),
     ],
-    ids=["n-steps-0", "n-steps-negative", "n-steps-1-riemann", "unknown-method",
+    ids=["n-steps-0", "n-steps-negative", "n-steps-1-riemann", "n-steps-too-many", "unknown-method",
          "unknown-baseline", "no-baseline", "baseline-twice", "epochs-0", "epochs-negative"],
 )
 def test_bad_argument_value_is_one_line_exit_two(tmp_path, capsys, titanic_csv, flags, names):
