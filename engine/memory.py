@@ -2,8 +2,8 @@
 
 PyTorch allocates CPU tensors with the C library's ``malloc``. glibc hands blocks above a
 threshold (128 KiB at start, raised up to 32 MiB as such blocks are freed) straight to
-the kernel with ``mmap``, and returns free memory at the top of its heap once more than
-twice that threshold is free. Either way, the next allocation of the same size gets fresh
+the kernel with ``mmap``, and returns free memory at the top of its heap once more than a
+trim threshold is free (128 KiB at start, twice the mmap threshold once that has moved). Either way, the next allocation of the same size gets fresh
 pages, and the kernel zeroes each of them on first touch. The engine allocates and frees
 the same few activation sizes in every chunk and every call, so a small job spends up to
 half its time in those page faults.
@@ -43,7 +43,9 @@ def keep_freed_memory() -> bool:
     """Tell glibc's ``malloc`` to keep freed memory for reuse; True when it took effect.
 
     Process-wide and idempotent. Does nothing and returns False where the C library is not
-    glibc (macOS, Windows, musl): the thresholds it sets exist only there.
+    glibc (macOS, Windows, musl): the thresholds it sets exist only there. Under a
+    preloaded jemalloc or tcmalloc, which keep freed memory anyway, glibc's settings are
+    set but unused.
     """
     global _kept
     if _kept:

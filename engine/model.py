@@ -492,4 +492,9 @@ def _load_reason(err: BaseException) -> str:
     if isinstance(err, pickle.UnpicklingError):
         return "its bytes are neither a torch zip archive nor a tensor-only pickle"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
+    if isinstance(err, (PermissionError, IsADirectoryError)) and lines:
+        return lines[0]
+    # A truncated or damaged archive fails somewhere deep in the reader, with a bare key,
+    # a decoding error or an errno that mean nothing to whoever passed the file.
+    detail = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return f"the file is truncated or corrupted ({detail})"

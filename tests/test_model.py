@@ -271,3 +271,17 @@ def test_epochs_must_be_a_positive_integer(data, epochs) -> None:
     with pytest.raises(ArgumentError) as err:
         train_titanic(data, epochs=epochs)
     assert_one_line(err, "epochs", repr(epochs))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_a_damaged_checkpoint_says_so(tmp_path: Path, damage: str) -> None:
+    good = save_weights(TitanicMLP(), tmp_path / "good.pt").read_bytes()
+    if damage == "truncated":
+        damaged = good[: len(good) // 2]
+    else:
+        damaged = good[:300] + bytes(b ^ 0x5A for b in good[300:340]) + good[340:]
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(damaged)
+    with pytest.raises(CheckpointError, match="truncated or corrupted") as err:
+        load_weights(path)
+    assert_one_line(err, "damaged.pt")
