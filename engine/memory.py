@@ -3,8 +3,9 @@
 PyTorch allocates CPU tensors with the C library's ``malloc``. glibc hands blocks above a
 threshold (128 KiB at start, raised up to 32 MiB as such blocks are freed) straight to
 the kernel with ``mmap``, and returns free memory at the top of its heap once more than a
-trim threshold is free (128 KiB at start, twice the mmap threshold once that has moved). Either way, the next allocation of the same size gets fresh
-pages, and the kernel zeroes each of them on first touch. The engine allocates and frees
+trim threshold is free (128 KiB at start, twice the mmap threshold once that has moved).
+Either way, the next allocation of the same size gets fresh pages, and the kernel zeroes
+each of them on first touch. The engine allocates and frees
 the same few activation sizes in every chunk and every call, so a small job spends up to
 half its time in those page faults.
 
