@@ -5,9 +5,9 @@ threshold (128 KiB at start, raised up to 32 MiB as such blocks are freed) strai
 the kernel with ``mmap``, and returns free memory at the top of its heap once more than a
 trim threshold is free (128 KiB at start, twice the mmap threshold once that has moved).
 Either way, the next allocation of the same size gets fresh pages, and the kernel zeroes
-each of them on first touch. The engine allocates and frees
-the same few activation sizes in every chunk and every call, so a small job spends up to
-half its time in those page faults.
+each of them on first touch. The engine allocates and frees the same few activation sizes
+in every chunk and every call, so a small job spends up to half its time in those page
+faults.
 
 ``keep_freed_memory`` sets both thresholds once for the whole process (glibc's
 ``mallopt``), so freed chunks stay in the heap and are reused. The cost: the process holds
