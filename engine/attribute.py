@@ -32,7 +32,7 @@ import torch
 
 from engine.baselines import BASELINE_KINDS, make_baselines
 from engine.core import integrated_gradients
-from engine.errors import EngineError, ModelError
+from engine.errors import ArgumentError, EngineError, ModelError
 from engine.io import OutputDir, tidy_attributions, tidy_deltas
 from engine.memory import keep_freed_memory
 from engine.quadrature import METHODS, check_method
@@ -142,7 +142,12 @@ def _check_shared_flags(args: argparse.Namespace) -> None:
     """Flags both jobs read, checked before any work so that a typo costs nothing."""
     if args.n_steps > MAX_STEPS:
         raise UsageError(f"--n-steps {args.n_steps} is more than the {MAX_STEPS:,} allowed")
-    check_method(args.method, args.n_steps)
+    try:
+        check_method(args.method, args.n_steps)
+    except ArgumentError as error:
+        # The library names its arguments; the user typed flags.
+        text = str(error).replace("n_steps=", "--n-steps ").replace("method ", "--method ", 1)
+        raise UsageError(text) from error
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
     if str(args.out).strip() in ("", "."):
@@ -180,7 +185,7 @@ def run_all(config: JobConfig) -> dict[str, object]:
         source = locate_titanic_csv(config.data)
         frame = load_titanic(source)
         data = prepare_titanic(frame, source=source)
-        _check_passenger_flags(config, len(data.test_index), data.feature_names)
+        _check_passenger_flags(config, len(data.test_index), data.feature_names, source)
         _say(f"data: {source} ({len(data.labels)} passengers, "
              f"{len(data.train_index)} train, {len(data.test_index)} test)")
 
@@ -322,11 +327,15 @@ def _draw_pictures(outputs, mean_attribution, by_epoch, passenger, feature_names
             "passenger_figure": passenger_figure}
 
 
-def _check_passenger_flags(config: JobConfig, n_test: int, feature_names: Sequence[str]) -> None:
+def _check_passenger_flags(
+    config: JobConfig, n_test: int, feature_names: Sequence[str], source: Path
+) -> None:
     """Refuse a bad --explain-row or --flip before training rather than after."""
     if not 0 <= config.explain_row < n_test:
         raise UsageError(
-            f"--explain-row {config.explain_row}: expected a test row from 0 to {n_test - 1}"
+            f"--explain-row {config.explain_row}: expected a test row from 0 to {n_test - 1} "
+            f"(the last 20% of {source} holds {n_test} "
+            f"passenger{'s' if n_test != 1 else ''})"
         )
     if config.flip not in feature_names:
         raise UsageError(f"--flip {config.flip}: expected one of {', '.join(feature_names)}")

@@ -225,11 +225,11 @@ def test_passenger_id_too_large_to_be_exact_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "names"),
     [
-        (["--n-steps", "0"], ["n_steps=0", "at least 1"]),
-        (["--n-steps", "-5"], ["n_steps=-5"]),
+        (["--n-steps", "0"], ["--n-steps 0", "at least 1"]),
+        (["--n-steps", "-5"], ["--n-steps -5"]),
         (["--n-steps", "1", "--method", "riemann_trapezoid"], ["riemann_trapezoid", "at least 2"]),
-        (["--n-steps", "100000"], ["n_steps=100000", "gausslegendre", "at most 2,048"]),
-        (["--method", "simpson"], ["unknown method 'simpson'", "gausslegendre"]),
+        (["--n-steps", "100000"], ["--n-steps 100000", "gausslegendre", "at most 2,048"]),
+        (["--method", "simpson"], ["unknown --method 'simpson'", "gausslegendre"]),
         (["--baselines", "mean,median"], ["--baselines", "'median'", "mean, random, zero, one"]),
         (["--baselines", ""], ["--baselines", "''"]),
         (["--baselines", "zero,zero"], ["--baselines", "'zero'", "twice"]),

@@ -163,7 +163,9 @@ def test_report_embeds_everything_it_shows(finished_run):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--explain-row", "179"], "--explain-row 179: expected a test row from 0 to 178"),
+        (["--explain-row", "179"], "--explain-row 179: expected a test row from 0 to 178 "
+                                   "(the last 20% of"),
+        (["--explain-row", "179"], "holds 179 passengers)"),
         (["--flip", "Name"], "--flip Name: expected one of Pclass, Sex, Age, SibSp, Fare"),
     ],
 )
