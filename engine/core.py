@@ -32,7 +32,10 @@ from engine.hoist import (
     reproduces,
     split_affine_prefix,
 )
+from engine.kinks import KinkSplit, integrate_kinked, sorted_nodes
 from engine.plan import (
+    BACKWARD_FACTOR,
+    FUSED_CPU_CHUNK_BYTES,
     RunOptions,
     choose_chunk_points,
     default_memory_budget,
@@ -236,10 +239,12 @@ def integrated_gradients(
         ``"fp32"``; ``"bf16"`` or ``"fp16"`` run forward and backward under autocast
         (gradients are still summed in float32); ``"tf32"`` allows TensorFloat-32 matmuls
         on CUDA.
-    hoist : bool
+    hoist : bool or "affine"
         Evaluate the model's leading affine layers (Linear, Conv, eval BatchNorm) once per
-        row and baseline instead of once per path point. Exact up to rounding; models that
-        do not trace with ``torch.fx`` run the plain path.
+        row and baseline instead of once per path point; when they are followed by a ReLU,
+        LeakyReLU or PReLU and a Linear layer, integrate through that pair in closed form
+        too (see ``engine.kinks``). ``"affine"`` hoists the affine layers only. Exact up to
+        rounding; models that do not trace with ``torch.fx`` run the plain path.
     progress : bool, optional
         Progress bar for runs longer than a few seconds; None: only on a terminal.
 
@@ -748,13 +753,114 @@ def _integrate_hoisted(
                 targets=_rows_of(problem.targets, rows),
                 forward_args=(),
             )
-            sub_chunk = chunk_points
-            if options.internal_batch_size is None:
-                sub_chunk = _planned_chunk_points(split.suffix, sub, rule, options, hoisted=True)
-            (hidden_sum,) = _integrate_points(split.suffix, sub, rule, sub_chunk, options, bar)
+            kink = _usable_kink(split, hidden_x, options)
+            if kink is not None:
+                hidden_sum = _integrate_kinked(kink, sub, rule, options, bar)
+            else:
+                sub_chunk = chunk_points
+                if options.internal_batch_size is None:
+                    sub_chunk = _planned_chunk_points(split.suffix, sub, rule, options,
+                                                      hoisted=True)
+                (hidden_sum,) = _integrate_points(split.suffix, sub, rule, sub_chunk, options,
+                                                  bar)
             pulled = pull_back(split, hidden_sum.flatten(0, 1), x)
             result[:, rows] = pulled.view(n_baselines, -1, *x.shape[1:]).to(result.dtype)
     return result
+
+
+def _usable_kink(split: AffineSplit, hidden_x: Tensor, options: RunOptions) -> KinkSplit | None:
+    """The split's kink (see engine.kinks), when it applies to these hidden rows."""
+    kink = split.kink
+    if options.hoist is not True or kink is None or hidden_x.dim() != 2:
+        return None
+    slopes = kink.negative_slopes(hidden_x).numel()
+    if kink.linear.in_features != hidden_x.shape[1] or slopes not in (1, hidden_x.shape[1]):
+        return None
+    return kink
+
+
+def _integrate_kinked(
+    kink: KinkSplit,
+    problem: PathProblem,
+    rule: QuadratureRule,
+    options: RunOptions,
+    bar: Progress,
+) -> Tensor:
+    """The hidden-space sums of ``problem`` (one block of hoisted rows): (B, N, H1).
+
+    Pairs go through ``integrate_kinked`` in blocks sized from the memory budget; the
+    tail runs as one chunk per block (compiled, padded and at the requested precision
+    like any chunk).
+    """
+    x, base = problem.inputs[0], problem.baselines[0]
+    n_pairs, n_steps = problem.n_baselines * problem.n_rows, rule.n_steps
+    accumulate = _accumulate_dtype(x)
+    nodes = sorted_nodes(rule.alphas, rule.weights, x.dtype, x.device)
+    per_block = _kinked_block_pairs(kink, problem, rule, options)
+    step_fn = chunk_step(kink.tail, problem, options, per_block * n_steps)
+    sums = torch.empty((n_pairs, x.shape[1]), dtype=accumulate, device=x.device)
+    log.debug("integrate through kinks: %d pairs x %d steps in blocks of %d pairs",
+              n_pairs, n_steps, per_block)
+    first = 0
+    while first < n_pairs:
+        pairs = torch.arange(first, min(first + per_block, n_pairs), device=x.device)
+        rows = pairs % problem.n_rows
+        point_rows = rows.repeat_interleave(n_steps)
+
+        def tail_gradient(mixed: Tensor) -> Tensor:
+            return _chunk_gradients(step_fn, problem, (mixed,), point_rows)[0]
+
+        if len(pairs) == n_pairs:
+            # Every pair at once: rows against baselines by broadcasting, no gathers.
+            hidden_x, hidden_base = x, base
+        else:
+            hidden_x, hidden_base = x[rows], base.flatten(0, 1)[problem.baseline_index(pairs)]
+        try:
+            sums[first : first + len(pairs)] = integrate_kinked(
+                kink, hidden_x, hidden_base, nodes, tail_gradient, accumulate,
+            )
+        except torch.OutOfMemoryError:
+            per_block = max(1, _halved(per_block * n_steps, n_steps, x.device) // n_steps)
+            step_fn = chunk_step(kink.tail, problem, options, per_block * n_steps)
+            continue
+        bar.update(len(pairs) * n_steps)
+        first += len(pairs)
+    return sums.view(problem.n_baselines, problem.n_rows, -1)
+
+
+def _kinked_block_pairs(
+    kink: KinkSplit, problem: PathProblem, rule: QuadratureRule, options: RunOptions
+) -> int:
+    """Pairs per block: ``internal_batch_size`` points, or what fits the budget."""
+    n_pairs, n_steps = problem.n_baselines * problem.n_rows, rule.n_steps
+    if options.internal_batch_size is not None:
+        return max(1, min(n_pairs, options.internal_batch_size // n_steps))
+    x = problem.inputs[0]
+    hidden, mixed = x.shape[1], kink.linear.out_features
+    device = x.device
+
+    def tail_bytes() -> float:
+        def run(count: int) -> int:
+            def forward() -> None:
+                points = torch.zeros((count, mixed), dtype=x.dtype, device=device,
+                                     requires_grad=True)
+                with precision_context(options, device):
+                    kink.tail(points)
+
+            with torch.enable_grad():
+                return saved_bytes(forward)
+
+        return (run(PROBE_POINTS) - run(PROBE_POINTS // 2)) / (PROBE_POINTS // 2)
+
+    key = ("tail activation", mixed, x.dtype, device, options.precision)
+    per_point = max(float(memo(kink.tail, key, tail_bytes)), 0.0)
+    # Running sums over the nodes and the per-unit gathers, next to the tail's activations.
+    per_pair = (x.element_size() * (10 * (n_steps + 1) * mixed + 10 * hidden * mixed)
+                + BACKWARD_FACTOR * n_steps * per_point)
+    budget = options.memory_budget or default_memory_budget(device)
+    if device.type == "cpu":
+        budget = min(budget, FUSED_CPU_CHUNK_BYTES)
+    return max(1, min(n_pairs, int(budget // per_pair)))
 
 
 def _hoisted_block_rows(problem: PathProblem, hidden_base: Tensor, options: RunOptions) -> int:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx, nn
 
+from engine.kinks import KinkSplit, split_kink
 from engine.step import memo
 
 __all__ = ["AffineSplit", "fast_model", "pull_back", "reproduces", "split_affine_prefix"]
@@ -50,16 +51,21 @@ _SHAPE_ONLY = (nn.Identity, nn.Flatten)
 class AffineSplit:
     """``model(x) == suffix(prefix(x))`` with ``prefix`` affine.
 
-    ``modules`` are the prefix's layers; ``layers`` their qualified names.
+    ``modules`` are the prefix's layers; ``layers`` their qualified names. ``kink`` is
+    the suffix taken apart at a leading ReLU-like layer and Linear (see engine.kinks),
+    when it starts that way.
     """
 
     prefix: nn.Module
     suffix: nn.Module
     layers: tuple[str, ...]
     modules: tuple[nn.Module, ...]
+    kink: KinkSplit | None = None
 
     def run(self, x: Tensor) -> Tensor:
-        """``suffix(prefix(x))``."""
+        """``suffix(prefix(x))``, through the kink split when there is one."""
+        if self.kink is not None:
+            return self.kink.run(self.prefix(x))
         return self.suffix(self.prefix(x))
 
     def is_affine_now(self) -> bool:
@@ -129,6 +135,9 @@ def _split(model: nn.Module) -> AffineSplit | None:
     hidden = next(n for n in suffix.nodes if n.op == "placeholder")
     if _modified_in_place(suffix_module, hidden):
         _copy_input(suffix_module, hidden)
+    kink = split_kink(suffix_module)
+    if kink is not None:
+        _substitute_kernels(kink.tail)
     _substitute_kernels(suffix_module)
     layers = tuple(str(n.target) for n in prefix_nodes)
     log.debug("affine prefix of %s: %s", type(model).__name__, ", ".join(layers))
@@ -137,6 +146,7 @@ def _split(model: nn.Module) -> AffineSplit | None:
         suffix=suffix_module,
         layers=layers,
         modules=modules,
+        kink=kink,
     )
 
 

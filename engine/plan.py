@@ -58,7 +58,7 @@ class RunOptions:
     memory_budget: int | None = None
     compile: bool | str = False
     precision: str = "fp32"
-    hoist: bool = True
+    hoist: bool | str = True
     progress: bool | None = None
     internal_batch_size: int | None = None
 
@@ -81,7 +81,7 @@ def run_options(
     memory_budget: int | None = None,
     compile: bool | str = False,
     precision: str = "fp32",
-    hoist: bool = True,
+    hoist: bool | str = True,
     progress: bool | None = None,
 ) -> RunOptions:
     """Check the speed and memory arguments; raise ``ArgumentError`` naming the bad one."""
@@ -99,8 +99,8 @@ def run_options(
         raise ArgumentError(
             f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
         )
-    if not isinstance(hoist, bool):
-        raise ArgumentError(f"hoist must be True or False, got {hoist!r}")
+    if not isinstance(hoist, bool) and hoist != "affine":
+        raise ArgumentError(f"hoist must be True, False or 'affine', got {hoist!r}")
     if progress is not None and not isinstance(progress, bool):
         raise ArgumentError(f"progress must be True, False or None, got {progress!r}")
     return RunOptions(memory_budget, compile, precision, hoist, progress)

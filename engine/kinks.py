@@ -1,0 +1,311 @@
+"""Integrate through the first ReLU-like layer after the affine prefix in closed form.
+
+After the affine prefix (see engine.hoist) the path is a straight line in hidden space,
+h(a) = h_b + a d with d = h_x - h_b. When the rest of the model starts with an
+activation that is linear on either side of zero (ReLU, LeakyReLU, PReLU:
+phi_j(t) = t for t > 0 and s_j t otherwise) and then a Linear layer (W, c), each hidden
+unit j changes slope at most once along the path, where h_j crosses zero at
+a*_j = -h_bj / d_j. So the Linear layer's output at node a_k,
+
+    u(a_k) = c + sum_j W[:, j] phi_j(h_bj + a_k d_j),
+
+is the slope-s sum plus the contributions of the units that are positive at a_k, and
+the units that turn positive (or stop being positive) at a node can be found by
+searching each a*_j among the sorted nodes. Running sums over the nodes of what each
+unit adds when it switches then give u at every node without visiting every
+(node, unit) pair. The rest of the model (the tail) runs on u: H2 numbers per point
+instead of H1. Its gradient g_k at each node comes back the same way:
+
+    sum_k w_k dF/dh_j(a_k) = W[:, j] . (s_j * G_neg_j + G_pos_j),
+
+with G_neg_j and G_pos_j the sums of w_k g_k over the nodes on each side of a*_j, read
+off one running sum over the nodes. Per (row, baseline) pair that is O(H1 H2 + K H2)
+work instead of O(K H1 H2) for K nodes.
+
+Exact in exact arithmetic. In floating point the values differ from evaluating each
+node by rounding, and a node that lands within rounding of a unit's crossing may take
+the other slope there; so can the plain path, whose own rounding decides that sign.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, fx, nn
+
+__all__ = ["KinkSplit", "integrate_kinked", "split_kink"]
+
+log = logging.getLogger(__name__)
+
+_KINKED_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
+_RELU_FUNCTIONS = (torch.relu, nn.functional.relu)
+
+
+@dataclass(frozen=True)
+class KinkSplit:
+    """``suffix(h) == tail(linear(activation(h)))`` with a ReLU-like ``activation``.
+
+    ``activation`` is the model's own module (ReLU, LeakyReLU, PReLU), or None for a
+    call of ``relu``; ``linear`` is the model's ``nn.Linear``, so both are read with
+    their current weights at every call.
+    """
+
+    activation: nn.Module | None
+    linear: nn.Linear
+    tail: nn.Module
+
+    def run(self, hidden: Tensor) -> Tensor:
+        """``tail(linear(activation(hidden)))``, without writing ``hidden``."""
+        if self.activation is None:
+            activated = torch.relu(hidden)
+        elif getattr(self.activation, "inplace", False):
+            activated = self.activation(hidden.clone())
+        else:
+            activated = self.activation(hidden)
+        return self.tail(self.linear(activated))
+
+    def negative_slopes(self, like: Tensor) -> Tensor:
+        """The activation's slope below zero: (1,) or one per hidden unit, like ``like``."""
+        if isinstance(self.activation, nn.PReLU):
+            return self.activation.weight.detach().to(like.dtype)
+        slope = self.activation.negative_slope if isinstance(self.activation, nn.LeakyReLU) else 0.0
+        return torch.full((1,), float(slope), dtype=like.dtype, device=like.device)
+
+
+def split_kink(suffix: fx.GraphModule) -> KinkSplit | None:
+    """The suffix as activation, Linear and tail, or None when it does not start that way.
+
+    ``suffix`` is the rest of a model after its affine prefix (one placeholder). The
+    placeholder, possibly through one ``clone``, must feed only a ReLU, LeakyReLU or
+    PReLU, which must feed only an ``nn.Linear``.
+    """
+    graph = suffix.graph
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    if len(placeholders) != 1:
+        return None
+    skipped = [placeholders[0]]
+    node = _only_user(placeholders[0])
+    if node is not None and node.op == "call_method" and node.target == "clone" \
+            and node.args == (skipped[-1],) and not node.kwargs:
+        skipped.append(node)
+        node = _only_user(node)
+    if node is None:
+        return None
+
+    activation = _activation_of(suffix, node, skipped[-1])
+    if activation is False:
+        return None
+    skipped.append(node)
+    linear_node = _only_user(node)
+    if linear_node is None or linear_node.op != "call_module" \
+            or linear_node.args != (node,) or linear_node.kwargs:
+        return None
+    linear = suffix.get_submodule(str(linear_node.target))
+    if type(linear) is not nn.Linear:
+        return None
+
+    tail = fx.Graph()
+    env = {linear_node: tail.placeholder("mixed")}
+    for rest in graph.nodes:
+        if rest not in skipped and rest is not linear_node:
+            env[rest] = tail.node_copy(rest, lambda n: env[n])
+    log.debug("the affine prefix is followed by %s and %s: integrating through the kinks",
+              type(activation).__name__ if activation is not None else "relu",
+              linear_node.target)
+    return KinkSplit(activation=activation, linear=linear, tail=fx.GraphModule(suffix, tail))
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _activation_of(suffix: fx.GraphModule, node: fx.Node, argument: fx.Node) -> object:
+    """The activation module ``node`` calls on ``argument``, None for relu, else False."""
+    if node.args != (argument,):
+        return False
+    if node.op == "call_module" and not node.kwargs:
+        module = suffix.get_submodule(str(node.target))
+        if type(module) in _KINKED_MODULES:
+            return module
+        return False
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS \
+            and set(node.kwargs) <= {"inplace"}:
+        return None
+    return False
+
+
+# Largest lookup table for finding each unit's crossing among the nodes; rules whose
+# nodes are closer than 2 / _MAX_CELLS (Gauss-Legendre beyond about 350 nodes) search.
+_MAX_CELLS = 1 << 16
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """A rule's nodes, sorted ascending, and how to count the nodes below a number.
+
+    ``alphas`` are the plain path's nodes (the rule's float64 alphas cast to the points'
+    dtype), held in float64 like the ``weights``. With ``cells``
+    set, ``[0, 1]`` is cut into that many equal cells, few enough that each holds at most
+    one node: ``below[i]`` counts the nodes left of cell ``i - 1`` (cell -1 is everything
+    below 0, cell ``cells`` everything from 1 on) and ``inside[i]`` is that cell's node or
+    +inf; ``inside_above`` holds the next number above each, for strict comparisons.
+    """
+
+    alphas: Tensor
+    weights: Tensor
+    cells: int | None
+    below: Tensor | None
+    inside: Tensor | None
+
+
+def sorted_nodes(alphas: np.ndarray, weights: np.ndarray, dtype: torch.dtype,
+                 device: torch.device) -> Nodes:
+    """The rule's nodes in ascending order, with a lookup table when one is small."""
+    order = np.argsort(alphas, kind="stable")
+    cast = torch.tensor(alphas[order], dtype=torch.float64).to(dtype).double()
+    tables = _lookup_tables(cast.numpy())
+    nodes = Nodes(
+        alphas=cast.to(device),
+        weights=torch.tensor(weights[order], dtype=torch.float64, device=device),
+        cells=tables[0] if tables else None,
+        below=tables[1].to(device) if tables else None,
+        inside=tables[2].to(device) if tables else None,
+    )
+    return nodes
+
+
+def _lookup_tables(values: np.ndarray) -> tuple[int, Tensor, Tensor] | None:
+    """(cells, below, inside) for ``Nodes``, or None when the nodes are too close.
+
+    Both tables are stacked twice: the first copy for rising units, the second, whose
+    nodes are moved up by one ulp, for falling units (see ``_switches``). ``inside`` is
+    stored negated, and nan in empty cells, which no crossing reaches.
+    """
+    gaps = np.diff(values)
+    if (gaps <= 0).any() or values[0] < 0 or values[-1] > 1:
+        return None
+    smallest = gaps.min() if len(gaps) else 1.0
+    cells = 1 << max(1, int(np.ceil(np.log2(2.0 / smallest))))
+    if cells > _MAX_CELLS:
+        return None
+    # Cell c (entry c + 1) covers [c / cells, (c + 1) / cells); cell -1 is below 0 and
+    # cell ``cells`` is [1, inf).
+    edges = np.arange(-1, cells + 1, dtype=np.float64) / cells
+    below = np.searchsorted(values, edges, side="left")
+    below[0] = 0
+    inside = np.full(cells + 2, np.nan)
+    inside[np.minimum(np.floor(values * cells), cells).astype(np.int64) + 1] = values
+    rising = torch.tensor(inside, dtype=torch.float64)
+    falling = torch.nextafter(rising, torch.full_like(rising, np.inf))
+    return (
+        cells,
+        torch.tensor(np.concatenate([below, below]), dtype=torch.int64),
+        -torch.cat([rising, falling]),
+    )
+
+
+def _switches(start: Tensor, direction: Tensor, falling: Tensor, nodes: Nodes) -> Tensor:
+    """Per unit, the first node on the other side of its crossing, (P, H1) int64.
+
+    ``falling`` is 1.0 where the direction is negative, else 0.0. Rising units are
+    positive from the switch node on: it counts the nodes <= the crossing. Falling units
+    are positive before it: it counts the nodes < the crossing. A flat unit crosses at
+    -inf when positive (positive from node 0) and at +inf or nan otherwise (never
+    positive; nan is taken as +inf). A direction of -0.0 needs a start of +0.0, so the
+    sign of a zero direction never matters.
+    """
+    # The negated crossing, -(-h_b / d).
+    against = start / direction
+    against.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    if nodes.cells is None:
+        crossing = against.neg_()
+        rising_count = torch.searchsorted(nodes.alphas, crossing, right=True)
+        falling_count = torch.searchsorted(nodes.alphas, crossing, right=False)
+        return torch.where(falling.bool(), falling_count, rising_count)
+    cells = nodes.cells
+    # Entry of each crossing's cell (cells are exact: cells is a power of two); falling
+    # units look it up in the second copy of the tables.
+    entry = (against * -cells).clamp_(-1, cells).floor_()
+    entry.add_(falling, alpha=cells + 2).add_(1)
+    entry = entry.to(torch.int64)
+    return nodes.below[entry] + (against <= nodes.inside[entry])
+
+
+def integrate_kinked(
+    kink: KinkSplit,
+    hidden_x: Tensor,
+    hidden_base: Tensor,
+    nodes: Nodes,
+    tail_gradient: Callable[[Tensor], Tensor],
+    accumulate: torch.dtype,
+) -> Tensor:
+    """Sum over the nodes of w_k dF/dh at h_b + a_k (h_x - h_b), per pair: (P, H1).
+
+    ``hidden_x`` is (P, H1) or broadcasts against ``hidden_base`` to it: one row per
+    (row, baseline) pair. ``tail_gradient(u)`` returns dF/du at the (P * K, H2) points
+    ``u`` (pair-major, node fastest).
+    """
+    dtype, device = hidden_x.dtype, hidden_x.device
+    # Everything up to the tail runs in float64: the tail may have kinks of its own,
+    # where a rounding error in u can pick the other slope.
+    work = torch.float64
+    mix = kink.linear.weight.detach().to(work).t()  # (H1, H2)
+    n_hidden, n_mixed = mix.shape
+    single = n_mixed == 1
+    n_nodes = nodes.alphas.shape[0]
+    slopes = kink.negative_slopes(hidden_x).to(work)  # (1,) or (H1,)
+    rise = 1 - slopes
+
+    # parts[0] = h_b, parts[1] = d: the path is parts[0] + a parts[1].
+    shape = torch.broadcast_shapes(hidden_x.shape, hidden_base.shape)
+    parts = torch.empty((2, *shape), dtype=work, device=device)
+    parts[0] = hidden_base
+    torch.sub(hidden_x, hidden_base, out=parts[1])
+    parts = parts.view(2, -1, n_hidden)
+    n_pairs = parts.shape[1]
+    falling = (parts[1] < 0).to(work)
+    # Each unit's slope before its switch node and the change there: rising units go
+    # from s to 1, falling ones from 1 to s.
+    slope_before = torch.addcmul(slopes, rise, falling)
+    change = torch.addcmul(rise, rise, falling, value=-2)
+    switch = _switches(parts[0], parts[1], falling, nodes)  # (P, H1)
+
+    # u(a_k) = c + sum_j W[:, j] s_j(a_k) (h_bj + a_k d_j). Both coefficients (of 1 and
+    # of a_k) start at the slopes before the switches, and each unit adds its change
+    # from its switch node on: a sum over units becomes a running sum over the nodes.
+    levels = torch.zeros((2, n_pairs, n_nodes + 1, n_mixed), dtype=work, device=device)
+    change_mix = change.unsqueeze(-1) * mix  # (P, H1, H2)
+    if single:
+        levels[:, :, 0, 0] = (parts * (slope_before * mix[:, 0])).sum(-1)
+        jumps = parts * change_mix.view(n_pairs, n_hidden)
+        levels.view(2, n_pairs, n_nodes + 1).scatter_add_(2, switch.expand(2, -1, -1), jumps)
+    else:
+        levels[:, :, 0] = (parts * slope_before) @ mix
+        jumps = parts.unsqueeze(-1) * change_mix
+        index = switch.unsqueeze(-1).expand(2, -1, -1, n_mixed)
+        levels.scatter_add_(2, index, jumps)
+    levels = levels.cumsum(2)[:, :, :n_nodes]  # (2, P, K, H2)
+    mixed = torch.addcmul(levels[0], nodes.alphas.to(work).view(1, -1, 1), levels[1])
+    if kink.linear.bias is not None:
+        mixed += kink.linear.bias.detach().to(work)
+
+    # sum_k w_k s_j(a_k) (g_k W)_j = s_after_j (G W)_j - change_j (G_before W)_j, with G
+    # the weighted gradients summed over all nodes and G_before over those before the
+    # unit's switch.
+    grad = tail_gradient(mixed.view(n_pairs * n_nodes, n_mixed).to(dtype))
+    weighted = grad.view(n_pairs, n_nodes, n_mixed).to(work) * nodes.weights.view(1, -1, 1)
+    running = torch.zeros((n_pairs, n_nodes + 1, n_mixed), dtype=work, device=device)
+    torch.cumsum(weighted, 1, out=running[:, 1:])
+    slope_after = slope_before + change
+    total = running[:, -1]  # (P, H2)
+    if single:
+        before = running.view(n_pairs, n_nodes + 1).gather(1, switch)
+        sums = slope_after * (total * mix[:, 0]) - change_mix.view(n_pairs, n_hidden) * before
+    else:
+        before = running.gather(1, switch.unsqueeze(-1).expand(-1, -1, n_mixed))  # (P, H1, H2)
+        sums = slope_after * (total @ mix.t()) - (change_mix * before).sum(-1)
+    return sums.to(accumulate)

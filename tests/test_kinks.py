@@ -1,0 +1,330 @@
+"""Integrating through the first ReLU-like layer in closed form gives the per-point numbers."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import engine.core
+import engine.kinks
+from engine import integrated_gradients
+from engine.hoist import split_affine_prefix
+from engine.kinks import _switches, sorted_nodes
+from engine.model import TitanicMLP
+from engine.quadrature import quadrature_rule
+from tests.test_chunk_loop import relative_error, titanic_job
+from tests.test_core import METHODS, reference_ig
+
+
+@pytest.fixture
+def kink_calls(monkeypatch):
+    """Counts the calls of the closed-form integration."""
+    calls = []
+    original = engine.core.integrate_kinked
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine.core, "integrate_kinked", counted)
+    return calls
+
+
+def three_ways(model, x, baselines, **kwargs):
+    """Through the kinks, hoisted affine prefix only, and every layer at every point."""
+    return tuple(
+        integrated_gradients(model, x, baselines, hoist=hoist, **kwargs)
+        for hoist in (True, "affine", False)
+    )
+
+
+# ---------------------------------------------------------------------------
+# Which models take the closed form
+
+
+@pytest.mark.parametrize("order, mixed", [("article", 1), ("conventional", 128)])
+def test_the_titanic_networks_split_at_their_first_prelu(order, mixed):
+    split = split_affine_prefix(TitanicMLP(order).eval())
+
+    assert split.kink is not None
+    assert isinstance(split.kink.activation, nn.PReLU)
+    assert split.kink.linear.out_features == mixed
+
+
+@pytest.mark.parametrize("rest", [
+    [nn.Tanh(), nn.Linear(8, 1)],
+    [nn.ReLU6(), nn.Linear(8, 1)],
+    [nn.ReLU(), nn.Identity(), nn.Linear(8, 1)],
+    [nn.ReLU(), nn.Bilinear(8, 8, 1)],
+], ids=["smooth", "two-kinks", "identity-between", "not-linear"])
+def test_other_suffixes_are_not_split(rest):
+    model = nn.Sequential(nn.Linear(3, 8), *rest).eval()
+
+    split = split_affine_prefix(model)
+
+    assert split is not None and split.kink is None
+
+
+class Skip(nn.Module):
+    """The activation's input is used again after the Linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.act, self.l2 = nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8)
+
+    def forward(self, x):
+        hidden = self.l1(x)
+        return (self.l2(self.act(hidden)) + hidden).sum(-1)
+
+
+def test_an_activation_input_used_twice_is_not_split():
+    assert split_affine_prefix(Skip().eval()).kink is None
+
+
+def test_hoist_affine_keeps_the_per_point_suffix(kink_calls):
+    net, x, baselines = titanic_job()
+
+    integrated_gradients(net, x, baselines, n_steps=10, hoist="affine")
+    assert kink_calls == []
+    integrated_gradients(net, x, baselines, n_steps=10)
+    assert len(kink_calls) == 1
+
+
+# ---------------------------------------------------------------------------
+# Same numbers as the per-point paths
+
+
+@pytest.mark.parametrize("order", ["article", "conventional"])
+@pytest.mark.parametrize("method", METHODS)
+def test_titanic_networks_equal_the_per_point_paths_in_float64(order, method, kink_calls):
+    net, x, baselines = titanic_job(order)
+
+    kinked, affine, plain = three_ways(net, x, baselines, n_steps=20, method=method)
+
+    assert kink_calls, "the closed form did not run"
+    assert relative_error(kinked, affine) <= 1e-12
+    assert relative_error(kinked, plain) <= 1e-12
+
+
+def test_float64_loop_reference_and_completeness():
+    net, x, baselines = titanic_job(rows=5)
+
+    actual, delta = integrated_gradients(net, x, baselines, n_steps=64,
+                                         return_convergence_delta=True)
+    expected = reference_ig(net, x, baselines, None, "gausslegendre", 64)
+
+    assert relative_error(actual, expected) <= 1e-12
+    # The article network has kinks inside the path, so 64 nodes leave a quadrature error;
+    # the sum still tracks F(x) - F(b).
+    gap = (net(x).view(1, -1) - net(baselines).view(-1, 1)).abs()
+    assert bool((delta.abs() <= 0.05 * gap + 1e-3).all())
+
+
+@pytest.mark.parametrize("activation", [
+    nn.ReLU(), nn.ReLU(inplace=True), nn.LeakyReLU(0.2), nn.PReLU(), nn.PReLU(16),
+], ids=["relu", "relu-inplace", "leaky", "prelu", "prelu-per-unit"])
+def test_relu_family_with_several_outputs_and_per_row_targets(activation, kink_calls):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 16), activation, nn.Linear(16, 6), nn.Tanh(),
+                          nn.Linear(6, 3)).double().eval()
+    if isinstance(activation, nn.PReLU):
+        nn.init.uniform_(activation.weight, -0.5, 1.5)
+    x = torch.randn(11, 4, dtype=torch.float64)
+    baselines = torch.randn(3, 4, dtype=torch.float64)
+    target = torch.randint(0, 3, (11,))
+
+    kinked, affine, plain = three_ways(model, x, baselines, target=target, n_steps=17)
+
+    assert kink_calls
+    assert relative_error(kinked, affine) <= 1e-12
+    assert relative_error(kinked, plain) <= 1e-12
+
+
+class Functional(nn.Module):
+    """``torch.relu`` called in forward, a Linear without bias, nothing after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(3, 12)
+        self.l2 = nn.Linear(12, 1, bias=False)
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x)))
+
+
+def test_functional_relu_and_a_bare_linear_ending(kink_calls):
+    torch.manual_seed(6)
+    model = Functional().double().eval()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    baselines = torch.randn(2, 8, 3, dtype=torch.float64)  # one baseline per row
+
+    kinked, affine, plain = three_ways(model, x, baselines, n_steps=9,
+                                       method="riemann_trapezoid")
+
+    assert kink_calls
+    assert relative_error(kinked, plain) <= 1e-12
+    # Nothing after the Linear layer: the output is piecewise linear along each path and
+    # the trapezoid rule with the kinks at any node is exact only per piece; the three
+    # ways still agree with each other.
+    assert relative_error(affine, plain) <= 1e-12
+
+
+def test_float32_equals_the_per_point_path_to_rounding():
+    net, x, baselines = titanic_job(dtype=torch.float32, rows=50)
+
+    kinked, affine, plain = three_ways(net, x, baselines, n_steps=50)
+
+    assert kinked.dtype == torch.float32
+    assert relative_error(kinked, plain) <= 2e-6
+
+
+def test_blocks_of_pairs_equal_one_block(kink_calls):
+    net, x, baselines = titanic_job()
+
+    whole = integrated_gradients(net, x, baselines, n_steps=10)
+    blocked = integrated_gradients(net, x, baselines, n_steps=10, internal_batch_size=70)
+    budgeted = integrated_gradients(net, x, baselines, n_steps=10, memory_budget=50_000)
+
+    # The whole run is one call on the 23 rows; the others go 7 pairs (70 points) or
+    # fewer at a time.
+    assert kink_calls[0][0] == 23 and len(kink_calls) > 3
+    assert max(shape[0] for shape in kink_calls[1:]) <= 7
+    assert relative_error(blocked, whole) <= 1e-14
+    assert relative_error(budgeted, whole) <= 1e-14
+
+
+def test_low_precision_tail_stays_within_one_percent():
+    net, x, baselines = titanic_job(dtype=torch.float32)
+
+    full = integrated_gradients(net, x, baselines, n_steps=30)
+    half = integrated_gradients(net, x, baselines, n_steps=30, precision="bf16")
+
+    assert relative_error(half, full) <= 1e-2
+
+
+def test_compiled_tail_equals_eager(kink_calls):
+    net, x, baselines = titanic_job(dtype=torch.float32)
+
+    eager = integrated_gradients(net, x, baselines, n_steps=20)
+    compiled = integrated_gradients(net, x, baselines, n_steps=20, compile=True)
+
+    assert len(kink_calls) == 2
+    assert relative_error(compiled, eager) <= 1e-6
+
+
+def test_parameters_are_left_as_they_were():
+    net, x, baselines = titanic_job()
+    before = [p.detach().clone() for p in net.parameters()]
+
+    integrated_gradients(net, x, baselines, n_steps=10)
+
+    assert all(p.requires_grad and p.grad is None for p in net.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_non_finite_tail_outputs_are_refused():
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1), Log()).double().eval()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+        model[2].weight.fill_(-1.0)
+        model[2].bias.zero_()
+    x = torch.ones(3, 2, dtype=torch.float64)
+
+    with pytest.raises(engine.errors.ModelError, match="non-finite"):
+        integrated_gradients(model, x, torch.zeros(1, 2, dtype=torch.float64), n_steps=4)
+
+
+class Log(nn.Module):
+    def forward(self, x):
+        return torch.log(x)
+
+
+# ---------------------------------------------------------------------------
+# Where each unit switches slope: ties, flat units and both ways of counting
+
+
+@pytest.mark.parametrize("method, n_steps", [
+    ("gausslegendre", 50), ("riemann_left", 8), ("riemann_right", 8),
+    ("riemann_trapezoid", 9), ("riemann_middle", 4), ("gausslegendre", 600),
+])
+def test_switches_count_the_nodes_on_each_side(method, n_steps):
+    rule = quadrature_rule(method, n_steps)
+    nodes = sorted_nodes(rule.alphas, rule.weights, torch.float32, torch.device("cpu"))
+    assert (nodes.cells is None) == (n_steps == 600)
+    alphas = nodes.alphas
+    generator = torch.Generator().manual_seed(1)
+    # Crossings at every node exactly, just beside them, outside [0, 1], and at random.
+    crossings = torch.cat([
+        alphas, torch.nextafter(alphas[alphas > 0], torch.tensor(2.0)),
+        torch.nextafter(alphas[alphas > 0], torch.tensor(-1.0)),
+        torch.tensor([-3.0, -1e-9, 0.0, 1e-9, 1.0, 7.0]),
+        torch.rand(300, generator=generator, dtype=torch.float64) * 1.4 - 0.2,
+    ])
+    # Powers of two: -start / direction gives the crossing back exactly.
+    direction = torch.where(torch.arange(len(crossings)) % 2 == 0, 2.0, -0.5).double()
+    start = -crossings * direction
+    falling = (direction < 0).double()
+
+    switch = _switches(start.view(1, -1), direction.view(1, -1), falling.view(1, -1), nodes)[0]
+
+    # A unit is positive where start + a direction > 0, in exact rational arithmetic.
+    positive = torch.tensor([
+        [Fraction(s) + Fraction(a) * Fraction(d) > 0 for a in alphas.tolist()]
+        for s, d in zip(start.tolist(), direction.tolist())
+    ])
+    k = torch.arange(len(alphas)).view(1, -1)
+    predicted = torch.where(falling.bool().view(-1, 1), k < switch.view(-1, 1),
+                            k >= switch.view(-1, 1))
+    assert torch.equal(-(start / direction), crossings)
+    assert torch.equal(predicted, positive)
+
+
+def test_flat_units_take_the_sign_of_their_start():
+    rule = quadrature_rule("riemann_trapezoid", 5)
+    nodes = sorted_nodes(rule.alphas, rule.weights, torch.float64, torch.device("cpu"))
+    start = torch.tensor([[2.0, -2.0, 0.0, 0.0]], dtype=torch.float64)
+    direction = torch.tensor([[0.0, 0.0, 0.0, -0.0]], dtype=torch.float64)
+
+    switch = _switches(start, direction, (direction < 0).double(), nodes)
+
+    # Rising units: positive from the switch on. Always, never, never (0 is not > 0).
+    assert switch.tolist() == [[0, 5, 5, 5]]
+
+
+def test_zero_baseline_through_a_bias_free_prefix_ties_at_the_first_node(kink_calls):
+    # h_b = 0 exactly: every unit crosses at a = 0, a node of the left and trapezoid rules,
+    # where the kink's derivative is the slope below zero.
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(3, 10, bias=False), nn.LeakyReLU(0.1), nn.Linear(10, 1),
+                          nn.Sigmoid()).double().eval()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    zero = torch.zeros(1, 3, dtype=torch.float64)
+
+    for method in ("riemann_left", "riemann_trapezoid"):
+        kinked, affine, plain = three_ways(model, x, zero, n_steps=6, method=method)
+        assert relative_error(kinked, affine) <= 1e-12
+        assert relative_error(kinked, plain) <= 1e-12
+    assert kink_calls
+
+
+def test_baseline_equal_to_the_input_gives_zero():
+    net, x, _ = titanic_job()
+
+    attributions = integrated_gradients(net, x, x[:1], n_steps=10)
+
+    assert bool((attributions[0, 0] == 0).all())
+
+
+def test_the_lookup_table_is_small_and_exact():
+    rule = quadrature_rule("gausslegendre", 50)
+    nodes = sorted_nodes(rule.alphas, rule.weights, torch.float32, torch.device("cpu"))
+    values = nodes.alphas.numpy()
+
+    assert nodes.cells is not None and nodes.cells <= 1 << 12
+    # Each cell holds at most one node.
+    cells = np.floor(values * nodes.cells)
+    assert len(np.unique(cells)) == len(values)
+    assert engine.kinks._MAX_CELLS == 1 << 16
