@@ -145,14 +145,15 @@ _MAX_CELLS = 1 << 16
 
 @dataclass(frozen=True)
 class Nodes:
-    """A rule's nodes, sorted ascending, and how to count the nodes below a number.
+    """A rule's nodes, sorted ascending, and tables to count the nodes below a number.
 
     ``alphas`` are the plain path's nodes (the rule's float64 alphas cast to the points'
-    dtype), held in float64 like the ``weights``. With ``cells``
-    set, ``[0, 1]`` is cut into that many equal cells, few enough that each holds at most
-    one node: ``below[i]`` counts the nodes left of cell ``i - 1`` (cell -1 is everything
-    below 0, cell ``cells`` everything from 1 on) and ``inside[i]`` is that cell's node or
-    +inf; ``inside_above`` holds the next number above each, for strict comparisons.
+    dtype), held in float64 like the ``weights``. With ``cells`` set, [0, 1) is cut into
+    that many equal cells, few enough that each holds at most one node; cell 0 also takes
+    everything below 0 and cell ``cells`` everything from 1 on. ``below[c]`` counts the
+    nodes left of cell c and ``inside[c]`` is minus the node in cell c, or nan if it has
+    none. Both tables come twice: entries ``cells + 1`` on are for falling units, with each
+    node moved up by one ulp (see ``_switches``).
     """
 
     alphas: Tensor
@@ -164,27 +165,21 @@ class Nodes:
 
 def sorted_nodes(alphas: np.ndarray, weights: np.ndarray, dtype: torch.dtype,
                  device: torch.device) -> Nodes:
-    """The rule's nodes in ascending order, with a lookup table when one is small."""
+    """The rule's nodes in ascending order, with lookup tables when they are small."""
     order = np.argsort(alphas, kind="stable")
     cast = torch.tensor(alphas[order], dtype=torch.float64).to(dtype).double()
     tables = _lookup_tables(cast.numpy())
-    nodes = Nodes(
+    return Nodes(
         alphas=cast.to(device),
         weights=torch.tensor(weights[order], dtype=torch.float64, device=device),
         cells=tables[0] if tables else None,
         below=tables[1].to(device) if tables else None,
         inside=tables[2].to(device) if tables else None,
     )
-    return nodes
 
 
 def _lookup_tables(values: np.ndarray) -> tuple[int, Tensor, Tensor] | None:
-    """(cells, below, inside) for ``Nodes``, or None when the nodes are too close.
-
-    Both tables are stacked twice: the first copy for rising units, the second, whose
-    nodes are moved up by one ulp, for falling units (see ``_switches``). ``inside`` is
-    stored negated, and nan in empty cells, which no crossing reaches.
-    """
+    """(cells, below, inside) for ``Nodes``, or None when the nodes are too close."""
     gaps = np.diff(values)
     if (gaps <= 0).any() or values[0] < 0 or values[-1] > 1:
         return None
@@ -192,13 +187,11 @@ def _lookup_tables(values: np.ndarray) -> tuple[int, Tensor, Tensor] | None:
     cells = 1 << max(1, int(np.ceil(np.log2(2.0 / smallest))))
     if cells > _MAX_CELLS:
         return None
-    # Cell c (entry c + 1) covers [c / cells, (c + 1) / cells); cell -1 is below 0 and
-    # cell ``cells`` is [1, inf).
-    edges = np.arange(-1, cells + 1, dtype=np.float64) / cells
+    edges = np.arange(cells + 1, dtype=np.float64) / cells
     below = np.searchsorted(values, edges, side="left")
     below[0] = 0
-    inside = np.full(cells + 2, np.nan)
-    inside[np.minimum(np.floor(values * cells), cells).astype(np.int64) + 1] = values
+    inside = np.full(cells + 1, np.nan)
+    inside[np.minimum(np.floor(values * cells), cells).astype(np.int64)] = values
     rising = torch.tensor(inside, dtype=torch.float64)
     falling = torch.nextafter(rising, torch.full_like(rising, np.inf))
     return (
@@ -211,12 +204,12 @@ def _lookup_tables(values: np.ndarray) -> tuple[int, Tensor, Tensor] | None:
 def _switches(start: Tensor, direction: Tensor, falling: Tensor, nodes: Nodes) -> Tensor:
     """Per unit, the first node on the other side of its crossing, (P, H1) int64.
 
-    ``falling`` is 1.0 where the direction is negative, else 0.0. Rising units are
-    positive from the switch node on: it counts the nodes <= the crossing. Falling units
-    are positive before it: it counts the nodes < the crossing. A flat unit crosses at
-    -inf when positive (positive from node 0) and at +inf or nan otherwise (never
-    positive; nan is taken as +inf). A direction of -0.0 needs a start of +0.0, so the
-    sign of a zero direction never matters.
+    ``falling`` is True where the direction is negative. Rising units are positive from
+    the switch node on: it counts the nodes <= the crossing. Falling units are positive
+    before it: it counts the nodes < the crossing. A flat unit crosses at -inf when
+    positive (positive from node 0) and at +inf or nan otherwise (never positive; nan is
+    taken as +inf). A direction of -0.0 needs a start of +0.0, so the sign of a zero
+    direction never matters.
     """
     # The negated crossing, -(-h_b / d).
     against = start / direction
@@ -225,14 +218,17 @@ def _switches(start: Tensor, direction: Tensor, falling: Tensor, nodes: Nodes) -
         crossing = against.neg_()
         rising_count = torch.searchsorted(nodes.alphas, crossing, right=True)
         falling_count = torch.searchsorted(nodes.alphas, crossing, right=False)
-        return torch.where(falling.bool(), falling_count, rising_count)
+        return torch.where(falling, falling_count, rising_count)
     cells = nodes.cells
-    # Entry of each crossing's cell (cells are exact: cells is a power of two); falling
-    # units look it up in the second copy of the tables.
-    entry = (against * -cells).clamp_(-1, cells).floor_()
-    entry.add_(falling, alpha=cells + 2).add_(1)
-    entry = entry.to(torch.int64)
-    return nodes.below[entry] + (against <= nodes.inside[entry])
+    # Each crossing's cell, exact since cells is a power of two (truncation is the floor
+    # on [0, cells]; crossings below 0 share cell 0, whose lookup still counts right).
+    # Falling units look up the second copy of the tables.
+    entry = (against * -cells).clamp_(0, cells)
+    entry.add_(falling, alpha=cells + 1)
+    entry = entry.to(torch.int64).view(-1)
+    below = nodes.below.index_select(0, entry).view(against.shape)
+    inside = nodes.inside.index_select(0, entry).view(against.shape)
+    return below + (against <= inside)
 
 
 def integrate_kinked(
@@ -253,12 +249,13 @@ def integrate_kinked(
     # Everything up to the tail runs in float64: the tail may have kinks of its own,
     # where a rounding error in u can pick the other slope.
     work = torch.float64
-    mix = kink.linear.weight.detach().to(work).t()  # (H1, H2)
-    n_hidden, n_mixed = mix.shape
-    single = n_mixed == 1
+    weight = kink.linear.weight.detach().to(work)  # (H2, H1)
+    n_mixed, n_hidden = weight.shape
     n_nodes = nodes.alphas.shape[0]
     slopes = kink.negative_slopes(hidden_x).to(work)  # (1,) or (H1,)
-    rise = 1 - slopes
+    # Per unit and output: the weight times the slope below zero, and times what the
+    # slope changes by at zero.
+    low, step = slopes * weight, (1 - slopes) * weight  # (H2, H1)
 
     # parts[0] = h_b, parts[1] = d: the path is parts[0] + a parts[1].
     shape = torch.broadcast_shapes(hidden_x.shape, hidden_base.shape)
@@ -267,45 +264,44 @@ def integrate_kinked(
     torch.sub(hidden_x, hidden_base, out=parts[1])
     parts = parts.view(2, -1, n_hidden)
     n_pairs = parts.shape[1]
-    falling = (parts[1] < 0).to(work)
-    # Each unit's slope before its switch node and the change there: rising units go
-    # from s to 1, falling ones from 1 to s.
-    slope_before = torch.addcmul(slopes, rise, falling)
-    change = torch.addcmul(rise, rise, falling, value=-2)
+    falling = parts[1] < 0
     switch = _switches(parts[0], parts[1], falling, nodes)  # (P, H1)
 
-    # u(a_k) = c + sum_j W[:, j] s_j(a_k) (h_bj + a_k d_j). Both coefficients (of 1 and
-    # of a_k) start at the slopes before the switches, and each unit adds its change
-    # from its switch node on: a sum over units becomes a running sum over the nodes.
+    # u(a_k) = c + sum_j W[:, j] s_j(a_k) (h_bj + a_k d_j). Both coefficients (of 1 and of
+    # a_k) start at the slopes before the switches (s for rising units, 1 for falling
+    # ones), and each unit adds its change from its switch node on: a sum over units
+    # becomes a running sum over the nodes.
     levels = torch.zeros((2, n_pairs, n_nodes + 1, n_mixed), dtype=work, device=device)
-    change_mix = change.unsqueeze(-1) * mix  # (P, H1, H2)
-    if single:
-        levels[:, :, 0, 0] = (parts * (slope_before * mix[:, 0])).sum(-1)
-        jumps = parts * change_mix.view(n_pairs, n_hidden)
-        levels.view(2, n_pairs, n_nodes + 1).scatter_add_(2, switch.expand(2, -1, -1), jumps)
-    else:
-        levels[:, :, 0] = (parts * slope_before) @ mix
-        jumps = parts.unsqueeze(-1) * change_mix
-        index = switch.unsqueeze(-1).expand(2, -1, -1, n_mixed)
-        levels.scatter_add_(2, index, jumps)
-    levels = levels.cumsum(2)[:, :, :n_nodes]  # (2, P, K, H2)
-    mixed = torch.addcmul(levels[0], nodes.alphas.to(work).view(1, -1, 1), levels[1])
+    first = parts @ low.t() + (parts * falling) @ step.t()  # (2, P, H2)
     if kink.linear.bias is not None:
-        mixed += kink.linear.bias.detach().to(work)
+        first[0] += kink.linear.bias.detach().to(work)
+    levels[:, :, 0] = first
+    if n_mixed == 1:
+        # The change: +(1 - s) w for rising units, -(1 - s) w for falling ones.
+        change = torch.addcmul(step, step, falling, value=-2)  # (P, H1)
+        levels.view(2, n_pairs, n_nodes + 1).scatter_add_(2, switch.expand(2, -1, -1),
+                                                          parts * change)
+    else:
+        change = torch.where(falling.unsqueeze(-1), -step.t(), step.t())  # (P, H1, H2)
+        index = switch.unsqueeze(-1).expand(2, -1, -1, n_mixed)
+        levels.scatter_add_(2, index, parts.unsqueeze(-1) * change)
+    levels = levels.cumsum(2)[:, :, :n_nodes]  # (2, P, K, H2)
+    mixed = torch.addcmul(levels[0], nodes.alphas.view(1, -1, 1), levels[1])
 
-    # sum_k w_k s_j(a_k) (g_k W)_j = s_after_j (G W)_j - change_j (G_before W)_j, with G
-    # the weighted gradients summed over all nodes and G_before over those before the
+    # sum_k w_k s_j(a_k) (g_k W)_j = s_after_j (G W)_j - change_j . G_before_j, with G the
+    # weighted gradients summed over all nodes and G_before over the nodes before the
     # unit's switch.
     grad = tail_gradient(mixed.view(n_pairs * n_nodes, n_mixed).to(dtype))
     weighted = grad.view(n_pairs, n_nodes, n_mixed).to(work) * nodes.weights.view(1, -1, 1)
     running = torch.zeros((n_pairs, n_nodes + 1, n_mixed), dtype=work, device=device)
     torch.cumsum(weighted, 1, out=running[:, 1:])
-    slope_after = slope_before + change
     total = running[:, -1]  # (P, H2)
-    if single:
+    if n_mixed == 1:
+        after = torch.addcmul(weight, step, falling, value=-1).mul_(total)  # (P, H1)
         before = running.view(n_pairs, n_nodes + 1).gather(1, switch)
-        sums = slope_after * (total * mix[:, 0]) - change_mix.view(n_pairs, n_hidden) * before
+        sums = torch.addcmul(after, change, before, value=-1)
     else:
-        before = running.gather(1, switch.unsqueeze(-1).expand(-1, -1, n_mixed))  # (P, H1, H2)
-        sums = slope_after * (total @ mix.t()) - (change_mix * before).sum(-1)
+        after = torch.where(falling, total @ low, total @ weight)
+        before = running.gather(1, switch.unsqueeze(-1).expand(-1, -1, n_mixed))
+        sums = after - (change * before).sum(-1)
     return sums.to(accumulate)

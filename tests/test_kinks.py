@@ -266,7 +266,7 @@ def test_switches_count_the_nodes_on_each_side(method, n_steps):
     # Powers of two: -start / direction gives the crossing back exactly.
     direction = torch.where(torch.arange(len(crossings)) % 2 == 0, 2.0, -0.5).double()
     start = -crossings * direction
-    falling = (direction < 0).double()
+    falling = direction < 0
 
     switch = _switches(start.view(1, -1), direction.view(1, -1), falling.view(1, -1), nodes)[0]
 
@@ -276,7 +276,7 @@ def test_switches_count_the_nodes_on_each_side(method, n_steps):
         for s, d in zip(start.tolist(), direction.tolist())
     ])
     k = torch.arange(len(alphas)).view(1, -1)
-    predicted = torch.where(falling.bool().view(-1, 1), k < switch.view(-1, 1),
+    predicted = torch.where(falling.view(-1, 1), k < switch.view(-1, 1),
                             k >= switch.view(-1, 1))
     assert torch.equal(-(start / direction), crossings)
     assert torch.equal(predicted, positive)
@@ -288,7 +288,7 @@ def test_flat_units_take_the_sign_of_their_start():
     start = torch.tensor([[2.0, -2.0, 0.0, 0.0]], dtype=torch.float64)
     direction = torch.tensor([[0.0, 0.0, 0.0, -0.0]], dtype=torch.float64)
 
-    switch = _switches(start, direction, (direction < 0).double(), nodes)
+    switch = _switches(start, direction, direction < 0, nodes)
 
     # Rising units: positive from the switch on. Always, never, never (0 is not > 0).
     assert switch.tolist() == [[0, 5, 5, 5]]
