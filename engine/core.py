@@ -32,7 +32,7 @@ from engine.hoist import (
     reproduces,
     split_affine_prefix,
 )
-from engine.kinks import KinkSplit, integrate_kinked, sorted_nodes
+from engine.kinks import KinkSplit, compiled_kinked, integrate_kinked, rule_nodes
 from engine.plan import (
     BACKWARD_FACTOR,
     FUSED_CPU_CHUNK_BYTES,
@@ -271,11 +271,18 @@ def integrated_gradients(
     )
     check_model_device(forward_func, problem.inputs[0].device)
     check_independent_rows(forward_func, problem, allow_coupled_rows)
-    chunk_points = _chunk_points(internal_batch_size, problem, rule, forward_func, options)
+    # None: planned where a chunk size is needed (a hoisted run plans its own).
+    chunk_points = None
+    if internal_batch_size is not None:
+        chunk_points = _chunk_points(internal_batch_size, problem, rule)
+
+    def planned() -> int:
+        return chunk_points or _chunk_points(None, problem, rule, forward_func, options)
 
     if delta_tolerance is not None or error_estimate or max_steps is not None:
         from engine.adaptive import adaptive_integrated_gradients
 
+        chunk_points = planned()
         return adaptive_integrated_gradients(
             forward_func, problem, rule, chunk_points, is_tuple=is_tuple,
             delta_tolerance=delta_tolerance, max_steps=max_steps,
@@ -292,7 +299,7 @@ def integrated_gradients(
     if not return_convergence_delta:
         return result
 
-    delta = convergence_delta(forward_func, problem, attributions, chunk_points)
+    delta = convergence_delta(forward_func, problem, attributions, planned())
     return result, delta
 
 
@@ -370,13 +377,14 @@ def integrate(
     forward_func: Callable[..., Tensor],
     problem: PathProblem,
     rule: QuadratureRule,
-    chunk_points: int,
+    chunk_points: int | None,
     options: RunOptions | None = None,
 ) -> tuple[Tensor, ...]:
     """Sum of w_k * gradient over the path, per input: (B, N, *F) in the accumulation dtype.
 
-    Parameters are frozen (``requires_grad=False``) while it runs, so the backward computes
-    input gradients only; they are restored afterwards.
+    ``chunk_points`` None plans the chunks from the memory budget. Parameters are frozen
+    (``requires_grad=False``) while it runs, so the backward computes input gradients
+    only; they are restored afterwards.
     """
     options = options or RunOptions()
     with frozen_parameters(forward_func):
@@ -391,6 +399,8 @@ def integrate(
                 # the traced graph; anything else lands here and runs unhoisted.
                 log.info("the model writes its affine prefix's output in place: running it "
                          "without hoisting")
+        if chunk_points is None:
+            chunk_points = _planned_chunk_points(forward_func, problem, rule, options)
         return _integrate_points(_fast(forward_func, problem), problem, rule, chunk_points,
                                  options)
 
@@ -717,7 +727,7 @@ def _integrate_hoisted(
     split: AffineSplit,
     problem: PathProblem,
     rule: QuadratureRule,
-    chunk_points: int,
+    chunk_points: int | None,
     options: RunOptions,
 ) -> Tensor:
     """The integral over the model after its affine prefix, pulled back: (B, N, *F).
@@ -788,44 +798,96 @@ def _integrate_kinked(
 ) -> Tensor:
     """The hidden-space sums of ``problem`` (one block of hoisted rows): (B, N, H1).
 
-    Pairs go through ``integrate_kinked`` in blocks sized from the memory budget; the
-    tail runs as one chunk per block (compiled, padded and at the requested precision
-    like any chunk).
+    Pairs go through ``integrate_kinked`` in blocks sized from the memory budget. Eager,
+    the tail runs as one chunk per block at the requested precision; with ``compile=``
+    each block runs as one compiled graph (padded to one shape), whose first failure to
+    compile sends the run back to eager.
     """
     x, base = problem.inputs[0], problem.baselines[0]
+    device = x.device
     n_pairs, n_steps = problem.n_baselines * problem.n_rows, rule.n_steps
     accumulate = _accumulate_dtype(x)
-    nodes = sorted_nodes(rule.alphas, rule.weights, x.dtype, x.device)
+    nodes = rule_nodes(rule.method, rule.n_steps, x.dtype, device)
     per_block = _kinked_block_pairs(kink, problem, rule, options)
-    step_fn = chunk_step(kink.tail, problem, options, per_block * n_steps)
-    sums = torch.empty((n_pairs, x.shape[1]), dtype=accumulate, device=x.device)
-    log.debug("integrate through kinks: %d pairs x %d steps in blocks of %d pairs",
-              n_pairs, n_steps, per_block)
+    fused = None
+    if options.compile_mode:
+        _check_tail_selection(kink, problem)
+        fused = compiled_kinked(kink, options.compile_mode)
+    step_fn = None if fused else chunk_step(kink.tail, problem, options, per_block * n_steps)
+    sums = torch.empty((n_pairs, x.shape[1]), dtype=accumulate, device=device)
+    log.debug("integrate through kinks: %d pairs x %d steps in blocks of %d pairs (%s)",
+              n_pairs, n_steps, per_block, "compiled" if fused else "eager")
+    compiled_once = False
     first = 0
     while first < n_pairs:
-        pairs = torch.arange(first, min(first + per_block, n_pairs), device=x.device)
+        count = min(per_block, n_pairs - first)
+        pairs = torch.arange(first, first + count, device=device)
+        if fused is not None and count < per_block:
+            # One shape for every block: pad with copies of the last pair.
+            pairs = torch.cat([pairs, pairs[-1:].expand(per_block - count)])
         rows = pairs % problem.n_rows
         point_rows = rows.repeat_interleave(n_steps)
-
-        def tail_gradient(mixed: Tensor) -> Tensor:
-            return _chunk_gradients(step_fn, problem, (mixed,), point_rows)[0]
-
-        if len(pairs) == n_pairs:
+        if count == n_pairs:
             # Every pair at once: rows against baselines by broadcasting, no gathers.
             hidden_x, hidden_base = x, base
         else:
             hidden_x, hidden_base = x[rows], base.flatten(0, 1)[problem.baseline_index(pairs)]
         try:
-            sums[first : first + len(pairs)] = integrate_kinked(
-                kink, hidden_x, hidden_base, nodes, tail_gradient, accumulate,
-            )
+            if fused is not None:
+                targets = problem.targets
+                if isinstance(targets, Tensor):
+                    targets = targets[point_rows.to(targets.device)].to(device)
+                with matmul_context(options, device), torch.no_grad():
+                    block, selected, finite = fused(kink, hidden_x, hidden_base, nodes,
+                                                    targets, options.autocast_dtype)
+            else:
+                block, selected = integrate_kinked(
+                    kink, hidden_x, hidden_base, nodes,
+                    _tail_gradient(step_fn, point_rows), accumulate,
+                )
+                finite = None
         except torch.OutOfMemoryError:
-            per_block = max(1, _halved(per_block * n_steps, n_steps, x.device) // n_steps)
+            per_block = max(1, _halved(per_block * n_steps, n_steps, device) // n_steps)
+            step_fn = None if fused else chunk_step(kink.tail, problem, options,
+                                                    per_block * n_steps)
+            continue
+        except (ArgumentError, ModelError):
+            raise
+        except Exception as error:  # noqa: BLE001 - the eager blocks still work
+            if fused is None or compiled_once:
+                raise
+            log.info("compiling the kinked integral failed (%s); running it eagerly",
+                     (str(error).strip().splitlines() or [type(error).__name__])[0])
+            fused = None
             step_fn = chunk_step(kink.tail, problem, options, per_block * n_steps)
             continue
-        bar.update(len(pairs) * n_steps)
-        first += len(pairs)
+        compiled_once = True
+        if finite is None or not bool(finite):
+            _refuse_non_finite(selected[: count * n_steps], point_rows[: count * n_steps])
+        sums[first : first + count] = block[:count]
+        bar.update(count * n_steps)
+        first += count
     return sums.view(problem.n_baselines, problem.n_rows, -1)
+
+
+def _tail_gradient(
+    step_fn: Callable[..., tuple[tuple[Tensor, ...], Tensor]], point_rows: Tensor
+) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    def tail_gradient(mixed: Tensor) -> tuple[Tensor, Tensor]:
+        grads, selected = step_fn((mixed,), point_rows)
+        return grads[0], selected
+
+    return tail_gradient
+
+
+def _check_tail_selection(kink: KinkSplit, problem: PathProblem) -> None:
+    """Select the target of one tail output eagerly, so that target errors read as usual."""
+    device = problem.inputs[0].device
+    point = torch.zeros((1, kink.linear.out_features), dtype=problem.inputs[0].dtype,
+                        device=device)
+    with torch.no_grad():
+        output = _forward(kink.tail, (point,), ())
+    problem.select(output, torch.zeros(1, dtype=torch.long, device=device))
 
 
 def _kinked_block_pairs(

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from engine.step import module_of
 
-__all__ = ["compiled_whole_paths", "whole_path_sums"]
+__all__ = ["compiled_whole_paths", "select_output", "whole_path_sums"]
 
 # Compiled copies of whole_path_sums per model and mode (see compiled_whole_paths).
 _COMPILED: weakref.WeakKeyDictionary[Any, dict[str, Callable[..., Any]]] = (
@@ -63,7 +63,7 @@ def whole_path_sums(
         with torch.autocast(path_points[0].device.type, dtype=autocast or torch.float32,
                             enabled=autocast is not None):
             output = model(*path_points, *args)
-            selected = _select(output, targets)
+            selected = select_output(output, targets)
         return selected.sum(), selected.detach()
 
     argnums = tuple(range(len(points)))
@@ -77,7 +77,7 @@ def whole_path_sums(
     return sums, selected.view(n_pairs, n_steps)
 
 
-def _select(output: Tensor, targets: None | tuple[int, ...] | Tensor) -> Tensor:
+def select_output(output: Tensor, targets: None | tuple[int, ...] | Tensor) -> Tensor:
     # Shapes were checked by an eager call of PathProblem.select before compiling.
     if targets is None:
         return output.reshape(output.shape[0])

@@ -347,20 +347,37 @@ def pull_back(split: AffineSplit, hidden_grad: Tensor, like: Tensor) -> Tensor:
 
     The prefix is affine, so its vector-Jacobian product is the same at every point; it is
     taken at zero, in the dtype of ``like`` (the inputs, hence the prefix's weights). When
-    there are more rows than hidden units and the Jacobian is small, it is built once (one
-    backward of the H unit vectors) and the rows are multiplied by it: on the article's
-    network that replaces a (P x 128) by (128 x 128) product with a (P x 128) by (128 x 5)
-    one.
+    there are more rows than hidden units and the Jacobian is small, the Jacobian is built
+    once and the rows are multiplied by it: on the article's network that replaces a
+    (P x 128) by (128 x 128) product with a (P x 128) by (128 x 5) one. A prefix of
+    Linear layers on rows of features has the product of their weights as its Jacobian;
+    others get it from one backward of the hidden unit vectors.
     """
     n_hidden = hidden_grad[0].numel()
     n_features = like[0].numel()
     rows = hidden_grad.shape[0]
     if rows > n_hidden and n_hidden * n_features <= _JACOBIAN_ENTRIES:
-        units = torch.eye(n_hidden, dtype=like.dtype, device=like.device)
-        jacobian = _vector_jacobian(split, units.view(n_hidden, *hidden_grad.shape[1:]), like)
+        jacobian = _linear_jacobian(split, like)
+        if jacobian is None:
+            units = torch.zeros((n_hidden, n_hidden), dtype=like.dtype, device=like.device)
+            units.fill_diagonal_(1)
+            jacobian = _vector_jacobian(split, units.view(n_hidden, *hidden_grad.shape[1:]),
+                                        like)
         product = hidden_grad.reshape(rows, n_hidden).to(like.dtype) @ jacobian.view(n_hidden, -1)
         return product.view(rows, *like.shape[1:])
     return _vector_jacobian(split, hidden_grad, like)
+
+
+def _linear_jacobian(split: AffineSplit, like: Tensor) -> Tensor | None:
+    """W_k ... W_1 for a prefix of Linear layers (and Identity) on (N, F) rows, else None."""
+    if like.dim() != 2 or not all(type(m) in (nn.Linear, nn.Identity) for m in split.modules):
+        return None
+    jacobian = None
+    for module in split.modules:
+        if isinstance(module, nn.Linear):
+            weight = module.weight.detach().to(like.dtype)
+            jacobian = weight if jacobian is None else weight @ jacobian
+    return jacobian
 
 
 def _vector_jacobian(split: AffineSplit, hidden_grad: Tensor, like: Tensor) -> Tensor:

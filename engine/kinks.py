@@ -29,7 +29,10 @@ the other slope there; so can the plain path, whose own rounding decides that si
 
 from __future__ import annotations
 
+import functools
 import logging
+import types
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,11 +40,19 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
-__all__ = ["KinkSplit", "integrate_kinked", "split_kink"]
+from engine.fused import select_output
+from engine.quadrature import quadrature_rule
+
+__all__ = ["KinkSplit", "Nodes", "compiled_kinked", "fused_kinked", "integrate_kinked",
+           "rule_nodes", "sorted_nodes", "split_kink"]
 
 log = logging.getLogger(__name__)
 
 _KINKED_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
+# Compiled copies of fused_kinked per model (its Linear layer) and mode.
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[str, Callable[..., tuple[Tensor, ...]]]] = (
+    weakref.WeakKeyDictionary()
+)
 _RELU_FUNCTIONS = (torch.relu, nn.functional.relu)
 
 
@@ -163,6 +174,13 @@ class Nodes:
     inside: Tensor | None
 
 
+@functools.lru_cache(maxsize=32)
+def rule_nodes(method: str, n_steps: int, dtype: torch.dtype, device: torch.device) -> Nodes:
+    """``sorted_nodes`` of a quadrature rule, kept for the next call."""
+    rule = quadrature_rule(method, n_steps)
+    return sorted_nodes(rule.alphas, rule.weights, dtype, device)
+
+
 def sorted_nodes(alphas: np.ndarray, weights: np.ndarray, dtype: torch.dtype,
                  device: torch.device) -> Nodes:
     """The rule's nodes in ascending order, with lookup tables when they are small."""
@@ -236,14 +254,15 @@ def integrate_kinked(
     hidden_x: Tensor,
     hidden_base: Tensor,
     nodes: Nodes,
-    tail_gradient: Callable[[Tensor], Tensor],
+    tail_gradient: Callable[[Tensor], tuple[Tensor, Tensor]],
     accumulate: torch.dtype,
-) -> Tensor:
-    """Sum over the nodes of w_k dF/dh at h_b + a_k (h_x - h_b), per pair: (P, H1).
+) -> tuple[Tensor, Tensor]:
+    """Sum over the nodes of w_k dF/dh at h_b + a_k (h_x - h_b) per pair, and the outputs.
 
     ``hidden_x`` is (P, H1) or broadcasts against ``hidden_base`` to it: one row per
     (row, baseline) pair. ``tail_gradient(u)`` returns dF/du at the (P * K, H2) points
-    ``u`` (pair-major, node fastest).
+    ``u`` (pair-major, node fastest) and the target output at each. Returns the (P, H1)
+    sums in ``accumulate`` and the (P * K,) outputs.
     """
     dtype, device = hidden_x.dtype, hidden_x.device
     # Everything up to the tail runs in float64: the tail may have kinks of its own,
@@ -291,10 +310,10 @@ def integrate_kinked(
     # sum_k w_k s_j(a_k) (g_k W)_j = s_after_j (G W)_j - change_j . G_before_j, with G the
     # weighted gradients summed over all nodes and G_before over the nodes before the
     # unit's switch.
-    grad = tail_gradient(mixed.view(n_pairs * n_nodes, n_mixed).to(dtype))
+    grad, selected = tail_gradient(mixed.reshape(n_pairs * n_nodes, n_mixed).to(dtype))
     weighted = grad.view(n_pairs, n_nodes, n_mixed).to(work) * nodes.weights.view(1, -1, 1)
-    running = torch.zeros((n_pairs, n_nodes + 1, n_mixed), dtype=work, device=device)
-    torch.cumsum(weighted, 1, out=running[:, 1:])
+    # running[:, k]: the weighted gradients of the nodes before node k.
+    running = nn.functional.pad(weighted.cumsum(1), (0, 0, 1, 0))
     total = running[:, -1]  # (P, H2)
     if n_mixed == 1:
         after = torch.addcmul(weight, step, falling, value=-1).mul_(total)  # (P, H1)
@@ -304,4 +323,49 @@ def integrate_kinked(
         after = torch.where(falling, total @ low, total @ weight)
         before = running.gather(1, switch.unsqueeze(-1).expand(-1, -1, n_mixed))
         sums = after - (change * before).sum(-1)
-    return sums.to(accumulate)
+    return sums.to(accumulate), selected
+
+
+def fused_kinked(
+    kink: KinkSplit,
+    hidden_x: Tensor,
+    hidden_base: Tensor,
+    nodes: Nodes,
+    targets: None | tuple[int, ...] | Tensor,
+    autocast: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``integrate_kinked`` with the tail differentiated by ``torch.func.grad``, for compiling.
+
+    ``targets`` is None, one index tuple for every point, or a (P * K, k) index per point.
+    Returns the (P, H1) sums in float32 (float64 for float64 inputs), the outputs and
+    whether they are all finite.
+    """
+
+    def tail_gradient(mixed: Tensor) -> tuple[Tensor, Tensor]:
+        def total(points: Tensor) -> tuple[Tensor, Tensor]:
+            with torch.autocast(points.device.type, dtype=autocast or torch.float32,
+                                enabled=autocast is not None):
+                selected = select_output(kink.tail(points), targets)
+            return selected.sum(), selected.detach()
+
+        return torch.func.grad(total, has_aux=True)(mixed)
+
+    accumulate = torch.float64 if hidden_x.dtype == torch.float64 else torch.float32
+    sums, selected = integrate_kinked(kink, hidden_x, hidden_base, nodes, tail_gradient,
+                                      accumulate)
+    return sums, selected, torch.isfinite(selected).all()
+
+
+def compiled_kinked(kink: KinkSplit, mode: str) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """``fused_kinked`` compiled with ``mode`` and fixed shapes, one copy per model.
+
+    A copy of the function per model gives each its own code object, on which Dynamo
+    keeps its compiled versions (see ``engine.fused.compiled_whole_paths``).
+    """
+    per_model = _COMPILED.setdefault(kink.linear, {})
+    if mode not in per_model:
+        copy = types.FunctionType(fused_kinked.__code__.replace(), fused_kinked.__globals__,
+                                  fused_kinked.__name__, fused_kinked.__defaults__,
+                                  fused_kinked.__closure__)
+        per_model[mode] = torch.compile(copy, mode=mode, dynamic=False)
+    return per_model[mode]

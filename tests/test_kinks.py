@@ -1,5 +1,6 @@
 """Integrating through the first ReLU-like layer in closed form gives the per-point numbers."""
 
+import logging
 from fractions import Fraction
 
 import numpy as np
@@ -204,14 +205,49 @@ def test_low_precision_tail_stays_within_one_percent():
     assert relative_error(half, full) <= 1e-2
 
 
-def test_compiled_tail_equals_eager(kink_calls):
+def test_compiled_equals_eager(kink_calls, monkeypatch, caplog):
     net, x, baselines = titanic_job(dtype=torch.float32)
+    compiled_blocks = []
+    original = engine.core.compiled_kinked
 
+    def counted(kink, mode):
+        function = original(kink, mode)
+
+        def run(*args):
+            compiled_blocks.append(args[1].shape)
+            return function(*args)
+
+        return run
+
+    monkeypatch.setattr(engine.core, "compiled_kinked", counted)
     eager = integrated_gradients(net, x, baselines, n_steps=20)
-    compiled = integrated_gradients(net, x, baselines, n_steps=20, compile=True)
+    with caplog.at_level(logging.INFO, logger="engine.core"):
+        compiled = integrated_gradients(net, x, baselines, n_steps=20, compile=True)
+        blocked = integrated_gradients(net, x, baselines, n_steps=20, compile=True,
+                                       internal_batch_size=20 * 30)
 
-    assert len(kink_calls) == 2
+    assert len(kink_calls) == 1  # the eager run
+    # One block for the first compiled run; 30, 30, 30 and 2 padded to 30 pairs after.
+    assert [shape[0] for shape in compiled_blocks] == [23, 30, 30, 30, 30]
+    assert "running it eagerly" not in caplog.text
     assert relative_error(compiled, eager) <= 1e-6
+    assert relative_error(blocked, eager) <= 1e-6
+
+
+def test_compiled_with_per_row_targets_and_a_bad_target():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(11, 4)
+    baselines = torch.randn(2, 4)
+    target = torch.randint(0, 3, (11,))
+
+    eager = integrated_gradients(model, x, baselines, target=target, n_steps=8)
+    compiled = integrated_gradients(model, x, baselines, target=target, n_steps=8,
+                                    compile=True)
+
+    assert relative_error(compiled, eager) <= 1e-6
+    with pytest.raises(engine.errors.ArgumentError, match="target 3 is out of range"):
+        integrated_gradients(model, x, baselines, target=3, n_steps=8, compile=True)
 
 
 def test_parameters_are_left_as_they_were():
@@ -224,7 +260,8 @@ def test_parameters_are_left_as_they_were():
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
-def test_non_finite_tail_outputs_are_refused():
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_non_finite_tail_outputs_are_refused(compile):
     model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1), Log()).double().eval()
     with torch.no_grad():
         model[0].weight.fill_(1.0)
@@ -234,7 +271,8 @@ def test_non_finite_tail_outputs_are_refused():
     x = torch.ones(3, 2, dtype=torch.float64)
 
     with pytest.raises(engine.errors.ModelError, match="non-finite"):
-        integrated_gradients(model, x, torch.zeros(1, 2, dtype=torch.float64), n_steps=4)
+        integrated_gradients(model, x, torch.zeros(1, 2, dtype=torch.float64), n_steps=4,
+                             compile=compile)
 
 
 class Log(nn.Module):
@@ -328,3 +366,40 @@ def test_the_lookup_table_is_small_and_exact():
     cells = np.floor(values * nodes.cells)
     assert len(np.unique(cells)) == len(values)
     assert engine.kinks._MAX_CELLS == 1 << 16
+
+
+# ---------------------------------------------------------------------------
+# Pulling the hidden sums back through the prefix
+
+
+def test_many_rows_pull_back_through_a_conv_batchnorm_prefix_jacobian():
+    # More pairs than hidden units: the Jacobian is built from unit vectors.
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3, padding=1), nn.BatchNorm1d(3), nn.Flatten(), nn.ReLU(),
+        nn.Linear(3 * 8, 2),
+    ).double()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(30, 2, 8, dtype=torch.float64)
+    baselines = torch.randn(2, 2, 8, dtype=torch.float64)
+
+    kinked, affine, plain = three_ways(model, x, baselines, target=1, n_steps=10)
+
+    assert relative_error(kinked, plain) <= 1e-12
+    assert relative_error(affine, plain) <= 1e-12
+
+
+def test_many_rows_pull_back_through_a_product_of_linear_weights():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Identity(), nn.Linear(6, 4), nn.Tanh(),
+                          nn.Linear(4, 1)).double().eval()
+    x = torch.randn(40, 3, dtype=torch.float64)
+
+    hoisted = integrated_gradients(model, x, torch.zeros(2, 3, dtype=torch.float64),
+                                   n_steps=10)
+    plain = integrated_gradients(model, x, torch.zeros(2, 3, dtype=torch.float64),
+                                 n_steps=10, hoist=False)
+
+    assert relative_error(hoisted, plain) <= 1e-12
