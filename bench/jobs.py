@@ -26,13 +26,17 @@ METHOD = "gausslegendre"
 SEED = 404
 REPO_DATA = Path(__file__).resolve().parent.parent / "data" / "train.csv"
 
-# "plain" runs every layer at every path point; the others hoist the affine prefix (the
-# default). Compiled variants run whole-path chunks as one compiled graph.
+# "plain" runs every layer at every path point; "affine" hoists the affine prefix and runs
+# the rest at every point; the others (the default) also integrate through the first
+# PReLU and the Linear layer after it in closed form. Compiled variants run each chunk
+# as one compiled graph.
 ENGINE_VARIANTS = {
     "engine-plain-fp32": dict(hoist=False),
     "engine-plain-bf16": dict(hoist=False, precision="bf16"),
     "engine-plain-compiled": dict(hoist=False, compile=True),
     "engine-plain-compiled-bf16": dict(hoist=False, compile=True, precision="bf16"),
+    "engine-affine-fp32": dict(hoist="affine"),
+    "engine-affine-compiled": dict(hoist="affine", compile=True),
     "engine-fp32": dict(),
     "engine-bf16": dict(precision="bf16"),
     "engine-compiled": dict(compile=True),

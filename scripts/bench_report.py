@@ -25,7 +25,8 @@ CAPTUM = ("captum-per-baseline", "captum-one-call")
 # several contenders the fastest one counts (the worst one for an error), and is named.
 PLAIN = ("engine-plain-fp32", "engine-plain-bf16", "engine-plain-compiled",
          "engine-plain-compiled-bf16")
-HOISTED = ("engine-fp32", "engine-bf16", "engine-compiled", "engine-compiled-bf16")
+HOISTED = ("engine-fp32", "engine-bf16", "engine-compiled", "engine-compiled-bf16",
+           "engine-affine-fp32", "engine-affine-compiled")
 TARGETS = [
     ("Titanic job >= 150x the article loop (default engine: hoisted, eager fp32)",
      "titanic-179", "engine-fp32", "article-loop", 150, "speedup"),
