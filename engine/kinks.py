@@ -291,7 +291,12 @@ def integrate_kinked(
     # ones), and each unit adds its change from its switch node on: a sum over units
     # becomes a running sum over the nodes.
     levels = torch.zeros((2, n_pairs, n_nodes + 1, n_mixed), dtype=work, device=device)
-    first = parts @ low.t() + (parts * falling) @ step.t()  # (2, P, H2)
+    if n_mixed == 1:
+        # Products and a sum rather than a matrix-vector product, which a compiled graph
+        # would call out to instead of fusing.
+        first = (parts * torch.addcmul(low[0], falling, step[0])).sum(-1, keepdim=True)
+    else:
+        first = parts @ low.t() + (parts * falling) @ step.t()  # (2, P, H2)
     if kink.linear.bias is not None:
         first[0] += kink.linear.bias.detach().to(work)
     levels[:, :, 0] = first
