@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -1023,23 +1024,32 @@ def _input_layout(problem: PathProblem) -> tuple[object, ...]:
     return tuple((tuple(x.shape[1:]), x.dtype, x.device) for x in problem.inputs)
 
 
+_PROBE_ALPHAS: dict[torch.device, Tensor] = {}
+
+
 def _probe_row_coupling(forward_func: Callable[..., Tensor], problem: PathProblem) -> None:
     device = problem.inputs[0].device
-    pair = torch.zeros(2, dtype=torch.long, device=device)
-    rows = pair % problem.n_rows
-    outputs = []
+    if device not in _PROBE_ALPHAS:
+        _PROBE_ALPHAS[device] = torch.tensor([1.0, 0.0, 1.0, 0.5], dtype=torch.float64,
+                                             device=device)
+    pair = torch.zeros(4, dtype=torch.long, device=device)
+    # Batches (x, baseline) and (x, midpoint): the input row is the same in both.
+    points = problem.path_points(pair, _PROBE_ALPHAS[device])
+    args = problem.args_for(pair[:2] % problem.n_rows)
     with torch.no_grad():
-        # Batches (x, baseline) and (x, midpoint): the input row is the same in both.
-        for partner in (0.0, 0.5):
-            alphas = torch.tensor([1.0, partner], dtype=torch.float64, device=device)
-            points = problem.path_points(pair, alphas)
-            outputs.append(_forward(forward_func, points, problem.args_for(rows))[0])
-    first, second = outputs[0].double(), outputs[1].double()
-    if not (torch.isfinite(first).all() and torch.isfinite(second).all()):
-        return
+        first, second = (
+            _forward(forward_func, tuple(p[half : half + 2] for p in points), args)[0]
+            for half in (0, 2)
+        )
     # Batched kernels may round differently with other partners, never by more than this.
-    tolerance = torch.finfo(outputs[0].dtype).eps ** 0.5 * (1.0 + float(first.abs().max()))
-    change = float((first - second).abs().max())
+    eps = torch.finfo(first.dtype if first.is_floating_point() else torch.float32).eps
+    first, second = first.double(), second.double()
+    change, size = (
+        float(v) for v in torch.stack([(first - second).abs().max(), first.abs().max()])
+    )
+    if not (math.isfinite(change) and math.isfinite(size)):
+        return
+    tolerance = eps ** 0.5 * (1.0 + size)
     if change > tolerance:
         raise ModelError(
             f"the model's output for row 0 changed by {change:.3g} when the other rows of "
