@@ -29,6 +29,8 @@ from engine.fused import compiled_whole_paths
 from engine.hoist import (
     AffineSplit,
     fast_model,
+    global_hooks,
+    hooked,
     pull_back,
     reproduces,
     split_affine_prefix,
@@ -416,7 +418,8 @@ def _wrote_leaf_in_place(error: BaseException) -> bool:
 
 def _fast(forward_func: Callable[..., Tensor], problem: PathProblem) -> Callable[..., Tensor]:
     """The model with slow kernels substituted (see engine.hoist), when that is exact here."""
-    if len(problem.inputs) != 1 or problem.forward_args:
+    # Global hooks would see the substitutes as modules of their own.
+    if len(problem.inputs) != 1 or problem.forward_args or global_hooks():
         return forward_func
     fast = _checked_trace(forward_func, problem, fast_model, "kernel substitution",
                           lambda traced: traced)
@@ -783,6 +786,9 @@ def _usable_kink(split: AffineSplit, hidden_x: Tensor, options: RunOptions) -> K
     """The split's kink (see engine.kinks), when it applies to these hidden rows."""
     kink = split.kink
     if options.hoist is not True or kink is None or hidden_x.dim() != 2:
+        return None
+    # The closed form skips the two layers' forward calls, and with them any hooks.
+    if hooked(kink.linear) or (kink.activation is not None and hooked(kink.activation)):
         return None
     slopes = kink.negative_slopes(hidden_x).numel()
     if kink.linear.in_features != hidden_x.shape[1] or slopes not in (1, hidden_x.shape[1]):

@@ -36,7 +36,8 @@ from torch import Tensor, fx, nn
 from engine.kinks import KinkSplit, split_kink
 from engine.step import memo
 
-__all__ = ["AffineSplit", "fast_model", "pull_back", "reproduces", "split_affine_prefix"]
+__all__ = ["AffineSplit", "fast_model", "global_hooks", "hooked", "pull_back", "reproduces",
+           "split_affine_prefix"]
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,26 @@ class AffineSplit:
         return self.suffix(self.prefix(x))
 
     def is_affine_now(self) -> bool:
-        """Whether every prefix layer is affine in its current train/eval mode."""
+        """Whether every prefix layer is affine in its current train/eval mode.
+
+        A forward hook can change what a layer returns, so a hooked layer is not taken to
+        be affine.
+        """
         return not any(
-            isinstance(module, _AFFINE_IN_EVAL) and module.training for module in self.modules
+            (isinstance(module, _AFFINE_IN_EVAL) and module.training) or hooked(module)
+            for module in self.modules
         )
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether forward hooks (the module's own or global ones) run around ``module``."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or global_hooks()
+
+
+def global_hooks() -> bool:
+    """Whether forward hooks registered for every module are in place."""
+    return bool(nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
 
 
 def split_affine_prefix(model: object) -> AffineSplit | None:
@@ -272,6 +289,9 @@ class _SingleOutputLinear(nn.Module):
 
 
 def _substitute(module: nn.Module) -> nn.Module | None:
+    # A substitute skips the module's own call, and with it the module's hooks.
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None
     if isinstance(module, nn.PReLU) and module.weight.numel() == 1:
         return _ScalarSlopePReLU(module)
     if type(module) is nn.Linear and module.out_features == 1:

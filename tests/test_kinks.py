@@ -403,3 +403,39 @@ def test_many_rows_pull_back_through_a_product_of_linear_weights():
                                  n_steps=10, hoist=False)
 
     assert relative_error(hoisted, plain) <= 1e-12
+
+
+# ---------------------------------------------------------------------------
+# Forward hooks
+
+
+@pytest.mark.parametrize("layer", ["l1", "l2", "r1", "out"])
+def test_a_hook_that_changes_a_layer_is_followed(layer, kink_calls):
+    # Doubling a layer's output keeps the prefix affine but changes the model; sin makes
+    # the prefix or the Linear after the kink non-affine.
+    net, x, baselines = titanic_job()
+
+    def change(module, args, output):
+        return output.sin() if layer in ("l1", "out") else 2 * output
+
+    getattr(net, layer).register_forward_hook(change)
+    hooked_run = integrated_gradients(net, x, baselines, n_steps=12)
+    plain = integrated_gradients(net, x, baselines, n_steps=12, hoist=False)
+
+    assert relative_error(hooked_run, plain) <= 1e-12
+    assert kink_calls == []
+
+
+def test_a_global_forward_hook_is_followed(kink_calls):
+    net, x, baselines = titanic_job()
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: output.tanh() if module is net.l2 else None
+    )
+    try:
+        hooked_run = integrated_gradients(net, x, baselines, n_steps=12)
+        plain = integrated_gradients(net, x, baselines, n_steps=12, hoist=False)
+    finally:
+        handle.remove()
+
+    assert relative_error(hooked_run, plain) <= 1e-12
+    assert kink_calls == []
