@@ -30,14 +30,20 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 class RowCounter:
-    """Counts the rows a module's forward sees."""
+    """Counts the rows a module's forward sees.
+
+    It wraps the module's ``forward`` rather than adding a hook: the engine does not hoist
+    layers with forward hooks.
+    """
 
     def __init__(self, module: nn.Module) -> None:
         self.rows = 0
-        module.register_forward_hook(self)
+        self.forward = module.forward
+        module.forward = self
 
-    def __call__(self, module, args, output) -> None:
-        self.rows += args[0].shape[0]
+    def __call__(self, x, *args, **kwargs):
+        self.rows += x.shape[0]
+        return self.forward(x, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------
