@@ -82,8 +82,16 @@ class AffineSplit:
 
 
 def hooked(module: nn.Module) -> bool:
-    """Whether forward hooks (the module's own or global ones) run around ``module``."""
-    return bool(module._forward_hooks or module._forward_pre_hooks) or global_hooks()
+    """Whether calling ``module`` runs more or other than its class's forward.
+
+    Forward hooks (its own or global ones) and a ``forward`` replaced on the instance can
+    change what the layer returns.
+    """
+    return _own_hooks(module) or global_hooks()
+
+
+def _own_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in vars(module)
 
 
 def global_hooks() -> bool:
@@ -290,7 +298,7 @@ class _SingleOutputLinear(nn.Module):
 
 def _substitute(module: nn.Module) -> nn.Module | None:
     # A substitute skips the module's own call, and with it the module's hooks.
-    if module._forward_hooks or module._forward_pre_hooks:
+    if _own_hooks(module):
         return None
     if isinstance(module, nn.PReLU) and module.weight.numel() == 1:
         return _ScalarSlopePReLU(module)

@@ -439,3 +439,32 @@ def test_a_global_forward_hook_is_followed(kink_calls):
 
     assert relative_error(hooked_run, plain) <= 1e-12
     assert kink_calls == []
+
+
+@pytest.mark.parametrize("layer", ["l2", "r1", "out"])
+def test_a_forward_replaced_on_the_instance_is_followed(layer, kink_calls):
+    net, x, baselines = titanic_job()
+    module = getattr(net, layer)
+    original = module.forward
+    module.forward = lambda hidden: original(hidden).tanh()
+
+    replaced = integrated_gradients(net, x, baselines, n_steps=12)
+    plain = integrated_gradients(net, x, baselines, n_steps=12, hoist=False)
+
+    assert relative_error(replaced, plain) <= 1e-12
+    assert kink_calls == []
+
+
+def test_a_hooked_first_layer_is_not_pulled_back_through_its_weights():
+    # More rows than hidden units: pull_back would use the product of the weights.
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 4), nn.Tanh(),
+                          nn.Linear(4, 1)).double().eval()
+    model[0].register_forward_hook(lambda module, args, output: 2 * output)
+    x = torch.randn(40, 5, dtype=torch.float64)
+    baselines = torch.randn(1, 5, dtype=torch.float64)
+
+    kinked, affine, plain = three_ways(model, x, baselines, n_steps=20)
+
+    assert relative_error(kinked, plain) <= 1e-12
+    assert relative_error(affine, plain) <= 1e-12
