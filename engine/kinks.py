@@ -286,30 +286,38 @@ def integrate_kinked(
     falling = parts[1] < 0
     switch = _switches(parts[0], parts[1], falling, nodes)  # (P, H1)
 
-    # u(a_k) = c + sum_j W[:, j] s_j(a_k) (h_bj + a_k d_j). Both coefficients (of 1 and of
-    # a_k) start at the slopes before the switches (s for rising units, 1 for falling
-    # ones), and each unit adds its change from its switch node on: a sum over units
-    # becomes a running sum over the nodes.
-    levels = torch.zeros((2, n_pairs, n_nodes + 1, n_mixed), dtype=work, device=device)
+    # u(a_k) = c + sum_j W[:, j] s_j (h_bj + a_k d_j)
+    #            + sum over units positive at a_k of W[:, j] (1 - s_j) (h_bj + a_k d_j),
+    # for both coefficients (of 1 and of a_k) at once. A rising unit is positive from its
+    # switch node on: a running sum over the nodes of the terms placed at each switch. A
+    # falling unit is positive before its switch: a running sum from the last node back.
+    # Neither subtracts a unit's term where it turns off, which would leave the rounding
+    # of a large unit in every later node.
+    # levels[:, :, 0, s] holds the terms of rising units switching at node s, and
+    # levels[:, :, 1, K - s] those of falling units switching at node s: a falling unit is
+    # on at node k when K - s <= K - 1 - k, a running sum read backwards.
+    width = n_nodes + 1
+    levels = torch.zeros((2, n_pairs, 2, width, n_mixed), dtype=work, device=device)
+    slot = torch.where(falling.bool(), 2 * width - 1 - switch, switch)  # (P, H1)
     if n_mixed == 1:
         # Products and a sum rather than a matrix-vector product, which a compiled graph
         # would call out to instead of fusing.
-        first = (parts * torch.addcmul(low[0], falling, step[0])).sum(-1, keepdim=True)
+        first = (parts * low[0]).sum(-1, keepdim=True)  # (2, P, 1)
+        levels.view(2, n_pairs, 2 * width).scatter_add_(2, slot.expand(2, -1, -1),
+                                                        parts * step[0])
+        # The change of each unit's slope at its switch node, for the backward.
+        change = torch.addcmul(step, step, falling, value=-2)  # (P, H1)
     else:
-        first = parts @ low.t() + (parts * falling) @ step.t()  # (2, P, H2)
+        first = parts @ low.t()  # (2, P, H2)
+        index = slot.unsqueeze(-1).expand(2, -1, -1, n_mixed)
+        levels.view(2, n_pairs, 2 * width, n_mixed).scatter_add_(2, index,
+                                                                 parts.unsqueeze(-1) * step.t())
+        change = torch.where(falling.unsqueeze(-1), -step.t(), step.t())  # (P, H1, H2)
     if kink.linear.bias is not None:
         first[0] += kink.linear.bias.detach().to(work)
-    levels[:, :, 0] = first
-    if n_mixed == 1:
-        # The change: +(1 - s) w for rising units, -(1 - s) w for falling ones.
-        change = torch.addcmul(step, step, falling, value=-2)  # (P, H1)
-        levels.view(2, n_pairs, n_nodes + 1).scatter_add_(2, switch.expand(2, -1, -1),
-                                                          parts * change)
-    else:
-        change = torch.where(falling.unsqueeze(-1), -step.t(), step.t())  # (P, H1, H2)
-        index = switch.unsqueeze(-1).expand(2, -1, -1, n_mixed)
-        levels.scatter_add_(2, index, parts.unsqueeze(-1) * change)
-    levels = levels.cumsum(2)[:, :, :n_nodes]  # (2, P, K, H2)
+    running = levels.cumsum(3)
+    on = running[:, :, 0, :n_nodes] + running[:, :, 1, :n_nodes].flip(2)
+    levels = first.unsqueeze(2) + on  # (2, P, K, H2)
     mixed = torch.addcmul(levels[0], nodes.alphas.view(1, -1, 1), levels[1])
 
     # sum_k w_k s_j(a_k) (g_k W)_j = s_after_j (G W)_j - change_j . G_before_j, with G the

@@ -468,3 +468,21 @@ def test_a_hooked_first_layer_is_not_pulled_back_through_its_weights():
 
     assert relative_error(kinked, plain) <= 1e-12
     assert relative_error(affine, plain) <= 1e-12
+
+
+def test_a_huge_unit_switching_off_leaves_no_rounding_behind():
+    # Unit 0 is 1e11 at the baseline and turns off at a = 0.1: its term must vanish from
+    # the later nodes exactly, not as the difference of two 1e11s.
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1), nn.Tanh()).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[-1e12, 0.0], [0.0, 1.0], [0.0, -1.0]]))
+        model[0].bias.copy_(torch.tensor([1e11, 0.3, 0.2]))
+        model[2].weight.fill_(1.0)
+        model[2].bias.zero_()
+    x = torch.tensor([[1.0, 0.7]], dtype=torch.float64)
+    baseline = torch.tensor([[0.0, -0.5]], dtype=torch.float64)
+
+    kinked, affine, plain = three_ways(model, x, baseline, n_steps=50)
+
+    assert relative_error(kinked[..., 1], plain[..., 1]) <= 1e-12
+    assert relative_error(kinked, plain) <= 1e-12
