@@ -49,7 +49,15 @@ from engine.plan import (
 )
 from engine.progress import Progress
 from engine.quadrature import QuadratureRule, quadrature_rule
-from engine.step import compiled_model, forget, frozen_parameters, memo, module_of, pad_rows
+from engine.step import (
+    compiled_model,
+    forget,
+    frozen_parameters,
+    memo,
+    module_of,
+    own_hooks,
+    pad_rows,
+)
 
 __all__ = ["integrated_gradients"]
 
@@ -419,11 +427,18 @@ def _wrote_leaf_in_place(error: BaseException) -> bool:
 def _fast(forward_func: Callable[..., Tensor], problem: PathProblem) -> Callable[..., Tensor]:
     """The model with slow kernels substituted (see engine.hoist), when that is exact here."""
     # Global hooks would see the substitutes as modules of their own.
-    if len(problem.inputs) != 1 or problem.forward_args or global_hooks():
+    if len(problem.inputs) != 1 or problem.forward_args or global_hooks() \
+            or _model_hooked(forward_func):
         return forward_func
     fast = _checked_trace(forward_func, problem, fast_model, "kernel substitution",
                           lambda traced: traced)
     return forward_func if fast is None else fast
+
+
+def _model_hooked(forward_func: Callable[..., Tensor]) -> bool:
+    """Whether the model itself has hooks or a replaced forward, which a trace of its
+    class's forward leaves out."""
+    return isinstance(forward_func, nn.Module) and own_hooks(forward_func)
 
 
 def _checked_trace(
@@ -718,7 +733,8 @@ def _usable_split(
     forward_func: Callable[..., Tensor], problem: PathProblem, options: RunOptions
 ) -> AffineSplit | None:
     """The model's affine prefix, when hoisting is on and exact for this problem."""
-    if not options.hoist or len(problem.inputs) != 1 or problem.forward_args:
+    if not options.hoist or len(problem.inputs) != 1 or problem.forward_args \
+            or _model_hooked(forward_func):
         return None
     split = _checked_trace(forward_func, problem, split_affine_prefix, "affine split",
                            lambda traced: traced.run)

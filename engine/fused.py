@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.step import module_of
+from engine.step import layout, module_of
 
 __all__ = ["compiled_whole_paths", "select_output", "whole_path_sums"]
 
 # Compiled copies of whole_path_sums per model and mode (see compiled_whole_paths).
-_COMPILED: weakref.WeakKeyDictionary[Any, dict[str, Callable[..., Any]]] = (
+_COMPILED: weakref.WeakKeyDictionary[Any, dict[object, Callable[..., Any]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -95,14 +95,16 @@ def compiled_whole_paths(model: Callable[..., Tensor], mode: str) -> Callable[..
     model, chunk shape and precision is another version, so each model gets a copy of the
     function with a code object of its own.
     """
-    key = module_of(model) or model
+    module = module_of(model)
     try:
-        per_model = _COMPILED.setdefault(key, {})
+        per_model = _COMPILED.setdefault(module or model, {})
     except TypeError:  # not weak-referenceable: compile a copy for this call only
         per_model = {}
-    if mode not in per_model:
+    # torch.compile does not check module hooks again: a change of hooks compiles anew.
+    key = (mode, layout(module)) if module is not None else mode
+    if key not in per_model:
         copy = types.FunctionType(whole_path_sums.__code__.replace(), whole_path_sums.__globals__,
                                   whole_path_sums.__name__, whole_path_sums.__defaults__,
                                   whole_path_sums.__closure__)
-        per_model[mode] = torch.compile(copy, mode=mode, dynamic=False)
-    return per_model[mode]
+        per_model[key] = torch.compile(copy, mode=mode, dynamic=False)
+    return per_model[key]

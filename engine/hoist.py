@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from engine.kinks import KinkSplit, split_kink
-from engine.step import memo
+from engine.step import global_hooks, memo, own_hooks
 
 __all__ = ["AffineSplit", "fast_model", "global_hooks", "hooked", "pull_back", "reproduces",
            "split_affine_prefix"]
@@ -82,22 +82,9 @@ class AffineSplit:
 
 
 def hooked(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs more or other than its class's forward.
-
-    Forward hooks (its own or global ones) and a ``forward`` replaced on the instance can
-    change what the layer returns.
-    """
-    return _own_hooks(module) or global_hooks()
-
-
-def _own_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in vars(module)
-
-
-def global_hooks() -> bool:
-    """Whether forward hooks registered for every module are in place."""
-    return bool(nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
+    """Whether calling ``module`` runs more or other than its class's forward: its own
+    hooks of any kind, a ``forward`` replaced on it, or global module hooks."""
+    return own_hooks(module) or global_hooks()
 
 
 def split_affine_prefix(model: object) -> AffineSplit | None:
@@ -298,7 +285,7 @@ class _SingleOutputLinear(nn.Module):
 
 def _substitute(module: nn.Module) -> nn.Module | None:
     # A substitute skips the module's own call, and with it the module's hooks.
-    if _own_hooks(module):
+    if own_hooks(module):
         return None
     if isinstance(module, nn.PReLU) and module.weight.numel() == 1:
         return _ScalarSlopePReLU(module)

@@ -42,6 +42,7 @@ from torch import Tensor, fx, nn
 
 from engine.fused import select_output
 from engine.quadrature import quadrature_rule
+from engine.step import layout
 
 __all__ = ["KinkSplit", "Nodes", "compiled_kinked", "fused_kinked", "integrate_kinked",
            "rule_nodes", "sorted_nodes", "split_kink"]
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 _KINKED_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
 # Compiled copies of fused_kinked per model (its Linear layer) and mode.
-_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[str, Callable[..., tuple[Tensor, ...]]]] = (
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[object, Callable[..., tuple[Tensor, ...]]]] = (
     weakref.WeakKeyDictionary()
 )
 _RELU_FUNCTIONS = (torch.relu, nn.functional.relu)
@@ -376,9 +377,12 @@ def compiled_kinked(kink: KinkSplit, mode: str) -> Callable[..., tuple[Tensor, T
     keeps its compiled versions (see ``engine.fused.compiled_whole_paths``).
     """
     per_model = _COMPILED.setdefault(kink.linear, {})
-    if mode not in per_model:
+    # torch.compile does not check module hooks again: a change of hooks in the tail
+    # compiles anew.
+    key = (mode, layout(kink.tail))
+    if key not in per_model:
         copy = types.FunctionType(fused_kinked.__code__.replace(), fused_kinked.__globals__,
                                   fused_kinked.__name__, fused_kinked.__defaults__,
                                   fused_kinked.__closure__)
-        per_model[mode] = torch.compile(copy, mode=mode, dynamic=False)
-    return per_model[mode]
+        per_model[key] = torch.compile(copy, mode=mode, dynamic=False)
+    return per_model[key]

@@ -19,11 +19,12 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["compiled_model", "forget", "frozen_parameters", "memo", "pad_rows"]
+__all__ = ["compiled_model", "forget", "frozen_parameters", "global_hooks", "layout", "memo",
+           "own_hooks", "pad_rows"]
 
 log = logging.getLogger(__name__)
 
-_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[str, Callable[..., Tensor]]] = (
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[object, Callable[..., Tensor]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -68,18 +69,51 @@ def memo(forward_func: object, key: object, compute: Callable[[], object]) -> ob
     module = forward_func if isinstance(forward_func, nn.Module) else None
     if module is None:
         return compute()
-    layout = tuple(
-        (id(m), m.training, len(m._forward_hooks), len(m._forward_pre_hooks))
-        for m in module.modules()
-    )
     table = _MEMO.setdefault(module, {})
-    full_key = (key, layout)
+    full_key = (key, layout(module))
     if full_key not in table:
         value = compute()
         if len(table) > 64:
             table.clear()
         table[full_key] = value
     return table[full_key]
+
+
+def layout(module: nn.Module) -> tuple[object, ...]:
+    """Which submodules ``module`` has, their train/eval modes and what runs around them.
+
+    Hooks of every kind (by handle, so removing one and adding another changes it), a
+    ``forward`` replaced on an instance, and the global module hooks.
+    """
+    hooks = nn.modules.module
+    return (
+        tuple(
+            (id(m), m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
+             tuple(m._backward_hooks), tuple(m._backward_pre_hooks), "forward" in vars(m))
+            for m in module.modules()
+        ),
+        tuple(hooks._global_forward_hooks), tuple(hooks._global_forward_pre_hooks),
+        tuple(hooks._global_backward_hooks), tuple(hooks._global_backward_pre_hooks),
+    )
+
+
+def own_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more or other than its class's forward.
+
+    Forward and backward hooks, and a ``forward`` replaced on the instance, can change
+    what the layer returns or what gradient flows through it.
+    """
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks
+        or module._backward_hooks or module._backward_pre_hooks
+    ) or "forward" in vars(module)
+
+
+def global_hooks() -> bool:
+    """Whether hooks registered for every module are in place."""
+    hooks = nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
 
 
 def forget(forward_func: object, key: object) -> None:
@@ -94,11 +128,13 @@ def forget(forward_func: object, key: object) -> None:
 def compiled_model(forward_func: Callable[..., Tensor], mode: str) -> Callable[..., Tensor]:
     """``torch.compile(forward_func, mode=mode)`` with fixed shapes, cached per module."""
     module = forward_func if isinstance(forward_func, nn.Module) else None
-    if module is not None and mode in _COMPILED.get(module, {}):
-        return _COMPILED[module][mode]
+    # torch.compile does not check module hooks again: a change of hooks compiles anew.
+    key = (mode, layout(module)) if module is not None else mode
+    if module is not None and key in _COMPILED.get(module, {}):
+        return _COMPILED[module][key]
     compiled = torch.compile(forward_func, mode=mode, dynamic=False)
     if module is not None:
-        _COMPILED.setdefault(module, {})[mode] = compiled
+        _COMPILED.setdefault(module, {})[key] = compiled
     log.debug("compiling %s with mode %s", type(forward_func).__name__, mode)
     return compiled
 

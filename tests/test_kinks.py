@@ -486,3 +486,51 @@ def test_a_huge_unit_switching_off_leaves_no_rounding_behind():
 
     assert relative_error(kinked[..., 1], plain[..., 1]) <= 1e-12
     assert relative_error(kinked, plain) <= 1e-12
+
+
+# ---------------------------------------------------------------------------
+# Backward hooks, the model's own hooks, and hooks added after a first call
+
+
+def five_layers():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6), nn.Tanh(),
+                          nn.Linear(6, 1)).double().eval()
+    x = torch.randn(40, 5, dtype=torch.float64)
+    return model, x, torch.zeros(1, 5, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2, 4])
+def test_a_backward_hook_is_followed(layer):
+    model, x, baseline = five_layers()
+    model[layer].register_full_backward_hook(lambda module, grad_in, grad_out:
+                                             (3 * grad_in[0],))
+
+    for hoist in (True, "affine", False):
+        actual = integrated_gradients(model, x, baseline, n_steps=10, hoist=hoist)
+        expected = reference_ig(model, x[:3], baseline, None, "gausslegendre", 10)
+        assert relative_error(actual[:, :3], expected) <= 1e-12, hoist
+
+
+def test_the_models_own_forward_hook_is_followed():
+    model, x, baseline = five_layers()
+    model.register_forward_hook(lambda module, args, output: output.sin())
+
+    for hoist in (True, False):
+        actual = integrated_gradients(model, x, baseline, n_steps=10, hoist=hoist)
+        expected = reference_ig(model, x[:3], baseline, None, "gausslegendre", 10)
+        assert relative_error(actual[:, :3], expected) <= 1e-12, hoist
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_forward_replaced_after_a_first_call_is_followed(compile):
+    model, x, baseline = five_layers()
+    model, x, baseline = model.float(), x.float(), baseline.float()
+    before = integrated_gradients(model, x, baseline, n_steps=10, hoist=False,
+                                  compile=compile)
+    original = model[4].forward
+    model[4].forward = lambda hidden: 2 * original(hidden)
+
+    after = integrated_gradients(model, x, baseline, n_steps=10, hoist=False, compile=compile)
+
+    assert relative_error(after, 2 * before) <= 1e-5
