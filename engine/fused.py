@@ -15,7 +15,6 @@ updates of its inputs, hooks that need autograd's graph) runs the per-point comp
 
 from __future__ import annotations
 
-import types
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.step import layout, module_of
+from engine.step import compiled_copy, layout, module_of
 
 __all__ = ["compiled_whole_paths", "select_output", "whole_path_sums"]
 
@@ -101,10 +100,5 @@ def compiled_whole_paths(model: Callable[..., Tensor], mode: str) -> Callable[..
     except TypeError:  # not weak-referenceable: compile a copy for this call only
         per_model = {}
     # torch.compile does not check module hooks again: a change of hooks compiles anew.
-    key = (mode, layout(module)) if module is not None else mode
-    if key not in per_model:
-        copy = types.FunctionType(whole_path_sums.__code__.replace(), whole_path_sums.__globals__,
-                                  whole_path_sums.__name__, whole_path_sums.__defaults__,
-                                  whole_path_sums.__closure__)
-        per_model[key] = torch.compile(copy, mode=mode, dynamic=False)
-    return per_model[key]
+    hooks = layout(module) if module is not None else None
+    return compiled_copy(whole_path_sums, per_model, mode, hooks)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from torch import Tensor, fx, nn
 
 from engine.fused import select_output
 from engine.quadrature import quadrature_rule
-from engine.step import layout
+from engine.step import compiled_copy, layout
 
 __all__ = ["KinkSplit", "Nodes", "compiled_kinked", "fused_kinked", "integrate_kinked",
            "rule_nodes", "sorted_nodes", "split_kink"]
@@ -376,13 +375,7 @@ def compiled_kinked(kink: KinkSplit, mode: str) -> Callable[..., tuple[Tensor, T
     A copy of the function per model gives each its own code object, on which Dynamo
     keeps its compiled versions (see ``engine.fused.compiled_whole_paths``).
     """
-    per_model = _COMPILED.setdefault(kink.linear, {})
     # torch.compile does not check module hooks again: a change of hooks in the tail
     # compiles anew.
-    key = (mode, layout(kink.tail))
-    if key not in per_model:
-        copy = types.FunctionType(fused_kinked.__code__.replace(), fused_kinked.__globals__,
-                                  fused_kinked.__name__, fused_kinked.__defaults__,
-                                  fused_kinked.__closure__)
-        per_model[key] = torch.compile(copy, mode=mode, dynamic=False)
-    return per_model[key]
+    per_model = _COMPILED.setdefault(kink.linear, {})
+    return compiled_copy(fused_kinked, per_model, mode, layout(kink.tail))

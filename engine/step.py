@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 import weakref
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["compiled_model", "forget", "frozen_parameters", "global_hooks", "layout", "memo",
-           "own_hooks", "pad_rows"]
+__all__ = ["compiled_copy", "compiled_model", "forget", "frozen_parameters", "global_hooks",
+           "layout", "memo", "own_hooks", "pad_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,22 @@ def compiled_model(forward_func: Callable[..., Tensor], mode: str) -> Callable[.
         _COMPILED.setdefault(module, {})[key] = compiled
     log.debug("compiling %s with mode %s", type(forward_func).__name__, mode)
     return compiled
+
+
+def compiled_copy(function: Callable[..., object], cache: dict[object, Callable[..., object]],
+                  mode: str, key: object) -> Callable[..., object]:
+    """``torch.compile`` of a copy of ``function``, kept in ``cache[(mode, key)]``.
+
+    Dynamo keeps its compiled versions on a function's code object and stops compiling
+    new ones (falling back to eager, with a warning) after a few per code object; a copy
+    per model gives each model a code object of its own.
+    """
+    if (mode, key) not in cache:
+        copy = types.FunctionType(function.__code__.replace(), function.__globals__,
+                                  function.__name__, function.__defaults__,
+                                  function.__closure__)
+        cache[mode, key] = torch.compile(copy, mode=mode, dynamic=False)
+    return cache[mode, key]
 
 
 def pad_rows(tensors: tuple[Tensor, ...], size: int) -> tuple[Tensor, ...]:
