@@ -36,7 +36,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("order", ["article", "conventional"])
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
-@pytest.mark.parametrize("hoist", [True, False])
+@pytest.mark.parametrize("hoist", [True, "affine", False], ids=["kinks", "affine", "plain"])
 def test_cuda_equals_cpu_float64(order, precision, hoist):
     net, x, baselines = job(order)
     expected = integrated_gradients(net, x, baselines, n_steps=50)
