@@ -298,7 +298,7 @@ def integrate_kinked(
     # on at node k when K - s <= K - 1 - k, a running sum read backwards.
     width = n_nodes + 1
     levels = torch.zeros((2, n_pairs, 2, width, n_mixed), dtype=work, device=device)
-    slot = torch.where(falling.bool(), 2 * width - 1 - switch, switch)  # (P, H1)
+    slot = torch.where(falling, 2 * width - 1 - switch, switch)  # (P, H1)
     if n_mixed == 1:
         # Products and a sum rather than a matrix-vector product, which a compiled graph
         # would call out to instead of fusing.
