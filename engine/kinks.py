@@ -231,7 +231,9 @@ def _switches(start: Tensor, direction: Tensor, falling: Tensor, nodes: Nodes) -
     """
     # The negated crossing, -(-h_b / d).
     against = start / direction
-    against.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    # nan (0 / 0) -> -inf. Compared with itself rather than isnan or nan_to_num, which a
+    # compiled graph evaluates one element at a time.
+    against.masked_fill_(against != against, float("-inf"))
     if nodes.cells is None:
         crossing = against.neg_()
         rising_count = torch.searchsorted(nodes.alphas, crossing, right=True)
