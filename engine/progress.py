@@ -19,16 +19,19 @@ class Progress:
 
     def __init__(self, total: int, enabled: bool | None) -> None:
         show = sys.stderr.isatty() if enabled is None else enabled
+        # No tqdm object at all when off: building one costs about as much as a small run.
         self._bar = tqdm(
             total=total, unit="pt", unit_scale=True, desc="integrated gradients",
-            delay=SHOW_AFTER_SECONDS, disable=not show, leave=False,
-        )
+            delay=SHOW_AFTER_SECONDS, leave=False,
+        ) if show else None
 
     def update(self, points: int) -> None:
-        self._bar.update(points)
+        if self._bar is not None:
+            self._bar.update(points)
 
     def close(self) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
     @classmethod
     @contextlib.contextmanager
