@@ -281,7 +281,7 @@ def integrated_gradients(
         internal_batch_size=internal_batch_size,
     )
     check_model_device(forward_func, problem.inputs[0].device)
-    check_independent_rows(forward_func, problem, allow_coupled_rows)
+    sample = check_independent_rows(forward_func, problem, allow_coupled_rows)
     # None: planned where a chunk size is needed (a hoisted run plans its own).
     chunk_points = None
     if internal_batch_size is not None:
@@ -301,7 +301,7 @@ def integrated_gradients(
             options=options,
         )
 
-    total_grads = integrate(forward_func, problem, rule, chunk_points, options)
+    total_grads = integrate(forward_func, problem, rule, chunk_points, options, sample)
     attributions = tuple(
         (grad * (x.unsqueeze(0) - base) if multiply_by_inputs else grad).to(x.dtype)
         for grad, x, base in zip(total_grads, problem.inputs, problem.baselines)
@@ -390,16 +390,18 @@ def integrate(
     rule: QuadratureRule,
     chunk_points: int | None,
     options: RunOptions | None = None,
+    sample: ModelSample | None = None,
 ) -> tuple[Tensor, ...]:
     """Sum of w_k * gradient over the path, per input: (B, N, *F) in the accumulation dtype.
 
     ``chunk_points`` None plans the chunks from the memory budget. Parameters are frozen
     (``requires_grad=False``) while it runs, so the backward computes input gradients
-    only; they are restored afterwards.
+    only; they are restored afterwards. ``sample``, the model's outputs from the
+    row-coupling probe, saves a forward when checking a traced model.
     """
     options = options or RunOptions()
     with frozen_parameters(forward_func):
-        split = _usable_split(forward_func, problem, options)
+        split = _usable_split(forward_func, problem, options, sample)
         if split is not None:
             try:
                 return (_integrate_hoisted(split, problem, rule, chunk_points, options),)
@@ -412,8 +414,8 @@ def integrate(
                          "without hoisting")
         if chunk_points is None:
             chunk_points = _planned_chunk_points(forward_func, problem, rule, options)
-        return _integrate_points(_fast(forward_func, problem), problem, rule, chunk_points,
-                                 options)
+        return _integrate_points(_fast(forward_func, problem, sample), problem, rule,
+                                 chunk_points, options)
 
 
 def _wrote_leaf_in_place(error: BaseException) -> bool:
@@ -424,13 +426,15 @@ def _wrote_leaf_in_place(error: BaseException) -> bool:
     return False
 
 
-def _fast(forward_func: Callable[..., Tensor], problem: PathProblem) -> Callable[..., Tensor]:
+def _fast(
+    forward_func: Callable[..., Tensor], problem: PathProblem, sample: ModelSample | None
+) -> Callable[..., Tensor]:
     """The model with slow kernels substituted (see engine.hoist), when that is exact here."""
     # Global hooks would see the substitutes as modules of their own.
     if len(problem.inputs) != 1 or problem.forward_args or global_hooks() \
             or _model_hooked(forward_func):
         return forward_func
-    fast = _checked_trace(forward_func, problem, fast_model, "kernel substitution",
+    fast = _checked_trace(forward_func, problem, sample, fast_model, "kernel substitution",
                           lambda traced: traced)
     return forward_func if fast is None else fast
 
@@ -444,6 +448,7 @@ def _model_hooked(forward_func: Callable[..., Tensor]) -> bool:
 def _checked_trace(
     forward_func: Callable[..., Tensor],
     problem: PathProblem,
+    sample: ModelSample | None,
     trace: Callable[[Any], Any],
     memo_key: str,
     runner: Callable[[Any], Callable[[Tensor], Tensor]],
@@ -452,15 +457,24 @@ def _checked_trace(
 
     Traces are remembered per model layout, but a trace also bakes in Python state the
     layout does not show (an attribute read in ``forward``, a branch taken). So every call
-    checks the remembered trace on the first rows; one that no longer reproduces the model
-    is traced again once, and dropped if the new trace does not reproduce it either.
+    checks the remembered trace against the model: on the probe's ``sample`` when there is
+    one, else on the first rows. One that no longer reproduces the model is traced again
+    once, and dropped if the new trace does not reproduce it either.
     """
-    sample = problem.inputs[0][:HOIST_CHECK_ROWS]
     for attempt in range(2):
         traced = trace(forward_func)
         if traced is None:
             return None
-        if reproduces(runner(traced), forward_func, sample):
+        if sample is None:
+            points = problem.inputs[0][:HOIST_CHECK_ROWS]
+            try:
+                with torch.no_grad():
+                    sample = ModelSample(points, forward_func(points))
+            except Exception as error:  # noqa: BLE001 - the plain path reports it
+                log.debug("%s not used: the model fails on its first rows (%s)", memo_key,
+                          error)
+                return None
+        if reproduces(runner(traced), sample.outputs, sample.points):
             return traced
         if attempt == 0:
             log.debug("%s no longer reproduces the model: tracing it again", memo_key)
@@ -730,13 +744,16 @@ def _accumulate(
 
 
 def _usable_split(
-    forward_func: Callable[..., Tensor], problem: PathProblem, options: RunOptions
+    forward_func: Callable[..., Tensor],
+    problem: PathProblem,
+    options: RunOptions,
+    sample: ModelSample | None,
 ) -> AffineSplit | None:
     """The model's affine prefix, when hoisting is on and exact for this problem."""
     if not options.hoist or len(problem.inputs) != 1 or problem.forward_args \
             or _model_hooked(forward_func):
         return None
-    split = _checked_trace(forward_func, problem, split_affine_prefix, "affine split",
+    split = _checked_trace(forward_func, problem, sample, split_affine_prefix, "affine split",
                            lambda traced: traced.run)
     if split is None or not split.is_affine_now():
         return None
@@ -849,7 +866,8 @@ def _integrate_kinked(
             # One shape for every block: pad with copies of the last pair.
             pairs = torch.cat([pairs, pairs[-1:].expand(per_block - count)])
         rows = pairs % problem.n_rows
-        point_rows = rows.repeat_interleave(n_steps)
+        # Each point's row: for per-row targets and to name rows with non-finite outputs.
+        point_rows = None if fused is not None else rows.repeat_interleave(n_steps)
         if count == n_pairs:
             # Every pair at once: rows against baselines by broadcasting, no gathers.
             hidden_x, hidden_base = x, base
@@ -859,6 +877,7 @@ def _integrate_kinked(
             if fused is not None:
                 targets = problem.targets
                 if isinstance(targets, Tensor):
+                    point_rows = rows.repeat_interleave(n_steps)
                     targets = targets[point_rows.to(targets.device)].to(device)
                 with matmul_context(options, device), torch.no_grad():
                     block, selected, finite = fused(kink, hidden_x, hidden_base, nodes,
@@ -886,6 +905,8 @@ def _integrate_kinked(
             continue
         compiled_once = True
         if finite is None or not bool(finite):
+            if point_rows is None:
+                point_rows = rows.repeat_interleave(n_steps)
             _refuse_non_finite(selected[: count * n_steps], point_rows[: count * n_steps])
         sums[first : first + count] = block[:count]
         bar.update(count * n_steps)
@@ -1022,24 +1043,36 @@ def refuse_coupled_rows(forward_func: Callable[..., Tensor]) -> None:
         )
 
 
+@dataclass(frozen=True)
+class ModelSample:
+    """The model's ``outputs`` at a few ``points`` of its single input, rows independent."""
+
+    points: Tensor
+    outputs: Tensor
+
+
 def check_independent_rows(
     forward_func: Callable[..., Tensor], problem: PathProblem, allow: bool
-) -> None:
+) -> ModelSample | None:
     """Refuse models whose output for one row depends on the other rows of the batch.
 
     Known culprits (BatchNorm in training mode) are found by name; anything else by a
     probe: the first row's input is evaluated beside two different partners, and its
     output must not change. ``allow`` turns the refusal into a logged warning.
+
+    Returns the probe's points and outputs when the model has one input and no extra
+    arguments and its rows are independent, else None.
     """
     try:
         refuse_coupled_rows(forward_func)
         # Probed on every call: a flag read in forward can couple rows without any
         # change to the model's layers.
-        _probe_row_coupling(forward_func, problem)
+        return _probe_row_coupling(forward_func, problem)
     except ModelError as error:
         if not allow:
             raise
         log.warning("allow_coupled_rows=True: %s; attributions are not per-row IG", error)
+        return None
 
 
 def _input_layout(problem: PathProblem) -> tuple[object, ...]:
@@ -1049,7 +1082,9 @@ def _input_layout(problem: PathProblem) -> tuple[object, ...]:
 _PROBE_ALPHAS: dict[torch.device, Tensor] = {}
 
 
-def _probe_row_coupling(forward_func: Callable[..., Tensor], problem: PathProblem) -> None:
+def _probe_row_coupling(
+    forward_func: Callable[..., Tensor], problem: PathProblem
+) -> ModelSample | None:
     device = problem.inputs[0].device
     if device not in _PROBE_ALPHAS:
         _PROBE_ALPHAS[device] = torch.tensor([1.0, 0.0, 1.0, 0.5], dtype=torch.float64,
@@ -1059,10 +1094,12 @@ def _probe_row_coupling(forward_func: Callable[..., Tensor], problem: PathProble
     points = problem.path_points(pair, _PROBE_ALPHAS[device])
     args = problem.args_for(pair[:2] % problem.n_rows)
     with torch.no_grad():
-        first, second = (
-            _forward(forward_func, tuple(p[half : half + 2] for p in points), args)[0]
-            for half in (0, 2)
-        )
+        outputs = [_forward(forward_func, tuple(p[half : half + 2] for p in points), args)
+                   for half in (0, 2)]
+    sample = None
+    if len(points) == 1 and not problem.forward_args:
+        sample = ModelSample(points[0], torch.cat(outputs))
+    first, second = outputs[0][0], outputs[1][0]
     # Batched kernels may round differently with other partners, never by more than this.
     eps = torch.finfo(first.dtype if first.is_floating_point() else torch.float32).eps
     first, second = first.double(), second.double()
@@ -1070,7 +1107,7 @@ def _probe_row_coupling(forward_func: Callable[..., Tensor], problem: PathProble
         float(v) for v in torch.stack([(first - second).abs().max(), first.abs().max()])
     )
     if not (math.isfinite(change) and math.isfinite(size)):
-        return
+        return None
     tolerance = eps ** 0.5 * (1.0 + size)
     if change > tolerance:
         raise ModelError(
@@ -1078,6 +1115,7 @@ def _probe_row_coupling(forward_func: Callable[..., Tensor], problem: PathProble
             "the batch changed: rows interact or the model is random (BatchNorm or Dropout in "
             "training mode?); call model.eval() or pass allow_coupled_rows=True"
         )
+    return sample
 
 
 def check_model_device(forward_func: Callable[..., Tensor], device: torch.device) -> None:
