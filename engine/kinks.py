@@ -231,9 +231,13 @@ def _switches(start: Tensor, direction: Tensor, falling: Tensor, nodes: Nodes) -
     """
     # The negated crossing, -(-h_b / d).
     against = start / direction
-    # nan (0 / 0) -> -inf. Compared with itself rather than isnan or nan_to_num, which a
-    # compiled graph evaluates one element at a time.
-    against.masked_fill_(against != against, float("-inf"))
+    # nan (0 / 0) -> -inf. A compiled graph evaluates nan_to_num and isnan one element at
+    # a time but vectorises a comparison of the crossings with themselves; eager
+    # nan_to_num is the faster one.
+    if torch.compiler.is_compiling():
+        against.masked_fill_(against != against, float("-inf"))
+    else:
+        against.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     if nodes.cells is None:
         crossing = against.neg_()
         rising_count = torch.searchsorted(nodes.alphas, crossing, right=True)
@@ -279,7 +283,7 @@ def integrate_kinked(
     low, step = slopes * weight, (1 - slopes) * weight  # (H2, H1)
 
     # parts[0] = h_b, parts[1] = d: the path is parts[0] + a parts[1].
-    shape = torch.broadcast_shapes(hidden_x.shape, hidden_base.shape)
+    shape = _broadcast_shape(hidden_x.shape, hidden_base.shape)
     parts = torch.empty((2, *shape), dtype=work, device=device)
     parts[0] = hidden_base
     torch.sub(hidden_x, hidden_base, out=parts[1])
@@ -339,6 +343,19 @@ def integrate_kinked(
         before = running.gather(1, switch.unsqueeze(-1).expand(-1, -1, n_mixed))
         sums = after - (change * before).sum(-1)
     return sums.to(accumulate), selected
+
+
+def _broadcast_shape(first: torch.Size, second: torch.Size) -> tuple[int, ...]:
+    """The shape two tensors broadcast to (torch.broadcast_shapes is slow for small jobs)."""
+    rank = max(len(first), len(second))
+    first = (1,) * (rank - len(first)) + tuple(first)
+    second = (1,) * (rank - len(second)) + tuple(second)
+    shape = []
+    for a, b in zip(first, second):
+        if a != b and 1 not in (a, b):
+            raise ValueError(f"shapes {first} and {second} do not broadcast")
+        shape.append(b if a == 1 else a)
+    return tuple(shape)
 
 
 def fused_kinked(
