@@ -83,6 +83,7 @@ class PathProblem:
     position, the smallest and largest target asked for, so that a target the output does
     not have is named without a device sync. ``per_row_args`` marks which
     ``forward_args`` follow their row (None: every tensor whose first dimension is N).
+    ``targets_checked`` spares compiled paths their own eager check of the targets.
     """
 
     inputs: tuple[Tensor, ...]
@@ -91,6 +92,8 @@ class PathProblem:
     forward_args: tuple[Any, ...]
     target_range: tuple[tuple[int, int], ...] = ()
     per_row_args: tuple[bool, ...] | None = None
+    # True once the targets were selected from the model's own output without error.
+    targets_checked: bool = False
 
     @property
     def n_rows(self) -> int:
@@ -282,6 +285,8 @@ def integrated_gradients(
     )
     check_model_device(forward_func, problem.inputs[0].device)
     sample = check_independent_rows(forward_func, problem, allow_coupled_rows)
+    if sample is not None:
+        problem = dataclasses.replace(problem, targets_checked=True)
     # None: planned where a chunk size is needed (a hoisted run plans its own).
     chunk_points = None
     if internal_batch_size is not None:
@@ -559,7 +564,8 @@ def _integrate_fused(
     device = alphas.device
     n_steps = alphas.shape[0]
     n_pairs = problem.n_baselines * problem.n_rows
-    _check_selection(forward_func, problem)
+    if not problem.targets_checked:
+        _check_selection(forward_func, problem)
     pairs_per_chunk = max(1, chunk_points // n_steps)
     fused = compiled_whole_paths(forward_func, options.compile_mode)
     compiled_once = False
@@ -851,7 +857,8 @@ def _integrate_kinked(
     per_block = _kinked_block_pairs(kink, problem, rule, options)
     fused = None
     if options.compile_mode:
-        _check_tail_selection(kink, problem)
+        if not problem.targets_checked:
+            _check_tail_selection(kink, problem)
         fused = compiled_kinked(kink, options.compile_mode)
     step_fn = None if fused else chunk_step(kink.tail, problem, options, per_block * n_steps)
     sums = torch.empty((n_pairs, x.shape[1]), dtype=accumulate, device=device)
@@ -1096,6 +1103,8 @@ def _probe_row_coupling(
     with torch.no_grad():
         outputs = [_forward(forward_func, tuple(p[half : half + 2] for p in points), args)
                    for half in (0, 2)]
+    # A target the model's output does not have fails here, before any real work.
+    problem.select(outputs[0], pair[:2])
     sample = None
     if len(points) == 1 and not problem.forward_args:
         sample = ModelSample(points[0], torch.cat(outputs))

@@ -205,6 +205,18 @@ def test_target_out_of_range_names_target_and_output_count(target):
         integrated_gradients(nn.Linear(3, 4), torch.randn(2, 3), target=target)
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_bad_target_fails_on_the_first_forwards(compile):
+    # The row-coupling probe's two forwards select the target; nothing is integrated.
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 4))
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+
+    with pytest.raises(ArgumentError, match="target 4 is out of range"):
+        integrated_gradients(model, torch.randn(5, 3), target=4, compile=compile)
+    assert calls == [2, 2]
+
+
 def test_too_many_target_indices_are_refused():
     with pytest.raises(ArgumentError, match=r"target has 2 indices.*shape \(4,\)"):
         integrated_gradients(nn.Linear(3, 4), torch.randn(2, 3), target=(1, 0))
