@@ -18,7 +18,7 @@ class Progress:
     """Counts path points; draws a tqdm bar after a few seconds when stderr is a terminal."""
 
     def __init__(self, total: int, enabled: bool | None) -> None:
-        show = sys.stderr.isatty() if enabled is None else enabled
+        show = _on_a_terminal() if enabled is None else enabled
         # No tqdm object at all when off: building one costs about as much as a small run.
         self._bar = tqdm(
             total=total, unit="pt", unit_scale=True, desc="integrated gradients",
@@ -45,3 +45,11 @@ class Progress:
             yield bar
         finally:
             bar.close()
+
+
+def _on_a_terminal() -> bool:
+    """Whether stderr is a terminal; False when it is None, closed or not a real stream."""
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
