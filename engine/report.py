@@ -360,7 +360,13 @@ def _validation_section(report: TitanicReport) -> str:
     rows = [
         ("job", f"{validation.n_rows} rows x {validation.n_baselines} baselines x "
                 f"{validation.n_steps} steps ({validation.method}, {validation.dtype})"),
-        ("max relative error", f"{validation.max_rel_error:.2e} (the run fails above 1e-5)"),
+        ("max relative error", f"{validation.max_rel_error:.2e} (the run fails above "
+                               f"{validation.tolerance_text})"),
+        *([("against Captum in float64",
+            f"engine {validation.engine_vs_float64:.2e}, Captum "
+            f"{validation.captum_vs_float64:.2e} (the run fails when the engine's is above "
+            f"{validation.tolerance_text})")]
+          if validation.engine_vs_float64 is not None else []),
         ("max |convergence delta|", f"{report.max_abs_delta:.2e} (sum of attributions minus "
                                     "F(x) - F(baseline): the quadrature error, which the "
                                     "PReLU kinks shrink only as 1/steps)"),
