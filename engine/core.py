@@ -710,6 +710,12 @@ def chunk_step(
             with precision_context(options, device):
                 output = _forward(model, points, problem.args_for(rows))
                 selected = problem.select(output, rows)
+            if not selected.requires_grad:
+                raise ModelError(
+                    "the model's output does not depend on its inputs through autograd (a "
+                    "constant, a detached tensor or a comparison): there is no gradient to "
+                    "integrate"
+                )
             grads = torch.autograd.grad(selected.sum(), points)
         return tuple(g[:count] for g in grads), selected[:count].detach()
 
@@ -1013,6 +1019,13 @@ def _forward(forward_func: Callable[..., Tensor], points: tuple[Tensor, ...], ar
             f"the model returned shape {tuple(output.shape)} for {points[0].shape[0]} rows: "
             "expected one output row per input row"
         )
+    if not output.is_floating_point():
+        raise ModelError(
+            f"the model returned {str(output.dtype).removeprefix('torch.')} outputs: "
+            "Integrated Gradients needs real floating point outputs to differentiate"
+        )
+    if output[0].numel() == 0:
+        raise ModelError(f"the model returned shape {tuple(output.shape)}: no outputs per row")
     return output
 
 
@@ -1029,23 +1042,35 @@ def _refuse_non_finite(selected: Tensor, rows: Tensor) -> None:
 
 
 def refuse_coupled_rows(forward_func: Callable[..., Tensor]) -> None:
-    """Raise ``ModelError`` if the model has layers that mix rows (BatchNorm in train mode).
+    """Raise ``ModelError`` if the model has layers that mix rows or draw random numbers.
 
     Summing the outputs before the backward is exact only when each output depends on its
-    own row alone; batch statistics break that, and would also change with the chunking.
+    own row alone; batch statistics (BatchNorm in training mode) break that, and would
+    also change with the chunking. Dropout in training mode gives every path point a
+    different random model. A random model can get past the probe by chance, so both are
+    found by name.
     """
     module = module_of(forward_func)
     if module is None:
         return
-    coupled = [
-        name or type(module).__name__
-        for name, layer in module.named_modules()
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training
-    ]
+    coupled, random = [], []
+    for name, layer in module.named_modules():
+        if not layer.training:
+            continue
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            coupled.append(name or type(module).__name__)
+        elif isinstance(layer, nn.modules.dropout._DropoutNd) and layer.p > 0:
+            random.append(name or type(module).__name__)
     if coupled:
         raise ModelError(
             f"layer(s) {', '.join(coupled)} are in training mode and mix rows through batch "
             "statistics: call model.eval() before computing attributions "
+            "(or pass allow_coupled_rows=True)"
+        )
+    if random:
+        raise ModelError(
+            f"dropout layer(s) {', '.join(random)} are in training mode, so the model is "
+            "random: call model.eval() before computing attributions "
             "(or pass allow_coupled_rows=True)"
         )
 
@@ -1063,9 +1088,10 @@ def check_independent_rows(
 ) -> ModelSample | None:
     """Refuse models whose output for one row depends on the other rows of the batch.
 
-    Known culprits (BatchNorm in training mode) are found by name; anything else by a
-    probe: the first row's input is evaluated beside two different partners, and its
-    output must not change. ``allow`` turns the refusal into a logged warning.
+    Known culprits (BatchNorm and dropout in training mode) are found by name; anything
+    else by a probe: the first two rows are evaluated in two batches, at other positions
+    and beside other partners, and their outputs must not change. ``allow`` turns the
+    refusal into a logged warning.
 
     Returns the probe's points and outputs when the model has one input and no extra
     arguments and its rows are independent, else None.
@@ -1086,29 +1112,59 @@ def _input_layout(problem: PathProblem) -> tuple[object, ...]:
     return tuple((tuple(x.shape[1:]), x.dtype, x.device) for x in problem.inputs)
 
 
-_PROBE_ALPHAS: dict[torch.device, Tensor] = {}
+# The probe's two batches of four points, as (row, alpha) with a baseline kind where alpha
+# is 0: batch one holds row 0, the first baseline (of row 0), rows 1 and 2; batch two
+# holds row 1, the midpoint of row 0's path to the first baseline, row 0 and the last
+# baseline. Rows 0 and 1 appear in both, at other positions and beside other partners.
+_PROBE_ROWS = (0, 0, 1, 2, 1, 0, 0, 0)
+_PROBE_ALPHAS = (1.0, 0.0, 1.0, 1.0, 1.0, 0.5, 1.0, 0.0)
+_PROBE_LAST_KIND = 7  # the point that takes the last baseline kind
+_PROBE_SAME = ((0, 6), (2, 4))  # the same row in both batches
+# (pairs, alphas) per (device, rows, baseline kinds): the probe runs on every call.
+_PROBE_POINTS: dict[tuple[object, ...], tuple[Tensor, Tensor]] = {}
+
+
+def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor]:
+    device, n_rows = problem.inputs[0].device, problem.n_rows
+    key = (device, n_rows, problem.n_baselines)
+    if key not in _PROBE_POINTS:
+        pair = [min(row, n_rows - 1) for row in _PROBE_ROWS]
+        pair[_PROBE_LAST_KIND] += (problem.n_baselines - 1) * n_rows
+        if len(_PROBE_POINTS) > 64:
+            _PROBE_POINTS.clear()
+        _PROBE_POINTS[key] = (
+            torch.tensor(pair, dtype=torch.long, device=device),
+            torch.tensor(_PROBE_ALPHAS, dtype=torch.float64, device=device),
+        )
+    return _PROBE_POINTS[key]
 
 
 def _probe_row_coupling(
     forward_func: Callable[..., Tensor], problem: PathProblem
 ) -> ModelSample | None:
-    device = problem.inputs[0].device
-    if device not in _PROBE_ALPHAS:
-        _PROBE_ALPHAS[device] = torch.tensor([1.0, 0.0, 1.0, 0.5], dtype=torch.float64,
-                                             device=device)
-    pair = torch.zeros(4, dtype=torch.long, device=device)
-    # Batches (x, baseline) and (x, midpoint): the input row is the same in both.
-    points = problem.path_points(pair, _PROBE_ALPHAS[device])
-    args = problem.args_for(pair[:2] % problem.n_rows)
+    pair, alphas = _probe_pairs(problem)
+    points = problem.path_points(pair, alphas)
+    rows = pair % problem.n_rows
+    # The first batch runs with autograd, to see that the output depends on the inputs.
+    with torch.enable_grad():
+        first = tuple(p[:4].detach().requires_grad_() for p in points)
+        output = _forward(forward_func, first, problem.args_for(rows[:4]))
     with torch.no_grad():
-        outputs = [_forward(forward_func, tuple(p[half : half + 2] for p in points), args)
-                   for half in (0, 2)]
+        outputs = [output.detach(), _forward(forward_func, tuple(p[4:] for p in points),
+                                             problem.args_for(rows[4:]))]
+    if not output.requires_grad:
+        raise ModelError(
+            "the model's output does not depend on its inputs through autograd (a constant, "
+            "a detached tensor or a comparison): there is no gradient to integrate"
+        )
     # A target the model's output does not have fails here, before any real work.
-    problem.select(outputs[0], pair[:2])
+    problem.select(outputs[0], rows[:4])
     sample = None
     if len(points) == 1 and not problem.forward_args:
         sample = ModelSample(points[0], torch.cat(outputs))
-    first, second = outputs[0][0], outputs[1][0]
+    both = torch.cat(outputs)
+    first = both[[i for i, _ in _PROBE_SAME]]
+    second = both[[j for _, j in _PROBE_SAME]]
     # Batched kernels may round differently with other partners, never by more than this.
     eps = torch.finfo(first.dtype if first.is_floating_point() else torch.float32).eps
     first, second = first.double(), second.double()
@@ -1120,7 +1176,7 @@ def _probe_row_coupling(
     tolerance = eps ** 0.5 * (1.0 + size)
     if change > tolerance:
         raise ModelError(
-            f"the model's output for row 0 changed by {change:.3g} when the other rows of "
+            f"the model's output for a row changed by {change:.3g} when the other rows of "
             "the batch changed: rows interact or the model is random (BatchNorm or Dropout in "
             "training mode?); call model.eval() or pass allow_coupled_rows=True"
         )

@@ -345,7 +345,10 @@ def reproduces(candidate: Callable[[Tensor], Tensor], expected: Tensor, points: 
         return False
     if expected.shape != split_output.shape or expected.dtype != split_output.dtype:
         return False
-    tolerance = 1e3 * torch.finfo(expected.dtype).eps if expected.is_floating_point() else 0
+    # A thousand ulps covers batched kernels' rounding in float32 and float64; in half
+    # precision that would be most of the output, so those get 5%.
+    tolerance = (min(1e3 * torch.finfo(expected.dtype).eps, 0.05)
+                 if expected.is_floating_point() else 0)
     scale = expected.detach().abs().max().clamp_min(1.0)
     return bool(((expected - split_output).abs().max() <= tolerance * scale).item())
 

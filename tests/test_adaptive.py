@@ -119,9 +119,9 @@ def test_total_points_count_every_level():
                                   internal_batch_size=10_000)
 
     # A given internal_batch_size skips the planner's probe forwards. Every other forward
-    # is part of an integral: the row-coupling probe (two of 2 points) and the endpoints
+    # is part of an integral: the row-coupling probe (two of 4 points) and the endpoints
     # (one per pair at x and one at the baseline).
-    assert result.total_points == sum(calls) - 2 * 2 - 2 * 6
+    assert result.total_points == sum(calls) - 2 * 4 - 2 * 6
     assert isinstance(result, IGResult)
 
 

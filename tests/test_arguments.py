@@ -214,7 +214,7 @@ def test_a_bad_target_fails_on_the_first_forwards(compile):
 
     with pytest.raises(ArgumentError, match="target 4 is out of range"):
         integrated_gradients(model, torch.randn(5, 3), target=4, compile=compile)
-    assert calls == [2, 2]
+    assert calls == [4, 4]
 
 
 def test_too_many_target_indices_are_refused():
@@ -270,6 +270,55 @@ def test_training_mode_dropout_is_caught_by_the_probe():
 
     with pytest.raises(ModelError, match=r"model is random.*model\.eval\(\)"):
         integrated_gradients(model, torch.randn(3, 3))
+
+
+def test_rows_coupled_where_row_0_cannot_show_it_are_found():
+    class FeatureTimesBatchMean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.linear(x) + x[:, :1] * x[:, 1:2].mean()
+
+    torch.manual_seed(22)
+    x = torch.randn(6, 3)
+    x[0, 0] = 0.0  # row 0's output ignores the batch mean
+
+    with pytest.raises(ModelError, match="rows interact"):
+        integrated_gradients(FeatureTimesBatchMean().eval(), x, 0.0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_training_mode_dropout_is_refused_by_name(seed):
+    # A light dropout often leaves the probe's rows alone; the name never misses it.
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Dropout(0.1), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    with pytest.raises(ModelError, match=r"dropout layer\(s\) 0 are in training mode"):
+        integrated_gradients(model.train(), torch.randn(5, 4), 0.0)
+    integrated_gradients(model.eval(), torch.randn(5, 4), 0.0)
+
+
+@pytest.mark.parametrize("output", ["long", "bool", "complex", "empty", "detached", "constant"])
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_outputs_without_a_gradient_are_refused(output, compile):
+    torch.manual_seed(23)
+    linear = nn.Linear(4, 3)
+    model = {
+        "long": lambda x: (linear(x) > 0).long(),
+        "bool": lambda x: linear(x) > 0,
+        "complex": lambda x: torch.complex(linear(x), linear(x)),
+        "empty": lambda x: linear(x)[:, :0],
+        "detached": lambda x: linear(x).detach(),
+        "constant": lambda x: torch.ones(x.shape[0], 1),
+    }[output]
+    target = None if output in ("empty", "constant") else 0
+    message = {"long": "int64 outputs", "bool": "bool outputs", "complex": "complex64 outputs",
+               "empty": "no outputs per row"}.get(output, "does not depend on its inputs")
+
+    with pytest.raises(ModelError, match=message):
+        integrated_gradients(model, torch.randn(5, 4), 0.0, target=target, compile=compile)
 
 
 def test_allow_coupled_rows_runs_and_warns(caplog):

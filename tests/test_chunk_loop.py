@@ -424,6 +424,22 @@ def test_bad_speed_arguments_raise_argument_error(name, value):
 # Progress
 
 
+@pytest.mark.parametrize("stream", [None, object(), "closed"])
+def test_no_terminal_to_ask_means_no_bar(monkeypatch, stream):
+    import io
+    import sys
+
+    if stream == "closed":
+        stream = io.StringIO()
+        stream.close()
+    monkeypatch.setattr(sys, "stderr", stream)
+    torch.manual_seed(24)
+
+    attributions = integrated_gradients(nn.Linear(4, 1), torch.randn(3, 4), n_steps=5)
+
+    assert attributions.shape == (1, 3, 4)
+
+
 @pytest.mark.parametrize("progress, shown", [(True, True), (False, False)])
 def test_progress_bar_follows_the_progress_argument(monkeypatch, capsys, progress, shown):
     import engine.progress
@@ -501,6 +517,51 @@ def test_python_state_changed_between_calls_is_followed(hoist):
         # A plain function is never traced: the reference runs the model as it is now.
         want = integrated_gradients(lambda points: net(points), x, n_steps=10)
         assert relative_error(got, want) <= 1e-12
+
+
+class Scaled(nn.Module):
+    """Scales its input by a plain attribute; also makes its output bfloat16 if asked."""
+
+    def __init__(self, bf16_output: bool = False) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.scale = 1.0
+        self.bf16_output = bf16_output
+
+    def forward(self, x):
+        out = self.net(x * self.scale)
+        return out.to(torch.bfloat16) if self.bf16_output else out
+
+
+@pytest.mark.parametrize("hoist", [True, "affine", False])
+def test_a_change_is_seen_when_row_0_is_its_baseline(hoist):
+    # Row 0's whole path is the baseline: the change shows only on other rows.
+    torch.manual_seed(13)
+    net = Scaled().double().eval()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    x[0] = 0.0
+    integrated_gradients(net, x, 0.0, n_steps=10, hoist=hoist)  # traces with scale 1
+    net.scale = 3.0
+
+    got = integrated_gradients(net, x, 0.0, n_steps=10, hoist=hoist)
+
+    want = integrated_gradients(lambda points: net(points), x, 0.0, n_steps=10)
+    assert relative_error(got, want) <= 1e-12
+
+
+@pytest.mark.parametrize("hoist", [True, False])
+def test_a_change_is_seen_through_a_bfloat16_output(hoist):
+    torch.manual_seed(14)
+    net = Scaled(bf16_output=True).eval()
+    x = torch.randn(6, 3)
+    integrated_gradients(net, x, 0.0, n_steps=10, hoist=hoist)
+    net.scale = 3.0
+
+    got = integrated_gradients(net, x, 0.0, n_steps=10, hoist=hoist)
+
+    want = integrated_gradients(lambda points: net(points), x, 0.0, n_steps=10)
+    # bfloat16 outputs: the stale trace was off by a factor of three, not by rounding.
+    assert relative_error(got, want) <= 2e-2
 
 
 def test_rows_coupled_by_a_flag_after_a_first_call_are_refused():
