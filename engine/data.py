@@ -310,6 +310,7 @@ def _checked(frame: pd.DataFrame, label: str) -> pd.DataFrame:
         raise DataError(f"{label}: column Sex has no values at all")
     _check_target(frame[TARGET], label)
     _check_ids(frame["PassengerId"], label)
+    check_feature_ranges(frame, label)
     frame[TARGET] = frame[TARGET].astype("int64")
     frame["PassengerId"] = frame["PassengerId"].astype("int64")
     return frame
@@ -369,7 +370,7 @@ def _check_target(values: pd.Series, label: str) -> None:
 
 
 def _check_ids(values: pd.Series, label: str) -> None:
-    """PassengerId names rows in every table downstream: whole numbers, none blank."""
+    """PassengerId names rows in every table downstream: whole numbers, none blank, unique."""
     wrong = values.isna() | (values != np.floor(values)) | (values.abs() > MAX_PASSENGER_ID)
     if wrong.any():
         row = int(np.flatnonzero(wrong.to_numpy())[0])
@@ -377,6 +378,33 @@ def _check_ids(values: pd.Series, label: str) -> None:
             f"{label}: column PassengerId, {_where(row)}: expected a whole number,"
             f" got {_shown(values.iloc[row])}"
         )
+    repeated = values.duplicated().to_numpy()
+    if repeated.any():
+        row = int(np.flatnonzero(repeated)[0])
+        first = int(np.flatnonzero((values == values.iloc[row]).to_numpy())[0])
+        raise DataError(
+            f"{label}: column PassengerId, {_where(row)}: id {int(values.iloc[row])} is"
+            f" also on {_where(first)}; every passenger needs an id of their own"
+        )
+
+
+def check_feature_ranges(frame: pd.DataFrame, label: str) -> None:
+    """Pclass is 1, 2 or 3; Age, SibSp and Fare are not negative (blanks are filled later)."""
+    wrong_class = frame["Pclass"].notna() & ~frame["Pclass"].isin((1.0, 2.0, 3.0))
+    if wrong_class.any():
+        row = int(np.flatnonzero(wrong_class.to_numpy())[0])
+        raise DataError(
+            f"{label}: column Pclass, {_where(row)}: expected 1, 2 or 3,"
+            f" got {_shown(frame['Pclass'].iloc[row])}"
+        )
+    for column in ("Age", "SibSp", "Fare"):
+        negative = (frame[column] < 0).to_numpy()
+        if negative.any():
+            row = int(np.flatnonzero(negative)[0])
+            raise DataError(
+                f"{label}: column {column}, {_where(row)}: expected a number >= 0,"
+                f" got {_shown(frame[column].iloc[row])}"
+            )
 
 
 def _where(row: int) -> str:

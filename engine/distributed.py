@@ -34,7 +34,15 @@ from torch.utils.data import DataLoader
 
 from engine.baselines import BASELINE_KINDS, make_baselines
 from engine.core import integrated_gradients
-from engine.data import FEATURES, SEX_CODES, _check_ids, _check_sex, _decode, _numeric
+from engine.data import (
+    FEATURES,
+    SEX_CODES,
+    _check_ids,
+    _check_sex,
+    _decode,
+    _numeric,
+    check_feature_ranges,
+)
 from engine.errors import ArgumentError, DataError
 from engine.io import OutputDir, tidy_attributions, tidy_deltas
 from engine.model import TitanicMLP, quiet_lightning
@@ -175,6 +183,7 @@ def read_rows(path: str | Path) -> pd.DataFrame:
         frame[column] = _numeric(frame[column], column, str(path))
     _check_sex(frame["Sex"], str(path))
     _check_ids(frame["PassengerId"], str(path))
+    check_feature_ranges(frame, str(path))
     frame["PassengerId"] = frame["PassengerId"].astype("int64")
     return frame
 

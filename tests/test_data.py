@@ -407,6 +407,31 @@ def test_survived_other_than_zero_or_one(tmp_path: Path) -> None:
     assert_one_line(err, "t.csv", "Survived", "row 2", "2")
 
 
+def test_a_repeated_passenger_id_names_both_rows(tmp_path: Path) -> None:
+    rows = [ROWS[0], ROWS[1], with_field(ROWS[2], "PassengerId", "1")]
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, [HEADER, *rows]))
+    assert_one_line(err, "t.csv", "PassengerId", "row 3", "id 1", "row 1")
+
+
+@pytest.mark.parametrize("column, value, expected", [
+    ("Pclass", "-3", "1, 2 or 3"), ("Pclass", "4", "1, 2 or 3"), ("Pclass", "1.5", "1, 2 or 3"),
+    ("Age", "-1", ">= 0"), ("SibSp", "-2", ">= 0"), ("Fare", "-7.25", ">= 0"),
+])
+def test_values_outside_a_columns_range_are_named(
+    tmp_path: Path, column: str, value: str, expected: str
+) -> None:
+    rows = [ROWS[0], with_field(ROWS[1], column, value), ROWS[2]]
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, [HEADER, *rows]))
+    assert_one_line(err, "t.csv", column, "row 2", value, expected)
+
+
+def test_a_blank_class_is_still_filled(tmp_path: Path) -> None:
+    rows = [ROWS[0], with_field(ROWS[1], "Pclass", ""), ROWS[2]]
+    assert load_titanic(write_csv(tmp_path, [HEADER, *rows]))["Pclass"].isna().sum() == 1
+
+
 def test_column_with_no_values_at_all(tmp_path: Path) -> None:
     rows = [with_field(row, "Age", "") for row in ROWS]
     with pytest.raises(DataError) as err:
