@@ -53,6 +53,7 @@ from engine.step import (
     compiled_model,
     forget,
     frozen_parameters,
+    keeps_batch_statistics,
     memo,
     module_of,
     own_hooks,
@@ -176,6 +177,7 @@ def _is_per_row(arg: Any, n_rows: int) -> bool:
     return isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == n_rows
 
 
+@keeps_batch_statistics
 def integrated_gradients(
     forward_func: Callable[..., Tensor],
     inputs: TensorOrTuple,

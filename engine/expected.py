@@ -29,12 +29,14 @@ from engine.core import (
     make_problem,
 )
 from engine.errors import ArgumentError
+from engine.step import keeps_batch_statistics
 
 __all__ = ["expected_gradients"]
 
 log = logging.getLogger(__name__)
 
 
+@keeps_batch_statistics
 def expected_gradients(
     forward_func: Callable[..., Tensor],
     inputs: TensorOrTuple,

@@ -12,6 +12,7 @@ model object so that a second run does not compile again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import types
 import weakref
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["compiled_copy", "compiled_model", "forget", "frozen_parameters", "global_hooks",
-           "layout", "memo", "own_hooks", "pad_rows"]
+           "keeps_batch_statistics", "layout", "memo", "own_hooks", "pad_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,33 @@ def frozen_parameters(forward_func: object) -> Iterator[None]:
     finally:
         for parameter in parameters:
             parameter.requires_grad_(True)
+
+
+def keeps_batch_statistics(function: Callable[..., object]) -> Callable[..., object]:
+    """Run ``function`` and put back the running statistics of training-mode BatchNorms.
+
+    Only with ``allow_coupled_rows=True`` do such layers take part: every forward the
+    engine makes (probes, chunks) would otherwise count as a training batch and move
+    their running mean and variance.
+    """
+
+    @functools.wraps(function)
+    def wrapper(forward_func: object, *args: object, **kwargs: object) -> object:
+        module = module_of(forward_func) if kwargs.get("allow_coupled_rows") else None
+        saved = [] if module is None else [
+            (buffer, buffer.detach().clone())
+            for layer in module.modules()
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training
+            for buffer in layer.buffers(recurse=False)
+        ]
+        try:
+            return function(forward_func, *args, **kwargs)
+        finally:
+            with torch.no_grad():
+                for buffer, kept in saved:
+                    buffer.copy_(kept)
+
+    return wrapper
 
 
 _MEMO: weakref.WeakKeyDictionary[nn.Module, dict[object, object]] = weakref.WeakKeyDictionary()

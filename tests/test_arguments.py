@@ -333,6 +333,19 @@ def test_allow_coupled_rows_runs_and_warns(caplog):
     assert "allow_coupled_rows=True" in caplog.text
 
 
+@pytest.mark.parametrize("hoist", [True, False])
+def test_allow_coupled_rows_leaves_the_running_statistics_alone(hoist):
+    torch.manual_seed(19)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).train()
+    model(torch.randn(8, 3))  # statistics of one real batch
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+
+    integrated_gradients(model, torch.randn(4, 3), allow_coupled_rows=True, hoist=hoist)
+
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+
+
 def test_eval_mode_batchnorm_is_accepted():
     torch.manual_seed(18)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).eval()
