@@ -408,6 +408,8 @@ def integrate(
     """
     options = options or RunOptions()
     with frozen_parameters(forward_func):
+        if options.compile_mode:
+            _check_gradient(forward_func, problem)
         split = _usable_split(forward_func, problem, options, sample)
         if split is not None:
             try:
@@ -423,6 +425,34 @@ def integrate(
             chunk_points = _planned_chunk_points(forward_func, problem, rule, options)
         return _integrate_points(_fast(forward_func, problem, sample), problem, rule,
                                  chunk_points, options)
+
+
+_NO_GRADIENT = (
+    "the model's output does not depend on its inputs through autograd (a constant, a "
+    "detached tensor or a comparison): there is no gradient to integrate"
+)
+
+
+def _check_gradient(forward_func: Callable[..., Tensor], problem: PathProblem) -> None:
+    """Refuse an output that does not depend on the inputs, once per model layout.
+
+    Compiled chunks differentiate with ``torch.func.grad``, which returns zeros for such
+    an output where eager autograd refuses it (see ``chunk_step``). Run with the
+    parameters frozen, so only the inputs can give the output a gradient.
+    """
+
+    def check() -> bool:
+        pair = torch.zeros(1, dtype=torch.long, device=problem.inputs[0].device)
+        alphas = torch.ones(1, dtype=torch.float64, device=pair.device)
+        with torch.enable_grad():
+            points = tuple(p.detach().requires_grad_()
+                           for p in problem.path_points(pair, alphas))
+            output = _forward(forward_func, points, problem.args_for(pair))
+        if not problem.select(output, pair).requires_grad:
+            raise ModelError(_NO_GRADIENT)
+        return True
+
+    memo(forward_func, ("output has a gradient", _input_layout(problem)), check)
 
 
 def _wrote_leaf_in_place(error: BaseException) -> bool:
@@ -713,11 +743,7 @@ def chunk_step(
                 output = _forward(model, points, problem.args_for(rows))
                 selected = problem.select(output, rows)
             if not selected.requires_grad:
-                raise ModelError(
-                    "the model's output does not depend on its inputs through autograd (a "
-                    "constant, a detached tensor or a comparison): there is no gradient to "
-                    "integrate"
-                )
+                raise ModelError(_NO_GRADIENT)
             grads = torch.autograd.grad(selected.sum(), points)
         return tuple(g[:count] for g in grads), selected[:count].detach()
 
@@ -1121,12 +1147,13 @@ def _input_layout(problem: PathProblem) -> tuple[object, ...]:
 _PROBE_ROWS = (0, 0, 1, 2, 1, 0, 0, 0)
 _PROBE_ALPHAS = (1.0, 0.0, 1.0, 1.0, 1.0, 0.5, 1.0, 0.0)
 _PROBE_LAST_KIND = 7  # the point that takes the last baseline kind
-_PROBE_SAME = ((0, 6), (2, 4))  # the same row in both batches
-# (pairs, alphas) per (device, rows, baseline kinds): the probe runs on every call.
-_PROBE_POINTS: dict[tuple[object, ...], tuple[Tensor, Tensor]] = {}
+# Rows 0 and 1 in the first batch (points 0 and 2) and in the second (points 6 and 4).
+_PROBE_SAME = ((0, 2), (6, 4))
+# (pairs, alphas, same) per (device, rows, baseline kinds): the probe runs on every call.
+_PROBE_POINTS: dict[tuple[object, ...], tuple[Tensor, Tensor, Tensor]] = {}
 
 
-def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor]:
+def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor, Tensor]:
     device, n_rows = problem.inputs[0].device, problem.n_rows
     key = (device, n_rows, problem.n_baselines)
     if key not in _PROBE_POINTS:
@@ -1137,6 +1164,7 @@ def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor]:
         _PROBE_POINTS[key] = (
             torch.tensor(pair, dtype=torch.long, device=device),
             torch.tensor(_PROBE_ALPHAS, dtype=torch.float64, device=device),
+            torch.tensor(_PROBE_SAME, dtype=torch.long, device=device),
         )
     return _PROBE_POINTS[key]
 
@@ -1144,29 +1172,22 @@ def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor]:
 def _probe_row_coupling(
     forward_func: Callable[..., Tensor], problem: PathProblem
 ) -> ModelSample | None:
-    pair, alphas = _probe_pairs(problem)
+    pair, alphas, same = _probe_pairs(problem)
     points = problem.path_points(pair, alphas)
     rows = pair % problem.n_rows
-    # The first batch runs with autograd, to see that the output depends on the inputs.
-    with torch.enable_grad():
-        first = tuple(p[:4].detach().requires_grad_() for p in points)
-        output = _forward(forward_func, first, problem.args_for(rows[:4]))
     with torch.no_grad():
-        outputs = [output.detach(), _forward(forward_func, tuple(p[4:] for p in points),
-                                             problem.args_for(rows[4:]))]
-    if not output.requires_grad:
-        raise ModelError(
-            "the model's output does not depend on its inputs through autograd (a constant, "
-            "a detached tensor or a comparison): there is no gradient to integrate"
-        )
+        outputs = [
+            _forward(forward_func, tuple(p[half : half + 4] for p in points),
+                     problem.args_for(rows[half : half + 4]))
+            for half in (0, 4)
+        ]
     # A target the model's output does not have fails here, before any real work.
     problem.select(outputs[0], rows[:4])
+    both = torch.cat(outputs)
     sample = None
     if len(points) == 1 and not problem.forward_args:
-        sample = ModelSample(points[0], torch.cat(outputs))
-    both = torch.cat(outputs)
-    first = both[[i for i, _ in _PROBE_SAME]]
-    second = both[[j for _, j in _PROBE_SAME]]
+        sample = ModelSample(points[0], both)
+    first, second = both[same[0]], both[same[1]]
     # Batched kernels may round differently with other partners, never by more than this.
     eps = torch.finfo(first.dtype if first.is_floating_point() else torch.float32).eps
     first, second = first.double(), second.double()

@@ -99,6 +99,11 @@ def valid_tables(draw) -> tuple[list[str], list[list[str]]]:
     rows = [[draw(full.get(column, st.text(max_size=6))) for column in columns]]
     for _ in range(draw(st.integers(0, 6))):
         rows.append([draw(VALID_CELL.get(column, st.text(max_size=6))) for column in columns])
+    # Every passenger has an id of their own.
+    ids = draw(st.lists(st.integers(1, 10**6), min_size=len(rows), max_size=len(rows),
+                        unique=True))
+    for row, passenger in zip(rows, ids):
+        row[columns.index("PassengerId")] = str(passenger)
     return list(columns), rows
 
 
