@@ -949,8 +949,11 @@ def _integrate_kinked(
             if point_rows is None:
                 point_rows = rows.repeat_interleave(n_steps)
             _refuse_non_finite(selected[: count * n_steps], point_rows[: count * n_steps])
-        sums[first : first + count] = block[:count]
         bar.update(count * n_steps)
+        if count == n_pairs and block.dtype == sums.dtype:
+            # One block holds every pair: no copy.
+            return block.view(problem.n_baselines, problem.n_rows, -1)
+        sums[first : first + count] = block[:count]
         first += count
     return sums.view(problem.n_baselines, problem.n_rows, -1)
 
