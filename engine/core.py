@@ -817,9 +817,17 @@ def _integrate_hoisted(
     result = torch.empty((n_baselines, n_rows, *x.shape[1:]), dtype=_accumulate_dtype(x),
                          device=x.device)
     per_row_base = base.shape[1] == n_rows
+    all_hidden_x = None
     with torch.no_grad():
-        # Shared baselines go through the prefix once: (B, 1, *F) -> (B, 1, *H).
-        hidden_base = split.prefix(base[:, :1].flatten(0, 1)).unflatten(0, (n_baselines, 1))
+        # Shared baselines go through the prefix once: (B, 1, *F) -> (B, 1, *H). A few
+        # rows go with them, in the same call.
+        shared = base[:, 0]
+        if not per_row_base and n_rows <= _PREFIX_WITH_BASELINES:
+            hidden = split.prefix(torch.cat([shared, x]))
+            shared, all_hidden_x = hidden[:n_baselines], hidden[n_baselines:]
+        else:
+            shared = split.prefix(shared)
+        hidden_base = shared.unsqueeze(1)
     block = _hoisted_block_rows(problem, hidden_base, options)
     total = n_baselines * n_rows * rule.n_steps
 
@@ -827,7 +835,8 @@ def _integrate_hoisted(
         for first in range(0, n_rows, block):
             rows = slice(first, min(first + block, n_rows))
             with torch.no_grad():
-                hidden_x = split.prefix(x[rows])
+                hidden_x = all_hidden_x if block >= n_rows and all_hidden_x is not None \
+                    else split.prefix(x[rows])
                 if per_row_base:
                     # (B, rows, *F) -> (B, rows, *H), one block at a time.
                     hidden_base = split.prefix(base[:, rows].flatten(0, 1)).unflatten(
@@ -853,6 +862,11 @@ def _integrate_hoisted(
             pulled = pull_back(split, hidden_sum.flatten(0, 1), x)
             result[:, rows] = pulled.view(n_baselines, -1, *x.shape[1:]).to(result.dtype)
     return result
+
+
+# Jobs with at most this many rows (and shared baselines) run the prefix on the rows and
+# the baselines in one call.
+_PREFIX_WITH_BASELINES = 256
 
 
 def _usable_kink(split: AffineSplit, hidden_x: Tensor, options: RunOptions) -> KinkSplit | None:
