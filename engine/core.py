@@ -442,8 +442,10 @@ def _check_gradient(forward_func: Callable[..., Tensor], problem: PathProblem) -
     """
 
     def check() -> bool:
-        pair = torch.zeros(1, dtype=torch.long, device=problem.inputs[0].device)
-        alphas = torch.ones(1, dtype=torch.float64, device=pair.device)
+        # Row 0 and its first baseline: two points, which training-mode BatchNorm (with
+        # allow_coupled_rows) needs.
+        pair = torch.zeros(2, dtype=torch.long, device=problem.inputs[0].device)
+        alphas = torch.tensor([1.0, 0.0], dtype=torch.float64, device=pair.device)
         with torch.enable_grad():
             points = tuple(p.detach().requires_grad_()
                            for p in problem.path_points(pair, alphas))
@@ -650,10 +652,14 @@ def _integrate_fused(
 
 
 def _check_selection(forward_func: Callable[..., Tensor], problem: PathProblem) -> None:
-    """Run ``problem.select`` eagerly on one point, so that target errors read as usual."""
+    """Run ``problem.select`` eagerly, so that target errors read as usual.
+
+    On row 0 and its baseline: training-mode BatchNorm (allowed by allow_coupled_rows)
+    needs more than one point.
+    """
     device = problem.inputs[0].device
-    pair = torch.zeros(1, dtype=torch.long, device=device)
-    alphas = torch.ones(1, dtype=torch.float64, device=device)
+    pair = torch.zeros(2, dtype=torch.long, device=device)
+    alphas = torch.tensor([1.0, 0.0], dtype=torch.float64, device=device)
 
     with torch.no_grad():
         output = _forward(forward_func, problem.path_points(pair, alphas),
@@ -985,11 +991,11 @@ def _tail_gradient(
 def _check_tail_selection(kink: KinkSplit, problem: PathProblem) -> None:
     """Select the target of one tail output eagerly, so that target errors read as usual."""
     device = problem.inputs[0].device
-    point = torch.zeros((1, kink.linear.out_features), dtype=problem.inputs[0].dtype,
+    point = torch.zeros((2, kink.linear.out_features), dtype=problem.inputs[0].dtype,
                         device=device)
     with torch.no_grad():
         output = _forward(kink.tail, (point,), ())
-    problem.select(output, torch.zeros(1, dtype=torch.long, device=device))
+    problem.select(output, torch.zeros(2, dtype=torch.long, device=device))
 
 
 def _kinked_block_pairs(
@@ -1104,7 +1110,8 @@ def refuse_coupled_rows(forward_func: Callable[..., Tensor]) -> None:
             continue
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
             coupled.append(name or type(module).__name__)
-        elif isinstance(layer, nn.modules.dropout._DropoutNd) and layer.p > 0:
+        elif (isinstance(layer, nn.modules.dropout._DropoutNd) and layer.p > 0) \
+                or isinstance(layer, nn.RReLU):
             random.append(name or type(module).__name__)
     if coupled:
         raise ModelError(
@@ -1114,8 +1121,8 @@ def refuse_coupled_rows(forward_func: Callable[..., Tensor]) -> None:
         )
     if random:
         raise ModelError(
-            f"dropout layer(s) {', '.join(random)} are in training mode, so the model is "
-            "random: call model.eval() before computing attributions "
+            f"random layer(s) {', '.join(random)} (dropout, RReLU) are in training mode, "
+            "so the model is random: call model.eval() before computing attributions "
             "(or pass allow_coupled_rows=True)"
         )
 
@@ -1157,31 +1164,37 @@ def _input_layout(problem: PathProblem) -> tuple[object, ...]:
     return tuple((tuple(x.shape[1:]), x.dtype, x.device) for x in problem.inputs)
 
 
-# The probe's two batches of four points, as (row, alpha) with a baseline kind where alpha
-# is 0: batch one holds row 0, the first baseline (of row 0), rows 1 and 2; batch two
-# holds row 1, the midpoint of row 0's path to the first baseline, row 0 and the last
-# baseline. Rows 0 and 1 appear in both, at other positions and beside other partners.
-_PROBE_ROWS = (0, 0, 1, 2, 1, 0, 0, 0)
-_PROBE_ALPHAS = (1.0, 0.0, 1.0, 1.0, 1.0, 0.5, 1.0, 0.0)
-_PROBE_LAST_KIND = 7  # the point that takes the last baseline kind
-# Rows 0 and 1 in the first batch (points 0 and 2) and in the second (points 6 and 4).
-_PROBE_SAME = ((0, 2), (6, 4))
-# (pairs, alphas, same) per (device, rows, baseline kinds): the probe runs on every call.
-_PROBE_POINTS: dict[tuple[object, ...], tuple[Tensor, Tensor, Tensor]] = {}
+# Rows the probe runs (all of them up to this many).
+PROBE_ROWS = 1024
+# (pairs, alphas, rows, where each row is in the second batch) per (device, rows,
+# baseline kinds): the probe runs on every call.
+_PROBE_POINTS: dict[tuple[object, ...], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
 
-def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor, Tensor]:
+def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The probe's points as path pairs and alphas: two batches, one after the other.
+
+    Batch one holds rows 0 to R - 1 (R = min(N, PROBE_ROWS)) and then row 0's first
+    baseline; batch two holds the midpoint of row 0's path to that baseline, row 0's
+    last baseline, and the rows in reverse order. Every row sits at another position,
+    beside other partners, in a batch of another size.
+    """
     device, n_rows = problem.inputs[0].device, problem.n_rows
     key = (device, n_rows, problem.n_baselines)
     if key not in _PROBE_POINTS:
-        pair = [min(row, n_rows - 1) for row in _PROBE_ROWS]
-        pair[_PROBE_LAST_KIND] += (problem.n_baselines - 1) * n_rows
+        count = min(n_rows, PROBE_ROWS)
+        last_kind = (problem.n_baselines - 1) * n_rows
+        pair = [*range(count), 0, 0, last_kind, *range(count - 1, -1, -1)]
+        alphas = [1.0] * count + [0.0, 0.5, 0.0] + [1.0] * count
+        # Row i is point i of batch one and point count + 3 + (count - 1 - i) overall.
+        second = [2 * count + 2 - i for i in range(count)]
         if len(_PROBE_POINTS) > 64:
             _PROBE_POINTS.clear()
         _PROBE_POINTS[key] = (
             torch.tensor(pair, dtype=torch.long, device=device),
-            torch.tensor(_PROBE_ALPHAS, dtype=torch.float64, device=device),
-            torch.tensor(_PROBE_SAME, dtype=torch.long, device=device),
+            torch.tensor(alphas, dtype=torch.float64, device=device),
+            torch.arange(count, device=device),
+            torch.tensor(second, dtype=torch.long, device=device),
         )
     return _PROBE_POINTS[key]
 
@@ -1189,30 +1202,36 @@ def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor, Tensor]:
 def _probe_row_coupling(
     forward_func: Callable[..., Tensor], problem: PathProblem
 ) -> ModelSample | None:
-    pair, alphas, same = _probe_pairs(problem)
+    pair, alphas, first_at, second_at = _probe_pairs(problem)
     points = problem.path_points(pair, alphas)
     rows = pair % problem.n_rows
+    split = first_at.shape[0] + 1
     with torch.no_grad():
         outputs = [
-            _forward(forward_func, tuple(p[half : half + 4] for p in points),
-                     problem.args_for(rows[half : half + 4]))
-            for half in (0, 4)
+            _forward(forward_func, tuple(p[part] for p in points), problem.args_for(rows[part]))
+            for part in (slice(0, split), slice(split, None))
         ]
-    # A target the model's output does not have fails here, before any real work.
-    problem.select(outputs[0], rows[:4])
     both = torch.cat(outputs)
+    # A target the model's output does not have fails here, before any real work.
+    selected = problem.select(both, rows)
     sample = None
     if len(points) == 1 and not problem.forward_args:
-        sample = ModelSample(points[0], both)
-    first, second = both[same[0]], both[same[1]]
+        # The trace is checked on batch one and the midpoint and last baseline of batch
+        # two: the rest of batch two repeats batch one's rows.
+        kept = slice(0, split + 2)
+        sample = ModelSample(points[0][kept], both[kept])
+    first, second = selected[first_at].double(), selected[second_at].double()
     # Batched kernels may round differently with other partners, never by more than this.
-    eps = torch.finfo(first.dtype if first.is_floating_point() else torch.float32).eps
-    first, second = first.double(), second.double()
-    change, size = (
-        float(v) for v in torch.stack([(first - second).abs().max(), first.abs().max()])
-    )
+    eps = torch.finfo(both.dtype).eps
+    change, size = (float(v) for v in torch.stack([(first - second).abs().max(),
+                                                   first.abs().max()]))
     if not (math.isfinite(change) and math.isfinite(size)):
-        return None
+        # Compare the finite outputs; the same infinity, or nan in both, is no change.
+        finite = torch.isfinite(first) & torch.isfinite(second)
+        same = (first == second) | (first.isnan() & second.isnan())
+        change = float(torch.where(finite, (first - second).abs(),
+                                   torch.where(same, 0.0, float("inf"))).max())
+        size = float(torch.where(finite, first.abs(), 0.0).max())
     tolerance = eps ** 0.5 * (1.0 + size)
     if change > tolerance:
         raise ModelError(

@@ -119,9 +119,10 @@ def test_total_points_count_every_level():
                                   internal_batch_size=10_000)
 
     # A given internal_batch_size skips the planner's probe forwards. Every other forward
-    # is part of an integral: the row-coupling probe (two of 4 points) and the endpoints
-    # (one per pair at x and one at the baseline).
-    assert result.total_points == sum(calls) - 2 * 4 - 2 * 6
+    # is part of an integral: the row-coupling probe (the six rows and a baseline, then a
+    # midpoint, a baseline and the six rows) and the endpoints (one per pair at x and one
+    # at the baseline).
+    assert result.total_points == sum(calls) - (7 + 8) - 2 * 6
     assert isinstance(result, IGResult)
 
 

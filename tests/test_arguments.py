@@ -214,7 +214,7 @@ def test_a_bad_target_fails_on_the_first_forwards(compile):
 
     with pytest.raises(ArgumentError, match="target 4 is out of range"):
         integrated_gradients(model, torch.randn(5, 3), target=4, compile=compile)
-    assert calls == [4, 4]
+    assert calls == [6, 7]  # five rows and a baseline; a midpoint, a baseline, five rows
 
 
 def test_too_many_target_indices_are_refused():
@@ -289,13 +289,74 @@ def test_rows_coupled_where_row_0_cannot_show_it_are_found():
         integrated_gradients(FeatureTimesBatchMean().eval(), x, 0.0)
 
 
+class CoupledFirstOutput(nn.Module):
+    """Output 0 mixes rows through the batch mean; output 1 is huge and independent."""
+
+    def __init__(self, huge: float = 1e6):
+        super().__init__()
+        self.linear = nn.Linear(3, 1)
+        self.huge = huge
+
+    def forward(self, x):
+        coupled = self.linear(x) + x[:, :1] * x[:, 1:2].mean()
+        return torch.cat([coupled, torch.full_like(coupled, self.huge) + x[:, 2:]], dim=1)
+
+
+def test_a_huge_other_output_does_not_hide_coupling():
+    torch.manual_seed(25)
+    with pytest.raises(ModelError, match="rows interact"):
+        integrated_gradients(CoupledFirstOutput(), torch.randn(6, 3), 0.0, target=0)
+
+
+def test_an_infinite_output_on_row_0_does_not_switch_the_probe_off():
+    def model(x):
+        # log(0) = -inf on row 0, whose path points are all finite; rows interact.
+        return torch.log(x[:, :1]) + x[:, 1:2] * x[:, 1:2].mean()
+
+    x = torch.rand(6, 2) + 0.5
+    x[0, 0] = 0.0
+    with pytest.raises(ModelError, match="rows interact"):
+        integrated_gradients(model, x, 1.0)
+
+
+@pytest.mark.parametrize("coupling", ["rolled by four", "batches over eight"])
+def test_coupling_that_four_rows_cannot_show_is_found(coupling):
+    def model(x):
+        if coupling == "rolled by four":
+            return x.sum(1, keepdim=True) * torch.roll(x, 4, dims=0)[:, :1]
+        if x.shape[0] > 8:
+            return x.sum(1, keepdim=True) - x.mean(0).sum()
+        return x.sum(1, keepdim=True)
+
+    torch.manual_seed(26)
+    with pytest.raises(ModelError, match="rows interact"):
+        integrated_gradients(model, torch.randn(12, 3), 0.0)
+
+
+def test_training_mode_rrelu_is_refused_by_name():
+    model = nn.Sequential(nn.Linear(4, 8), nn.RReLU(), nn.Linear(8, 1)).train()
+    with pytest.raises(ModelError, match=r"random layer\(s\) 1 \(dropout, RReLU\)"):
+        integrated_gradients(model, torch.randn(5, 4), 0.0)
+
+
+def test_allow_coupled_rows_compiles_with_training_mode_batchnorm():
+    torch.manual_seed(27)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).train()
+
+    attributions = integrated_gradients(model, torch.randn(4, 3), allow_coupled_rows=True,
+                                        compile=True, n_steps=5)
+
+    assert attributions.shape == (1, 4, 3)
+    assert torch.isfinite(attributions).all()
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_training_mode_dropout_is_refused_by_name(seed):
     # A light dropout often leaves the probe's rows alone; the name never misses it.
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Dropout(0.1), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
 
-    with pytest.raises(ModelError, match=r"dropout layer\(s\) 0 are in training mode"):
+    with pytest.raises(ModelError, match=r"random layer\(s\) 0 \(dropout, RReLU\) are in"):
         integrated_gradients(model.train(), torch.randn(5, 4), 0.0)
     integrated_gradients(model.eval(), torch.randn(5, 4), 0.0)
 

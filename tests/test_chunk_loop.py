@@ -549,6 +549,35 @@ def test_a_change_is_seen_when_row_0_is_its_baseline(hoist):
     assert relative_error(got, want) <= 1e-12
 
 
+class Capped(nn.Module):
+    """Caps its output at a plain attribute, which only large rows reach."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.cap = 1000.0
+
+    def forward(self, x):
+        return self.net(x).clamp(max=self.cap)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("hoist", [True, "affine", False])
+def test_a_change_only_late_rows_show_is_seen(hoist, compile):
+    torch.manual_seed(15)
+    net = Capped().double().eval()
+    x = torch.randn(10, 3, dtype=torch.float64) * 0.01
+    x[5:] *= 1000.0  # only these rows reach the cap once it is lowered
+    integrated_gradients(net, x, 0.0, n_steps=10, hoist=hoist, compile=compile)
+    net.cap = float(net(x[:5]).max()) + 0.1
+
+    got = integrated_gradients(net, x, 0.0, n_steps=10, hoist=hoist, compile=compile)
+
+    want = integrated_gradients(lambda points: net(points), x, 0.0, n_steps=10)
+    assert not torch.allclose(want[0, 5:], torch.zeros_like(want[0, 5:]))
+    assert relative_error(got, want) <= 1e-12
+
+
 @pytest.mark.parametrize("hoist", [True, False])
 def test_a_change_is_seen_through_a_bfloat16_output(hoist):
     torch.manual_seed(14)
