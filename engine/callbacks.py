@@ -70,7 +70,7 @@ class AttributionCallback(pl.Callback):
     n_steps, method, target, internal_batch_size, compile, precision
         Passed to :func:`engine.integrated_gradients`. ``compile=True`` compiles once, at
         the snapshot before training (seconds); later snapshots of the Titanic job were
-        about 1.3x cheaper than eager ones.
+        about 1.4x cheaper than eager ones.
         On a CPU, :func:`engine.keep_freed_memory` (which the command line calls) saves
         the page faults of every snapshot's chunks.
     every_n_epochs
