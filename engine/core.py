@@ -1164,8 +1164,11 @@ def _input_layout(problem: PathProblem) -> tuple[object, ...]:
     return tuple((tuple(x.shape[1:]), x.dtype, x.device) for x in problem.inputs)
 
 
-# Rows the probe runs (all of them up to this many).
+# Rows the probe runs: all of them up to this many, and up to about this many input
+# numbers in all (wide inputs such as images get at least PROBE_MIN_ROWS rows).
 PROBE_ROWS = 1024
+PROBE_ELEMENTS = 1 << 16
+PROBE_MIN_ROWS = 4
 # (pairs, alphas, rows, where each row is in the second batch) per (device, rows,
 # baseline kinds): the probe runs on every call.
 _PROBE_POINTS: dict[tuple[object, ...], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
@@ -1174,15 +1177,17 @@ _PROBE_POINTS: dict[tuple[object, ...], tuple[Tensor, Tensor, Tensor, Tensor]] =
 def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The probe's points as path pairs and alphas: two batches, one after the other.
 
-    Batch one holds rows 0 to R - 1 (R = min(N, PROBE_ROWS)) and then row 0's first
-    baseline; batch two holds the midpoint of row 0's path to that baseline, row 0's
-    last baseline, and the rows in reverse order. Every row sits at another position,
-    beside other partners, in a batch of another size.
+    Batch one holds rows 0 to R - 1 and then row 0's first baseline; batch two holds the
+    midpoint of row 0's path to that baseline, row 0's last baseline, and the rows in
+    reverse order. R = min(N, PROBE_ROWS), fewer for wide inputs (see PROBE_ELEMENTS).
+    Every row sits at another position, beside other partners, in a batch of another
+    size.
     """
     device, n_rows = problem.inputs[0].device, problem.n_rows
-    key = (device, n_rows, problem.n_baselines)
+    row_size = max(1, sum(x[0].numel() for x in problem.inputs))
+    count = min(n_rows, PROBE_ROWS, max(PROBE_MIN_ROWS, PROBE_ELEMENTS // row_size))
+    key = (device, n_rows, problem.n_baselines, count)
     if key not in _PROBE_POINTS:
-        count = min(n_rows, PROBE_ROWS)
         last_kind = (problem.n_baselines - 1) * n_rows
         pair = [*range(count), 0, 0, last_kind, *range(count - 1, -1, -1)]
         alphas = [1.0] * count + [0.0, 0.5, 0.0] + [1.0] * count

@@ -333,6 +333,20 @@ def test_coupling_that_four_rows_cannot_show_is_found(coupling):
         integrated_gradients(model, torch.randn(12, 3), 0.0)
 
 
+@pytest.mark.parametrize("shape, probed", [((2000, 5), 1024), ((20, 3, 100, 100), 4)])
+def test_the_probe_runs_up_to_1024_rows_and_fewer_wide_ones(shape, probed):
+    model = nn.Sequential(nn.Flatten(), nn.LazyLinear(1))
+    model(torch.zeros(1, *shape[1:]))
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+
+    with pytest.raises(ArgumentError, match="target 3 is out of range"):
+        integrated_gradients(model, torch.randn(*shape), target=3)
+
+    # The probed rows and a baseline; a midpoint, a baseline and the rows.
+    assert calls == [probed + 1, probed + 2]
+
+
 def test_training_mode_rrelu_is_refused_by_name():
     model = nn.Sequential(nn.Linear(4, 8), nn.RReLU(), nn.Linear(8, 1)).train()
     with pytest.raises(ModelError, match=r"random layer\(s\) 1 \(dropout, RReLU\)"):
