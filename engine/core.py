@@ -64,8 +64,10 @@ __all__ = ["integrated_gradients"]
 
 log = logging.getLogger(__name__)
 
-# Points in the larger of the two planning probes; rows checked before hoisting a prefix.
+# Points in the larger of the two planning probes.
 PROBE_POINTS = 64
+# Rows a remembered trace is checked on when the row-coupling probe left no sample
+# (several inputs, extra arguments, allowed coupling, adaptive refinement).
 HOIST_CHECK_ROWS = 4
 
 TensorOrTuple = Union[Tensor, tuple[Tensor, ...]]
