@@ -288,7 +288,10 @@ def integrated_gradients(
         internal_batch_size=internal_batch_size,
     )
     check_model_device(forward_func, problem.inputs[0].device)
-    sample = check_independent_rows(forward_func, problem, allow_coupled_rows)
+    adaptive = delta_tolerance is not None or error_estimate or max_steps is not None
+    one_batch = not (allow_coupled_rows or adaptive) and _trace_keeps_rows(forward_func,
+                                                                           problem, options)
+    sample = check_independent_rows(forward_func, problem, allow_coupled_rows, one_batch)
     if sample is not None:
         problem = dataclasses.replace(problem, targets_checked=True)
     # None: planned where a chunk size is needed (a hoisted run plans its own).
@@ -299,7 +302,7 @@ def integrated_gradients(
     def planned() -> int:
         return chunk_points or _chunk_points(None, problem, rule, forward_func, options)
 
-    if delta_tolerance is not None or error_estimate or max_steps is not None:
+    if adaptive:
         from engine.adaptive import adaptive_integrated_gradients
 
         chunk_points = planned()
@@ -414,6 +417,8 @@ def integrate(
             _check_gradient(forward_func, problem)
         split = _usable_split(forward_func, problem, options, sample)
         if split is not None:
+            if not split.keeps_rows_apart():
+                sample = _rows_checked(forward_func, problem, sample)
             try:
                 return (_integrate_hoisted(split, problem, rule, chunk_points, options),)
             except ModelError as error:
@@ -423,10 +428,35 @@ def integrate(
                 # the traced graph; anything else lands here and runs unhoisted.
                 log.info("the model writes its affine prefix's output in place: running it "
                          "without hoisting")
+        sample = _rows_checked(forward_func, problem, sample)
         if chunk_points is None:
             chunk_points = _planned_chunk_points(forward_func, problem, rule, options)
         return _integrate_points(_fast(forward_func, problem, sample), problem, rule,
                                  chunk_points, options)
+
+
+def _trace_keeps_rows(
+    forward_func: Callable[..., Tensor], problem: PathProblem, options: RunOptions
+) -> bool:
+    """Whether the run will likely compute with a traced model that cannot mix rows.
+
+    Then the coupling probe runs one batch, for the trace check; ``integrate`` probes
+    fully if the trace turns out stale or unusable after all.
+    """
+    if not options.hoist or len(problem.inputs) != 1 or problem.forward_args \
+            or _model_hooked(forward_func):
+        return False
+    split = split_affine_prefix(forward_func)
+    return split is not None and split.is_affine_now() and split.keeps_rows_apart()
+
+
+def _rows_checked(
+    forward_func: Callable[..., Tensor], problem: PathProblem, sample: ModelSample | None
+) -> ModelSample | None:
+    """``sample``, after the full coupling probe when only its first batch ran."""
+    if sample is None or sample.rows_checked:
+        return sample
+    return _probe_row_coupling(forward_func, problem)
 
 
 _NO_GRADIENT = (
@@ -1135,17 +1165,21 @@ class ModelSample:
 
     points: Tensor
     outputs: Tensor
+    rows_checked: bool = True
 
 
 def check_independent_rows(
-    forward_func: Callable[..., Tensor], problem: PathProblem, allow: bool
+    forward_func: Callable[..., Tensor], problem: PathProblem, allow: bool,
+    one_batch: bool = False,
 ) -> ModelSample | None:
     """Refuse models whose output for one row depends on the other rows of the batch.
 
     Known culprits (BatchNorm and dropout in training mode) are found by name; anything
-    else by a probe: the first two rows are evaluated in two batches, at other positions
-    and beside other partners, and their outputs must not change. ``allow`` turns the
-    refusal into a logged warning.
+    else by a probe: the first rows (up to PROBE_ROWS) are evaluated in two batches, at
+    other positions and beside other partners, and their outputs must not change.
+    ``allow`` turns the refusal into a logged warning. ``one_batch`` runs the first batch
+    only, for a run that computes with a traced model proven not to mix rows (see
+    engine.rowwise); the sample it returns says so.
 
     Returns the probe's points and outputs when the model has one input and no extra
     arguments and its rows are independent, else None.
@@ -1154,7 +1188,7 @@ def check_independent_rows(
         refuse_coupled_rows(forward_func)
         # Probed on every call: a flag read in forward can couple rows without any
         # change to the model's layers.
-        return _probe_row_coupling(forward_func, problem)
+        return _probe_row_coupling(forward_func, problem, one_batch)
     except ModelError as error:
         if not allow:
             raise
@@ -1207,20 +1241,26 @@ def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def _probe_row_coupling(
-    forward_func: Callable[..., Tensor], problem: PathProblem
+    forward_func: Callable[..., Tensor], problem: PathProblem, one_batch: bool = False
 ) -> ModelSample | None:
     pair, alphas, first_at, second_at = _probe_pairs(problem)
+    split = first_at.shape[0] + 1
+    if one_batch:
+        # Batch one with the midpoint and the last baseline: what the trace check needs.
+        pair, alphas = pair[:split + 2], alphas[:split + 2]
     points = problem.path_points(pair, alphas)
     rows = pair % problem.n_rows
-    split = first_at.shape[0] + 1
+    parts = (slice(None),) if one_batch else (slice(0, split), slice(split, None))
     with torch.no_grad():
         outputs = [
             _forward(forward_func, tuple(p[part] for p in points), problem.args_for(rows[part]))
-            for part in (slice(0, split), slice(split, None))
+            for part in parts
         ]
-    both = torch.cat(outputs)
+    both = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
     # A target the model's output does not have fails here, before any real work.
     selected = problem.select(both, rows)
+    if one_batch:
+        return ModelSample(points[0], both, rows_checked=False)
     sample = None
     if len(points) == 1 and not problem.forward_args:
         # The trace is checked on batch one and the midpoint and last baseline of batch

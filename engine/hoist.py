@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from engine.kinks import KinkSplit, split_kink
+from engine.rowwise import row_wise_layers, rows_independent_now
 from engine.step import global_hooks, memo, own_hooks
 
 __all__ = ["AffineSplit", "fast_model", "global_hooks", "hooked", "pull_back", "reproduces",
@@ -54,7 +55,8 @@ class AffineSplit:
 
     ``modules`` are the prefix's layers; ``layers`` their qualified names. ``kink`` is
     the suffix taken apart at a leading ReLU-like layer and Linear (see engine.kinks),
-    when it starts that way.
+    when it starts that way. ``row_wise`` are the layers of the whole traced model when
+    every node of it acts on each row alone (see engine.rowwise), else None.
     """
 
     prefix: nn.Module
@@ -62,6 +64,7 @@ class AffineSplit:
     layers: tuple[str, ...]
     modules: tuple[nn.Module, ...]
     kink: KinkSplit | None = None
+    row_wise: tuple[nn.Module, ...] | None = None
 
     def run(self, x: Tensor) -> Tensor:
         """``suffix(prefix(x))``, through the kink split when there is one."""
@@ -79,6 +82,10 @@ class AffineSplit:
             (isinstance(module, _AFFINE_IN_EVAL) and module.training) or hooked(module)
             for module in self.modules
         )
+
+    def keeps_rows_apart(self) -> bool:
+        """Whether the traced model cannot mix rows in its layers' current modes and hooks."""
+        return rows_independent_now(self.row_wise)
 
 
 def hooked(module: nn.Module) -> bool:
@@ -109,7 +116,8 @@ def split_affine_prefix(model: object) -> AffineSplit | None:
 
 
 def _split(model: nn.Module) -> AffineSplit | None:
-    graph = fx.symbolic_trace(model).graph
+    traced = fx.symbolic_trace(model)
+    graph = traced.graph
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     if len(placeholders) != 1:
         return None
@@ -159,6 +167,7 @@ def _split(model: nn.Module) -> AffineSplit | None:
         layers=layers,
         modules=modules,
         kink=kink,
+        row_wise=row_wise_layers(traced),
     )
 
 

@@ -1,0 +1,142 @@
+"""Traced graphs that keep every row of a batch to itself, whatever the weights.
+
+The engine sums the outputs of many path points before one backward, which is exact only
+when no row's output depends on another row. For a model it runs as it is, that takes a
+probe: two batches, compared (see ``engine.core``). A traced graph is different: when each
+of its nodes is a layer or a function that acts on every row alone (a Linear layer, an
+activation, a product with a number), the whole graph does, and a run that computes with
+that graph needs only the check that the graph still computes the model.
+
+The lists are short on purpose. Anything not on them (a reduction, an indexing, a tensor
+held by the model, a product of two activations whose shapes broadcast across rows, a
+custom layer) makes the graph unproven, and the probe runs as before.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+__all__ = ["row_wise_layers", "rows_independent_now"]
+
+# Layers that map each row (a sample with any trailing shape) on its own.
+_ROW_WISE = frozenset({
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+    nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Identity, nn.LayerNorm, nn.GroupNorm,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardsigmoid,
+    nn.Hardswish, nn.LogSigmoid, nn.Tanhshrink,
+})
+# Row-wise in eval mode only: batch statistics and dropout masks.
+_ROW_WISE_IN_EVAL = frozenset({
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout,
+})
+# Layers whose ``dim`` attribute must point past the batch dimension.
+_ALONG_DIM = frozenset({nn.Softmax, nn.LogSoftmax})
+
+_ELEMENTWISE_FUNCTIONS = frozenset({
+    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.neg, torch.abs, torch.square,
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.softplus,
+    F.hardtanh, F.hardsigmoid, F.hardswish, F.logsigmoid, F.sigmoid, F.tanh,
+})
+_ELEMENTWISE_METHODS = frozenset({
+    "relu", "sigmoid", "tanh", "exp", "neg", "abs", "square", "add", "sub", "mul", "div",
+    "float", "double",
+})
+# Arithmetic between an activation and plain numbers.
+_ARITHMETIC = frozenset({
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pos,
+    torch.add, torch.sub, torch.mul, torch.div,
+})
+
+
+def row_wise_layers(traced: fx.GraphModule) -> tuple[nn.Module, ...] | None:
+    """The layers ``traced`` calls when every node of its graph acts on each row alone.
+
+    None when any node is not known to: the caller then has to probe the model. Layers on
+    the list only in eval mode, and layers that may gain hooks, are returned so that the
+    caller can check them at the time of each run (``rows_independent_now``).
+    """
+    layers = []
+    for node in traced.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            if not isinstance(node.args[0], fx.Node):
+                return None
+        elif node.op == "call_module":
+            layer = traced.get_submodule(str(node.target))
+            if not _row_wise_layer(layer) or _nodes_in(node.args[1:], node.kwargs):
+                return None
+            layers.append(layer)
+        elif node.op == "call_function":
+            if not _row_wise_call(node.target, node.args, node.kwargs):
+                return None
+        elif node.op == "call_method":
+            if str(node.target) not in _ELEMENTWISE_METHODS or not _numbers_besides_first(
+                    node.args, node.kwargs):
+                return None
+        else:
+            # get_attr: a tensor the model holds, which may be laid out along the rows.
+            return None
+    return tuple(layers)
+
+
+def rows_independent_now(layers: tuple[nn.Module, ...] | None) -> bool:
+    """Whether ``row_wise_layers``' answer holds in the layers' current modes and hooks."""
+    if layers is None:
+        return False
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return False
+    return not any(_hooked(layer) or (type(layer) in _ROW_WISE_IN_EVAL and layer.training)
+                   for layer in layers)
+
+
+def _hooked(layer: nn.Module) -> bool:
+    return bool(layer._forward_hooks or layer._forward_pre_hooks) or "forward" in vars(layer)
+
+
+def _row_wise_layer(layer: nn.Module) -> bool:
+    # Exact types: a subclass (or a parametrised layer) may compute anything.
+    kind = type(layer)
+    if kind in _ROW_WISE or kind in _ROW_WISE_IN_EVAL:
+        return True
+    if kind is nn.Flatten:
+        return layer.start_dim >= 1
+    if kind in _ALONG_DIM:
+        return isinstance(layer.dim, int) and layer.dim >= 1
+    return False
+
+
+def _row_wise_call(function: object, args: tuple, kwargs: dict) -> bool:
+    if function in _ELEMENTWISE_FUNCTIONS:
+        return bool(args) and isinstance(args[0], fx.Node) and _numbers_besides_first(
+            args, kwargs)
+    if function in _ARITHMETIC:
+        # One activation and numbers: two activations may broadcast one row against others.
+        nodes = [value for value in args if isinstance(value, fx.Node)]
+        others = [value for value in [*args, *kwargs.values()] if not isinstance(value, fx.Node)]
+        return len(nodes) == 1 and all(_plain(value) for value in others)
+    return False
+
+
+def _numbers_besides_first(args: tuple | list, kwargs: dict) -> bool:
+    return all(_plain(value) for value in [*args[1:], *kwargs.values()])
+
+
+def _plain(value: object) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _nodes_in(args: Iterable[object], kwargs: dict) -> bool:
+    found: list[fx.Node] = []
+    fx.node.map_arg((tuple(args), kwargs), found.append)
+    return bool(found)
