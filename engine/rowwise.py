@@ -43,17 +43,18 @@ _ALONG_DIM = frozenset({nn.Softmax, nn.LogSoftmax})
 
 _ELEMENTWISE_FUNCTIONS = frozenset({
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.neg, torch.abs, torch.square,
+    torch.clamp, torch.clip,
     F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.softplus,
     F.hardtanh, F.hardsigmoid, F.hardswish, F.logsigmoid, F.sigmoid, F.tanh,
 })
 _ELEMENTWISE_METHODS = frozenset({
     "relu", "sigmoid", "tanh", "exp", "neg", "abs", "square", "add", "sub", "mul", "div",
-    "float", "double",
+    "pow", "clamp", "clip", "float", "double",
 })
 # Arithmetic between an activation and plain numbers.
 _ARITHMETIC = frozenset({
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pos,
-    torch.add, torch.sub, torch.mul, torch.div,
+    operator.pow, torch.add, torch.sub, torch.mul, torch.div, torch.pow,
 })
 
 
@@ -77,10 +78,16 @@ def row_wise_layers(traced: fx.GraphModule) -> tuple[nn.Module, ...] | None:
                 return None
             layers.append(layer)
         elif node.op == "call_function":
-            if not _row_wise_call(node.target, node.args, node.kwargs):
+            if node.target is torch.flatten:
+                if not _keeps_rows_flattened(node):
+                    return None
+            elif not _row_wise_call(node.target, node.args, node.kwargs):
                 return None
         elif node.op == "call_method":
-            if str(node.target) not in _ELEMENTWISE_METHODS or not _numbers_besides_first(
+            if str(node.target) == "flatten":
+                if not _keeps_rows_flattened(node):
+                    return None
+            elif str(node.target) not in _ELEMENTWISE_METHODS or not _numbers_besides_first(
                     node.args, node.kwargs):
                 return None
         else:
@@ -114,6 +121,13 @@ def _row_wise_layer(layer: nn.Module) -> bool:
     if kind in _ALONG_DIM:
         return isinstance(layer.dim, int) and layer.dim >= 1
     return False
+
+
+def _keeps_rows_flattened(node: fx.Node) -> bool:
+    """``x.flatten(start_dim)`` or ``torch.flatten(x, start_dim)`` with start_dim >= 1."""
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    return (isinstance(node.args[0], fx.Node) and type(start) is int and start >= 1
+            and _numbers_besides_first(node.args, node.kwargs))
 
 
 def _row_wise_call(function: object, args: tuple, kwargs: dict) -> bool:

@@ -42,7 +42,9 @@ def test_the_article_network_is_proven_row_wise(layer_order):
     lambda self, h: torch.relu(h) * 2.0 + 1,
     lambda self, h: F.leaky_relu(h, 0.1).sigmoid(),
     lambda self, h: -torch.tanh(h) / 3,
-], ids=["relu-arithmetic", "leaky-method", "tanh-divide"])
+    lambda self, h: h.clamp(min=0) ** 2,
+    lambda self, h: torch.flatten(h, start_dim=1).flatten(1),
+], ids=["relu-arithmetic", "leaky-method", "tanh-divide", "clamp-power", "flatten-features"])
 def test_elementwise_functions_with_numbers_are_row_wise(inner):
     assert layers_of(Wrapped(inner)) is not None
 
@@ -53,7 +55,10 @@ def test_elementwise_functions_with_numbers_are_row_wise(inner):
     lambda self, h: h * torch.tanh(h),
     lambda self, h: h[0:1] + h,
     lambda self, h: h.sum(),
-], ids=["batch-mean", "held-tensor", "two-activations", "indexing", "reduction"])
+    lambda self, h: torch.flatten(h),
+    lambda self, h: h.flatten(),
+], ids=["batch-mean", "held-tensor", "two-activations", "indexing", "reduction",
+        "flatten-function-rows", "flatten-method-rows"])
 def test_graphs_that_may_mix_rows_are_not_proven(inner):
     assert layers_of(Wrapped(inner)) is None
 
@@ -62,6 +67,12 @@ def test_graphs_that_may_mix_rows_are_not_proven(inner):
                          ids=["flatten-rows", "softmax-rows", "softmax-negative-dim"])
 def test_layers_that_may_reach_across_rows_are_not_proven(layer):
     assert layers_of(nn.Sequential(nn.Linear(3, 4), layer)) is None
+
+
+def test_the_digits_network_is_proven_row_wise():
+    from engine.digits import DigitsCNN
+
+    assert layers_of(DigitsCNN()) is not None
 
 
 def test_a_subclass_of_a_known_layer_is_not_trusted():
