@@ -389,7 +389,10 @@ def _check_ids(values: pd.Series, label: str) -> None:
 
 
 def check_feature_ranges(frame: pd.DataFrame, label: str) -> None:
-    """Pclass is 1, 2 or 3; Age, SibSp and Fare are not negative (blanks are filled later)."""
+    """Pclass is 1, 2 or 3; Age, SibSp and Fare are not negative; SibSp counts people.
+
+    Blanks are filled later.
+    """
     wrong_class = frame["Pclass"].notna() & ~frame["Pclass"].isin((1.0, 2.0, 3.0))
     if wrong_class.any():
         row = int(np.flatnonzero(wrong_class.to_numpy())[0])
@@ -405,6 +408,13 @@ def check_feature_ranges(frame: pd.DataFrame, label: str) -> None:
                 f"{label}: column {column}, {_where(row)}: expected a number >= 0,"
                 f" got {_shown(frame[column].iloc[row])}"
             )
+    fractional = (frame["SibSp"] % 1 != 0).to_numpy() & frame["SibSp"].notna().to_numpy()
+    if fractional.any():
+        row = int(np.flatnonzero(fractional)[0])
+        raise DataError(
+            f"{label}: column SibSp, {_where(row)}: expected a whole number of siblings and"
+            f" spouses, got {_shown(frame['SibSp'].iloc[row])}"
+        )
 
 
 def _where(row: int) -> str:

@@ -417,6 +417,7 @@ def test_a_repeated_passenger_id_names_both_rows(tmp_path: Path) -> None:
 @pytest.mark.parametrize("column, value, expected", [
     ("Pclass", "-3", "1, 2 or 3"), ("Pclass", "4", "1, 2 or 3"), ("Pclass", "1.5", "1, 2 or 3"),
     ("Age", "-1", ">= 0"), ("SibSp", "-2", ">= 0"), ("Fare", "-7.25", ">= 0"),
+    ("SibSp", "0.5", "whole number"),
 ])
 def test_values_outside_a_columns_range_are_named(
     tmp_path: Path, column: str, value: str, expected: str
