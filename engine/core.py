@@ -49,6 +49,7 @@ from engine.plan import (
 )
 from engine.progress import Progress
 from engine.quadrature import QuadratureRule, quadrature_rule
+from engine.rowwise import uses_batch_statistics
 from engine.step import (
     compiled_model,
     forget,
@@ -1128,17 +1129,19 @@ def refuse_coupled_rows(forward_func: Callable[..., Tensor]) -> None:
     """Raise ``ModelError`` if the model has layers that mix rows or draw random numbers.
 
     Summing the outputs before the backward is exact only when each output depends on its
-    own row alone; batch statistics (BatchNorm in training mode) break that, and would
-    also change with the chunking. Dropout in training mode gives every path point a
-    different random model. A random model can get past the probe by chance, so both are
-    found by name.
+    own row alone; batch statistics (BatchNorm in training mode, or without running
+    statistics in any mode) break that, and would also change with the chunking. Dropout
+    in training mode gives every path point a different random model. A random model can
+    get past the probe by chance, so all of these are found by name.
     """
     module = module_of(forward_func)
     if module is None:
         return
-    coupled, random = [], []
+    coupled, random, no_statistics = [], [], []
     for name, layer in module.named_modules():
         if not layer.training:
+            if uses_batch_statistics(layer):
+                no_statistics.append(name or type(module).__name__)
             continue
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
             coupled.append(name or type(module).__name__)
@@ -1150,6 +1153,13 @@ def refuse_coupled_rows(forward_func: Callable[..., Tensor]) -> None:
             f"layer(s) {', '.join(coupled)} are in training mode and mix rows through batch "
             "statistics: call model.eval() before computing attributions "
             "(or pass allow_coupled_rows=True)"
+        )
+    if no_statistics:
+        raise ModelError(
+            f"BatchNorm layer(s) {', '.join(no_statistics)} have no running statistics "
+            "(track_running_stats=False), so they normalise with the batch's statistics even "
+            "in eval mode and mix rows: per-row attributions need running statistics (or "
+            "pass allow_coupled_rows=True)"
         )
     if random:
         raise ModelError(

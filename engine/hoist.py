@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from engine.kinks import KinkSplit, split_kink
-from engine.rowwise import row_wise_layers, rows_independent_now
+from engine.rowwise import row_wise_layers, rows_independent_now, uses_batch_statistics
 from engine.step import global_hooks, memo, own_hooks
 
 __all__ = ["AffineSplit", "fast_model", "global_hooks", "hooked", "pull_back", "reproduces",
@@ -76,10 +76,11 @@ class AffineSplit:
         """Whether every prefix layer is affine in its current train/eval mode.
 
         A forward hook can change what a layer returns, so a hooked layer is not taken to
-        be affine.
+        be affine; nor is a BatchNorm layer without running statistics.
         """
         return not any(
             (isinstance(module, _AFFINE_IN_EVAL) and module.training) or hooked(module)
+            or uses_batch_statistics(module)
             for module in self.modules
         )
 

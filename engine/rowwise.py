@@ -21,14 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["row_wise_layers", "rows_independent_now"]
+__all__ = ["row_wise_layers", "rows_independent_now", "uses_batch_statistics"]
 
 # Layers that map each row (a sample with any trailing shape) on its own.
 _ROW_WISE = frozenset({
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
     nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Identity, nn.LayerNorm, nn.GroupNorm,
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardsigmoid,
     nn.Hardswish, nn.LogSigmoid, nn.Tanhshrink,
@@ -38,6 +37,8 @@ _ROW_WISE_IN_EVAL = frozenset({
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
     nn.Dropout3d, nn.AlphaDropout,
 })
+# Not listed: adaptive pools, which take an input without a batch dimension, and so pool
+# across the rows, whatever the number of rows.
 # Layers whose ``dim`` attribute must point past the batch dimension.
 _ALONG_DIM = frozenset({nn.Softmax, nn.LogSoftmax})
 
@@ -97,14 +98,26 @@ def row_wise_layers(traced: fx.GraphModule) -> tuple[nn.Module, ...] | None:
 
 
 def rows_independent_now(layers: tuple[nn.Module, ...] | None) -> bool:
-    """Whether ``row_wise_layers``' answer holds in the layers' current modes and hooks."""
+    """Whether ``row_wise_layers``' answer still holds for the layers as they are now.
+
+    A layer can change after the trace without a change the remembered trace notices: its
+    mode, its hooks, an attribute such as ``dim``, its running statistics, even its class.
+    """
     if layers is None:
         return False
     hooks = nn.modules.module
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
         return False
-    return not any(_hooked(layer) or (type(layer) in _ROW_WISE_IN_EVAL and layer.training)
-                   for layer in layers)
+    return all(_row_wise_layer(layer) and not _hooked(layer) for layer in layers)
+
+
+def uses_batch_statistics(layer: nn.Module) -> bool:
+    """Whether a BatchNorm layer normalises with the batch's statistics in eval mode too.
+
+    Without running statistics (``track_running_stats=False``) it has nothing else to use.
+    """
+    return isinstance(layer, nn.modules.batchnorm._BatchNorm) and (
+        layer.running_mean is None or layer.running_var is None)
 
 
 def _hooked(layer: nn.Module) -> bool:
@@ -114,8 +127,10 @@ def _hooked(layer: nn.Module) -> bool:
 def _row_wise_layer(layer: nn.Module) -> bool:
     # Exact types: a subclass (or a parametrised layer) may compute anything.
     kind = type(layer)
-    if kind in _ROW_WISE or kind in _ROW_WISE_IN_EVAL:
+    if kind in _ROW_WISE:
         return True
+    if kind in _ROW_WISE_IN_EVAL:
+        return not layer.training and not uses_batch_statistics(layer)
     if kind is nn.Flatten:
         return layer.start_dim >= 1
     if kind in _ALONG_DIM:
@@ -125,6 +140,8 @@ def _row_wise_layer(layer: nn.Module) -> bool:
 
 def _keeps_rows_flattened(node: fx.Node) -> bool:
     """``x.flatten(start_dim)`` or ``torch.flatten(x, start_dim)`` with start_dim >= 1."""
+    if not node.args:
+        return False
     start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
     return (isinstance(node.args[0], fx.Node) and type(start) is int and start >= 1
             and _numbers_besides_first(node.args, node.kwargs))
@@ -136,8 +153,9 @@ def _row_wise_call(function: object, args: tuple, kwargs: dict) -> bool:
             args, kwargs)
     if function in _ARITHMETIC:
         # One activation and numbers: two activations may broadcast one row against others.
-        nodes = [value for value in args if isinstance(value, fx.Node)]
-        others = [value for value in [*args, *kwargs.values()] if not isinstance(value, fx.Node)]
+        values = [*args, *kwargs.values()]
+        nodes = [value for value in values if isinstance(value, fx.Node)]
+        others = [value for value in values if not isinstance(value, fx.Node)]
         return len(nodes) == 1 and all(_plain(value) for value in others)
     return False
 

@@ -85,11 +85,13 @@ def test_a_subclass_of_a_known_layer_is_not_trusted():
 
 def test_modes_and_hooks_are_checked_at_the_time_of_the_run():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 1))
-    layers = layers_of(model)
+    assert layers_of(model) is None  # BatchNorm in training mode
+    layers = layers_of(model.eval())
 
-    assert not rows_independent_now(layers)  # BatchNorm in training mode
-    model.eval()
     assert rows_independent_now(layers)
+    model.train()
+    assert not rows_independent_now(layers)
+    model.eval()
     handle = model[2].register_forward_hook(lambda module, args, output: output)
     assert not rows_independent_now(layers)
     handle.remove()
@@ -153,3 +155,68 @@ def test_a_run_without_the_proven_trace_probes_in_full(monkeypatch):
 
     with pytest.raises(ModelError, match="rows interact"):
         integrated_gradients(net, x, 0.0, n_steps=8)
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["after-linear", "first-layer"])
+def test_batchnorm_without_running_statistics_is_refused_in_eval_mode(first):
+    layers = [nn.BatchNorm1d(8, track_running_stats=False), nn.ReLU(), nn.Linear(8, 1)]
+    model = nn.Sequential(*([nn.Linear(4, 8)] if not first else []), *layers)
+    if first:
+        model = nn.Sequential(nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 8),
+                              *layers)
+    model.eval()
+
+    assert layers_of(model) is None
+    with pytest.raises(ModelError, match=r"no running statistics.*allow_coupled_rows"):
+        integrated_gradients(model, torch.randn(6, 4), 0.0, n_steps=8)
+
+
+def test_running_statistics_dropped_after_a_first_call_are_seen():
+    torch.manual_seed(43)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    model.eval()
+    x = torch.randn(6, 4)
+    integrated_gradients(model, x, 0.0, n_steps=8)
+    model[1].running_mean = model[1].running_var = None
+
+    with pytest.raises(ModelError, match="no running statistics"):
+        integrated_gradients(model, x, 0.0, n_steps=8)
+
+
+def test_a_layer_changed_in_place_after_a_first_call_is_checked_again():
+    torch.manual_seed(44)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=1)).eval()
+    x = torch.randn(6, 4)
+    integrated_gradients(model, x, 0.0, target=0, n_steps=8)
+    model[1].dim = 0  # the softmax now runs over the rows
+
+    with pytest.raises(ModelError, match="rows interact"):
+        integrated_gradients(model, x, 0.0, target=0, n_steps=8)
+
+
+def test_a_layer_whose_class_is_swapped_after_a_first_call_is_checked_again():
+    class BatchCentred(nn.Tanh):
+        def forward(self, x):
+            return x - x.mean(0)
+
+    torch.manual_seed(45)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).eval()
+    x = torch.randn(6, 4)
+    integrated_gradients(model, x, 0.0, n_steps=8)
+    model[1].__class__ = BatchCentred
+
+    with pytest.raises(ModelError, match="rows interact"):
+        integrated_gradients(model, x, 0.0, n_steps=8)
+
+
+@pytest.mark.parametrize("inner", [
+    lambda self, h: torch.mul(h, other=torch.tanh(h)),
+    lambda self, h: torch.add(h, other=h, alpha=2),
+], ids=["mul-keyword", "add-keyword"])
+def test_a_second_activation_passed_by_keyword_is_not_proven(inner):
+    assert layers_of(Wrapped(inner)) is None
+
+
+@pytest.mark.parametrize("pool", [nn.AdaptiveAvgPool1d(1), nn.AdaptiveAvgPool2d(1)])
+def test_adaptive_pools_which_can_pool_across_rows_are_not_proven(pool):
+    assert layers_of(nn.Sequential(nn.Linear(3, 4), pool)) is None
