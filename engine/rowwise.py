@@ -32,13 +32,14 @@ _ROW_WISE = frozenset({
     nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardsigmoid,
     nn.Hardswish, nn.LogSigmoid, nn.Tanhshrink,
 })
+# Not listed: adaptive pools, which take an input without a batch dimension, and so pool
+# across the rows, whatever the number of rows.
+
 # Row-wise in eval mode only: batch statistics and dropout masks.
 _ROW_WISE_IN_EVAL = frozenset({
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
     nn.Dropout3d, nn.AlphaDropout,
 })
-# Not listed: adaptive pools, which take an input without a batch dimension, and so pool
-# across the rows, whatever the number of rows.
 # Layers whose ``dim`` attribute must point past the batch dimension.
 _ALONG_DIM = frozenset({nn.Softmax, nn.LogSoftmax})
 
