@@ -546,13 +546,29 @@ def _checked_trace(
                 log.debug("%s not used: the model fails on its first rows (%s)", memo_key,
                           error)
                 return None
-        if reproduces(runner(traced), sample.outputs, sample.points):
+        candidate = runner(traced)
+        if not sample.rows_checked:
+            candidate = _with_one_row_more(candidate)
+        if reproduces(candidate, sample.outputs, sample.points):
             return traced
         if attempt == 0:
             log.debug("%s no longer reproduces the model: tracing it again", memo_key)
             forget(forward_func, memo_key)
     log.debug("%s not used: the trace does not reproduce the model", memo_key)
     return None
+
+
+def _with_one_row_more(run: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``run`` on the points and a copy of the first: a batch of another size.
+
+    When the probe ran the model on one batch only, this is what shows a layer tied to
+    that batch size (a LayerNorm over the rows, a convolution taking rows for channels):
+    its trace then fails, or gives other outputs.
+    """
+    def run_more(points: Tensor) -> Tensor:
+        return run(torch.cat([points, points[:1]]))[:-1]
+
+    return run_more
 
 
 def _integrate_points(

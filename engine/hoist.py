@@ -35,7 +35,7 @@ from torch import Tensor, fx, nn
 
 from engine.kinks import KinkSplit, split_kink
 from engine.rowwise import row_wise_layers, rows_independent_now, uses_batch_statistics
-from engine.step import global_hooks, memo, own_hooks
+from engine.step import global_hooks, memo, own_hooks, python_state
 
 __all__ = ["AffineSplit", "fast_model", "global_hooks", "hooked", "pull_back", "reproduces",
            "split_affine_prefix"]
@@ -57,6 +57,9 @@ class AffineSplit:
     the suffix taken apart at a leading ReLU-like layer and Linear (see engine.kinks),
     when it starts that way. ``row_wise`` are the layers of the whole traced model when
     every node of it acts on each row alone (see engine.rowwise), else None.
+    ``traced_through`` are the modules whose ``forward`` the trace inlined (the model and
+    any custom containers; the layers it calls keep reading their attributes at every
+    call), and ``state`` their ``python_state`` when traced.
     """
 
     prefix: nn.Module
@@ -65,6 +68,8 @@ class AffineSplit:
     modules: tuple[nn.Module, ...]
     kink: KinkSplit | None = None
     row_wise: tuple[nn.Module, ...] | None = None
+    traced_through: tuple[nn.Module, ...] = ()
+    state: tuple[object, ...] = ()
 
     def run(self, x: Tensor) -> Tensor:
         """``suffix(prefix(x))``, through the kink split when there is one."""
@@ -85,8 +90,15 @@ class AffineSplit:
         )
 
     def keeps_rows_apart(self) -> bool:
-        """Whether the traced model cannot mix rows in its layers' current modes and hooks."""
-        return rows_independent_now(self.row_wise)
+        """Whether the model is still what was traced, and the trace cannot mix rows.
+
+        The layers are checked as they are now (mode, hooks, settings), and the plain
+        attributes of the modules traced through must be those they had when traced: a
+        flag read in ``forward`` may have changed what the model computes, on batches the
+        trace check does not see.
+        """
+        return (rows_independent_now(self.row_wise)
+                and python_state(self.traced_through) == self.state)
 
 
 def hooked(module: nn.Module) -> bool:
@@ -162,6 +174,9 @@ def _split(model: nn.Module) -> AffineSplit | None:
     _substitute_kernels(suffix_module)
     layers = tuple(str(n.target) for n in prefix_nodes)
     log.debug("affine prefix of %s: %s", type(model).__name__, ", ".join(layers))
+    called = {id(traced.get_submodule(str(n.target))) for n in graph.nodes
+              if n.op == "call_module"}
+    traced_through = tuple(m for m in model.modules() if id(m) not in called)
     return AffineSplit(
         prefix=fx.GraphModule(model, prefix),
         suffix=suffix_module,
@@ -169,6 +184,8 @@ def _split(model: nn.Module) -> AffineSplit | None:
         modules=modules,
         kink=kink,
         row_wise=row_wise_layers(traced),
+        traced_through=traced_through,
+        state=python_state(traced_through),
     )
 
 

@@ -101,16 +101,20 @@ def test_modes_and_hooks_are_checked_at_the_time_of_the_run():
 
 
 class CountingMLP(nn.Module):
-    """A row-wise MLP that counts how often it runs itself (the trace does not count)."""
+    """A row-wise MLP that counts how often it runs itself (the trace does not count).
+
+    The count lives outside the model: an attribute that changes on every call would
+    make every call probe in full.
+    """
 
     def __init__(self, mix: bool = False) -> None:
         super().__init__()
         self.l1, self.l2, self.out = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 1)
         self.mix = mix
-        self.calls = 0
+        self.calls = [0]
 
     def forward(self, x):
-        self.calls += 1
+        self.calls[0] += 1
         hidden = self.l2(self.l1(x)).relu()
         if self.mix:
             hidden = hidden - hidden.mean(0)
@@ -126,11 +130,11 @@ def test_a_proven_trace_lets_the_model_run_once_per_call(hooked, runs):
         net.l2.register_forward_hook(lambda module, args, output: output)
     x = torch.randn(7, 3, dtype=torch.float64)
     integrated_gradients(net, x, 0.0, n_steps=8)  # traces the model
-    net.calls = 0
+    net.calls[0] = 0
 
     integrated_gradients(net, x, 0.0, n_steps=8)
 
-    assert net.calls == runs
+    assert net.calls[0] == runs
 
 
 def test_a_stale_trace_traced_again_with_a_batch_mean_is_probed_in_full():
@@ -220,3 +224,49 @@ def test_a_second_activation_passed_by_keyword_is_not_proven(inner):
 @pytest.mark.parametrize("pool", [nn.AdaptiveAvgPool1d(1), nn.AdaptiveAvgPool2d(1)])
 def test_adaptive_pools_which_can_pool_across_rows_are_not_proven(pool):
     assert layers_of(nn.Sequential(nn.Linear(3, 4), pool)) is None
+
+
+class OddBatchMixer(nn.Module):
+    """Mixes rows in batches of odd size once ``couple`` is set: invisible on even ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.out = nn.Linear(2, 8), nn.Linear(8, 1)
+        self.couple = False
+
+    def forward(self, x):
+        hidden = self.l1(x)
+        if self.couple:
+            hidden = hidden - hidden.mean(0, keepdim=True) * (hidden.shape[0] % 2)
+        return torch.sigmoid(self.out(torch.tanh(hidden)))
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_changed_flag_brings_back_the_full_probe(compile):
+    torch.manual_seed(46)
+    net = OddBatchMixer().eval()
+    x = torch.randn(3, 2)
+    integrated_gradients(net, x, torch.zeros(1, 2), n_steps=8, compile=compile)
+    # The probe's first batch (3 rows and 3 points) is even, so the remembered trace
+    # still matches the model there; only the changed attribute gives the change away.
+    net.couple = True
+
+    with pytest.raises(ModelError, match="rows interact"):
+        integrated_gradients(net, x, torch.zeros(1, 2), n_steps=8, compile=compile)
+
+
+def test_a_layer_tied_to_the_probe_batch_size_is_not_trusted():
+    torch.manual_seed(47)
+    rows = 4  # the probe's one batch: 1 row and 3 path points
+
+    class RowsNormalised(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.norm, self.out = nn.Linear(2, 3), nn.LayerNorm((rows, 3)), nn.Linear(3, 1)
+
+        def forward(self, x):
+            return torch.sigmoid(self.out(torch.tanh(self.norm(self.l1(x)))))
+
+    with pytest.raises(ModelError, match="failed on path points"):
+        integrated_gradients(RowsNormalised().eval(), torch.randn(1, 2), torch.zeros(1, 2),
+                             n_steps=4, internal_batch_size=rows)
