@@ -499,7 +499,7 @@ def run_checkpoint(config: CheckpointConfig) -> dict[str, object]:
 
     net = load_weights(config.checkpoint)
     # The model saw features scaled by its training file: a new file gets the same scaling.
-    reference = locate_titanic_csv(config.reference)
+    reference = locate_titanic_csv(config.reference, flag="--reference")
     scaling = FeatureScaling.from_reference(load_titanic(reference))
     job = AttributionJob(
         data=config.data, out=config.out, n_steps=config.n_steps, method=config.method,

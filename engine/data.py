@@ -103,6 +103,7 @@ def locate_titanic_csv(
     cache_dir: Path | None = None,
     url: str = TITANIC_URL,
     timeout: float = 30,
+    flag: str = "--data",
 ) -> Path:
     """Find Kaggle's Titanic ``train.csv``, downloading it once if needed.
 
@@ -124,6 +125,8 @@ def locate_titanic_csv(
         Where to download the file from.
     timeout
         Seconds to wait for the server.
+    flag
+        The command-line flag that names the file, for the message when none is found.
 
     Returns
     -------
@@ -153,10 +156,10 @@ def locate_titanic_csv(
     if cached.is_file():
         return cached
 
-    return _download(url, cached, timeout=timeout, repo_data=repo_data)
+    return _download(url, cached, timeout=timeout, repo_data=repo_data, flag=flag)
 
 
-def _download(url: str, target: Path, *, timeout: float, repo_data: Path) -> Path:
+def _download(url: str, target: Path, *, timeout: float, repo_data: Path, flag: str) -> Path:
     """Fetch ``url`` into ``target`` atomically, or explain where to put the file."""
     logger.info("downloading the Titanic data from %s to %s", url, target)
     try:
@@ -166,7 +169,7 @@ def _download(url: str, target: Path, *, timeout: float, repo_data: Path) -> Pat
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
         reason = getattr(err, "reason", None) or err
         raise DataError(
-            f"no Titanic data: pass --data PATH, or put Kaggle's train.csv at {repo_data}"
+            f"no Titanic data: pass {flag} PATH, or put Kaggle's train.csv at {repo_data}"
             f" or {target} (download from {url} failed: {_one_line(reason)})"
         ) from err
     if len(payload) > MAX_DOWNLOAD_BYTES:

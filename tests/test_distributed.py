@@ -285,3 +285,25 @@ def test_a_strategy_lightning_does_not_know_is_one_line_exit_two(tmp_path, check
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and "'bogus'" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_reference_is_named_by_its_flag(tmp_path, capsys, monkeypatch, rows_csv,
+                                                  checkpoint):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.chdir(tmp_path)  # no data/train.csv here
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    arguments = ["--data", str(rows_csv), "--checkpoint", str(checkpoint),
+                 "--out", str(tmp_path / "results")]
+
+    status = main(arguments)
+
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1
+    assert "pass --reference PATH" in err and "--data" not in err
+    assert not (tmp_path / "results").exists()
