@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from engine.step import global_hooks, own_hooks
+
 __all__ = ["row_wise_layers", "rows_independent_now", "uses_batch_statistics"]
 
 # Layers that map each row (a sample with any trailing shape) on its own.
@@ -104,12 +106,9 @@ def rows_independent_now(layers: tuple[nn.Module, ...] | None) -> bool:
     A layer can change after the trace without a change the remembered trace notices: its
     mode, its hooks, an attribute such as ``dim``, its running statistics, even its class.
     """
-    if layers is None:
+    if layers is None or global_hooks():
         return False
-    hooks = nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-        return False
-    return all(_row_wise_layer(layer) and not _hooked(layer) for layer in layers)
+    return all(_row_wise_layer(layer) and not own_hooks(layer) for layer in layers)
 
 
 def uses_batch_statistics(layer: nn.Module) -> bool:
@@ -119,10 +118,6 @@ def uses_batch_statistics(layer: nn.Module) -> bool:
     """
     return isinstance(layer, nn.modules.batchnorm._BatchNorm) and (
         layer.running_mean is None or layer.running_var is None)
-
-
-def _hooked(layer: nn.Module) -> bool:
-    return bool(layer._forward_hooks or layer._forward_pre_hooks) or "forward" in vars(layer)
 
 
 def _row_wise_layer(layer: nn.Module) -> bool:
