@@ -34,6 +34,7 @@ from engine.hoist import (
     pull_back,
     reproduces,
     split_affine_prefix,
+    uses_batch_statistics,
 )
 from engine.kinks import KinkSplit, compiled_kinked, integrate_kinked, rule_nodes
 from engine.plan import (
@@ -49,7 +50,6 @@ from engine.plan import (
 )
 from engine.progress import Progress
 from engine.quadrature import QuadratureRule, quadrature_rule
-from engine.rowwise import uses_batch_statistics
 from engine.step import (
     compiled_model,
     forget,
@@ -289,10 +289,7 @@ def integrated_gradients(
         internal_batch_size=internal_batch_size,
     )
     check_model_device(forward_func, problem.inputs[0].device)
-    adaptive = delta_tolerance is not None or error_estimate or max_steps is not None
-    one_batch = not (allow_coupled_rows or adaptive) and _trace_keeps_rows(forward_func,
-                                                                           problem, options)
-    sample = check_independent_rows(forward_func, problem, allow_coupled_rows, one_batch)
+    sample = check_independent_rows(forward_func, problem, allow_coupled_rows)
     if sample is not None:
         problem = dataclasses.replace(problem, targets_checked=True)
     # None: planned where a chunk size is needed (a hoisted run plans its own).
@@ -303,7 +300,7 @@ def integrated_gradients(
     def planned() -> int:
         return chunk_points or _chunk_points(None, problem, rule, forward_func, options)
 
-    if adaptive:
+    if delta_tolerance is not None or error_estimate or max_steps is not None:
         from engine.adaptive import adaptive_integrated_gradients
 
         chunk_points = planned()
@@ -418,8 +415,6 @@ def integrate(
             _check_gradient(forward_func, problem)
         split = _usable_split(forward_func, problem, options, sample)
         if split is not None:
-            if not split.keeps_rows_apart():
-                sample = _rows_checked(forward_func, problem, sample)
             try:
                 return (_integrate_hoisted(split, problem, rule, chunk_points, options),)
             except ModelError as error:
@@ -429,35 +424,10 @@ def integrate(
                 # the traced graph; anything else lands here and runs unhoisted.
                 log.info("the model writes its affine prefix's output in place: running it "
                          "without hoisting")
-        sample = _rows_checked(forward_func, problem, sample)
         if chunk_points is None:
             chunk_points = _planned_chunk_points(forward_func, problem, rule, options)
         return _integrate_points(_fast(forward_func, problem, sample), problem, rule,
                                  chunk_points, options)
-
-
-def _trace_keeps_rows(
-    forward_func: Callable[..., Tensor], problem: PathProblem, options: RunOptions
-) -> bool:
-    """Whether the run will likely compute with a traced model that cannot mix rows.
-
-    Then the coupling probe runs one batch, for the trace check; ``integrate`` probes
-    fully if the trace turns out stale or unusable after all.
-    """
-    if not options.hoist or len(problem.inputs) != 1 or problem.forward_args \
-            or _model_hooked(forward_func):
-        return False
-    split = split_affine_prefix(forward_func)
-    return split is not None and split.is_affine_now() and split.keeps_rows_apart()
-
-
-def _rows_checked(
-    forward_func: Callable[..., Tensor], problem: PathProblem, sample: ModelSample | None
-) -> ModelSample | None:
-    """``sample``, after the full coupling probe when only its first batch ran."""
-    if sample is None or sample.rows_checked:
-        return sample
-    return _probe_row_coupling(forward_func, problem)
 
 
 _NO_GRADIENT = (
@@ -546,29 +516,13 @@ def _checked_trace(
                 log.debug("%s not used: the model fails on its first rows (%s)", memo_key,
                           error)
                 return None
-        candidate = runner(traced)
-        if not sample.rows_checked:
-            candidate = _with_one_row_more(candidate)
-        if reproduces(candidate, sample.outputs, sample.points):
+        if reproduces(runner(traced), sample.outputs, sample.points):
             return traced
         if attempt == 0:
             log.debug("%s no longer reproduces the model: tracing it again", memo_key)
             forget(forward_func, memo_key)
     log.debug("%s not used: the trace does not reproduce the model", memo_key)
     return None
-
-
-def _with_one_row_more(run: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """``run`` on the points and a copy of the first: a batch of another size.
-
-    When the probe ran the model on one batch only, this is what shows a layer tied to
-    that batch size (a LayerNorm over the rows, a convolution taking rows for channels):
-    its trace then fails, or gives other outputs.
-    """
-    def run_more(points: Tensor) -> Tensor:
-        return run(torch.cat([points, points[:1]]))[:-1]
-
-    return run_more
 
 
 def _integrate_points(
@@ -1191,21 +1145,17 @@ class ModelSample:
 
     points: Tensor
     outputs: Tensor
-    rows_checked: bool = True
 
 
 def check_independent_rows(
-    forward_func: Callable[..., Tensor], problem: PathProblem, allow: bool,
-    one_batch: bool = False,
+    forward_func: Callable[..., Tensor], problem: PathProblem, allow: bool
 ) -> ModelSample | None:
     """Refuse models whose output for one row depends on the other rows of the batch.
 
     Known culprits (BatchNorm and dropout in training mode) are found by name; anything
     else by a probe: the first rows (up to PROBE_ROWS) are evaluated in two batches, at
     other positions and beside other partners, and their outputs must not change.
-    ``allow`` turns the refusal into a logged warning. ``one_batch`` runs the first batch
-    only, for a run that computes with a traced model proven not to mix rows (see
-    engine.rowwise); the sample it returns says so.
+    ``allow`` turns the refusal into a logged warning.
 
     Returns the probe's points and outputs when the model has one input and no extra
     arguments and its rows are independent, else None.
@@ -1214,7 +1164,7 @@ def check_independent_rows(
         refuse_coupled_rows(forward_func)
         # Probed on every call: a flag read in forward can couple rows without any
         # change to the model's layers.
-        return _probe_row_coupling(forward_func, problem, one_batch)
+        return _probe_row_coupling(forward_func, problem)
     except ModelError as error:
         if not allow:
             raise
@@ -1267,26 +1217,20 @@ def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def _probe_row_coupling(
-    forward_func: Callable[..., Tensor], problem: PathProblem, one_batch: bool = False
+    forward_func: Callable[..., Tensor], problem: PathProblem
 ) -> ModelSample | None:
     pair, alphas, first_at, second_at = _probe_pairs(problem)
-    split = first_at.shape[0] + 1
-    if one_batch:
-        # Batch one with the midpoint and the last baseline: what the trace check needs.
-        pair, alphas = pair[:split + 2], alphas[:split + 2]
     points = problem.path_points(pair, alphas)
     rows = pair % problem.n_rows
-    parts = (slice(None),) if one_batch else (slice(0, split), slice(split, None))
+    split = first_at.shape[0] + 1
     with torch.no_grad():
         outputs = [
             _forward(forward_func, tuple(p[part] for p in points), problem.args_for(rows[part]))
-            for part in parts
+            for part in (slice(0, split), slice(split, None))
         ]
-    both = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    both = torch.cat(outputs)
     # A target the model's output does not have fails here, before any real work.
     selected = problem.select(both, rows)
-    if one_batch:
-        return ModelSample(points[0], both, rows_checked=False)
     sample = None
     if len(points) == 1 and not problem.forward_args:
         # The trace is checked on batch one and the midpoint and last baseline of batch

@@ -34,11 +34,10 @@ import torch
 from torch import Tensor, fx, nn
 
 from engine.kinks import KinkSplit, split_kink
-from engine.rowwise import row_wise_layers, rows_independent_now, uses_batch_statistics
-from engine.step import global_hooks, memo, own_hooks, python_state
+from engine.step import global_hooks, memo, own_hooks
 
 __all__ = ["AffineSplit", "fast_model", "global_hooks", "hooked", "pull_back", "reproduces",
-           "split_affine_prefix"]
+           "split_affine_prefix", "uses_batch_statistics"]
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +54,7 @@ class AffineSplit:
 
     ``modules`` are the prefix's layers; ``layers`` their qualified names. ``kink`` is
     the suffix taken apart at a leading ReLU-like layer and Linear (see engine.kinks),
-    when it starts that way. ``row_wise`` are the layers of the whole traced model when
-    every node of it acts on each row alone (see engine.rowwise), else None.
-    ``traced_through`` are the modules whose ``forward`` the trace inlined (the model and
-    any custom containers; the layers it calls keep reading their attributes at every
-    call), and ``state`` their ``python_state`` when traced.
+    when it starts that way.
     """
 
     prefix: nn.Module
@@ -67,9 +62,6 @@ class AffineSplit:
     layers: tuple[str, ...]
     modules: tuple[nn.Module, ...]
     kink: KinkSplit | None = None
-    row_wise: tuple[nn.Module, ...] | None = None
-    traced_through: tuple[nn.Module, ...] = ()
-    state: tuple[object, ...] = ()
 
     def run(self, x: Tensor) -> Tensor:
         """``suffix(prefix(x))``, through the kink split when there is one."""
@@ -89,16 +81,14 @@ class AffineSplit:
             for module in self.modules
         )
 
-    def keeps_rows_apart(self) -> bool:
-        """Whether the model is still what was traced, and the trace cannot mix rows.
 
-        The layers are checked as they are now (mode, hooks, settings), and the plain
-        attributes of the modules traced through must be those they had when traced: a
-        flag read in ``forward`` may have changed what the model computes, on batches the
-        trace check does not see.
-        """
-        return (rows_independent_now(self.row_wise)
-                and python_state(self.traced_through) == self.state)
+def uses_batch_statistics(layer: nn.Module) -> bool:
+    """Whether a BatchNorm layer normalises with the batch's statistics in eval mode too.
+
+    Without running statistics (``track_running_stats=False``) it has nothing else to use.
+    """
+    return isinstance(layer, nn.modules.batchnorm._BatchNorm) and (
+        layer.running_mean is None or layer.running_var is None)
 
 
 def hooked(module: nn.Module) -> bool:
@@ -129,8 +119,7 @@ def split_affine_prefix(model: object) -> AffineSplit | None:
 
 
 def _split(model: nn.Module) -> AffineSplit | None:
-    traced = fx.symbolic_trace(model)
-    graph = traced.graph
+    graph = fx.symbolic_trace(model).graph
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     if len(placeholders) != 1:
         return None
@@ -174,18 +163,12 @@ def _split(model: nn.Module) -> AffineSplit | None:
     _substitute_kernels(suffix_module)
     layers = tuple(str(n.target) for n in prefix_nodes)
     log.debug("affine prefix of %s: %s", type(model).__name__, ", ".join(layers))
-    called = {id(traced.get_submodule(str(n.target))) for n in graph.nodes
-              if n.op == "call_module"}
-    traced_through = tuple(m for m in model.modules() if id(m) not in called)
     return AffineSplit(
         prefix=fx.GraphModule(model, prefix),
         suffix=suffix_module,
         layers=layers,
         modules=modules,
         kink=kink,
-        row_wise=row_wise_layers(traced),
-        traced_through=traced_through,
-        state=python_state(traced_through),
     )
 
 

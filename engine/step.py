@@ -16,13 +16,13 @@ import functools
 import logging
 import types
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["compiled_copy", "compiled_model", "forget", "frozen_parameters", "global_hooks",
-           "keeps_batch_statistics", "layout", "memo", "own_hooks", "pad_rows", "python_state"]
+           "keeps_batch_statistics", "layout", "memo", "own_hooks", "pad_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -123,23 +123,6 @@ def layout(module: nn.Module) -> tuple[object, ...]:
         ),
         tuple(hooks._global_forward_hooks), tuple(hooks._global_forward_pre_hooks),
         tuple(hooks._global_backward_hooks), tuple(hooks._global_backward_pre_hooks),
-    )
-
-
-# Attribute values a ``forward`` may read as flags and settings; tensors and modules are
-# part of the layout or the weights instead.
-_PLAIN_TYPES = frozenset({bool, int, float, str, type(None)})
-
-
-def python_state(modules: Iterable[nn.Module]) -> tuple[tuple[tuple[str, object], ...], ...]:
-    """The plain attributes (flags, numbers, strings) of each module, in order.
-
-    A trace bakes in the values that the ``forward`` it traced through read; comparing
-    this fingerprint with the one taken then tells whether any of them may have changed.
-    """
-    return tuple(
-        tuple((name, value) for name, value in vars(m).items() if type(value) in _PLAIN_TYPES)
-        for m in modules
     )
 
 

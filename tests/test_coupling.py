@@ -1,0 +1,136 @@
+"""Models whose rows interact are refused, also when they change after a first call.
+
+The engine sums the outputs of many path points before one backward, which is exact only
+when no row's output depends on another row of the batch; a remembered trace of the
+model must not hide a change that makes rows interact.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from engine import integrated_gradients
+from engine.errors import ModelError
+
+
+class SmallMLP(nn.Module):
+    """A row-wise MLP, until ``mix`` makes it subtract the batch mean."""
+
+    def __init__(self, mix: bool = False) -> None:
+        super().__init__()
+        self.l1, self.l2, self.out = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+        self.mix = mix
+
+    def forward(self, x):
+        hidden = self.l2(self.l1(x)).relu()
+        if self.mix:
+            hidden = hidden - hidden.mean(0)
+        return self.out(hidden)
+
+
+def test_a_batch_mean_switched_on_after_a_first_call_is_refused():
+    torch.manual_seed(42)
+    net = SmallMLP().double().eval()
+    x = torch.randn(7, 3, dtype=torch.float64)
+    integrated_gradients(net, x, 0.0, n_steps=8)  # a row-wise trace, remembered
+    net.mix = True  # the new trace still hoists its prefix, but mixes rows after it
+
+    with pytest.raises(ModelError, match="rows interact"):
+        integrated_gradients(net, x, 0.0, n_steps=8)
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["after-linear", "first-layer"])
+def test_batchnorm_without_running_statistics_is_refused_in_eval_mode(first):
+    layers = [nn.BatchNorm1d(8, track_running_stats=False), nn.ReLU(), nn.Linear(8, 1)]
+    model = nn.Sequential(*([nn.Linear(4, 8)] if not first else []), *layers)
+    if first:
+        model = nn.Sequential(nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 8),
+                              *layers)
+    model.eval()
+
+    with pytest.raises(ModelError, match=r"no running statistics.*allow_coupled_rows"):
+        integrated_gradients(model, torch.randn(6, 4), 0.0, n_steps=8)
+
+
+def test_running_statistics_dropped_after_a_first_call_are_seen():
+    torch.manual_seed(43)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    model.eval()
+    x = torch.randn(6, 4)
+    integrated_gradients(model, x, 0.0, n_steps=8)
+    model[1].running_mean = model[1].running_var = None
+
+    with pytest.raises(ModelError, match="no running statistics"):
+        integrated_gradients(model, x, 0.0, n_steps=8)
+
+
+def test_a_layer_changed_in_place_after_a_first_call_is_refused():
+    torch.manual_seed(44)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=1)).eval()
+    x = torch.randn(6, 4)
+    integrated_gradients(model, x, 0.0, target=0, n_steps=8)
+    model[1].dim = 0  # the softmax now runs over the rows
+
+    with pytest.raises(ModelError, match="rows interact"):
+        integrated_gradients(model, x, 0.0, target=0, n_steps=8)
+
+
+def test_a_layer_whose_class_is_swapped_after_a_first_call_is_refused():
+    class BatchCentred(nn.Tanh):
+        def forward(self, x):
+            return x - x.mean(0)
+
+    torch.manual_seed(45)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).eval()
+    x = torch.randn(6, 4)
+    integrated_gradients(model, x, 0.0, n_steps=8)
+    model[1].__class__ = BatchCentred
+
+    with pytest.raises(ModelError, match="rows interact"):
+        integrated_gradients(model, x, 0.0, n_steps=8)
+
+
+class OddBatchMixer(nn.Module):
+    """Mixes rows in batches of odd size once ``couple`` is set: invisible on even ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.out = nn.Linear(2, 8), nn.Linear(8, 1)
+        self.couple = False
+
+    def forward(self, x):
+        hidden = self.l1(x)
+        if self.couple:
+            hidden = hidden - hidden.mean(0, keepdim=True) * (hidden.shape[0] % 2)
+        return torch.sigmoid(self.out(torch.tanh(hidden)))
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_flag_that_mixes_odd_batches_after_a_first_call_is_refused(compile):
+    torch.manual_seed(46)
+    net = OddBatchMixer().eval()
+    x = torch.randn(3, 2)
+    integrated_gradients(net, x, torch.zeros(1, 2), n_steps=8, compile=compile)
+    # The remembered trace still matches the model on even batches; the probe's second
+    # batch has the other parity.
+    net.couple = True
+
+    with pytest.raises(ModelError, match="rows interact"):
+        integrated_gradients(net, x, torch.zeros(1, 2), n_steps=8, compile=compile)
+
+
+def test_a_layer_tied_to_one_batch_size_is_refused():
+    torch.manual_seed(47)
+    rows = 4  # the size of every chunk
+
+    class RowsNormalised(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.norm, self.out = nn.Linear(2, 3), nn.LayerNorm((rows, 3)), nn.Linear(3, 1)
+
+        def forward(self, x):
+            return torch.sigmoid(self.out(torch.tanh(self.norm(self.l1(x)))))
+
+    with pytest.raises(ModelError, match="failed on path points"):
+        integrated_gradients(RowsNormalised().eval(), torch.randn(1, 2), torch.zeros(1, 2),
+                             n_steps=4, internal_batch_size=rows)
