@@ -41,12 +41,9 @@ def test_a_batch_mean_switched_on_after_a_first_call_is_refused():
 
 @pytest.mark.parametrize("first", [False, True], ids=["after-linear", "first-layer"])
 def test_batchnorm_without_running_statistics_is_refused_in_eval_mode(first):
-    layers = [nn.BatchNorm1d(8, track_running_stats=False), nn.ReLU(), nn.Linear(8, 1)]
-    model = nn.Sequential(*([nn.Linear(4, 8)] if not first else []), *layers)
-    if first:
-        model = nn.Sequential(nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 8),
-                              *layers)
-    model.eval()
+    front = [nn.BatchNorm1d(4, track_running_stats=False)] if first else []
+    model = nn.Sequential(*front, nn.Linear(4, 8), nn.BatchNorm1d(8, track_running_stats=False),
+                          nn.ReLU(), nn.Linear(8, 1)).eval()
 
     with pytest.raises(ModelError, match=r"no running statistics.*allow_coupled_rows"):
         integrated_gradients(model, torch.randn(6, 4), 0.0, n_steps=8)
