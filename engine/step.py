@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from engine.passes import compile_options
+
 __all__ = ["compiled_copy", "compiled_model", "forget", "frozen_parameters", "global_hooks",
            "keeps_batch_statistics", "layout", "memo", "own_hooks", "pad_rows"]
 
@@ -161,7 +163,7 @@ def compiled_model(forward_func: Callable[..., Tensor], mode: str) -> Callable[.
     key = (mode, layout(module)) if module is not None else mode
     if module is not None and key in _COMPILED.get(module, {}):
         return _COMPILED[module][key]
-    compiled = torch.compile(forward_func, mode=mode, dynamic=False)
+    compiled = torch.compile(forward_func, options=compile_options(mode), dynamic=False)
     if module is not None:
         _COMPILED.setdefault(module, {})[key] = compiled
     log.debug("compiling %s with mode %s", type(forward_func).__name__, mode)
@@ -180,7 +182,7 @@ def compiled_copy(function: Callable[..., object], cache: dict[object, Callable[
         copy = types.FunctionType(function.__code__.replace(), function.__globals__,
                                   function.__name__, function.__defaults__,
                                   function.__closure__)
-        cache[mode, key] = torch.compile(copy, mode=mode, dynamic=False)
+        cache[mode, key] = torch.compile(copy, options=compile_options(mode), dynamic=False)
     return cache[mode, key]
 
 
