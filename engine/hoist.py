@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from engine.kinks import KinkSplit, split_kink
+from engine.passes import MAX_NARROW_COLUMNS, MIN_INNER
 from engine.step import global_hooks, memo, own_hooks
 
 __all__ = ["AffineSplit", "fast_model", "global_hooks", "hooked", "pull_back", "reproduces",
@@ -293,6 +294,52 @@ class _SingleOutputLinear(nn.Module):
         return _RowDot.apply(x, weight, bias)
 
 
+class _ColumnMajorBackward(torch.autograd.Function):
+    """``linear(x, weight, bias)`` whose input gradient multiplies by a column-major weight.
+
+    The forward is the layer's own call, bit for bit. The input gradient ``grad @ weight``
+    has as many columns as the layer has inputs; with few of them the CPU's BLAS runs it
+    about 3x slower on the row-major weight than on a column-major copy (see
+    ``engine.passes``, which does the same for compiled chunks). The copy is a few
+    hundred numbers, made per backward so that it always holds the current weight; the
+    gradient equals autograd's to rounding (the BLAS sums in another order).
+    """
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 - autograd's signature
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205 - autograd's signature
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.t().contiguous().t(), None, None
+
+
+class _NarrowInputLinear(nn.Module):
+    """A ``Linear`` with few inputs whose input gradient is taken by ``_ColumnMajorBackward``.
+
+    Only for float32 and float64 on a CPU outside autocast: half-precision products do
+    not have the slow layout, and under ``torch.compile`` ``engine.passes`` does it.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.linear.weight, self.linear.bias
+        if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+                or weight.dtype != x.dtype or torch.is_autocast_enabled("cpu")
+                or weight.requires_grad or (bias is not None and bias.requires_grad)
+                or torch.compiler.is_compiling()):
+            return self.linear(x)
+        return _ColumnMajorBackward.apply(x, weight, bias)
+
+
 def _substitute(module: nn.Module) -> nn.Module | None:
     # A substitute skips the module's own call, and with it the module's hooks.
     if own_hooks(module):
@@ -301,7 +348,16 @@ def _substitute(module: nn.Module) -> nn.Module | None:
         return _ScalarSlopePReLU(module)
     if type(module) is nn.Linear and module.out_features == 1:
         return _SingleOutputLinear(module)
+    if type(module) is nn.Linear and _narrow_input(module):
+        return _NarrowInputLinear(module)
     return None
+
+
+def _narrow_input(linear: nn.Linear) -> bool:
+    # The shapes engine.passes rewrites: 2-15 output columns of the input gradient, an
+    # inner dimension (the layer's outputs) of at least 32.
+    return (2 <= linear.in_features <= MAX_NARROW_COLUMNS and linear.out_features >= MIN_INNER
+            and linear.weight.dim() == 2)
 
 
 def _substitute_kernels(graph_module: fx.GraphModule) -> None:

@@ -9,21 +9,23 @@ column-major, and the row-major product was 15-20% of a compiled plain-path chun
 Titanic job. Products with one column, or with 16 or more, or with a short inner
 dimension ran at the same speed either way (``bench/test_chunks.py`` has the sweep).
 
-``NarrowProducts`` runs after Inductor's own post-grad passes: for each such ``mm`` or
+``rewrite_narrow_products`` runs after Inductor's own post-grad passes (as the
+``post_grad_custom_post_pass`` that ``compile_options`` sets): for each such ``mm`` or
 ``addmm`` on a CPU it copies the right factor into column-major order (a few hundred
 numbers) and multiplies by the copy. The result is the same product; only the order in
-which the BLAS adds its terms may differ, by rounding.
+which the BLAS adds its terms may differ, by rounding. Eager chunks get the same layout
+from a substitute layer (``_NarrowInputLinear`` in ``engine.hoist``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-__all__ = ["NarrowProducts", "compile_options"]
+__all__ = ["compile_options", "rewrite_narrow_products"]
 
 log = logging.getLogger(__name__)
 
@@ -36,34 +38,48 @@ MIN_INNER = 32
 MIN_ROWS = 256
 
 
-class NarrowProducts(CustomGraphPass):
-    """Multiply narrow CPU products by a column-major copy of their right factor."""
+def rewrite_narrow_products(graph: torch.fx.Graph) -> None:
+    """Multiply narrow CPU products in ``graph`` (ATen ops) by a column-major right factor."""
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.mm.default:
+            position = 1
+        elif node.target is aten.addmm.default:
+            position = 2
+        else:
+            continue
+        left, right = node.args[position - 1], node.args[position]
+        if not _is_narrow(_value(left), _value(right)):
+            continue
+        with graph.inserting_before(node):
+            flipped = graph.call_function(aten.permute.default, (right, [1, 0]))
+            copied = graph.call_function(aten.clone.default, (flipped,),
+                                         {"memory_format": torch.contiguous_format})
+            column_major = graph.call_function(aten.permute.default, (copied, [1, 0]))
+        node.args = (*node.args[:position], column_major, *node.args[position + 1:])
+        log.debug("narrow product %s: %s @ %s with a column-major right factor",
+                  node.target, tuple(_value(left).shape), tuple(_value(right).shape))
+    graph.lint()
 
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        for node in list(graph.nodes):
-            if node.op != "call_function":
-                continue
-            if node.target is aten.mm.default:
-                position = 1
-            elif node.target is aten.addmm.default:
-                position = 2
-            else:
-                continue
-            left, right = node.args[position - 1], node.args[position]
-            if not _is_narrow(_value(left), _value(right)):
-                continue
-            with graph.inserting_before(node):
-                flipped = graph.call_function(aten.permute.default, (right, [1, 0]))
-                copied = graph.call_function(aten.clone.default, (flipped,),
-                                             {"memory_format": torch.contiguous_format})
-                column_major = graph.call_function(aten.permute.default, (copied, [1, 0]))
-            node.args = (*node.args[:position], column_major, *node.args[position + 1:])
-            log.debug("narrow product %s: %s @ %s with a column-major right factor",
-                      node.target, tuple(_value(left).shape), tuple(_value(right).shape))
-        graph.lint()
 
-    def uuid(self) -> Any:
-        return get_hash_for_files((__file__,))
+@functools.cache
+def _narrow_products_pass() -> Any:
+    """``rewrite_narrow_products`` as an Inductor ``CustomGraphPass``.
+
+    A custom pass must say how to hash it for Inductor's on-disk graph cache to keep
+    working. Built on first use: importing Inductor takes about a second.
+    """
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class NarrowProducts(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            rewrite_narrow_products(graph)
+
+        def uuid(self) -> Any:
+            return get_hash_for_files((__file__,))
+
+    return NarrowProducts()
 
 
 def _value(node: object) -> torch.Tensor | None:
@@ -85,13 +101,15 @@ def _is_narrow(left: torch.Tensor | None, right: torch.Tensor | None) -> bool:
 
 
 def compile_options(mode: str) -> dict[str, Any]:
-    """``torch.compile`` options equivalent to ``mode=mode``, plus ``NarrowProducts``.
+    """``torch.compile`` options equivalent to ``mode=mode``, plus the narrow-product pass.
 
     ``torch.compile`` takes a mode or options, not both; Inductor turns a mode into
     exactly these options.
     """
+    from torch._inductor import list_mode_options
+
     options: dict[str, Any] = {}
     if mode != "default":
-        options.update(torch._inductor.list_mode_options(mode, dynamic=False))
-    options["post_grad_custom_post_pass"] = NarrowProducts()
+        options.update(list_mode_options(mode, dynamic=False))
+    options["post_grad_custom_post_pass"] = _narrow_products_pass()
     return options

@@ -10,7 +10,7 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from engine import integrated_gradients
-from engine.passes import NarrowProducts, compile_options
+from engine.passes import compile_options, rewrite_narrow_products
 
 aten = torch.ops.aten
 
@@ -34,7 +34,7 @@ def test_narrow_products_get_a_column_major_copy_and_the_same_result(columns):
     traced = make_fx(products)(left, right, bias)
     expected = products(left, right, bias)
 
-    NarrowProducts()(traced.graph)
+    rewrite_narrow_products(traced.graph)
     traced.recompile()
 
     for node in _products(traced.graph):
@@ -61,7 +61,7 @@ def test_other_products_are_left_alone(rows, inner, columns, column_major):
     traced = make_fx(lambda a, b: a @ b)(left, right)
     before = [(n.target, n.args) for n in traced.graph.nodes]
 
-    NarrowProducts()(traced.graph)
+    rewrite_narrow_products(traced.graph)
 
     assert [(n.target, n.args) for n in traced.graph.nodes] == before
 
@@ -70,7 +70,9 @@ def test_compile_options_are_the_mode_plus_the_pass():
     assert set(compile_options("default")) == {"post_grad_custom_post_pass"}
     options = compile_options("max-autotune-no-cudagraphs")
     assert options["max_autotune"] is True
-    assert isinstance(options["post_grad_custom_post_pass"], NarrowProducts)
+    custom_pass = options["post_grad_custom_post_pass"]
+    assert custom_pass is compile_options("default")["post_grad_custom_post_pass"]
+    assert custom_pass.uuid()  # hashable: Inductor's graph cache stays on
 
 
 def test_compiled_plain_path_uses_the_pass_and_matches_eager(caplog):
@@ -88,3 +90,47 @@ def test_compiled_plain_path_uses_the_pass_and_matches_eager(caplog):
 
     assert "narrow product aten.mm.default: (800, 64) @ (64, 5)" in caplog.text
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_eager_chunks_substitute_a_column_major_weight_for_narrow_inputs():
+    from engine.hoist import _NarrowInputLinear, fast_model
+
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 3), nn.Tanh(),
+                        nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).double().eval()
+    fast = fast_model(net)
+    substituted = [type(m) for m in fast.modules() if isinstance(m, _NarrowInputLinear)]
+    points = torch.rand(300, 5, dtype=torch.float64, requires_grad=True)
+
+    for parameter in net.parameters():
+        parameter.requires_grad_(False)
+    (want,) = torch.autograd.grad(net(points)[:, 1].sum(), points)
+    (got,) = torch.autograd.grad(fast(points)[:, 1].sum(), points)
+
+    # Linear(5, 64) qualifies (5 columns, inner 64); Linear(3, 16) has too short an
+    # inner dimension; Linear(64, 3) and Linear(16, 2) are wide in their inputs.
+    assert len(substituted) == 1
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_eager_plain_path_with_a_narrow_first_layer_equals_the_unsubstituted_model(
+        monkeypatch):
+    from engine import hoist
+
+    calls = []
+    original = hoist._NarrowInputLinear.forward
+    monkeypatch.setattr(hoist._NarrowInputLinear, "forward",
+                        lambda self, x: calls.append(x.shape) or original(self, x))
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 1)).double().eval()
+    x, baselines = torch.rand(30, 5, dtype=torch.float64), torch.rand(2, 5, dtype=torch.float64)
+    grads = []
+
+    def unsubstituted(points):  # a plain function: never traced or substituted
+        return net(points)
+
+    for model in (net, unsubstituted):
+        grads.append(integrated_gradients(model, x, baselines, n_steps=12, hoist=False))
+
+    assert (30 * 2 * 12, 5) in calls  # the chunk ran through the substitute
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
