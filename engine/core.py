@@ -1220,9 +1220,14 @@ def _probe_row_coupling(
     forward_func: Callable[..., Tensor], problem: PathProblem
 ) -> ModelSample | None:
     pair, alphas, first_at, second_at = _probe_pairs(problem)
-    points = problem.path_points(pair, alphas)
+    count = first_at.shape[0]
+    # The rows themselves (their paths' ends at alpha 1) and three points on row 0's paths:
+    # slicing and flipping the inputs costs less than gathering every point by its pair.
+    special = problem.path_points(pair[count : count + 3], alphas[count : count + 3])
+    points = tuple(torch.cat([x[:count], between, x[:count].flip(0)])
+                   for x, between in zip(problem.inputs, special))
     rows = pair % problem.n_rows
-    split = first_at.shape[0] + 1
+    split = count + 1
     with torch.no_grad():
         outputs = [
             _forward(forward_func, tuple(p[part] for p in points), problem.args_for(rows[part]))
