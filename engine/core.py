@@ -15,6 +15,7 @@ every point's gradient at once (Captum asks for one gradient output per point in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from engine.hoist import (
     hooked,
     pull_back,
     reproduces,
+    same_gradients,
     split_affine_prefix,
     uses_batch_statistics,
 )
@@ -517,7 +519,14 @@ def _checked_trace(
                           error)
                 return None
         if reproduces(runner(traced), sample.outputs, sample.points):
-            return traced
+            # Once per trace: whether it also has the model's gradient (a trace loses
+            # custom autograd Functions' backwards and containers' backward hooks).
+            check = functools.partial(same_gradients, forward_func, runner(traced),
+                                      sample.points)
+            if memo(forward_func, ("same gradients", memo_key, id(traced)), check):
+                return traced
+            log.debug("%s not used: the trace's gradient differs from the model's", memo_key)
+            return None
         if attempt == 0:
             log.debug("%s no longer reproduces the model: tracing it again", memo_key)
             forget(forward_func, memo_key)

@@ -38,7 +38,7 @@ from engine.passes import MAX_NARROW_COLUMNS, MIN_INNER
 from engine.step import global_hooks, memo, own_hooks
 
 __all__ = ["AffineSplit", "fast_model", "global_hooks", "hooked", "pull_back", "reproduces",
-           "split_affine_prefix", "uses_batch_statistics"]
+           "same_gradients", "split_affine_prefix", "uses_batch_statistics"]
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +332,9 @@ class _NarrowInputLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = self.linear.weight, self.linear.bias
-        if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+        # Rows of features only: on more dimensions linear() returns a view, which a
+        # model may not change in place when an autograd Function returned it.
+        if (x.dim() != 2 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
                 or weight.dtype != x.dtype or torch.is_autocast_enabled("cpu")
                 or weight.requires_grad or (bias is not None and bias.requires_grad)
                 or torch.compiler.is_compiling()):
@@ -407,23 +409,62 @@ def reproduces(candidate: Callable[[Tensor], Tensor], expected: Tensor, points: 
         except Exception as error:  # noqa: BLE001 - a split that fails to run is not used
             log.debug("affine split does not run: %s", error)
             return False
-    if not isinstance(expected, Tensor) or not isinstance(split_output, Tensor):
+    return _close(split_output, expected)
+
+
+def same_gradients(model: Callable[[Tensor], Tensor], candidate: Callable[[Tensor], Tensor],
+                   points: Tensor) -> bool:
+    """Whether ``candidate`` has ``model``'s input gradient at ``points``, to rounding.
+
+    A trace records the forward only: ``torch.fx`` inlines a custom autograd Function's
+    forward and drops its backward, and calls a container's layers without the
+    container's backward hooks. Equal outputs do not show either; the gradients do. The
+    gradient taken is that of the outputs weighted by 1 to 2, so that no output's part
+    can cancel another's. A model whose output has no gradient passes: the engine refuses
+    it elsewhere.
+    """
+    grads = []
+    for function in (model, candidate):
+        leaf = points.detach().clone().requires_grad_()
+        try:
+            with torch.enable_grad():
+                output = function(leaf)
+                if not isinstance(output, Tensor) or not output.is_floating_point():
+                    return False
+                if not output.requires_grad:
+                    return function is model
+                weights = torch.linspace(1.0, 2.0, output.numel(), dtype=output.dtype,
+                                         device=output.device).view_as(output)
+                (grad,) = torch.autograd.grad((output * weights).sum(), leaf,
+                                              allow_unused=True)
+        except Exception as error:  # noqa: BLE001 - not checked, so not used
+            log.debug("gradient check failed to run: %s", error)
+            return False
+        grads.append(torch.zeros_like(leaf) if grad is None else grad)
+    return _close(grads[1], grads[0])
+
+
+def _close(actual: object, expected: object) -> bool:
+    """``actual`` equals ``expected`` to rounding; infs and nans must match exactly."""
+    if not isinstance(expected, Tensor) or not isinstance(actual, Tensor):
         return False
-    if expected.shape != split_output.shape or expected.dtype != split_output.dtype:
+    if expected.shape != actual.shape or expected.dtype != actual.dtype:
         return False
     # A thousand ulps covers batched kernels' rounding in float32 and float64; in half
     # precision that would be most of the output, so those get 5%.
     tolerance = (min(1e3 * torch.finfo(expected.dtype).eps, 0.05)
                  if expected.is_floating_point() else 0)
-    expected, split_output = expected.detach(), split_output.detach()
+    expected, actual = expected.detach(), actual.detach()
+    if expected.numel() == 0:
+        return True
     scale = expected.abs().max().clamp_min(1.0)
-    if bool(((expected - split_output).abs().max() <= tolerance * scale).item()):
+    if bool(((expected - actual).abs().max() <= tolerance * scale).item()):
         return True
     # Where the model gives inf or nan, the trace must give the same.
     finite = torch.isfinite(expected)
-    same = (expected == split_output) | (expected.isnan() & split_output.isnan())
+    same = (expected == actual) | (expected.isnan() & actual.isnan())
     scale = torch.where(finite, expected.abs(), 0.0).max().clamp_min(1.0)
-    gap = torch.where(finite, (expected - split_output).abs(),
+    gap = torch.where(finite, (expected - actual).abs(),
                       torch.where(same, 0.0, float("inf")))
     return bool((gap.max() <= tolerance * scale).item())
 

@@ -104,12 +104,17 @@ def compile_options(mode: str) -> dict[str, Any]:
     """``torch.compile`` options equivalent to ``mode=mode``, plus the narrow-product pass.
 
     ``torch.compile`` takes a mode or options, not both; Inductor turns a mode into
-    exactly these options.
+    exactly these options. A post-grad pass the user has set in Inductor's config takes
+    precedence: Inductor has one slot for it, and the engine's pass then stays out.
     """
-    from torch._inductor import list_mode_options
+    from torch._inductor import config, list_mode_options
 
     options: dict[str, Any] = {}
     if mode != "default":
         options.update(list_mode_options(mode, dynamic=False))
-    options["post_grad_custom_post_pass"] = _narrow_products_pass()
+    if config.post_grad_custom_post_pass is None:
+        options["post_grad_custom_post_pass"] = _narrow_products_pass()
+    else:
+        log.debug("a post-grad pass is already set in Inductor's config: narrow products "
+                  "keep their layout")
     return options

@@ -134,3 +134,91 @@ def test_eager_plain_path_with_a_narrow_first_layer_equals_the_unsubstituted_mod
 
     assert (30 * 2 * 12, 5) in calls  # the chunk ran through the substitute
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# What a trace cannot see: backward-only behaviour and views
+
+
+class _StraightThroughClamp(torch.autograd.Function):
+    """Clamps in the forward, passes the gradient through unchanged in the backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(-0.5, 0.5)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _captum(model, x, target=None):
+    from captum.attr import IntegratedGradients
+
+    return IntegratedGradients(model).attribute(x, torch.zeros_like(x), target=target,
+                                                n_steps=20, method="gausslegendre")
+
+
+@pytest.mark.parametrize("options", [{}, {"hoist": False}, {"hoist": False, "compile": True}])
+def test_a_custom_autograd_backward_is_not_traced_away(options):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(5, 64), nn.Linear(64, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.fc(_StraightThroughClamp.apply(torch.sin(x)))))
+
+    torch.manual_seed(0)
+    model, x = Net().double().eval(), torch.randn(50, 5, dtype=torch.float64)
+
+    got = integrated_gradients(model, x, 0.0, target=1, n_steps=20, **options)[0]
+
+    # A trace inlines the clamp and would differentiate it (zero gradient where clamped).
+    torch.testing.assert_close(got, _captum(model, x, target=1), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("hoist", [True, False])
+def test_a_containers_backward_hook_is_not_traced_away(hoist):
+    torch.manual_seed(1)
+    body = nn.Sequential(nn.Linear(5, 64), nn.Tanh())
+    model = nn.Sequential(body, nn.Linear(64, 1)).double().eval()
+    body.register_full_backward_hook(lambda module, grad_in, _: tuple(2 * g for g in grad_in))
+    x = torch.rand(40, 5, dtype=torch.float64)
+
+    got = integrated_gradients(model, x, 0.0, n_steps=20, hoist=hoist)[0]
+
+    torch.testing.assert_close(got, _captum(model, x), rtol=1e-6, atol=1e-9)
+
+
+def test_a_narrow_layer_on_3d_inputs_may_be_followed_by_an_in_place_activation():
+    class PerToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(5, 64), nn.ReLU(inplace=True), nn.Linear(64, 1))
+
+        def forward(self, x):
+            return self.mlp(torch.sin(x)).sum((1, 2))
+
+    torch.manual_seed(2)
+    model, x = PerToken().double().eval(), torch.randn(20, 7, 5, dtype=torch.float64)
+
+    for hoist in (True, False):
+        got = integrated_gradients(model, x, 0.0, n_steps=20, hoist=hoist)[0]
+        torch.testing.assert_close(got, _captum(model, x), rtol=1e-6, atol=1e-9)
+
+
+def test_a_users_own_post_grad_pass_takes_precedence():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class Mine(CustomGraphPass):
+        def __call__(self, graph):
+            pass
+
+        def uuid(self):
+            return "mine"
+
+    with torch._inductor.config.patch(post_grad_custom_post_pass=Mine()):
+        options = compile_options("default")
+
+    assert "post_grad_custom_post_pass" not in options
