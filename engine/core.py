@@ -15,9 +15,9 @@ every point's gradient at once (Captum asks for one gradient output per point in
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -489,6 +489,10 @@ def _model_hooked(forward_func: Callable[..., Tensor]) -> bool:
     return isinstance(forward_func, nn.Module) and own_hooks(forward_func)
 
 
+# Whether each remembered trace has the model's input gradient: checked once per trace.
+_SAME_GRADIENTS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
 def _checked_trace(
     forward_func: Callable[..., Tensor],
     problem: PathProblem,
@@ -521,9 +525,11 @@ def _checked_trace(
         if reproduces(runner(traced), sample.outputs, sample.points):
             # Once per trace: whether it also has the model's gradient (a trace loses
             # custom autograd Functions' backwards and containers' backward hooks).
-            check = functools.partial(same_gradients, forward_func, runner(traced),
-                                      sample.points)
-            if memo(forward_func, ("same gradients", memo_key, id(traced)), check):
+            verdict = _SAME_GRADIENTS.get(traced)
+            if verdict is None:
+                verdict = same_gradients(forward_func, runner(traced), sample.points)
+                _SAME_GRADIENTS[traced] = verdict
+            if verdict:
                 return traced
             log.debug("%s not used: the trace's gradient differs from the model's", memo_key)
             return None
