@@ -221,9 +221,11 @@ def report(rows: list[dict], machine_info: dict) -> str:
     machines = sorted({f"{r['device']}: {r['machine']}" for r in rows})
     peaks = sorted({f"{r['device']}: {r['matmul_peak_gflops']:.0f} GFLOP/s"
                     for r in rows})
+    # Scale rows come from subprocesses and do not record torch's version.
+    torch_version = next((r["torch"] for r in rows if r.get("torch")), "?")
     header = [
         f"Machine: {'; '.join(machines)}. Python {machine_info.get('python_version', '?')}, "
-        f"torch {rows[0].get('torch', '?') if rows else '?'}.",
+        f"torch {torch_version}.",
         f"Measured fp32 matmul peak (2048^2, same run): {'; '.join(peaks)}.",
         "",
     ]

@@ -93,3 +93,14 @@ def test_a_file_without_engine_benchmarks_is_one_line_exit_two(bench_report, tmp
 
     assert bench_report.main([str(path)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_the_header_names_torch_even_when_a_scale_row_comes_first(bench_report, tmp_path,
+                                                                  capsys):
+    scale = entry("engine-fp32", 10.0, size="scale-1000k", peak_rss_bytes=2**30)
+    del scale["extra_info"]["torch"]  # scale runs happen in subprocesses
+    path = write_json(tmp_path / "bench.json", [scale, entry("engine-fp32", 0.01)])
+
+    assert bench_report.main([str(path), "--out", str(tmp_path / "report")]) == 0
+
+    assert "torch 2.13.0." in capsys.readouterr().out
