@@ -10,11 +10,13 @@ On a CPU a chunk that fits the budget can still be too big to be fast: once one 
 activations spill out of the cache, every elementwise op streams through main memory.
 ``CPU_CHUNK_BYTES`` caps the saved bytes of a CPU chunk (a few thousand points on the
 Titanic network). ``bench/test_chunks.py`` sweeps the chunk size. On a shared, loaded
-machine separate runs only ruled out very small and very large chunks; chunk sizes
+machine separate runs only ruled out very small and very large chunks. Chunk sizes
 alternated within one process (where a slow stretch hits all of them alike) favoured
-4-7k points over 14k on the plain path (eager: 22.4-22.5 against 24.5 ms on the Titanic
-job, 2.4-2.8 against 2.7-3.0 s at 20k rows in two of three runs; compiled: the same
-within 2%) and 7k over 14k for hoisted eager chunks (6.5 against 7.8 ms).
+4-7k points over 14k on the plain path's eager chunks (22.4-22.5 against 24.5 ms on the
+Titanic job; compiled chunks were the same within 2%), but a 4 MiB cap halved the
+chunks of the affine-hoisted suffix (2,056 bytes a point: 2,000 points) and made that
+path 1.6x slower at 20k rows (8,000 points: 1.14 s, 4,000: 1.45 s, 2,000: 4.1 s), so
+the cap stays at 8 MiB.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ PRECISIONS: dict[str, torch.dtype | None] = {
 
 CPU_BUDGET_BYTES = 1 << 30
 CUDA_FREE_FRACTION = 0.5
-CPU_CHUNK_BYTES = 4 << 20
+CPU_CHUNK_BYTES = 8 << 20
 # Compiled whole-path chunks of a hoisted model (elementwise work after the prefix) keep
 # most activations in registers and pay guard checks per call, which favours larger
 # chunks: on the hoisted Titanic job 8k-36k points were about equal, 4k about 1.3x slower.
