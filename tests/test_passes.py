@@ -222,3 +222,82 @@ def test_a_users_own_post_grad_pass_takes_precedence():
         options = compile_options("default")
 
     assert "post_grad_custom_post_pass" not in options
+
+
+class _RoundStraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.round()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def test_a_feature_with_small_gradients_is_checked_on_its_own_scale():
+    # Column 0: an amount in dollars, rounded to 10k with a straight-through gradient;
+    # column 1: a 0/1 flag with gradients 1e5 times larger.
+    class Income(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(2, 64), nn.Linear(64, 1)
+
+        def forward(self, x):
+            rounded = _RoundStraightThrough.apply(x[:, :1] / 1e4)
+            return self.l2(torch.relu(self.l1(torch.cat([rounded, x[:, 1:]], 1))))
+
+    torch.manual_seed(0)
+    model = Income().double().eval()
+    x = torch.stack([torch.rand(50) * 1e5, (torch.rand(50) > 0.5).float()], 1).double()
+
+    got = integrated_gradients(model, x, 0.0, n_steps=20)[0]
+
+    torch.testing.assert_close(got, _captum(model, x), rtol=1e-6, atol=1e-9)
+
+
+def test_a_backward_that_differs_only_for_negative_upstream_gradients_is_seen():
+    class GuidedRelu(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.clamp(min=0)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return grad * (x > 0) * (grad > 0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(3, 2), nn.Linear(2, 2)
+            with torch.no_grad():
+                self.l1.bias.fill_(0.5)
+                self.l2.weight.copy_(torch.tensor([[3.0, -1.0], [-1.0, 3.0]]))
+
+        def forward(self, x):
+            return self.l2(GuidedRelu.apply(self.l1(x)))
+
+    torch.manual_seed(0)
+    model, x = Net().double().eval(), torch.rand(6, 3, dtype=torch.float64)
+
+    got = integrated_gradients(model, x, 0.0, target=0, n_steps=20)[0]
+
+    torch.testing.assert_close(got, _captum(model, x, target=0), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("hoist", [True, False, "affine"])
+def test_a_forward_under_no_grad_is_refused_not_traced_around(hoist):
+    from engine.errors import ModelError
+
+    class Detached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(5, 64), nn.Linear(64, 1)
+
+        @torch.no_grad()
+        def forward(self, x):
+            return self.l2(torch.relu(self.l1(x)))
+
+    with pytest.raises(ModelError, match="does not depend on its inputs through autograd"):
+        integrated_gradients(Detached().eval(), torch.rand(10, 5), 0.0, hoist=hoist)
