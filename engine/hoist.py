@@ -294,7 +294,7 @@ class _SingleOutputLinear(nn.Module):
         return _RowDot.apply(x, weight, bias)
 
 
-class _ColumnMajorBackward(torch.autograd.Function):
+class _ColumnMajorBackward(_RowDot):
     """``linear(x, weight, bias)`` whose input gradient multiplies by a column-major weight.
 
     The forward is the layer's own call, bit for bit. The input gradient ``grad @ weight``
@@ -302,16 +302,9 @@ class _ColumnMajorBackward(torch.autograd.Function):
     about 3x slower on the row-major weight than on a column-major copy (see
     ``engine.passes``, which does the same for compiled chunks). The copy is a few
     hundred numbers, made per backward so that it always holds the current weight; the
-    gradient equals autograd's to rounding (the BLAS sums in another order).
+    gradient equals autograd's to rounding (the BLAS sums in another order). The forward
+    and what it saves are ``_RowDot``'s.
     """
-
-    @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return nn.functional.linear(x, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 - autograd's signature
-        ctx.save_for_backward(inputs[1])
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205 - autograd's signature
