@@ -452,10 +452,16 @@ def same_gradients(model: Callable[[Tensor], Tensor], candidate: Callable[[Tenso
     finite = torch.isfinite(expected).all() and torch.isfinite(actual).all()
     if not bool(finite) or expected.numel() == 0:
         return True
-    tolerance = min(1e3 * torch.finfo(expected.dtype).eps, 0.05)
+    tolerance = _tolerance(expected.dtype)
     overall = expected.abs().max()
     scale = expected.abs().amax(dim=0).clamp_min(float(overall) * 1e-9)
     return bool(((expected - actual).abs().amax(dim=0) <= tolerance * scale).all())
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    # A thousand ulps covers batched kernels' rounding in float32 and float64; in half
+    # precision that would be most of the output, so those get 5%.
+    return min(1e3 * torch.finfo(dtype).eps, 0.05)
 
 
 def _close(actual: object, expected: object) -> bool:
@@ -464,10 +470,7 @@ def _close(actual: object, expected: object) -> bool:
         return False
     if expected.shape != actual.shape or expected.dtype != actual.dtype:
         return False
-    # A thousand ulps covers batched kernels' rounding in float32 and float64; in half
-    # precision that would be most of the output, so those get 5%.
-    tolerance = (min(1e3 * torch.finfo(expected.dtype).eps, 0.05)
-                 if expected.is_floating_point() else 0)
+    tolerance = _tolerance(expected.dtype) if expected.is_floating_point() else 0
     expected, actual = expected.detach(), actual.detach()
     if expected.numel() == 0:
         return True
