@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from engine.errors import ArgumentError, ModelError
 from engine.fused import compiled_whole_paths
 from engine.hoist import (
     AffineSplit,
+    custom_backward,
     fast_model,
     global_hooks,
     hooked,
@@ -484,9 +485,18 @@ def _fast(
 
 
 def _model_hooked(forward_func: Callable[..., Tensor]) -> bool:
-    """Whether the model itself has hooks or a replaced forward, which a trace of its
-    class's forward leaves out."""
-    return isinstance(forward_func, nn.Module) and own_hooks(forward_func)
+    """Whether the model, or a layer a trace runs through rather than calls, has hooks or
+    a replaced forward, which a trace of the classes' forwards leaves out.
+
+    ``torch.fx`` calls torch.nn's layers (except containers) as modules, with their
+    hooks; it inlines the forward of the model, of containers and of the user's own
+    modules, and their hooks are lost.
+    """
+    if not isinstance(forward_func, nn.Module):
+        return False
+    tracer = fx.Tracer()
+    return any(own_hooks(module) and (not name or not tracer.is_leaf_module(module, name))
+               for name, module in forward_func.named_modules())
 
 
 # Whether each remembered trace has the model's input gradient: checked once per trace.
@@ -523,8 +533,14 @@ def _checked_trace(
                           error)
                 return None
         if reproduces(runner(traced), sample.outputs, sample.points):
-            # Once per trace: whether it also has the model's gradient (a trace loses
-            # custom autograd Functions' backwards and containers' backward hooks).
+            # Every call: a custom autograd Function the model runs now, whose backward
+            # the trace would drop. Once per trace: whether the trace has the model's
+            # gradient (that also covers grad-mode switches inside the forward).
+            custom = _custom_backward_now(forward_func, sample.points)
+            if custom is not None:
+                log.debug("%s not used: the model's backward runs custom code (%s)",
+                          memo_key, custom)
+                return None
             verdict = _SAME_GRADIENTS.get(traced)
             if verdict is None:
                 verdict = same_gradients(forward_func, runner(traced), sample.points)
@@ -538,6 +554,21 @@ def _checked_trace(
             forget(forward_func, memo_key)
     log.debug("%s not used: the trace does not reproduce the model", memo_key)
     return None
+
+
+def _custom_backward_now(forward_func: Callable[..., Tensor], points: Tensor) -> str | None:
+    """``custom_backward`` of the model's graph on two of ``points``; a model that fails
+    there is reported as custom (its trace is then not used, and the plain path reports
+    the failure)."""
+    leaf = points[:2].detach().requires_grad_()
+    try:
+        with torch.enable_grad():
+            output = forward_func(leaf)
+    except Exception as error:  # noqa: BLE001 - not checked, so not used
+        return f"the model failed with a gradient ({type(error).__name__})"
+    if not isinstance(output, Tensor):
+        return f"the model returned {type(output).__name__}"
+    return custom_backward(output)
 
 
 def _integrate_points(

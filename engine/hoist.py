@@ -37,8 +37,8 @@ from engine.kinks import KinkSplit, split_kink
 from engine.passes import MAX_NARROW_COLUMNS, MIN_INNER
 from engine.step import global_hooks, memo, own_hooks
 
-__all__ = ["AffineSplit", "fast_model", "global_hooks", "hooked", "pull_back", "reproduces",
-           "same_gradients", "split_affine_prefix", "uses_batch_statistics"]
+__all__ = ["AffineSplit", "custom_backward", "fast_model", "global_hooks", "hooked", "pull_back",
+           "reproduces", "same_gradients", "split_affine_prefix", "uses_batch_statistics"]
 
 log = logging.getLogger(__name__)
 
@@ -417,8 +417,11 @@ def same_gradients(model: Callable[[Tensor], Tensor], candidate: Callable[[Tenso
     dollars beside 0/1 flags) is not hidden by a large one. A model whose output has no
     gradient does not pass: it then runs as it is, and the engine refuses it.
 
-    This is a check on the probe's points, made once per trace: a backward that differs
-    only elsewhere, or only after the model's Python state changes, is not seen.
+    This is a check on the probe's points, made once per trace. Custom Functions and
+    backward hooks are also looked for on every call (``custom_backward``, and hooks on
+    the modules a trace inlines), so weights or Python state that change between calls
+    cannot bring one in unseen; what this check alone covers is a forward that switches
+    gradients off for part of its work, and it sees that only as the first call does.
     """
     grads = []
     for function in (model, candidate):
@@ -456,6 +459,36 @@ def same_gradients(model: Callable[[Tensor], Tensor], candidate: Callable[[Tenso
     overall = expected.abs().max()
     scale = expected.abs().amax(dim=0).clamp_min(float(overall) * 1e-9)
     return bool(((expected - actual).abs().amax(dim=0) <= tolerance * scale).all())
+
+
+# Autograd nodes custom_backward visits before it gives up and reports the graph as custom.
+_MAX_GRAPH_NODES = 100_000
+
+
+def custom_backward(output: Tensor) -> str | None:
+    """The name of an autograd node behind ``output`` whose backward is Python code, or None.
+
+    Custom autograd Functions (straight-through estimators, gradient reversal) and the
+    nodes that modules' full backward hooks add are such nodes. A ``torch.fx`` trace keeps
+    their forward and drops their backward, so a model that runs one must not be replaced
+    by its trace. Checked on the model's own graph at the call's points, so a Function
+    switched on by Python state between calls is seen on the call that uses it.
+    """
+    stack = [output.grad_fn]
+    # Python wrappers of graph nodes stay the same object while referenced, so ``seen``
+    # (which holds them) visits each node of a graph with shared branches once.
+    seen: set[object] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            return type(node).__name__
+        seen.add(node)
+        if len(seen) > _MAX_GRAPH_NODES:
+            return f"a graph of more than {_MAX_GRAPH_NODES} nodes"
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return None
 
 
 def _tolerance(dtype: torch.dtype) -> float:

@@ -301,3 +301,120 @@ def test_a_forward_under_no_grad_is_refused_not_traced_around(hoist):
 
     with pytest.raises(ModelError, match="does not depend on its inputs through autograd"):
         integrated_gradients(Detached().eval(), torch.rand(10, 5), 0.0, hoist=hoist)
+
+
+# What changes between calls: each call checks the model's own graph
+
+
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class _Switchable(nn.Module):
+    """Reverses the gradient of its hidden layer when ``reverse`` is set (forward unchanged)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.act, self.l2 = nn.Linear(5, 64), nn.PReLU(), nn.Linear(64, 1)
+        self.reverse = False
+
+    def forward(self, x):
+        hidden = self.act(self.l1(x))
+        if self.reverse:
+            hidden = _ReverseGradient.apply(hidden)
+        return self.l2(hidden)
+
+
+@pytest.mark.parametrize("options", [{}, {"hoist": "affine"}, {"hoist": False},
+                                     {"delta_tolerance": 1e-3}])
+def test_a_custom_backward_switched_on_between_calls_is_seen(options):
+    torch.manual_seed(3)
+    model, x = _Switchable().double().eval(), torch.rand(30, 5, dtype=torch.float64)
+
+    def attributions():
+        result = integrated_gradients(model, x, 0.0, n_steps=20, **options)
+        return result.attributions[0] if "delta_tolerance" in options else result[0]
+
+    plain = attributions()  # traced and checked without the Function
+    model.reverse = True
+    reversed_ = attributions()
+
+    if "delta_tolerance" in options:
+        # Adaptive steps differ between the two runs; a lost reversal would flip the sign.
+        torch.testing.assert_close(reversed_, -plain, rtol=0, atol=1e-2 * float(plain.abs().max()))
+    else:
+        torch.testing.assert_close(plain, _captum(model, x).neg(), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(reversed_, _captum(model, x), rtol=1e-6, atol=1e-9)
+
+
+def test_a_custom_backward_that_differs_only_after_training_is_seen():
+    # The clamp passes its gradient straight through. With small weights nothing is
+    # clamped on the first call, so the trace's gradient agrees with the model's there;
+    # after the weights grow (as in training) it would not.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(5, 64), nn.Linear(64, 1)
+
+        def forward(self, x):
+            return self.l2(_StraightThroughClamp.apply(torch.tanh(self.l1(x))))
+
+    torch.manual_seed(4)
+    model, x = Net().double().eval(), torch.rand(30, 5, dtype=torch.float64)
+    with torch.no_grad():
+        model.l1.weight.mul_(0.01)
+        model.l1.bias.zero_()
+    integrated_gradients(model, x, 0.0, n_steps=20)
+    with torch.no_grad():
+        model.l1.weight.mul_(1000.0)
+
+    got = integrated_gradients(model, x, 0.0, n_steps=20)[0]
+
+    torch.testing.assert_close(got, _captum(model, x), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("register", ["register_full_backward_hook", "register_backward_hook"])
+def test_a_gradient_clipping_hook_that_acts_only_after_training_is_seen(register):
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 64)
+
+        def forward(self, x):
+            return torch.tanh(self.fc(x))
+
+    torch.manual_seed(5)
+    body = Body()
+    model = nn.Sequential(body, nn.PReLU(), nn.Linear(64, 1)).double().eval()
+    # Clips the gradient at the body's input, which is small until the weights grow.
+    getattr(body, register)(lambda module, grad_in, _: tuple(
+        None if g is None else g.clamp(-0.05, 0.05) for g in grad_in))
+    x = torch.rand(30, 5, dtype=torch.float64)
+    with torch.no_grad():
+        body.fc.weight.mul_(0.01)
+    integrated_gradients(model, x, 0.0, n_steps=20)
+    with torch.no_grad():
+        body.fc.weight.mul_(100.0)
+        model[2].weight.mul_(100.0)
+
+    got = integrated_gradients(model, x, 0.0, n_steps=20)[0]
+
+    torch.testing.assert_close(got, _captum(model, x), rtol=1e-6, atol=1e-9)
+
+
+def test_custom_backward_names_the_node_and_visits_shared_branches_once():
+    from engine.hoist import custom_backward
+
+    x = torch.rand(4, 3, requires_grad=True)
+    plain = x
+    for _ in range(60):  # 2**60 paths if shared nodes were revisited
+        plain = plain * 2 + plain.sin()
+
+    assert custom_backward(plain) is None
+    assert custom_backward(_ReverseGradient.apply(plain).sum()) == "_ReverseGradientBackward"
