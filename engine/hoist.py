@@ -270,7 +270,11 @@ class _RowDot(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205 - autograd's signature
         (weight,) = ctx.saved_tensors
-        return grad * weight, None, None
+        # Under autocast the forward multiplied by the weight cast to the gradient's dtype;
+        # so does autograd's product in the backward. Each entry is one rounded product,
+        # so a bfloat16 multiply equals it, where a float32 weight would promote the
+        # product to a slow mixed-dtype one and a cast back.
+        return grad * weight.to(grad.dtype), None, None
 
 
 class _SingleOutputLinear(nn.Module):

@@ -209,6 +209,30 @@ def test_kernel_substitutions_are_bit_identical():
     torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_substitutions_under_autocast_are_bit_identical(dtype):
+    # The single-output Linear's input gradient is a broadcast product; under autocast it
+    # must multiply in the autocast dtype, as autograd's product does, not promote to
+    # float32 (a slow mixed-dtype product, then a cast back).
+    net, x, _ = titanic_job("conventional", dtype=torch.float32)
+    for parameter in net.parameters():
+        parameter.requires_grad_(False)
+    fast = fast_model(net)
+
+    grads, outputs = [], []
+    for model in (net, fast):
+        points = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            output = model(points)
+            (grad,) = torch.autograd.grad(output.sum(), points)
+        outputs.append(output)
+        grads.append(grad)
+
+    assert outputs[1].dtype == outputs[0].dtype
+    assert torch.equal(outputs[1], outputs[0])
+    assert torch.equal(grads[1], grads[0])
+
+
 # ---------------------------------------------------------------------------
 # Chunk planning
 
