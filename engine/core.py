@@ -73,6 +73,10 @@ PROBE_POINTS = 64
 # Rows a remembered trace is checked on when the row-coupling probe left no sample
 # (several inputs, extra arguments, allowed coupling, adaptive refinement).
 HOIST_CHECK_ROWS = 4
+# Probe points a trace's gradient is compared on, once per trace: what it alone has to
+# catch (a forward that switches gradients off for part of its work) shows at any point,
+# and two autograd passes over every probe point would ignore the memory budget.
+GRADIENT_CHECK_POINTS = 64
 
 TensorOrTuple = Union[Tensor, tuple[Tensor, ...]]
 BaselineArg = Union[None, int, float, Tensor, tuple[Union[int, float, Tensor], ...]]
@@ -543,7 +547,8 @@ def _checked_trace(
                 return None
             verdict = _SAME_GRADIENTS.get(traced)
             if verdict is None:
-                verdict = same_gradients(forward_func, runner(traced), sample.points)
+                points = sample.points[:GRADIENT_CHECK_POINTS]
+                verdict = same_gradients(forward_func, runner(traced), points)
                 _SAME_GRADIENTS[traced] = verdict
             if verdict:
                 return traced

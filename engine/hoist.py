@@ -421,7 +421,7 @@ def same_gradients(model: Callable[[Tensor], Tensor], candidate: Callable[[Tenso
     dollars beside 0/1 flags) is not hidden by a large one. A model whose output has no
     gradient does not pass: it then runs as it is, and the engine refuses it.
 
-    This is a check on the probe's points, made once per trace. Custom Functions and
+    This is a check on some of the probe's points, made once per trace. Custom Functions and
     backward hooks are also looked for on every call (``custom_backward``, and hooks on
     the modules a trace inlines), so weights or Python state that change between calls
     cannot bring one in unseen; what this check alone covers is a forward that switches

@@ -418,3 +418,25 @@ def test_custom_backward_names_the_node_and_visits_shared_branches_once():
 
     assert custom_backward(plain) is None
     assert custom_backward(_ReverseGradient.apply(plain).sum()) == "_ReverseGradientBackward"
+
+
+@pytest.mark.parametrize("hoist", [True, False])
+def test_a_gate_computed_under_no_grad_is_not_traced_around(hoist):
+    # torch.fx does not record the no_grad block, so a trace would differentiate the gate.
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.gate = nn.Linear(5, 64), nn.Linear(5, 1)
+            self.act, self.head = nn.PReLU(), nn.Linear(64, 1)
+
+        def forward(self, x):
+            with torch.no_grad():
+                scale = torch.sigmoid(self.gate(x))
+            return self.head(self.act(self.body(x))) * scale
+
+    torch.manual_seed(6)
+    model, x = Gated().double().eval(), torch.rand(300, 5, dtype=torch.float64)
+
+    got = integrated_gradients(model, x, 0.0, n_steps=20, hoist=hoist)[0]
+
+    torch.testing.assert_close(got, _captum(model, x), rtol=1e-6, atol=1e-9)
