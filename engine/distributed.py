@@ -7,8 +7,9 @@ every finished chunk to the store. When all processes are done, rank 0 reads the
 in row order and writes the two tables of ``--all`` once, each file appearing whole.
 
 A killed job keeps its finished chunks: run it again with the same arguments and only
-the missing chunks are computed. The store must be on a file system every process sees
-(any folder on one machine; a shared one across nodes).
+the missing chunks are computed. A job that ends before its first chunk is finished
+leaves no store (and no ``--out`` folder it created). The store must be on a file system
+every process sees (any folder on one machine; a shared one across nodes).
 """
 
 from __future__ import annotations
@@ -403,9 +404,14 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
         net, features, passenger_ids, baselines, store, n_steps=job.n_steps,
         method=job.method, internal_batch_size=job.internal_batch_size,
     )
+    out_existed = job.out.exists()
     started = time.perf_counter()
-    with _quiet_lightning():
-        trainer.predict(module, return_predictions=False)
+    try:
+        with _quiet_lightning():
+            trainer.predict(module, return_predictions=False)
+    except BaseException:
+        _drop_if_unfinished(store, job.out, out_existed)
+        raise
     # Every process has written its chunks once all of them pass this point.
     trainer.strategy.barrier("chunks-written")
     seconds = time.perf_counter() - started
@@ -431,6 +437,20 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
         "files": files,
         "world_size": trainer.world_size,
     }
+
+
+def _drop_if_unfinished(store: ChunkStore, out: Path, out_existed: bool) -> None:
+    """After a failed run: a store without a finished chunk has nothing to resume.
+
+    The store only appears with its first chunk; this covers a run stopped while writing
+    that chunk. ``out`` goes too when this run created it and nothing else is in it.
+    """
+    if store.done():
+        return
+    store.remove()
+    if not out_existed:
+        with contextlib.suppress(OSError):
+            out.rmdir()
 
 
 def _check_pyarrow() -> None:

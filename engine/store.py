@@ -6,6 +6,9 @@ behind. The manifest records what the chunks are results *of* (a hash of the job
 configuration, the row ranges and the baselines); a job restarted with the same
 configuration skips the chunks already on disk, and a job with another configuration
 is refused rather than mixed with them.
+
+The folder and its manifest appear with the first finished chunk: a job that fails or is
+stopped before then leaves nothing behind, since there would be nothing to resume.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class ChunkStore:
         self.chunks = list(chunks)
         self.baseline_names = list(baseline_names)
         self.hash = config_hash({**self.config, "baselines": self.baseline_names})
+        self._manifest_written = False
 
     # -- the manifest ------------------------------------------------------------------
 
@@ -129,7 +133,11 @@ class ChunkStore:
         }
 
     def open(self) -> None:
-        """Create the folder and manifest, or check that an existing one is this job's.
+        """Check that the folder holds no chunks of another job; nothing is written yet.
+
+        The folder and manifest are created by the first :meth:`write`. A manifest beside
+        no chunk file (left by a job killed between the two) guards nothing: the first
+        write replaces it.
 
         Raises
         ------
@@ -138,18 +146,21 @@ class ChunkStore:
             names the first setting that differs.
         """
         path = self.folder / MANIFEST_NAME
-        if path.is_file():
-            self._check_manifest(path)
+        if not self.folder.is_dir() or not any(self.folder.glob("chunk-*.npz")):
             return
-        if self.folder.exists() and any(self.folder.glob("chunk-*.npz")):
+        if not path.is_file():
             raise ArgumentError(
                 f"{self.folder} holds chunk files but no {MANIFEST_NAME}: delete the folder "
                 "to start over"
             )
+        self._check_manifest(path)
+
+    def _write_manifest(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        # Every process of a job may get here first; they all write the same bytes.
-        with atomic_path(path) as temp:
+        # Every process of a job writes it before its first chunk: the same bytes each time.
+        with atomic_path(self.folder / MANIFEST_NAME) as temp:
             temp.write_text(json.dumps(self.manifest(), indent=2, sort_keys=True) + "\n")
+        self._manifest_written = True
         log.debug("chunk store %s: new manifest %s", self.folder, self.hash[:12])
 
     def _check_manifest(self, path: Path) -> None:
@@ -194,7 +205,12 @@ class ChunkStore:
         return [c for c in self.chunks if c.index not in finished]
 
     def write(self, chunk: RowChunk, arrays: Mapping[str, np.ndarray]) -> Path:
-        """Write one chunk's arrays atomically: the file appears whole or not at all."""
+        """Write one chunk's arrays atomically: the file appears whole or not at all.
+
+        The first write of a process creates the folder and writes the manifest.
+        """
+        if not self._manifest_written:
+            self._write_manifest()
         target = self.path(chunk)
         with atomic_path(target) as temp:
             with open(temp, "wb") as stream:
@@ -236,6 +252,7 @@ class ChunkStore:
     def remove(self) -> None:
         """Delete the folder and everything in it (after the final files are written)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+        self._manifest_written = False
 
 
 def _short(value: Any) -> str:

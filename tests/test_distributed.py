@@ -189,6 +189,43 @@ def test_a_killed_run_resumes_without_recomputing_and_ends_identical(
         assert (out / name).read_bytes() == (one_process_run / name).read_bytes()
 
 
+def test_a_run_that_fails_before_its_first_chunk_leaves_nothing(
+    tmp_path, capsys, rows_csv, titanic_csv
+):
+    # Finite weights whose products overflow float32: every output is nan, so the first
+    # chunk fails, after the store was set up and before anything is worth keeping.
+    torch.manual_seed(7)
+    net = TitanicMLP()
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.mul_(1e20)
+    overflowing = save_weights(net, tmp_path / "model" / "overflowing.pt")
+    out = tmp_path / "results"
+
+    status = main(flags(rows_csv, overflowing, titanic_csv, out))
+
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and len(err.splitlines()) == 1 and "non-finite outputs" in err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_first_chunk_that_cannot_be_written_leaves_nothing(
+    tmp_path, capsys, monkeypatch, rows_csv, checkpoint, titanic_csv
+):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("engine.store.np.savez", disk_full)
+    out = tmp_path / "results"
+
+    status = main(flags(rows_csv, checkpoint, titanic_csv, out))
+
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and len(err.splitlines()) == 1 and "No space left" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_changed_config_refuses_the_old_chunks_with_exit_two(
     tmp_path, monkeypatch, capsys, rows_csv, checkpoint, titanic_csv
 ):

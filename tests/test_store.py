@@ -49,9 +49,25 @@ def test_config_hash_ignores_key_order_but_not_values():
     assert config_hash({"a": 1, "b": 2}) != config_hash({"a": 1, "b": 3})
 
 
-def test_manifest_records_row_ranges_baselines_and_hash(tmp_path):
-    store = make_store(tmp_path / "chunks")
+def with_one_chunk(store):
+    """``store`` opened, with its first chunk written: what a run leaves to resume."""
     store.open()
+    store.write(store.chunks[0], chunk_arrays(store.chunks[0], torch.Generator().manual_seed(0)))
+    return store
+
+
+def test_opening_writes_nothing_until_the_first_chunk(tmp_path):
+    store = make_store(tmp_path / "out" / "chunks")
+
+    store.open()
+
+    assert not (tmp_path / "out").exists()
+    store.write(store.chunks[1], chunk_arrays(store.chunks[1], torch.Generator().manual_seed(0)))
+    assert sorted(p.name for p in store.folder.iterdir()) == ["chunk-000001.npz", "manifest.json"]
+
+
+def test_manifest_records_row_ranges_baselines_and_hash(tmp_path):
+    store = with_one_chunk(make_store(tmp_path / "chunks"))
 
     manifest = json.loads((tmp_path / "chunks" / "manifest.json").read_text())
     assert manifest["config_hash"] == store.hash
@@ -85,16 +101,29 @@ def test_reopening_with_the_same_config_keeps_finished_chunks(tmp_path):
 
 
 def test_a_changed_config_is_refused_naming_the_setting(tmp_path):
-    make_store(tmp_path / "chunks", n_steps=8).open()
+    with_one_chunk(make_store(tmp_path / "chunks", n_steps=8))
 
     with pytest.raises(ArgumentError, match=r"another job \(n_steps: 8 then, 16 now\)") as error:
         make_store(tmp_path / "chunks", n_steps=16).open()
     assert "\n" not in str(error.value)
 
 
+def test_a_manifest_without_chunks_is_replaced_by_another_job(tmp_path):
+    # A job killed between writing its manifest and its first chunk guards nothing.
+    stale = with_one_chunk(make_store(tmp_path / "chunks", n_steps=8))
+    stale.path(stale.chunks[0]).unlink()
+    store = make_store(tmp_path / "chunks", n_steps=16)
+
+    with_one_chunk(store)
+
+    manifest = json.loads((tmp_path / "chunks" / "manifest.json").read_text())
+    assert manifest["config_hash"] == store.hash and store.done() == {0}
+
+
 def test_a_temporary_file_left_by_a_kill_is_not_a_finished_chunk(tmp_path):
     store = make_store(tmp_path / "chunks")
     store.open()
+    (tmp_path / "chunks").mkdir()
     (tmp_path / "chunks" / ".chunk-000000.npz.x1y2.tmp").write_bytes(b"half a chunk")
 
     assert store.done() == set()
@@ -103,6 +132,7 @@ def test_a_temporary_file_left_by_a_kill_is_not_a_finished_chunk(tmp_path):
 def test_a_chunk_of_another_job_is_refused_on_read(tmp_path):
     store = make_store(tmp_path / "chunks")
     store.open()
+    (tmp_path / "chunks").mkdir()
     other = make_store(tmp_path / "other", n_steps=16)
     other.open()
     other.write(other.chunks[0], chunk_arrays(other.chunks[0], torch.Generator().manual_seed(0)))
