@@ -14,11 +14,12 @@ every point's gradient at once (Captum asks for one gradient output per point in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -60,6 +61,7 @@ from engine.step import (
     keeps_batch_statistics,
     memo,
     module_of,
+    non_finite_weights,
     own_hooks,
     pad_rows,
 )
@@ -417,7 +419,7 @@ def integrate(
     row-coupling probe, saves a forward when checking a traced model.
     """
     options = options or RunOptions()
-    with frozen_parameters(forward_func):
+    with frozen_parameters(forward_func), weights_blamed(forward_func):
         if options.compile_mode:
             _check_gradient(forward_func, problem)
         split = _usable_split(forward_func, problem, options, sample)
@@ -1134,16 +1136,39 @@ def _forward(forward_func: Callable[..., Tensor], points: tuple[Tensor, ...], ar
     return output
 
 
+class _NonFiniteOutputs(ModelError):
+    """Outputs on some paths are nan or inf; ``weights_blamed`` may know why."""
+
+
 def _refuse_non_finite(selected: Tensor, rows: Tensor) -> None:
     finite = torch.isfinite(selected.detach())
     if bool(finite.all()):
         return
     bad_rows = torch.unique(rows[~finite]).tolist()
     shown = ", ".join(str(r) for r in bad_rows[:10]) + (" ..." if len(bad_rows) > 10 else "")
-    raise ModelError(
+    raise _NonFiniteOutputs(
         f"the model returned non-finite outputs (nan or inf) on the path of row(s) {shown}: "
         "check those rows and their baselines"
     )
+
+
+@contextlib.contextmanager
+def weights_blamed(forward_func: Callable[..., Tensor]) -> Iterator[None]:
+    """Name the model's nan or inf weights when they are why its outputs are non-finite.
+
+    The parameters are only looked at after non-finite outputs were found: a healthy run
+    pays nothing. A plain function hides its weights, and keeps the message on the rows.
+    """
+    try:
+        yield
+    except _NonFiniteOutputs as error:
+        culprits = non_finite_weights(module_of(forward_func))
+        if not culprits:
+            raise
+        raise ModelError(
+            f"the model's weights hold nan or inf ({culprits}), which makes its outputs "
+            "non-finite: retrain the model or load other weights"
+        ) from error
 
 
 def refuse_coupled_rows(forward_func: Callable[..., Tensor]) -> None:

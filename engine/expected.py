@@ -27,6 +27,7 @@ from engine.core import (
     check_independent_rows,
     check_model_device,
     make_problem,
+    weights_blamed,
 )
 from engine.errors import ArgumentError
 from engine.step import keeps_batch_statistics
@@ -155,7 +156,8 @@ def _chunk(
     with torch.enable_grad():
         output = _forward(forward_func, tuple(points), args)
         selected = problem.select(output, rows)
-        _refuse_non_finite(selected, rows)
+        with weights_blamed(forward_func):
+            _refuse_non_finite(selected, rows)
         grads = torch.autograd.grad(selected.sum(), points)
 
     base_values = None

@@ -19,6 +19,7 @@ from torch import nn
 from engine.data import FEATURES, TitanicData, TitanicDataModule
 from engine.errors import ArgumentError, CheckpointError
 from engine.io import atomic_path
+from engine.step import non_finite_weights
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -399,8 +400,8 @@ def load_weights(path: str | Path, layer_order: str | None = None) -> TitanicMLP
     Raises
     ------
     CheckpointError
-        If the file is missing, is not a checkpoint, or its keys or shapes do
-        not match the network.
+        If the file is missing, is not a checkpoint, its keys or shapes do not
+        match the network, or a weight is nan or inf.
     ArgumentError
         If ``layer_order`` is given and unknown.
     """
@@ -424,6 +425,14 @@ def load_weights(path: str | Path, layer_order: str | None = None) -> TitanicMLP
     net = TitanicMLP(layer_order or stored_order)
     _check_state_dict(state_dict, net, path)
     net.load_state_dict(state_dict)
+    # A diverged training run saves nan weights without complaint; say so here, before
+    # they turn every output into nan and the rows get the blame.
+    culprits = non_finite_weights(net)
+    if culprits:
+        raise CheckpointError(
+            f"{path}: the weights hold nan or inf ({culprits}): retrain the model or use "
+            "another checkpoint"
+        )
     return net.eval()
 
 

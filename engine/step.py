@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from engine.passes import compile_options
 
 __all__ = ["compiled_copy", "compiled_model", "forget", "frozen_parameters", "global_hooks",
-           "keeps_batch_statistics", "layout", "memo", "own_hooks", "pad_rows"]
+           "keeps_batch_statistics", "layout", "memo", "non_finite_weights", "own_hooks",
+           "pad_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,27 @@ def module_of(forward_func: object) -> nn.Module | None:
         return forward_func
     owner = getattr(forward_func, "__self__", None)
     return owner if isinstance(owner, nn.Module) else None
+
+
+def non_finite_weights(module: nn.Module | None, most: int = 3) -> str:
+    """Name the parameters and buffers holding nan or inf; ``""`` when there are none.
+
+    ``"parameter l1.weight: 3 of 640 values"``, up to ``most`` of them, then how many
+    more. Reads every weight once: for messages, not for every call.
+    """
+    if module is None:
+        return ""
+    named = [("parameter", name, tensor) for name, tensor in module.named_parameters()]
+    named += [("buffer", name, tensor) for name, tensor in module.named_buffers()]
+    culprits = []
+    for kind, name, tensor in named:
+        if not tensor.is_floating_point():
+            continue
+        count = int((~torch.isfinite(tensor.detach())).sum())
+        if count:
+            culprits.append(f"{kind} {name}: {count:,} of {tensor.numel():,} values")
+    more = f" and {len(culprits) - most} more" if len(culprits) > most else ""
+    return "; ".join(culprits[:most]) + more
 
 
 @contextlib.contextmanager

@@ -248,6 +248,28 @@ def test_non_finite_model_output_names_the_rows():
         integrated_gradients(model, x, torch.zeros(1, 2))
 
 
+@pytest.mark.parametrize("hoist", [True, False], ids=["hoisted", "plain"])
+def test_non_finite_weights_are_named_instead_of_the_rows(hoist):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1)).eval()
+    with torch.no_grad():
+        model[2].weight[0, 5] = float("nan")
+
+    with pytest.raises(ModelError, match=r"weights hold nan or inf \(parameter 2\.weight: 1 of 8 "
+                                         r"values\)") as error:
+        integrated_gradients(model, torch.rand(4, 3), torch.zeros(1, 3), hoist=hoist)
+    assert "row(s)" not in str(error.value)
+
+
+def test_non_finite_buffers_are_named_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).eval()
+    model[1].running_mean[2] = float("nan")
+
+    with pytest.raises(ModelError, match=r"\(buffer 1\.running_mean: 1 of 4 values\)"):
+        integrated_gradients(model, torch.rand(4, 3), torch.zeros(1, 3))
+
+
 def test_training_mode_batchnorm_names_the_layer_and_the_opt_in():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).train()
 

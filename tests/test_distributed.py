@@ -226,6 +226,25 @@ def test_a_first_chunk_that_cannot_be_written_leaves_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_checkpoint_with_nan_weights_is_refused_naming_the_weights(
+    tmp_path, capsys, rows_csv, titanic_csv
+):
+    torch.manual_seed(7)
+    net = TitanicMLP()
+    with torch.no_grad():
+        net.l1.weight[0, 0] = float("nan")
+    diverged = save_weights(net, tmp_path / "model" / "diverged.pt")
+    out = tmp_path / "results"
+
+    status = main(flags(rows_csv, diverged, titanic_csv, out))
+
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1
+    assert "diverged.pt" in err and "parameter l1.weight: 1 of 640 values" in err
+    assert "row(s)" not in err
+    assert not out.exists()
+
+
 def test_a_changed_config_refuses_the_old_chunks_with_exit_two(
     tmp_path, monkeypatch, capsys, rows_csv, checkpoint, titanic_csv
 ):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from engine import expected_gradients
-from engine.errors import ArgumentError
+from engine.errors import ArgumentError, ModelError
 
 
 class SumOfSquares(nn.Module):
@@ -117,6 +117,16 @@ def test_background_with_other_features_is_refused():
 def test_zero_samples_are_refused():
     with pytest.raises(ArgumentError, match="n_samples must be a positive integer"):
         expected_gradients(nn.Linear(3, 1), torch.randn(2, 3), torch.randn(5, 3), n_samples=0)
+
+
+def test_non_finite_weights_are_named_instead_of_the_rows():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    with torch.no_grad():
+        model.weight[0, 1] = float("nan")
+
+    with pytest.raises(ModelError, match=r"weights hold nan or inf \(parameter weight: 1 of 3"):
+        expected_gradients(model, torch.rand(2, 3), torch.rand(5, 3), n_samples=4)
 
 
 @pytest.mark.gpu

@@ -219,6 +219,19 @@ def test_wrong_keys_are_named(tmp_path: Path) -> None:
     assert_one_line(err, "keys.pt", "out.weight", "fc9.weight")
 
 
+def test_non_finite_weights_are_named(tmp_path: Path) -> None:
+    net = seeded_net()
+    with torch.no_grad():
+        net.l2.weight[3, 4] = float("nan")
+        net.out.bias[0] = float("-inf")
+    path = save_weights(net, tmp_path / "diverged.pt")
+
+    with pytest.raises(CheckpointError) as err:
+        load_weights(path)
+    assert_one_line(err, "diverged.pt", "nan or inf", "parameter l2.weight: 1 of 16,384 values",
+                    "parameter out.bias: 1 of 1 values")
+
+
 def test_unknown_stored_order_is_a_checkpoint_error(tmp_path: Path) -> None:
     torch.save({"format": CHECKPOINT_FORMAT, "layer_order": "sideways",
                 "state_dict": seeded_net().state_dict()}, tmp_path / "order.pt")
