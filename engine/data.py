@@ -70,6 +70,13 @@ MAX_SHOWN_CHARS = 60
 # PassengerId is read as a float; past 2**53 whole numbers are no longer exact.
 MAX_PASSENGER_ID = 2**53
 
+# Values no passenger could have had, far past Kaggle's largest (Age 80, SibSp 8, Fare
+# 512.33): nobody has lived to 150, nobody had 100 siblings and spouses aboard, and the
+# dearest ticket sold cost about 870 pounds. Beyond them a value is a typo or a sentinel
+# (1e308), and one such value squeezes the rest of its column to zeros when the file is
+# min-max scaled, or scales to inf against another file's range.
+MAX_VALUES = {"Age": 150.0, "SibSp": 100.0, "Fare": 10_000.0}
+
 CACHE_NAME = "titanic.csv"
 REPO_DATA = Path("data/train.csv")
 
@@ -392,7 +399,8 @@ def _check_ids(values: pd.Series, label: str) -> None:
 
 
 def check_feature_ranges(frame: pd.DataFrame, label: str) -> None:
-    """Pclass is 1, 2 or 3; Age, SibSp and Fare are not negative; SibSp counts people.
+    """Pclass is 1, 2 or 3; Age, SibSp and Fare are from 0 to ``MAX_VALUES``; SibSp counts
+    people.
 
     Blanks are filled later.
     """
@@ -410,6 +418,13 @@ def check_feature_ranges(frame: pd.DataFrame, label: str) -> None:
             raise DataError(
                 f"{label}: column {column}, {_where(row)}: expected a number >= 0,"
                 f" got {_shown(frame[column].iloc[row])}"
+            )
+        implausible = (frame[column] > MAX_VALUES[column]).to_numpy()
+        if implausible.any():
+            row = int(np.flatnonzero(implausible)[0])
+            raise DataError(
+                f"{label}: column {column}, {_where(row)}: expected at most"
+                f" {MAX_VALUES[column]:,.0f}, got {_shown(frame[column].iloc[row])}"
             )
     fractional = (frame["SibSp"] % 1 != 0).to_numpy() & frame["SibSp"].notna().to_numpy()
     if fractional.any():
@@ -434,7 +449,8 @@ def _shown(value: object) -> str:
     if isinstance(value, (float, np.floating)):
         if np.isnan(value):
             return "a blank"
-        if float(value).is_integer():
+        # 1e308 is a whole number too: written out, it would take 309 digits.
+        if float(value).is_integer() and abs(value) < 1e16:
             return str(int(value))
         return repr(float(value))
     return _clipped(repr(value))

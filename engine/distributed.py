@@ -42,6 +42,8 @@ from engine.data import (
     _check_sex,
     _decode,
     _numeric,
+    _shown,
+    _where,
     check_feature_ranges,
 )
 from engine.errors import ArgumentError, DataError
@@ -187,6 +189,27 @@ def read_rows(path: str | Path) -> pd.DataFrame:
     check_feature_ranges(frame, str(path))
     frame["PassengerId"] = frame["PassengerId"].astype("int64")
     return frame
+
+
+def _check_scaled(
+    features: torch.Tensor, frame: pd.DataFrame, scaling: FeatureScaling, path: Path
+) -> None:
+    """Refuse a value that the training file's range scales past float32.
+
+    :func:`read_rows` bounds every value, so only a reference with next to no spread in a
+    column (a range of 1e-300, say) gets here.
+    """
+    bad = (~torch.isfinite(features)).nonzero()
+    if len(bad) == 0:
+        return
+    row, column = (int(index) for index in bad[0])
+    name = FEATURES[column]
+    raise DataError(
+        f"{path}: column {name}, {_where(row)}: {_shown(frame[name].iloc[row])} scales to "
+        f"{float(features[row, column])} against the reference's {name} range "
+        f"{scaling.low[column]:g} to {scaling.high[column]:g}: use a reference whose "
+        f"{name} values spread wider"
+    )
 
 
 def file_sha256(path: str | Path) -> str:
@@ -388,6 +411,7 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
         raise ArgumentError(f"--out {job.out} exists and is not a directory")
     frame = read_rows(job.data)
     features = job.scaling.apply(frame)
+    _check_scaled(features, frame, job.scaling, job.data)
     passenger_ids = frame["PassengerId"].to_numpy().astype(np.int64)
     baselines = make_baselines(BASELINE_KINDS, job.scaling.mean_baseline(), seed=job.seed)
 

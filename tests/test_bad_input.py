@@ -113,6 +113,11 @@ def _infinite(tmp: Path) -> Path:
     return tmp / "bad.csv"
 
 
+def _implausible_fare(tmp: Path) -> Path:
+    (tmp / "bad.csv").write_bytes(csv_text(ROWS[0], ROWS[1], with_field(ROWS[2], "Fare", "1e308")))
+    return tmp / "bad.csv"
+
+
 def _not_utf8(tmp: Path) -> Path:
     (tmp / "bad.csv").write_bytes(csv_text(*ROWS).replace(b"Laina", b"La\xefna"))
     return tmp / "bad.csv"
@@ -136,11 +141,13 @@ def _huge_line(tmp: Path) -> Path:
         (_unknown_sex, ["Sex", "row 3", "'M'"]),
         (_all_missing, ["SibSp", "no values"]),
         (_infinite, ["Age", "row 2", "inf"]),
+        (_implausible_fare, ["bad.csv", "Fare", "row 3", "1e+308"]),
         (_not_utf8, ["UTF-8", "line 4"]),
         (_huge_line, ["line 3", "bytes long"]),
     ],
     ids=["missing", "directory", "empty", "header-only", "missing-columns", "text-in-number",
-         "unknown-sex", "all-missing-column", "inf", "not-utf8", "huge-line"],
+         "unknown-sex", "all-missing-column", "inf", "implausible-fare", "not-utf8",
+         "huge-line"],
 )
 def test_bad_data_file_is_one_line_exit_two_and_no_files(tmp_path, capsys, make, names):
     data = make(tmp_path)

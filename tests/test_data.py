@@ -76,6 +76,13 @@ def test_real_file_is_kaggle_train(frame: pd.DataFrame, titanic_csv: Path) -> No
     check_kaggle_train(frame, titanic_csv)
 
 
+def test_real_file_reaches_the_largest_fare_and_age_it_holds(frame: pd.DataFrame) -> None:
+    # The plausibility limits must leave Kaggle's own extremes alone.
+    assert frame["Fare"].max() == pytest.approx(512.3292)
+    assert frame["Age"].max() == 80.0
+    assert frame["SibSp"].max() == 8.0
+
+
 def test_features_are_the_five_article_columns(data) -> None:
     assert data.feature_names == FEATURES == ("Pclass", "Sex", "Age", "SibSp", "Fare")
     assert data.features.shape == (891, 5)
@@ -426,6 +433,30 @@ def test_values_outside_a_columns_range_are_named(
     with pytest.raises(DataError) as err:
         load_titanic(write_csv(tmp_path, [HEADER, *rows]))
     assert_one_line(err, "t.csv", column, "row 2", value, expected)
+
+
+@pytest.mark.parametrize("column, value, shown, limit", [
+    ("Age", "1e308", "1e+308", "150"), ("Age", "151", "151", "150"),
+    ("Fare", "1e308", "1e+308", "10,000"), ("Fare", "10000.01", "10000.01", "10,000"),
+    ("SibSp", "1e300", "1e+300", "100"),
+])
+def test_values_no_passenger_could_have_are_named(
+    tmp_path: Path, column: str, value: str, shown: str, limit: str
+) -> None:
+    # 1e308 once scaled the rest of its column to zeros, and a new file's 1e308 to inf.
+    rows = [ROWS[0], with_field(ROWS[1], column, value), ROWS[2]]
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, [HEADER, *rows]))
+    assert_one_line(err, "t.csv", f"column {column}", "row 2", "line 3", f"at most {limit}",
+                    f"got {shown}")
+    assert len(str(err.value)) < 200
+
+
+def test_values_at_the_limits_load(tmp_path: Path) -> None:
+    rows = [ROWS[0], with_field(with_field(ROWS[1], "Age", "150"), "Fare", "10000"),
+            with_field(ROWS[2], "SibSp", "100")]
+    frame = load_titanic(write_csv(tmp_path, [HEADER, *rows]))
+    assert bool(torch.isfinite(prepare_titanic(frame).features).all())
 
 
 def test_a_blank_class_is_still_filled(tmp_path: Path) -> None:

@@ -245,6 +245,45 @@ def test_a_checkpoint_with_nan_weights_is_refused_naming_the_weights(
     assert not out.exists()
 
 
+def test_an_implausible_fare_to_explain_is_refused_before_any_work(
+    tmp_path, capsys, rows_csv, checkpoint, titanic_csv
+):
+    # Scaled by the training file's range, 1e308 was inf in float32: the model's outputs
+    # went non-finite and the error blamed the row's path.
+    rows = pd.read_csv(rows_csv).iloc[:20]
+    rows.loc[4, "Fare"] = 1e308
+    bad = tmp_path / "bad.csv"
+    rows.to_csv(bad, index=False)
+
+    status = main(flags(bad, checkpoint, titanic_csv, tmp_path / "results"))
+
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1
+    assert "bad.csv: column Fare, row 5 (line 6): expected at most 10,000, got 1e+308" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]
+
+
+def test_a_value_the_reference_range_scales_past_float32_is_refused(
+    tmp_path, capsys, rows_csv, checkpoint, titanic_csv
+):
+    reference = pd.read_csv(titanic_csv)
+    reference["Fare"] = 0.0
+    reference.loc[0, "Fare"] = 1e-300
+    narrow = tmp_path / "narrow.csv"
+    reference.to_csv(narrow, index=False)
+    out = tmp_path / "results"
+
+    arguments = flags(rows_csv, checkpoint, titanic_csv, out)
+    arguments[arguments.index("--reference") + 1] = str(narrow)
+    status = main(arguments)
+
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1
+    assert f"{rows_csv.name}: column Fare, row 1 (line 2): 7.25 scales to inf" in err
+    assert "range 0 to 1e-300" in err
+    assert not out.exists()
+
+
 def test_a_changed_config_refuses_the_old_chunks_with_exit_two(
     tmp_path, monkeypatch, capsys, rows_csv, checkpoint, titanic_csv
 ):
