@@ -537,7 +537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()
     # A --checkpoint run keeps its finished chunks; --all writes nothing until the end.
     interrupted = (
-        "interrupted: finished chunks are kept; run the same command again to resume"
+        "interrupted: the chunks that had finished, if any, are kept; run the same command "
+        "again to resume"
         if args.checkpoint is not None else "interrupted: no results were written"
     )
     try:

@@ -65,6 +65,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# The batch of a process that has no chunk to compute (see ExplainRows.predict_dataloader).
+_NOTHING_TO_DO = -1
+
 OUTPUT_FORMATS = ("csv", "parquet")
 TABLES = ("interpretation_results", "convergence")
 STORE_NAME = ".chunks"
@@ -285,16 +288,26 @@ class ChunkAttribution(pl.LightningModule):
                   len(self.assigned), len(self.missing))
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader([chunk.index for chunk in self.assigned], batch_size=None)
+        # Lightning refuses a process whose loader is empty, which a process gets when
+        # fewer chunks are missing than there are processes (a small file, or a resumed
+        # run near its end): it gets one placeholder that predict_step skips.
+        indices = [chunk.index for chunk in self.assigned] or [_NOTHING_TO_DO]
+        return DataLoader(indices, batch_size=None)
 
     def predict_step(self, batch: int, batch_idx: int) -> int:
         # Lightning notes a SIGTERM but lets predict run on; stop between chunks instead,
         # so a scheduler's warning before its kill costs no finished work.
         if getattr(self.trainer, "received_sigterm", False):
+            kept = len(self.store.done())
+            if not kept:
+                raise StoppedBySignal("stopped by SIGTERM before any chunk finished; nothing "
+                                      "was kept: run the same command again to start over")
             raise StoppedBySignal(
-                f"stopped by SIGTERM; {len(self.store.done())} finished chunk(s) are kept in "
+                f"stopped by SIGTERM; {kept} finished chunk(s) are kept in "
                 f"{self.store.folder}: run the same command again to resume"
             )
+        if int(batch) == _NOTHING_TO_DO:
+            return _NOTHING_TO_DO
         chunk = self.store.chunks[int(batch)]
         inputs = self.features[chunk.start:chunk.stop].to(self.device)
         attributions, delta = integrated_gradients(

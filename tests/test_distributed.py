@@ -149,6 +149,24 @@ def test_two_ddp_processes_give_the_attributions_of_one(
     assert not (out / ".chunks").exists()
 
 
+def test_more_processes_than_missing_chunks_still_finish(
+    tmp_path, one_process_run, rows_csv, checkpoint, titanic_csv
+):
+    # One chunk holds every row: the second process has nothing to compute.
+    out = tmp_path / "results"
+    stdout, _ = finished(cli(
+        flags(rows_csv, checkpoint, titanic_csv, out, "--devices", "2", "--strategy", "ddp",
+              "--chunk-rows", str(2 * N_ROWS)),
+        tmp_path,
+    ))
+
+    assert "in 2 process(es)" in stdout
+    one = pd.read_csv(one_process_run / "interpretation_results.csv")
+    two = pd.read_csv(out / "interpretation_results.csv")
+    pd.testing.assert_frame_equal(two.drop(columns="value"), one.drop(columns="value"))
+    np.testing.assert_allclose(two["value"], one["value"], rtol=0, atol=ATOL)
+
+
 @pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
 def test_a_killed_run_resumes_without_recomputing_and_ends_identical(
     tmp_path, one_process_run, rows_csv, checkpoint, titanic_csv, stop
