@@ -30,10 +30,10 @@ from engine.errors import ArgumentError, ModelError
 from engine.fused import compiled_whole_paths
 from engine.hoist import (
     AffineSplit,
-    custom_backward,
     fast_model,
     global_hooks,
     hooked,
+    model_graph,
     pull_back,
     reproduces,
     same_gradients,
@@ -505,8 +505,11 @@ def _model_hooked(forward_func: Callable[..., Tensor]) -> bool:
                for name, module in forward_func.named_modules())
 
 
-# Whether each remembered trace has the model's input gradient: checked once per trace.
-_SAME_GRADIENTS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+# Per remembered trace: whether it has the model's input gradient, and the signature of
+# the model's autograd graph (see engine.hoist.model_graph) it was checked with.
+_CHECKED_GRADIENTS: weakref.WeakKeyDictionary[Any, tuple[bool, tuple[object, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _checked_trace(
@@ -539,43 +542,43 @@ def _checked_trace(
                           error)
                 return None
         if reproduces(runner(traced), sample.outputs, sample.points):
-            # Every call: a custom autograd Function the model runs now, whose backward
-            # the trace would drop. Once per trace: whether the trace has the model's
-            # gradient (that also covers grad-mode switches inside the forward).
-            custom = _custom_backward_now(forward_func, sample.points)
-            if custom is not None:
+            # Every call: the model's autograd graph on two points. A node running custom
+            # backward code (a custom autograd Function) keeps any trace out; a graph
+            # unlike the one the trace's gradient was checked with (Python state switched
+            # on a detach, a block without gradients or a tensor hook, none of which
+            # changes an output) calls for a new trace and a new check.
+            graph = model_graph(forward_func, sample.points[:2])
+            if graph.custom is not None:
                 log.debug("%s not used: the model's backward runs custom code (%s)",
-                          memo_key, custom)
+                          memo_key, graph.custom)
                 return None
-            verdict = _SAME_GRADIENTS.get(traced)
-            if verdict is None:
+            if graph.signature is None:
+                log.debug("%s not used: the model has no input gradient", memo_key)
+                return None
+            checked = _CHECKED_GRADIENTS.get(traced)
+            if checked is None:
                 points = sample.points[:GRADIENT_CHECK_POINTS]
-                verdict = same_gradients(forward_func, runner(traced), points)
-                _SAME_GRADIENTS[traced] = verdict
-            if verdict:
-                return traced
-            log.debug("%s not used: the trace's gradient differs from the model's", memo_key)
+                checked = (same_gradients(forward_func, runner(traced), points),
+                           graph.signature)
+                _CHECKED_GRADIENTS[traced] = checked
+            verdict, signature = checked
+            if signature == graph.signature:
+                if verdict:
+                    return traced
+                log.debug("%s not used: the trace's gradient differs from the model's",
+                          memo_key)
+                return None
+            if attempt == 0:
+                log.debug("%s: the model's backward changed since it was traced: tracing it "
+                          "again", memo_key)
+                forget(forward_func, memo_key)
+                continue
             return None
         if attempt == 0:
             log.debug("%s no longer reproduces the model: tracing it again", memo_key)
             forget(forward_func, memo_key)
     log.debug("%s not used: the trace does not reproduce the model", memo_key)
     return None
-
-
-def _custom_backward_now(forward_func: Callable[..., Tensor], points: Tensor) -> str | None:
-    """``custom_backward`` of the model's graph on two of ``points``; a model that fails
-    there is reported as custom (its trace is then not used, and the plain path reports
-    the failure)."""
-    leaf = points[:2].detach().requires_grad_()
-    try:
-        with torch.enable_grad():
-            output = forward_func(leaf)
-    except Exception as error:  # noqa: BLE001 - not checked, so not used
-        return f"the model failed with a gradient ({type(error).__name__})"
-    if not isinstance(output, Tensor):
-        return f"the model returned {type(output).__name__}"
-    return custom_backward(output)
 
 
 def _integrate_points(

@@ -32,13 +32,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, fx, nn
+from torch.overrides import TorchFunctionMode
 
 from engine.kinks import KinkSplit, split_kink
 from engine.passes import MAX_NARROW_COLUMNS, MIN_INNER
 from engine.step import global_hooks, memo, own_hooks
 
-__all__ = ["AffineSplit", "custom_backward", "fast_model", "global_hooks", "hooked", "pull_back",
-           "reproduces", "same_gradients", "split_affine_prefix", "uses_batch_statistics"]
+__all__ = ["AffineSplit", "ModelGraph", "fast_model", "global_hooks", "hooked", "model_graph",
+           "pull_back", "reproduces", "same_gradients", "split_affine_prefix",
+           "uses_batch_statistics"]
 
 log = logging.getLogger(__name__)
 
@@ -414,44 +416,18 @@ def same_gradients(model: Callable[[Tensor], Tensor], candidate: Callable[[Tenso
     """Whether ``candidate`` has ``model``'s input gradient at ``points``, to rounding.
 
     A trace records the forward only: ``torch.fx`` inlines a custom autograd Function's
-    forward and drops its backward, and calls a container's layers without the
-    container's backward hooks. Equal outputs do not show either; the gradients do. The
-    gradient taken is that of the outputs weighted by +-1 to 2. Each input feature is
-    compared on its own scale, so a feature with small gradients (a raw amount in
-    dollars beside 0/1 flags) is not hidden by a large one. A model whose output has no
-    gradient does not pass: it then runs as it is, and the engine refuses it.
-
-    This is a check on some of the probe's points, made once per trace. Custom Functions and
-    backward hooks are also looked for on every call (``custom_backward``, and hooks on
-    the modules a trace inlines), so weights or Python state that change between calls
-    cannot bring one in unseen; what this check alone covers is a forward that switches
-    gradients off for part of its work, and it sees that only as the first call does.
+    forward and drops its backward, calls a container's layers without the container's
+    backward hooks, and does not see a block run with gradients off. Equal outputs do
+    not show any of these; the gradients do. The gradient taken is that of the outputs
+    weighted by +-1 to 2. Each input feature is compared on its own scale, so a feature
+    with small gradients (a raw amount in dollars beside 0/1 flags) is not hidden by a
+    large one. A model whose output has no gradient does not pass: it then runs as it
+    is, and the engine refuses it.
     """
-    grads = []
-    for function in (model, candidate):
-        leaf = points.detach().clone().requires_grad_()
-        try:
-            with torch.enable_grad():
-                output = function(leaf)
-                if not isinstance(output, Tensor) or not output.is_floating_point():
-                    return False
-                if not output.requires_grad:
-                    # A model without a gradient runs as it is, so the engine refuses it.
-                    return False
-                # Magnitudes 1 to 2 with alternating signs: no output's part cancels
-                # another's, and negative upstream gradients are exercised too.
-                count = output.numel()
-                weights = torch.linspace(1.0, 2.0, count, dtype=output.dtype,
-                                         device=output.device)
-                weights[1::2] *= -1
-                weights = weights.view_as(output)
-                (grad,) = torch.autograd.grad((output * weights).sum(), leaf,
-                                              allow_unused=True)
-        except Exception as error:  # noqa: BLE001 - not checked, so not used
-            log.debug("gradient check failed to run: %s", error)
-            return False
-        grads.append(torch.zeros_like(leaf) if grad is None else grad)
-    expected, actual = (g.reshape(g.shape[0], -1) for g in grads)
+    expected, actual = (_weighted_gradient(function, points) for function in (model, candidate))
+    if expected is None or actual is None:
+        return False
+    expected, actual = (g.reshape(g.shape[0], -1) for g in (expected, actual))
     if not _close(actual, expected):
         return False
     # Per feature: each column against its own largest gradient (floored far below the
@@ -465,34 +441,103 @@ def same_gradients(model: Callable[[Tensor], Tensor], candidate: Callable[[Tenso
     return bool(((expected - actual).abs().amax(dim=0) <= tolerance * scale).all())
 
 
-# Autograd nodes custom_backward visits before it gives up and reports the graph as custom.
+def _weighted_gradient(function: Callable[[Tensor], Tensor], points: Tensor) -> Tensor | None:
+    leaf = points.detach().clone().requires_grad_()
+    try:
+        with torch.enable_grad():
+            output = function(leaf)
+            if not isinstance(output, Tensor) or not output.is_floating_point():
+                return None
+            if not output.requires_grad:
+                # A model without a gradient runs as it is, so the engine refuses it.
+                return None
+            # Magnitudes 1 to 2 with alternating signs: no output's part cancels
+            # another's, and negative upstream gradients are exercised too.
+            count = output.numel()
+            weights = torch.linspace(1.0, 2.0, count, dtype=output.dtype, device=output.device)
+            weights[1::2] *= -1
+            (grad,) = torch.autograd.grad((output * weights.view_as(output)).sum(), leaf,
+                                          allow_unused=True)
+    except Exception as error:  # noqa: BLE001 - not checked, so not used
+        log.debug("gradient check failed to run: %s", error)
+        return None
+    return torch.zeros_like(leaf) if grad is None else grad
+
+
+# Autograd nodes model_graph visits before it gives up and reports the graph as custom.
 _MAX_GRAPH_NODES = 100_000
 
 
-def custom_backward(output: Tensor) -> str | None:
-    """The name of an autograd node behind ``output`` whose backward is Python code, or None.
+@dataclass(frozen=True)
+class ModelGraph:
+    """What a trace cannot show about the model's backward, as the model runs now.
 
-    Custom autograd Functions (straight-through estimators, gradient reversal) and the
-    nodes that modules' full backward hooks add are such nodes. A ``torch.fx`` trace keeps
-    their forward and drops their backward, so a model that runs one must not be replaced
-    by its trace. Checked on the model's own graph at the call's points, so a Function
-    switched on by Python state between calls is seen on the call that uses it.
+    ``custom`` names a node whose backward is Python code, or is None. ``signature`` is
+    the graph's shape: each node's type and the nodes it feeds back into, in a fixed
+    order, and the tensor hooks registered while it ran; None when the model failed or
+    its output has no gradient.
     """
-    stack = [output.grad_fn]
-    # Python wrappers of graph nodes stay the same object while referenced, so ``seen``
-    # (which holds them) visits each node of a graph with shared branches once.
-    seen: set[object] = set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
+
+    signature: tuple[object, ...] | None
+    custom: str | None = None
+
+
+class _HookSpy(TorchFunctionMode):
+    """Counts ``Tensor.register_hook`` calls (a hook on an intermediate tensor changes the
+    backward and leaves no trace in the graph's nodes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hooks = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func is Tensor.register_hook:
+            self.hooks += 1
+        return func(*args, **(kwargs or {}))
+
+
+def model_graph(model: Callable[[Tensor], Tensor], points: Tensor) -> ModelGraph:
+    """The model's autograd graph at ``points``, as ``ModelGraph`` describes it.
+
+    A trace keeps a custom autograd Function's forward and drops its backward
+    (straight-through estimators, gradient reversal, the nodes full backward hooks add);
+    it also bakes in the Python state of the call it was made on, so a flag that later
+    switches on a ``detach``, a block without gradients or a tensor hook changes the
+    backward without changing any output. The first shows as ``custom``, the others as a
+    ``signature`` unlike the one the trace was checked with. Weights do not enter it.
+    """
+    leaf = points.detach().clone().requires_grad_()
+    spy = _HookSpy()
+    try:
+        with torch.enable_grad(), spy:
+            output = model(leaf)
+    except Exception as error:  # noqa: BLE001 - not checked, so not used
+        return ModelGraph(None, f"the model failed with a gradient ({type(error).__name__})")
+    if not isinstance(output, Tensor) or output.grad_fn is None:
+        return ModelGraph(None)
+    # Each node gets a number when first met; the signature lists, node by node, its type
+    # and the numbers of the nodes it feeds back into (-1 for an input without a gradient).
+    # Python wrappers of graph nodes stay the same object while referenced, so ``ids``
+    # (which holds them) numbers each node of a graph with shared branches once.
+    ids: dict[object, int] = {output.grad_fn: 0}
+    signature: list[object] = [spy.hooks]
+    queue = [output.grad_fn]
+    for node in queue:
         if isinstance(node, torch.autograd.function.BackwardCFunction):
-            return type(node).__name__
-        seen.add(node)
-        if len(seen) > _MAX_GRAPH_NODES:
-            return f"a graph of more than {_MAX_GRAPH_NODES} nodes"
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return None
+            return ModelGraph(None, type(node).__name__)
+        edges = []
+        for next_node, _ in node.next_functions:
+            if next_node is None:
+                edges.append(-1)
+                continue
+            if next_node not in ids:
+                if len(ids) >= _MAX_GRAPH_NODES:
+                    return ModelGraph(None, f"a graph of more than {_MAX_GRAPH_NODES} nodes")
+                ids[next_node] = len(ids)
+                queue.append(next_node)
+            edges.append(ids[next_node])
+        signature.append((type(node).__name__, tuple(edges)))
+    return ModelGraph(tuple(signature))
 
 
 def _tolerance(dtype: torch.dtype) -> float:

@@ -408,35 +408,81 @@ def test_a_gradient_clipping_hook_that_acts_only_after_training_is_seen(register
     torch.testing.assert_close(got, _captum(model, x), rtol=1e-6, atol=1e-9)
 
 
-def test_custom_backward_names_the_node_and_visits_shared_branches_once():
-    from engine.hoist import custom_backward
+def test_model_graph_names_a_custom_node_and_numbers_shared_branches_once():
+    from engine.hoist import model_graph
 
-    x = torch.rand(4, 3, requires_grad=True)
-    plain = x
-    for _ in range(60):  # 2**60 paths if shared nodes were revisited
-        plain = plain * 2 + plain.sin()
+    def plain(x):
+        for _ in range(60):  # 2**60 paths if shared nodes were revisited
+            x = x * 2 + x.sin()
+        return x
 
-    assert custom_backward(plain) is None
-    assert custom_backward(_ReverseGradient.apply(plain).sum()) == "_ReverseGradientBackward"
+    graph = model_graph(plain, torch.rand(2, 3))
+    custom = model_graph(lambda x: _ReverseGradient.apply(plain(x)), torch.rand(2, 3))
+
+    assert graph.custom is None and len(graph.signature) == 1 + 1 + 3 * 60
+    assert custom.custom == "_ReverseGradientBackward"
 
 
-@pytest.mark.parametrize("hoist", [True, False])
-def test_a_gate_computed_under_no_grad_is_not_traced_around(hoist):
-    # torch.fx does not record the no_grad block, so a trace would differentiate the gate.
-    class Gated(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body, self.gate = nn.Linear(5, 64), nn.Linear(5, 1)
-            self.act, self.head = nn.PReLU(), nn.Linear(64, 1)
+def test_model_graph_signature_sees_detach_no_grad_and_tensor_hooks_not_weights():
+    from engine.hoist import model_graph
 
-        def forward(self, x):
+    signatures = {}
+    for kind in ("detach", "no_grad", "hook"):
+        model = _GradientSwitch(kind).eval()
+        off = model_graph(model, torch.rand(2, 5)).signature
+        with torch.no_grad():
+            model.l1.weight.mul_(3)
+        assert model_graph(model, torch.rand(2, 5)).signature == off
+        model.on = True
+        signatures[kind] = model_graph(model, torch.rand(2, 5)).signature
+        assert signatures[kind] != off
+    # A detach and a block without gradients both cut the side branch off.
+    assert signatures["detach"] == signatures["no_grad"] != signatures["hook"]
+
+
+class _GradientSwitch(nn.Module):
+    """A flag read in ``forward`` changes the gradient and leaves every output as it was."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.l1, self.act = nn.Linear(5, 32), nn.PReLU()
+        self.out, self.side = nn.Linear(32, 1), nn.Linear(32, 1)
+        self.kind, self.on = kind, False
+
+    def forward(self, x):
+        hidden = self.act(self.l1(x))
+        if self.on and self.kind == "hook" and hidden.requires_grad:
+            hidden.register_hook(lambda grad: 3 * grad)
+        if self.on and self.kind == "no_grad":
             with torch.no_grad():
-                scale = torch.sigmoid(self.gate(x))
-            return self.head(self.act(self.body(x))) * scale
+                side = self.side(hidden)
+        else:
+            side = self.side(hidden)
+        if self.on and self.kind == "detach":
+            side = side.detach()
+        return self.out(hidden) + side
 
-    torch.manual_seed(6)
-    model, x = Gated().double().eval(), torch.rand(300, 5, dtype=torch.float64)
 
-    got = integrated_gradients(model, x, 0.0, n_steps=20, hoist=hoist)[0]
+@pytest.mark.parametrize("kind", ["detach", "no_grad", "hook"])
+@pytest.mark.parametrize("options", [{}, {"hoist": "affine"}, {"hoist": False}])
+def test_a_gradient_switched_by_python_state_between_calls_is_seen(kind, options):
+    torch.manual_seed(7)
+    model, x = _GradientSwitch(kind).double().eval(), torch.rand(30, 5, dtype=torch.float64)
+    integrated_gradients(model, x, 0.0, n_steps=20, **options)  # traced with the flag off
+    model.on = True
+
+    got = integrated_gradients(model, x, 0.0, n_steps=20, **options)[0]
 
     torch.testing.assert_close(got, _captum(model, x), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_a_gradient_switched_between_compiled_calls_is_seen():
+    torch.manual_seed(8)
+    model, x = _GradientSwitch("detach").eval(), torch.rand(30, 5)
+    integrated_gradients(model, x, 0.0, n_steps=20, hoist=False, compile=True)
+    model.on = True
+
+    got = integrated_gradients(model, x, 0.0, n_steps=20, hoist=False, compile=True)[0]
+
+    torch.testing.assert_close(got, _captum(model, x), rtol=1e-4, atol=1e-6)
