@@ -99,7 +99,11 @@ def test_hoist_affine_keeps_the_per_point_suffix(kink_calls):
 
 @pytest.mark.parametrize("order", ["article", "conventional"])
 @pytest.mark.parametrize("method", METHODS)
-def test_titanic_networks_equal_the_per_point_paths_in_float64(order, method, kink_calls):
+def test_titanic_networks_equal_the_per_point_paths_in_float64(order, method, kink_calls,
+                                                               monkeypatch):
+    # The conventional network's Linear after the PReLU has 128 outputs: by default the
+    # affine-hoisted path is faster there, but the closed form must still be exact.
+    monkeypatch.setattr(engine.core, "MAX_CLOSED_FORM_OUTPUTS", 1 << 20)
     net, x, baselines = titanic_job(order)
 
     kinked, affine, plain = three_ways(net, x, baselines, n_steps=20, method=method)
@@ -107,6 +111,17 @@ def test_titanic_networks_equal_the_per_point_paths_in_float64(order, method, ki
     assert kink_calls, "the closed form did not run"
     assert relative_error(kinked, affine) <= 1e-12
     assert relative_error(kinked, plain) <= 1e-12
+
+
+@pytest.mark.parametrize("order, closed_form", [("article", True), ("conventional", False)])
+def test_the_closed_form_is_used_only_where_the_next_layer_has_few_outputs(
+    order, closed_form, kink_calls
+):
+    net, x, baselines = titanic_job(order, rows=20)
+
+    integrated_gradients(net, x, baselines, n_steps=20)
+
+    assert bool(kink_calls) == closed_form
 
 
 def test_float64_loop_reference_and_completeness():
