@@ -297,6 +297,10 @@ def integrated_gradients(
     ----------
     Sundararajan, Taly and Yan, "Axiomatic Attribution for Deep Networks", ICML 2017.
     """
+    if not callable(forward_func):
+        raise ArgumentError(
+            f"forward_func must be a model or function to call, got {type(forward_func).__name__}"
+        )
     is_tuple = isinstance(inputs, tuple)
     problem = make_problem(inputs, baselines, target, additional_forward_args)
     rule = quadrature_rule(method, n_steps)
@@ -304,6 +308,7 @@ def integrated_gradients(
         run_options(memory_budget, compile, precision, hoist, progress),
         internal_batch_size=internal_batch_size,
     )
+    _check_precision_dtype(options, problem)
     check_model_device(forward_func, problem.inputs[0].device)
     sample = check_independent_rows(forward_func, problem, allow_coupled_rows)
     if sample is not None:
@@ -338,6 +343,19 @@ def integrated_gradients(
 
     delta = convergence_delta(forward_func, problem, attributions, planned())
     return result, delta
+
+
+def _check_precision_dtype(options: RunOptions, problem: PathProblem) -> None:
+    """Refuse bf16/fp16 for inputs autocast would leave as they are (float64)."""
+    if options.autocast_dtype is None:
+        return
+    for x in problem.inputs:
+        if x.dtype == torch.float64:
+            raise ArgumentError(
+                f"precision={options.precision!r} runs float32 work in half precision, but "
+                "the inputs are float64, which autocast leaves in float64: pass float32 "
+                "inputs (and model), or precision='fp32'"
+            )
 
 
 def _chunk_points(
@@ -1144,8 +1162,12 @@ def _forward(forward_func: Callable[..., Tensor], points: tuple[Tensor, ...], ar
                 "model and every tensor it uses to the inputs' device)"
             ) from error
         shapes = ", ".join(str(tuple(p.shape)) for p in points)
+        hint = ""
+        if any(p.dim() == 1 for p in points):
+            hint = (" (inputs are (N, *F), rows first: one row of F features is "
+                    "x.unsqueeze(0))")
         raise ModelError(
-            f"the model failed on path points of shape {shapes}: {first_line}"
+            f"the model failed on path points of shape {shapes}{hint}: {first_line}"
         ) from error
     if not isinstance(output, Tensor):
         raise ModelError(f"the model must return a Tensor, got {type(output).__name__}")

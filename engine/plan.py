@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -91,6 +92,9 @@ def run_options(
     progress: bool | None = None,
 ) -> RunOptions:
     """Check the speed and memory arguments; raise ``ArgumentError`` naming the bad one."""
+    if isinstance(memory_budget, float) and math.isfinite(memory_budget) \
+            and memory_budget.is_integer():
+        memory_budget = int(memory_budget)  # 1e9 bytes, written the usual way
     if memory_budget is not None and (
         isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1
     ):

@@ -524,3 +524,31 @@ def test_adaptive_steps_stop_at_the_largest_rule():
         _check_adaptive(1e-3, 4096, rule, False)
     with pytest.raises(ArgumentError, match="n_steps=2000 is too large.*error_estimate"):
         _check_adaptive(None, None, quadrature_rule("gausslegendre", 2000), True)
+
+
+def test_a_model_that_cannot_be_called_is_named():
+    with pytest.raises(ArgumentError, match="forward_func must be a model or function"):
+        integrated_gradients(42, torch.rand(3, 5))
+
+
+def test_a_memory_budget_written_as_a_whole_float_is_taken_and_a_fraction_is_not():
+    model, x = mlp(5, 16, 1, torch.float32), torch.rand(6, 5)
+
+    got = integrated_gradients(model, x, 0.0, n_steps=8, memory_budget=1e9)
+
+    torch.testing.assert_close(got, integrated_gradients(model, x, 0.0, n_steps=8))
+    with pytest.raises(ArgumentError, match="memory_budget must be a positive number"):
+        integrated_gradients(model, x, 0.0, memory_budget=1.5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_with_float64_inputs_is_refused_not_ignored(precision):
+    model, x = mlp(5, 16, 1), torch.rand(6, 5, dtype=torch.float64)
+
+    with pytest.raises(ArgumentError, match="the inputs are float64"):
+        integrated_gradients(model, x, 0.0, precision=precision)
+
+
+def test_a_one_dimensional_input_gets_a_hint_about_rows():
+    with pytest.raises(ModelError, match=r"rows first: one row of F features is x.unsqueeze\(0\)"):
+        integrated_gradients(nn.Linear(5, 1), torch.rand(5), 0.0)
