@@ -95,14 +95,36 @@ class OutputDir:
         self.file(name).write_text(text)
 
     def commit(self) -> list[Path]:
+        """Move every staged file into the folder; remove the files an earlier run wrote
+        there that this one did not (a run with fewer baselines has fewer heatmaps).
+
+        The folder's other files are left alone: the names written are listed in
+        ``WRITTEN_FILE`` inside it.
+        """
         self.path.mkdir(exist_ok=True)
+        # A rename onto a folder fails: find that before the first rename, not halfway.
+        for name in self.written:
+            if (self.path / name).is_dir():
+                raise ArgumentError(
+                    f"--out {self.path}: {self.path / name} is a folder where a result file "
+                    "goes; move it away and run again"
+                )
+        earlier = _written_before(self.path)
+        listing = self.file(WRITTEN_FILE)
+        listing.write_text("".join(f"{name}\n" for name in self.written if name != WRITTEN_FILE))
         published = []
         # A Ctrl-C between two renames would leave new files beside old ones: hold it.
         with _sigint_held() as held:
             for name in self.written:
                 target = self.path / name
                 os.replace(self.staging / name, target)
-                published.append(target)
+                if name != WRITTEN_FILE:
+                    published.append(target)
+            for name in sorted(earlier - set(self.written)):
+                stale = self.path / name
+                if stale.is_file() and not stale.is_symlink():
+                    stale.unlink()
+                    log.info("removed %s, written by an earlier run and not by this one", stale)
         if held:
             log.warning("Ctrl-C came while the results were being moved into place; "
                         "they were finished first and are complete")
@@ -122,6 +144,18 @@ class OutputDir:
 
 
 OWNER_FILE = ".owner"
+# Inside a results folder: the names of the files the last run wrote there.
+WRITTEN_FILE = ".written"
+
+
+def _written_before(folder: Path) -> set[str]:
+    """Plain file names the listing in ``folder`` holds (nothing with a path in it)."""
+    try:
+        lines = (folder / WRITTEN_FILE).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return set()
+    return {line for line in lines
+            if line and line == Path(line).name and line not in (".", "..", WRITTEN_FILE)}
 
 
 def _remove_abandoned(parent: Path, name: str) -> None:

@@ -37,7 +37,7 @@ def finished_run(tmp_path_factory, titanic_csv):
 def test_all_exits_zero_and_writes_every_file(finished_run):
     status, out = finished_run
     assert status == 0
-    assert {p.name for p in out.iterdir()} == EXPECTED_FILES
+    assert {p.name for p in out.iterdir()} == EXPECTED_FILES | {".written"}
 
 
 def test_interpretation_table_has_one_row_per_passenger_baseline_feature(finished_run):

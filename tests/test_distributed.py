@@ -331,7 +331,7 @@ def test_parquet_output_holds_the_csv_rows(tmp_path, rows_csv, checkpoint, titan
     assert main(flags(small, checkpoint, titanic_csv, tmp_path / "pq", "--format", "parquet")) == 0
 
     assert sorted(p.name for p in (tmp_path / "pq").iterdir()) == [
-        "convergence.parquet", "interpretation_results.parquet",
+        ".written", "convergence.parquet", "interpretation_results.parquet",
     ]
     for name in ("interpretation_results", "convergence"):
         table = pd.read_parquet(tmp_path / "pq" / f"{name}.parquet")

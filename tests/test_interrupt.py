@@ -108,7 +108,8 @@ def test_ctrl_c_during_the_final_renames_is_held_until_all_files_are_in_place(
     with caplog.at_level("WARNING", logger="engine.io"):
         outputs.commit()
 
-    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["a.txt", "b.txt", "c.txt"]
+    names = sorted(p.name for p in (tmp_path / "results").iterdir())
+    assert names == [".written", "a.txt", "b.txt", "c.txt"]
     assert "Ctrl-C" in caplog.text
     assert signal.getsignal(signal.SIGINT) is handler_before
 

@@ -175,3 +175,58 @@ def test_parquet_tables_hold_the_same_rows_as_csv(tmp_path):
         from_csv = pd.read_csv(tmp_path / "csv" / f"{name}.csv")
         from_parquet = pd.read_parquet(tmp_path / "parquet" / f"{name}.parquet")
         pd.testing.assert_frame_equal(from_parquet, from_csv, check_dtype=False, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------
+# Results folders (engine.io.OutputDir)
+
+
+def _publish(folder, names):
+    from engine.io import OutputDir
+
+    with OutputDir(folder) as outputs:
+        for name in names:
+            outputs.write_text(name, f"{name} of this run")
+        return outputs.commit()
+
+
+def test_a_rerun_removes_the_files_only_the_earlier_run_wrote(tmp_path):
+    folder = tmp_path / "results"
+    _publish(folder, ["report.html", "heatmap_zero-base.png", "heatmap_one-base.png"])
+    (folder / "notes.txt").write_text("the user's own file")
+
+    published = _publish(folder, ["report.html", "heatmap_zero-base.png"])
+
+    assert sorted(p.name for p in published) == ["heatmap_zero-base.png", "report.html"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".written", "heatmap_zero-base.png", "notes.txt", "report.html"]
+    assert (folder / "notes.txt").read_text() == "the user's own file"
+
+
+def test_a_folder_where_a_result_goes_is_named_before_anything_moves(tmp_path):
+    from engine.errors import ArgumentError
+
+    folder = tmp_path / "results"
+    _publish(folder, ["a.csv", "report.html"])
+    (folder / "a.csv").write_text("earlier")
+    (folder / "report.html").unlink()
+    (folder / "report.html").mkdir()
+
+    with pytest.raises(ArgumentError, match="report.html is a folder where a result file goes"):
+        _publish(folder, ["a.csv", "report.html"])
+
+    assert (folder / "a.csv").read_text() == "earlier"
+    assert not list(tmp_path.glob(".results.partial-*"))
+
+
+def test_a_listing_cannot_name_files_outside_the_folder(tmp_path):
+    folder = tmp_path / "results"
+    _publish(folder, ["a.csv"])
+    outside = tmp_path / "keep.txt"
+    outside.write_text("keep")
+    (folder / ".written").write_text("a.csv\n../keep.txt\n/etc/hostname\n")
+
+    _publish(folder, ["b.csv"])
+
+    assert outside.read_text() == "keep"
+    assert sorted(p.name for p in folder.iterdir()) == [".written", "b.csv"]
