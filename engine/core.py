@@ -525,9 +525,13 @@ def _model_hooked(forward_func: Callable[..., Tensor]) -> bool:
     """
     if not isinstance(forward_func, nn.Module):
         return False
+    hooked_modules = [(name, module) for name, module in forward_func.named_modules()
+                      if own_hooks(module)]
+    if not hooked_modules:
+        return False
     tracer = fx.Tracer()
-    return any(own_hooks(module) and (not name or not tracer.is_leaf_module(module, name))
-               for name, module in forward_func.named_modules())
+    return any(not name or not tracer.is_leaf_module(module, name)
+               for name, module in hooked_modules)
 
 
 # Per remembered trace: whether it has the model's input gradient, and the signature of
