@@ -38,6 +38,14 @@ from engine.memory import keep_freed_memory
 from engine.quadrature import METHODS, check_method
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Signals that stop an --all run like Ctrl-C does (the exit status is 128 + the signal).
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
+                      if hasattr(signal, name))
+
+
+def _interrupted_status(received: list[int]) -> int:
+    """128 + the first signal received, as a shell reports a process it stopped."""
+    return 128 + int(received[0]) if received else EXIT_INTERRUPTED
 
 # Far past where any rule stops improving; beyond it the quadrature nodes alone need
 # gigabytes, and the run would fail late instead of now.
@@ -374,15 +382,16 @@ def _one_line(error: Exception, *, debug: bool) -> str:
 
 
 @contextmanager
-def _noticed_interrupts() -> Iterator[list[int]]:
-    """Record each SIGINT (and raise KeyboardInterrupt as usual) while the job runs.
+def _noticed_interrupts(*extra: signal.Signals) -> Iterator[list[int]]:
+    """Record each SIGINT, and each of the ``extra`` signals, and raise KeyboardInterrupt
+    while the job runs, so that its staged results are dropped on the way out.
 
-    Yields the list of signals received; the handler in place before is restored after.
+    Yields the list of signals received; the handlers in place before are restored after.
+    A signal that is ignored stays ignored.
     """
     received: list[int] = []
-    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    if ignored or threading.current_thread() is not threading.main_thread():
-        # Only the main thread may set handlers; an ignored SIGINT stays ignored.
+    if threading.current_thread() is not threading.main_thread():
+        # Only the main thread may set handlers.
         yield received
         return
 
@@ -390,11 +399,15 @@ def _noticed_interrupts() -> Iterator[list[int]]:
         received.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, note_and_raise)
+    previous = {}
+    for signum in (signal.SIGINT, *extra):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, note_and_raise)
     try:
         yield received
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _say(message: str) -> None:
@@ -541,22 +554,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "again to resume"
         if args.checkpoint is not None else "interrupted: no results were written"
     )
+    # --all also drops its staged results on SIGTERM and SIGHUP (a scheduler's stop, a
+    # closed terminal); a --checkpoint run leaves SIGTERM to Lightning, which stops
+    # between chunks and keeps the finished ones.
+    stops = () if args.checkpoint is not None else _STOP_SIGNALS
     try:
-        with _noticed_interrupts() as interrupts:
+        with _noticed_interrupts(*stops) as interrupts:
             if args.checkpoint is not None:
                 summary = run_checkpoint(checkpoint_config(args))
             else:
                 summary = run_all(job_config(args))
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted_status(interrupts)
     except SystemExit:
         # Lightning turns Ctrl-C during fit into sys.exit(1); the status should still
         # say "interrupted". Any other exit is passed on.
         if not interrupts:
             raise
         print(interrupted, file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted_status(interrupts)
     except Exception as error:  # noqa: BLE001 - every failure becomes one line and a status
         if args.debug:
             traceback.print_exc()

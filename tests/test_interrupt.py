@@ -24,8 +24,9 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def interrupt_when(folder: Path, phase: str, *flags: str, settle: float = 0.0):
-    """Start the CLI, send SIGINT once ``phase`` appears on stderr (plus ``settle`` s)."""
+def interrupt_when(folder: Path, phase: str, *flags: str, settle: float = 0.0,
+                   sig: int = signal.SIGINT):
+    """Start the CLI, send ``sig`` once ``phase`` appears on stderr (plus ``settle`` s)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "engine.attribute", "--all", "--out", str(folder / "results"),
          *flags],
@@ -38,7 +39,7 @@ def interrupt_when(folder: Path, phase: str, *flags: str, settle: float = 0.0):
             seen.append(line)
             if line.startswith(phase):
                 time.sleep(settle)
-                process.send_signal(signal.SIGINT)
+                process.send_signal(sig)
                 break
         out, rest = process.communicate(timeout=120)
     finally:
@@ -50,9 +51,10 @@ def interrupt_when(folder: Path, phase: str, *flags: str, settle: float = 0.0):
 
 
 def assert_interrupted(
-    status: int, stderr: str, folder: Path, earlier_results: list[str] | None = None
+    status: int, stderr: str, folder: Path, earlier_results: list[str] | None = None,
+    sig: int = signal.SIGINT,
 ) -> None:
-    assert status == 130, stderr
+    assert status == 128 + sig, stderr
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == "interrupted: no results were written"
     if earlier_results is None:
@@ -141,3 +143,16 @@ def test_staging_left_by_a_killed_run_is_removed_by_the_next_one(tmp_path):
 
     assert not abandoned.exists()
     assert running.exists() and elsewhere.exists() and unowned.exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("phase, flags", [
+    ("training", ("--epochs", "100000")),
+    ("explaining", ("--epochs", "1", "--n-steps", "400")),
+], ids=["training", "attribution"])
+def test_a_stop_signal_drops_the_staged_results_like_ctrl_c(tmp_path, titanic_csv, sig,
+                                                             phase, flags):
+    status, stderr = interrupt_when(tmp_path, phase, "--data", str(titanic_csv), *flags,
+                                    settle=1.5 if phase == "training" else 0.0, sig=sig)
+
+    assert_interrupted(status, stderr, tmp_path, sig=sig)
