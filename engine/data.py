@@ -238,6 +238,9 @@ def _load(path: Path, *, label: str) -> pd.DataFrame:
         raise DataError(f"{label}: no such file")
     if path.is_dir():
         raise DataError(f"{label}: is a directory, expected a CSV file")
+    if path.is_char_device() or path.is_block_device() or path.is_socket():
+        # /dev/zero would be read until memory runs out.
+        raise DataError(f"{label}: is a device or socket, expected a CSV file")
     try:
         raw = path.read_bytes()
     except OSError as err:

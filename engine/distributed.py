@@ -168,7 +168,8 @@ def read_rows(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file" if not path.exists() else
-                        f"{path}: is a directory, expected a CSV file")
+                        f"{path}: is a directory, expected a CSV file" if path.is_dir() else
+                        f"{path}: is not a regular file, expected a CSV file")
     raw = path.read_bytes()
     if not raw.strip():
         raise DataError(f"{path}: file is empty, expected a CSV with a header and rows")

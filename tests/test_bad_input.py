@@ -157,6 +157,13 @@ def test_bad_data_file_is_one_line_exit_two_and_no_files(tmp_path, capsys, make,
     assert_refused(status, err, tmp_path, *names)
 
 
+@pytest.mark.skipif(not Path("/dev/zero").is_char_device(), reason="needs /dev/zero")
+def test_a_device_as_data_is_refused_instead_of_read_forever(tmp_path, capsys):
+    status, err = run_main(capsys, "--data", "/dev/zero", "--out", str(tmp_path / "results"))
+
+    assert_refused(status, err, tmp_path, "/dev/zero", "device")
+
+
 def test_huge_line_message_stays_short(tmp_path):
     huge = with_field(ROWS[1], "Ticket", "x" * (MAX_LINE_BYTES + 1))
     (tmp_path / "t.csv").write_bytes(csv_text(ROWS[0], huge, ROWS[2]))
