@@ -553,9 +553,11 @@ def _checked_trace(
 
     Traces are remembered per model layout, but a trace also bakes in Python state the
     layout does not show (an attribute read in ``forward``, a branch taken). So every call
-    checks the remembered trace against the model: on the probe's ``sample`` when there is
-    one, else on the first rows. One that no longer reproduces the model is traced again
-    once, and dropped if the new trace does not reproduce it either.
+    checks the remembered trace against the model: its outputs on the probe's ``sample``
+    when there is one, else on the first rows, and the shape of the model's autograd
+    graph (``engine.hoist.model_graph``) against the one the trace's gradient was checked
+    with. A trace that fails either is traced again once, and dropped if the new trace
+    fails too; a model whose backward runs custom code gets no trace.
     """
     for attempt in range(2):
         traced = trace(forward_func)

@@ -9,8 +9,9 @@ the prefix once: the input gradient is J_A^T g, and J_A does not depend on the p
 Exact in exact arithmetic; in floating point it differs from the plain path by rounding.
 
 The split is found with ``torch.fx``: follow the input through call_module nodes while each
-is affine and feeds only the next. A model that does not trace, or whose traced split does
-not reproduce its own outputs on a few rows, is not hoisted.
+is affine and feeds only the next. A model that does not trace, whose traced split does
+not reproduce its own outputs on a few rows, or whose backward the trace would not
+reproduce (see ``model_graph`` and ``same_gradients``), is not hoisted.
 
 The traced rest of the model also gets two kernel substitutions, both with the same values
 and gradients bit for bit:
