@@ -210,10 +210,15 @@ def test_kernel_substitutions_are_bit_identical():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernel_substitutions_under_autocast_are_bit_identical(dtype):
+def test_kernel_substitutions_under_autocast_are_bit_identical(dtype, monkeypatch):
     # The single-output Linear's input gradient is a broadcast product; under autocast it
     # must multiply in the autocast dtype, as autograd's product does, not promote to
-    # float32 (a slow mixed-dtype product, then a cast back).
+    # float32 (a slow mixed-dtype product, then a cast back). The narrow first layer is
+    # meant to differ (see the split tests below): here it multiplies as autocast does.
+    from engine import hoist
+
+    monkeypatch.setattr(hoist, "_split_half_linear",
+                        lambda x, weight, bias, dtype: nn.functional.linear(x, weight, bias))
     net, x, _ = titanic_job("conventional", dtype=torch.float32)
     for parameter in net.parameters():
         parameter.requires_grad_(False)
@@ -231,6 +236,96 @@ def test_kernel_substitutions_under_autocast_are_bit_identical(dtype):
     assert outputs[1].dtype == outputs[0].dtype
     assert torch.equal(outputs[1], outputs[0])
     assert torch.equal(grads[1], grads[0])
+
+
+def _autocast_linear(x, weight, bias, dtype):
+    with torch.autocast("cpu", dtype=dtype):
+        return nn.functional.linear(x, weight, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_split_half_product_is_rounded_once_like_a_float32_one(dtype):
+    from engine.hoist import _split_half_linear
+
+    torch.manual_seed(5)
+    layer = nn.Linear(5, 64)
+    x = torch.randn(400, 5)
+    exact = nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        split = _split_half_linear(x, layer.weight, layer.bias, dtype)
+    plain = _autocast_linear(x, layer.weight, layer.bias, dtype)
+
+    assert split.dtype == plain.dtype == dtype
+    # Rounding the exact product to the half dtype once, bias included, is all that is
+    # left; autocast also rounds the points and the weight before multiplying.
+    once = (nn.functional.linear(x.double(), layer.weight.double())
+            + layer.bias.to(dtype).double()).to(dtype)
+    assert torch.equal(split, once) or (split.double() - once.double()).abs().max() <= \
+        torch.finfo(dtype).eps * once.double().abs().max()
+    split_error = (split.double() - exact).norm()
+    plain_error = (plain.double() - exact).norm()
+    assert split_error < 0.7 * plain_error
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_split_half_layer_has_the_layers_input_gradient(dtype):
+    from engine.hoist import _split_half_linear
+
+    torch.manual_seed(6)
+    layer = nn.Linear(5, 64).requires_grad_(False)
+    x = torch.randn(300, 5, requires_grad=True)
+    upstream = torch.randn(300, 64).to(dtype)
+
+    with torch.autocast("cpu", dtype=dtype):
+        output = _split_half_linear(x, layer.weight, layer.bias, dtype)
+    (grad,) = torch.autograd.grad(output, x, upstream)
+
+    # upstream @ W, with W's low part kept: within the half dtype's rounding of the
+    # product, which autocast's gradient (upstream @ rounded W) is not held to.
+    exact = upstream.double() @ layer.weight.double()
+    assert grad.dtype == torch.float32
+    bound = 2 * torch.finfo(dtype).eps * exact.abs().max()
+    assert (grad.double() - exact).abs().max() <= bound
+
+
+def test_a_compiled_split_keeps_its_low_part():
+    # Inductor does not round fused intermediates to bf16, so a low part computed as
+    # v - float(bf16(v)) would compile to zero; the split clears bits instead.
+    from engine.hoist import _split_half_linear
+
+    torch.manual_seed(7)
+    layer = nn.Linear(5, 64).requires_grad_(False)
+    x = torch.randn(256, 5)
+
+    def split(points):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _split_half_linear(points, layer.weight, layer.bias, torch.bfloat16)
+
+    compiled = torch.compile(split, fullgraph=True)(x)
+    eager = split(x)
+    plain = _autocast_linear(x, layer.weight, layer.bias, torch.bfloat16)
+
+    exact = nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+    torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-2)
+    assert (compiled.double() - exact).norm() < 0.7 * (plain.double() - exact).norm()
+
+
+def test_bf16_plain_path_is_closer_to_fp32_with_the_split_first_layer(monkeypatch):
+    from engine import hoist
+
+    net, x, baselines = titanic_job(dtype=torch.float32, rows=60)
+    reference = integrated_gradients(net, x, baselines, n_steps=50, hoist=False)
+    errors = {}
+    for name in ("split", "autocast"):
+        if name == "autocast":
+            monkeypatch.setattr(hoist, "_split_half_linear",
+                                lambda x, weight, bias, _: nn.functional.linear(x, weight, bias))
+        actual = integrated_gradients(net, x, baselines, n_steps=50, hoist=False,
+                                      precision="bf16")
+        errors[name] = relative_error(actual, reference)
+
+    assert errors["split"] < 0.9 * errors["autocast"]
 
 
 # ---------------------------------------------------------------------------
