@@ -90,7 +90,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "against Captum and write tables and pictures")
     parser.add_argument("--data", type=Path, help="Kaggle Titanic train.csv (default: "
                         "data/train.csv, then the cache, then a download)")
-    parser.add_argument("--out", type=Path, default=Path("results"),
+    # Kept as typed until checked: Path("") would read as ".".
+    parser.add_argument("--out", default="results",
                         help="folder for the results (default: results/)")
     parser.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
     parser.add_argument("--n-steps", type=int, default=50,
@@ -158,8 +159,9 @@ def _check_shared_flags(args: argparse.Namespace) -> None:
         raise UsageError(text) from error
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
-    if str(args.out).strip() in ("", "."):
+    if str(args.out).strip() in ("", ".") or Path(args.out) == Path("."):
         raise UsageError(f"--out {str(args.out)!r}: name a results folder, not the current one")
+    args.out = Path(args.out)
 
 
 def _baseline_kinds(text: str) -> tuple[str, ...]:

@@ -504,9 +504,10 @@ def test_cut_checkpoint_is_one_line_checkpoint_error(tmp_path, keep):
         (["--n-steps", "1000000000"], ["--n-steps", "100,000"]),
         (["--seed", "-5"], ["--seed", "-5"]),
         (["--seed", str(2**64)], ["--seed"]),
-        (["--out="], ["--out", "current"]),
+        (["--out="], ["--out ''", "current"]),
+        (["--out", "./"], ["--out './'", "current"]),
     ],
-    ids=["huge-n-steps", "negative-seed", "huge-seed", "empty-out"],
+    ids=["huge-n-steps", "negative-seed", "huge-seed", "empty-out", "dot-out"],
 )
 def test_flags_out_of_range_are_refused_before_any_work(tmp_path, capsys, monkeypatch, flags,
                                                        names):
