@@ -329,33 +329,95 @@ def _split_half_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
     half-precision product with three times the inner dimension, which the CPU and GPU
     kernels sum in float32 and round once at the end, as autocast's product is. What is
     left out (x_lo W_lo, and the rounding of the lo parts) is about 2^-16 of the product
-    in bf16, far below the rounding of the result. The input gradient flows through x_hi
-    only (x_lo is a constant correction), so it is ``grad @ (W_hi + W_lo)``.
+    in bf16, far below the rounding of the result.
+
+    The input gradient is ``grad @ (W_hi + W_lo)``. Eager, ``_SplitHalfProduct`` adds the
+    two half-precision products in float32, so it is rounded about as often as autocast's
+    one product, without autocast's rounding of the weight; compiled, the same terms come
+    from autograd through the product's x_hi blocks.
     """
-    x_hi, x_lo = _split_half(x, dtype)
-    w_hi, w_lo = _split_half(weight.detach(), dtype)
-    # The bias is rounded as autocast rounds it: splitting it too changed the error on the
-    # article's network by less than 1%.
-    return nn.functional.linear(torch.cat([x_hi, x_lo.detach(), x_hi], dim=-1),
-                                torch.cat([w_hi, w_hi, w_lo], dim=-1),
-                                None if bias is None else bias.to(dtype))
+    if not torch.compiler.is_compiling():
+        # Eager: points beyond the half dtype's range (or inf or nan) take autocast's own
+        # product, which overflows the way a model under autocast expects.
+        if bool(x.abs().amax() <= torch.finfo(dtype).max):
+            return _SplitHalfProduct.apply(x, weight, bias, dtype)
+        return nn.functional.linear(x, weight, bias)
+    x_hi, x_lo, _ = _split_half(x, dtype)
+    # x + (hi - x): hi's value with x's gradient (exact: hi - x is -lo, exact in float32).
+    x_hi = (x + (x_hi.to(x.dtype) - x.detach())).to(dtype)
+    x_hi_last = torch.where(torch.isfinite(x_hi), x_hi, 0.0)
+    return nn.functional.linear(torch.cat([x_hi, x_lo, x_hi_last], dim=-1),
+                                _split_weight(weight, dtype), _half_bias(bias, dtype))
 
 
-def _split_half(v: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """float32 ``v`` as ``hi + lo`` in ``dtype``; ``hi`` has ``v``'s gradient.
+class _SplitHalfProduct(torch.autograd.Function):
+    """``_split_half_linear`` eagerly, for finite points within the half dtype's range,
+    with its input gradient summed in float32."""
 
-    For bf16, ``hi`` is ``v`` with its last 16 bits cleared, and ``lo = v - hi`` is exact
-    in float32: no step relies on a float32 -> bf16 -> float32 round trip, which compiled
-    graphs may skip (Inductor does not round fused intermediates to bf16), and which
-    would leave lo at zero. For fp16 ``hi`` is ``v`` rounded.
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+        truncated = _truncated(x, dtype)
+        x_hi = truncated.to(dtype)
+        # Concatenating contiguous half-precision blocks was twice as fast as writing
+        # float32 blocks into one half-precision matrix (a 5-wide inner dimension).
+        left = torch.cat([x_hi, (x - truncated).to(dtype), x_hi], dim=1)
+        return nn.functional.linear(left, _split_weight(weight, dtype), _half_bias(bias, dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 - autograd's signature
+        ctx.save_for_backward(inputs[1])
+        ctx.input_dtype = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205 - autograd's signature
+        (weight,) = ctx.saved_tensors
+        w_hi, w_lo, _ = _split_half(weight, grad.dtype)
+        # grad @ W_hi + grad @ W_lo, added in float32.
+        x_grad = (grad @ w_hi).to(ctx.input_dtype)
+        return x_grad.add_(grad @ w_lo), None, None, None
+
+
+def _split_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """[W_hi, W_hi, W_lo] side by side, for the blocks [x_hi, x_lo, x_hi]."""
+    w_hi, w_lo, _ = _split_half(weight.detach(), dtype)
+    # Where W_hi overflowed, the middle block must add nothing (x_lo may be 0: 0 * inf).
+    w_mid = torch.where(torch.isfinite(w_hi), w_hi, 0.0)
+    return torch.cat([w_hi, w_mid, w_lo], dim=-1)
+
+
+def _half_bias(bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    # Rounded as autocast rounds it: splitting it too changed the error on the article's
+    # network by less than 1%.
+    return None if bias is None else bias.detach().to(dtype)
+
+
+# Bits of a float32 that the half dtype keeps: sign, 8 exponent bits and 7 (bf16) or 10
+# (fp16) mantissa bits. Clearing the rest truncates v to the half dtype's precision.
+_KEPT_BITS = {torch.bfloat16: -(1 << 16), torch.float16: -(1 << 13)}
+
+
+def _truncated(v: Tensor, dtype: torch.dtype) -> Tensor:
+    """float32 ``v`` with the bits ``dtype`` has no room for cleared (exact in ``dtype``
+    within its range)."""
+    return (v.detach().view(torch.int32) & _KEPT_BITS[dtype]).view(v.dtype)
+
+
+def _split_half(v: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """float32 ``v`` (no gradient) as ``hi + lo`` in ``dtype``: (hi, lo, hi_or_zero).
+
+    ``hi`` is ``v`` with the bits ``dtype`` has no room for cleared, and ``lo = v - hi`` is
+    exact in float32; no step relies on a float32 -> half -> float32 round trip, which
+    compiled graphs may skip (Inductor does not round fused intermediates) and which
+    would leave lo at zero. Where ``hi`` is not finite in ``dtype`` (inf or nan in ``v``,
+    or beyond fp16's range), ``lo`` and ``hi_or_zero`` are 0, so that the product's other
+    blocks add nothing there and it overflows as autocast's does, instead of giving nan.
     """
-    if dtype == torch.bfloat16:
-        truncated = (v.detach().view(torch.int32) & -65536).view(torch.float32)
-        lo = v.detach() - truncated
-        # truncated, with v's gradient: v + (truncated - v) is exactly truncated.
-        return (v + (truncated - v.detach())).to(dtype), lo.to(dtype)
-    hi = v.to(dtype)
-    return hi, (v.detach() - hi.detach().to(v.dtype)).to(dtype)
+    v = v.detach()
+    truncated = _truncated(v, dtype)
+    hi = truncated.to(dtype)
+    finite = torch.isfinite(hi)
+    lo = torch.where(finite, v - truncated, 0.0).to(dtype)
+    return hi, lo, torch.where(finite, hi, 0.0)
 
 
 class _NarrowInputLinear(nn.Module):
@@ -366,7 +428,8 @@ class _NarrowInputLinear(nn.Module):
     runs as ``_split_half_linear``: as a model's first layer it reads the path points and
     returns the input gradient. Rounding the points and its weight to bf16 made a fifth
     of the bf16 error on the article's network (1.01e-2 against float32, 8.0e-3 with the
-    split), and the split costs only a product with a few more columns.
+    split); the split's products have three times (forward) and twice (backward) the
+    columns, and cost eager bf16 about a tenth of its time there.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -378,8 +441,9 @@ class _NarrowInputLinear(nn.Module):
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
-            if dtype in (torch.bfloat16, torch.float16) and x.dtype == torch.float32 \
-                    and weight.dtype == torch.float32 and not weight.requires_grad:
+            if dtype in _KEPT_BITS and x.dim() == 2 and x.dtype == torch.float32 \
+                    and weight.dtype == torch.float32 and not weight.requires_grad \
+                    and (bias is None or not bias.requires_grad):
                 return _split_half_linear(x, weight, bias, dtype)
             return self.linear(x)
         # Rows of features only: on more dimensions linear() returns a view, which a
