@@ -329,30 +329,22 @@ def _split_half_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
     half-precision product with three times the inner dimension, which the CPU and GPU
     kernels sum in float32 and round once at the end, as autocast's product is. What is
     left out (x_lo W_lo, and the rounding of the lo parts) is about 2^-16 of the product
-    in bf16, far below the rounding of the result.
+    in bf16, far below the rounding of the result. The input gradient is
+    ``grad @ W_hi + grad @ W_lo``, added in float32 (see ``_SplitHalfProduct``).
 
-    The input gradient is ``grad @ (W_hi + W_lo)``. Eager, ``_SplitHalfProduct`` adds the
-    two half-precision products in float32, so it is rounded about as often as autocast's
-    one product, without autocast's rounding of the weight; compiled, the same terms come
-    from autograd through the product's x_hi blocks.
+    Points beyond the half dtype's range (or inf or nan) take autocast's own product,
+    which overflows the way a model under autocast expects. Eager only: compiled chunks
+    keep autocast's product (see ``_NarrowInputLinear``).
     """
-    if not torch.compiler.is_compiling():
-        # Eager: points beyond the half dtype's range (or inf or nan) take autocast's own
-        # product, which overflows the way a model under autocast expects.
-        if bool(x.abs().amax() <= torch.finfo(dtype).max):
-            return _SplitHalfProduct.apply(x, weight, bias, dtype)
-        return nn.functional.linear(x, weight, bias)
-    x_hi, x_lo, _ = _split_half(x, dtype)
-    # x + (hi - x): hi's value with x's gradient (exact: hi - x is -lo, exact in float32).
-    x_hi = (x + (x_hi.to(x.dtype) - x.detach())).to(dtype)
-    x_hi_last = torch.where(torch.isfinite(x_hi), x_hi, 0.0)
-    return nn.functional.linear(torch.cat([x_hi, x_lo, x_hi_last], dim=-1),
-                                _split_weight(weight, dtype), _half_bias(bias, dtype))
+    if bool(x.abs().amax() <= torch.finfo(dtype).max):
+        return _SplitHalfProduct.apply(x, weight, bias, dtype)
+    return nn.functional.linear(x, weight, bias)
 
 
 class _SplitHalfProduct(torch.autograd.Function):
-    """``_split_half_linear`` eagerly, for finite points within the half dtype's range,
-    with its input gradient summed in float32."""
+    """``_split_half_linear`` for finite points within the half dtype's range, with its
+    input gradient summed in float32: autograd through the product would add
+    grad @ W_hi and grad @ W_lo in the half dtype, rounding the gradient twice."""
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -371,7 +363,7 @@ class _SplitHalfProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205 - autograd's signature
         (weight,) = ctx.saved_tensors
-        w_hi, w_lo, _ = _split_half(weight, grad.dtype)
+        w_hi, w_lo = _split_half(weight, grad.dtype)
         # grad @ W_hi + grad @ W_lo, added in float32.
         x_grad = (grad @ w_hi).to(ctx.input_dtype)
         return x_grad.add_(grad @ w_lo), None, None, None
@@ -379,7 +371,7 @@ class _SplitHalfProduct(torch.autograd.Function):
 
 def _split_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
     """[W_hi, W_hi, W_lo] side by side, for the blocks [x_hi, x_lo, x_hi]."""
-    w_hi, w_lo, _ = _split_half(weight.detach(), dtype)
+    w_hi, w_lo = _split_half(weight, dtype)
     # Where W_hi overflowed, the middle block must add nothing (x_lo may be 0: 0 * inf).
     w_mid = torch.where(torch.isfinite(w_hi), w_hi, 0.0)
     return torch.cat([w_hi, w_mid, w_lo], dim=-1)
@@ -397,27 +389,23 @@ _KEPT_BITS = {torch.bfloat16: -(1 << 16), torch.float16: -(1 << 13)}
 
 
 def _truncated(v: Tensor, dtype: torch.dtype) -> Tensor:
-    """float32 ``v`` with the bits ``dtype`` has no room for cleared (exact in ``dtype``
-    within its range)."""
+    """float32 ``v`` with the bits ``dtype`` has no room for cleared: exact in ``dtype``
+    within its range, so ``v - truncated`` is the rest of ``v`` without relying on a
+    float32 -> half -> float32 round trip (which compiled graphs may skip)."""
     return (v.detach().view(torch.int32) & _KEPT_BITS[dtype]).view(v.dtype)
 
 
-def _split_half(v: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """float32 ``v`` (no gradient) as ``hi + lo`` in ``dtype``: (hi, lo, hi_or_zero).
+def _split_half(v: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """float32 ``v`` (no gradient) as ``hi + lo`` in ``dtype``.
 
-    ``hi`` is ``v`` with the bits ``dtype`` has no room for cleared, and ``lo = v - hi`` is
-    exact in float32; no step relies on a float32 -> half -> float32 round trip, which
-    compiled graphs may skip (Inductor does not round fused intermediates) and which
-    would leave lo at zero. Where ``hi`` is not finite in ``dtype`` (inf or nan in ``v``,
-    or beyond fp16's range), ``lo`` and ``hi_or_zero`` are 0, so that the product's other
-    blocks add nothing there and it overflows as autocast's does, instead of giving nan.
+    ``hi`` is ``v`` with the bits ``dtype`` has no room for cleared (see ``_truncated``),
+    and ``lo = v - hi`` is exact in float32 before its own rounding. Where ``hi`` is not
+    finite in ``dtype`` (inf or nan in ``v``, or beyond fp16's range), ``lo`` is 0.
     """
-    v = v.detach()
     truncated = _truncated(v, dtype)
     hi = truncated.to(dtype)
-    finite = torch.isfinite(hi)
-    lo = torch.where(finite, v - truncated, 0.0).to(dtype)
-    return hi, lo, torch.where(finite, hi, 0.0)
+    lo = torch.where(torch.isfinite(hi), v.detach() - truncated, 0.0).to(dtype)
+    return hi, lo
 
 
 class _NarrowInputLinear(nn.Module):
@@ -429,7 +417,9 @@ class _NarrowInputLinear(nn.Module):
     returns the input gradient. Rounding the points and its weight to bf16 made a fifth
     of the bf16 error on the article's network (1.01e-2 against float32, 8.0e-3 with the
     split); the split's products have three times (forward) and twice (backward) the
-    columns, and cost eager bf16 about a tenth of its time there.
+    columns, and cost eager bf16 about a tenth of its time there. Compiled chunks keep
+    autocast's product: Inductor's fused code already rounds less (9.2e-3 there), and
+    the split cost compiled bf16 20%-35% for 7.7e-3.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -442,6 +432,7 @@ class _NarrowInputLinear(nn.Module):
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             if dtype in _KEPT_BITS and x.dim() == 2 and x.dtype == torch.float32 \
+                    and not torch.compiler.is_compiling() \
                     and weight.dtype == torch.float32 and not weight.requires_grad \
                     and (bias is None or not bias.requires_grad):
                 return _split_half_linear(x, weight, bias, dtype)

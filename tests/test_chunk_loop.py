@@ -292,27 +292,28 @@ def test_a_split_half_layers_input_gradient_is_closer_than_autocasts(dtype):
     assert all(split < plain for split, plain in zip(errors["split"], errors["autocast"]))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_compiled_split_keeps_its_low_part(dtype):
-    # Inductor does not round fused intermediates to the half dtype, so a low part
-    # computed as v - float(half(v)) would compile to zero; the split clears bits instead.
-    from engine.hoist import _split_half_linear
+def test_compiled_chunks_keep_autocasts_product_for_narrow_layers(monkeypatch):
+    # Inductor's fused code already rounds less, and the split cost compiled bf16 a
+    # fifth or more of its time: compiled, the substitute is autocast's Linear.
+    from engine import hoist
 
+    def refuse(*args):
+        raise AssertionError("split inside a compiled graph")
+
+    monkeypatch.setattr(hoist, "_split_half_linear", refuse)
     torch.manual_seed(7)
     layer = nn.Linear(5, 64).requires_grad_(False)
+    narrow = hoist._NarrowInputLinear(layer)
     x = torch.randn(256, 5)
 
-    def split(points):
-        with torch.autocast("cpu", dtype=dtype):
-            return _split_half_linear(points, layer.weight, layer.bias, dtype)
+    def run(points):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return narrow(points)
 
-    compiled = torch.compile(split, fullgraph=True)(x)
-    eager = split(x)
-    plain = _autocast_linear(x, layer.weight, layer.bias, dtype)
+    compiled = torch.compile(run, fullgraph=True)(x)
 
-    exact = nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
-    torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-2)
-    assert (compiled.double() - exact).norm() < 0.7 * (plain.double() - exact).norm()
+    plain = _autocast_linear(x, layer.weight, layer.bias, torch.bfloat16)
+    torch.testing.assert_close(compiled, plain)
 
 
 def test_fp16_points_beyond_its_range_overflow_as_under_autocast():
@@ -329,8 +330,7 @@ def test_fp16_points_beyond_its_range_overflow_as_under_autocast():
     torch.testing.assert_close(half, reference, rtol=2e-2, atol=2e-3)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_a_split_product_overflows_where_autocasts_does_and_nowhere_else(compiled):
+def test_a_split_product_overflows_where_autocasts_does_and_nowhere_else():
     from engine.hoist import _split_half_linear
 
     torch.manual_seed(8)
@@ -342,7 +342,7 @@ def test_a_split_product_overflows_where_autocasts_does_and_nowhere_else(compile
         with torch.autocast("cpu", dtype=torch.float16):
             return _split_half_linear(points, layer.weight, layer.bias, torch.float16)
 
-    got = (torch.compile(split, fullgraph=True) if compiled else split)(x)
+    got = split(x)
     plain = _autocast_linear(x, layer.weight, layer.bias, torch.float16)
 
     assert not got.isnan().any()
