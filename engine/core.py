@@ -445,23 +445,60 @@ def integrate(
     """
     options = options or RunOptions()
     with frozen_parameters(forward_func), weights_blamed(forward_func):
-        if options.compile_mode:
-            _check_gradient(forward_func, problem)
-        split = _usable_split(forward_func, problem, options, sample)
-        if split is not None:
-            try:
-                return (_integrate_hoisted(split, problem, rule, chunk_points, options),)
-            except ModelError as error:
-                if not _wrote_leaf_in_place(error):
-                    raise
-                # hoist.py copies the prefix output for the in-place writes it can see in
-                # the traced graph; anything else lands here and runs unhoisted.
-                log.info("the model writes its affine prefix's output in place: running it "
-                         "without hoisting")
-        if chunk_points is None:
-            chunk_points = _planned_chunk_points(forward_func, problem, rule, options)
-        return _integrate_points(_fast(forward_func, problem, sample), problem, rule,
-                                 chunk_points, options)
+        sums = _integrated_sums(forward_func, problem, rule, chunk_points, options, sample)
+    _refuse_non_finite_gradients(sums)
+    return sums
+
+
+def _integrated_sums(
+    forward_func: Callable[..., Tensor],
+    problem: PathProblem,
+    rule: QuadratureRule,
+    chunk_points: int | None,
+    options: RunOptions,
+    sample: ModelSample | None,
+) -> tuple[Tensor, ...]:
+    if options.compile_mode:
+        _check_gradient(forward_func, problem)
+    split = _usable_split(forward_func, problem, options, sample)
+    if split is not None:
+        try:
+            return (_integrate_hoisted(split, problem, rule, chunk_points, options),)
+        except ModelError as error:
+            if not _wrote_leaf_in_place(error):
+                raise
+            # hoist.py copies the prefix output for the in-place writes it can see in the
+            # traced graph; anything else lands here and runs unhoisted.
+            log.info("the model writes its affine prefix's output in place: running it "
+                     "without hoisting")
+    if chunk_points is None:
+        chunk_points = _planned_chunk_points(forward_func, problem, rule, options)
+    return _integrate_points(_fast(forward_func, problem, sample), problem, rule,
+                             chunk_points, options)
+
+
+def _refuse_non_finite_gradients(sums: tuple[Tensor, ...]) -> None:
+    """Refuse sums (B, N, *F) that hold nan or inf, naming the rows.
+
+    The outputs were finite (``_refuse_non_finite``), so the gradient itself overflowed
+    or is undefined somewhere on those paths: sqrt, log or a power at a path's end, or a
+    product of a huge weight and a huge upstream gradient.
+    """
+    bad = None
+    for grad in sums:
+        finite = torch.isfinite(grad.reshape(*grad.shape[:2], -1)).all(2)
+        if not bool(finite.all()):
+            bad = ~finite if bad is None else bad | ~finite
+    if bad is None:
+        return
+    rows = torch.unique(bad.nonzero()[:, 1]).tolist()
+    shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
+    raise ModelError(
+        f"the model's gradient is nan or inf on the path of row(s) {shown}, where its "
+        "outputs are finite (sqrt, log or a power at a path's end, or a gradient that "
+        "overflows): check those rows and their baselines, or use a quadrature rule whose "
+        "nodes avoid the path's ends (gausslegendre)"
+    )
 
 
 _NO_GRADIENT = (
@@ -1478,6 +1515,7 @@ def make_problem(
         # Mixed per-row and shared baselines: expand the shared ones so indexing is uniform.
         laid_out = tuple(base.expand(base.shape[0], n_rows, *base.shape[2:]) for base in laid_out)
 
+    _refuse_non_finite_values(input_tuple, laid_out, isinstance(inputs, tuple))
     targets = _as_targets(target, n_rows, input_tuple[0].device)
     return PathProblem(
         inputs=input_tuple,
@@ -1486,6 +1524,32 @@ def make_problem(
         forward_args=_as_forward_args(additional_forward_args),
         target_range=_target_range(targets),
     )
+
+
+def _refuse_non_finite_values(inputs: tuple[Tensor, ...], baselines: tuple[Tensor, ...],
+                              many: bool) -> None:
+    """Refuse nan or inf in the inputs or baselines, naming the rows (or baseline kinds).
+
+    A path to or from an infinite point has no finite gradient integral: a saturating
+    layer (tanh) can keep the outputs finite, and the attribution would come back nan
+    (0 x inf) without a word.
+    """
+    for i, (x, base) in enumerate(zip(inputs, baselines)):
+        name = f"inputs[{i}]" if many else "inputs"
+        finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+        if not bool(finite.all()):
+            rows = (~finite).nonzero()[:, 0].tolist()
+            shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
+            raise ArgumentError(
+                f"{name} hold nan or inf in row(s) {shown}: attributions need finite "
+                "inputs (drop or impute those rows)"
+            )
+        finite = torch.isfinite(base.reshape(*base.shape[:2], -1)).all(2)
+        if not bool(finite.all()):
+            kind, row = (int(v) for v in (~finite).nonzero()[0])
+            where = f"baseline kind {kind}" + (f", row {row}" if base.shape[1] > 1 else "")
+            name = f"baselines[{i}]" if many else "baselines"
+            raise ArgumentError(f"{name} hold nan or inf ({where}): baselines must be finite")
 
 
 def _as_input_tuple(inputs: TensorOrTuple) -> tuple[Tensor, ...]:

@@ -237,6 +237,47 @@ def test_target_list_of_wrong_length_is_refused():
         integrated_gradients(nn.Linear(3, 4), torch.randn(2, 3), target=[0, 1, 2])
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_inputs_are_refused_naming_the_rows(value):
+    # A saturating layer keeps the outputs finite; the attribution would be 0 x inf = nan.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).eval()
+    x = torch.rand(6, 5)
+    x[3, 2] = x[5, 0] = value
+
+    with pytest.raises(ArgumentError, match=r"inputs hold nan or inf in row\(s\) 3, 5"):
+        integrated_gradients(net, x, torch.zeros(1, 5))
+
+
+def test_non_finite_baselines_are_refused_naming_the_kind_and_row():
+    x = torch.rand(4, 3)
+    shared = torch.zeros(2, 3)
+    shared[1, 0] = float("nan")
+    per_row = torch.zeros(2, 4, 3)
+    per_row[1, 2, 1] = float("inf")
+
+    with pytest.raises(ArgumentError, match=r"baselines hold nan or inf \(baseline kind 1\)"):
+        integrated_gradients(nn.Linear(3, 1), x, shared)
+    with pytest.raises(ArgumentError, match=r"baseline kind 1, row 2\)"):
+        integrated_gradients(nn.Linear(3, 1), x, per_row)
+
+
+def test_a_non_finite_gradient_with_finite_outputs_names_the_rows():
+    def root(points):
+        return torch.sqrt(points).sum(1)
+
+    x = torch.rand(5, 3) + 0.1
+    baselines = torch.ones(1, 3)
+    baselines_at_zero = torch.zeros(2, 3)
+    baselines_at_zero[0] = 1.0
+
+    # riemann_left evaluates the baseline itself, where sqrt's gradient is infinite.
+    with pytest.raises(ModelError, match=r"gradient is nan or inf on the path of row\(s\) 0, 1"):
+        integrated_gradients(root, x, baselines_at_zero, method="riemann_left")
+    # Away from zero the same model is fine.
+    assert torch.isfinite(integrated_gradients(root, x, baselines, method="riemann_left")).all()
+
+
 def test_non_finite_model_output_names_the_rows():
     def model(x):
         out = x.sum(1)
