@@ -332,27 +332,31 @@ def _split_half_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
     in bf16, far below the rounding of the result. The input gradient is
     ``grad @ W_hi + grad @ W_lo``, added in float32 (see ``_SplitHalfProduct``).
 
-    Points beyond the half dtype's range (or inf or nan) take autocast's own product,
-    which overflows the way a model under autocast expects. Eager only: compiled chunks
-    keep autocast's product (see ``_NarrowInputLinear``).
+    Where a point is beyond the half dtype's range (fp16 above 65504) x_hi is inf, and
+    that point's x_lo and last x_hi block are zeroed: its product overflows as autocast's
+    does instead of giving nan (inf - inf), and the other points keep the split. Eager
+    only: compiled chunks keep autocast's product (see ``_NarrowInputLinear``).
     """
-    if bool(x.abs().amax() <= torch.finfo(dtype).max):
-        return _SplitHalfProduct.apply(x, weight, bias, dtype)
-    return nn.functional.linear(x, weight, bias)
+    if x.numel() == 0:  # an empty sub-batch (rows routed elsewhere)
+        return nn.functional.linear(x, weight, bias)
+    return _SplitHalfProduct.apply(x, weight, bias, dtype)
 
 
 class _SplitHalfProduct(torch.autograd.Function):
-    """``_split_half_linear`` for finite points within the half dtype's range, with its
-    input gradient summed in float32: autograd through the product would add
-    grad @ W_hi and grad @ W_lo in the half dtype, rounding the gradient twice."""
+    """``_split_half_linear``, with its input gradient summed in float32: autograd through
+    the product would add grad @ W_hi and grad @ W_lo in the half dtype, rounding the
+    gradient twice."""
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
         truncated = _truncated(x, dtype)
-        x_hi = truncated.to(dtype)
+        x_hi, x_lo, x_last = truncated.to(dtype), (x - truncated).to(dtype), None
+        if not bool(x.abs().amax() <= torch.finfo(dtype).max):
+            finite = torch.isfinite(x_hi)
+            x_lo, x_last = x_lo.masked_fill(~finite, 0), x_hi.masked_fill(~finite, 0)
         # Concatenating contiguous half-precision blocks was twice as fast as writing
         # float32 blocks into one half-precision matrix (a 5-wide inner dimension).
-        left = torch.cat([x_hi, (x - truncated).to(dtype), x_hi], dim=1)
+        left = torch.cat([x_hi, x_lo, x_hi if x_last is None else x_last], dim=1)
         return nn.functional.linear(left, _split_weight(weight, dtype), _half_bias(bias, dtype))
 
     @staticmethod
@@ -389,9 +393,14 @@ _KEPT_BITS = {torch.bfloat16: -(1 << 16), torch.float16: -(1 << 13)}
 
 
 def _truncated(v: Tensor, dtype: torch.dtype) -> Tensor:
-    """float32 ``v`` with the bits ``dtype`` has no room for cleared: exact in ``dtype``
-    within its range, so ``v - truncated`` is the rest of ``v`` without relying on a
-    float32 -> half -> float32 round trip (which compiled graphs may skip)."""
+    """float32 ``v`` with the bits ``dtype`` has no room for cleared.
+
+    Exact in ``dtype`` for its normal numbers, so ``v - truncated`` is the rest of ``v``
+    without relying on a float32 -> half -> float32 round trip (which compiled graphs may
+    skip). Below fp16's smallest normal number (6.1e-5) the cast to fp16 rounds the
+    truncated value again, and hi + lo misses ``v`` by at most 2^-25: no more than
+    autocast's own rounding there.
+    """
     return (v.detach().view(torch.int32) & _KEPT_BITS[dtype]).view(v.dtype)
 
 
@@ -399,7 +408,8 @@ def _split_half(v: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """float32 ``v`` (no gradient) as ``hi + lo`` in ``dtype``.
 
     ``hi`` is ``v`` with the bits ``dtype`` has no room for cleared (see ``_truncated``),
-    and ``lo = v - hi`` is exact in float32 before its own rounding. Where ``hi`` is not
+    and ``lo = v - hi`` is exact in float32 before its own rounding (for normal numbers of
+    ``dtype``). Where ``hi`` is not
     finite in ``dtype`` (inf or nan in ``v``, or beyond fp16's range), ``lo`` is 0.
     """
     truncated = _truncated(v, dtype)
@@ -409,17 +419,21 @@ def _split_half(v: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
 
 class _NarrowInputLinear(nn.Module):
-    """A ``Linear`` with few inputs, run at full precision even under autocast.
+    """A ``Linear`` with few inputs whose products keep its inputs' precision.
 
     On a CPU in float32 or float64 its input gradient is taken by ``_ColumnMajorBackward``
-    (under ``torch.compile``, ``engine.passes`` does that). Under bf16 or fp16 autocast it
-    runs as ``_split_half_linear``: as a model's first layer it reads the path points and
-    returns the input gradient. Rounding the points and its weight to bf16 made a fifth
-    of the bf16 error on the article's network (1.01e-2 against float32, 8.0e-3 with the
-    split); the split's products have three times (forward) and twice (backward) the
-    columns, and cost eager bf16 about a tenth of its time there. Compiled chunks keep
-    autocast's product: Inductor's fused code already rounds less (9.2e-3 there), and
-    the split cost compiled bf16 20%-35% for 7.7e-3.
+    (under ``torch.compile``, ``engine.passes`` does that). Under bf16 or fp16 autocast,
+    eagerly, with float32 rows of features (in practice a model's first layer, which gets
+    the path points: later layers get half-precision activations) and frozen weights, it
+    runs as ``_split_half_linear``; its output is still rounded to the half dtype.
+
+    As a model's first layer it reads the path points and returns the input gradient.
+    Rounding the points and its weight to bf16 made a fifth of the bf16 error on the
+    article's network (1.01e-2 against float32, 8.0e-3 with the split); the split's
+    products have three times (forward) and twice (backward) the columns, and cost eager
+    bf16 about a tenth of its time there. Compiled chunks keep autocast's product:
+    Inductor's fused code already rounds less (9.2e-3 there), and the split cost compiled
+    bf16 20%-35% for 7.7e-3.
     """
 
     def __init__(self, linear: nn.Linear) -> None:

@@ -352,6 +352,50 @@ def test_a_split_product_overflows_where_autocasts_does_and_nowhere_else():
     assert torch.isfinite(got[~overflowed]).all()
 
 
+def test_an_overflowing_point_leaves_the_split_of_the_others_alone():
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 1)).eval()
+    x = torch.rand(50, 5)
+    alone = integrated_gradients(net, x[1:], torch.zeros(1, 5), hoist=False,
+                                 precision="fp16")
+    x[0, 2] = 7e4
+
+    together = integrated_gradients(net, x, torch.zeros(1, 5), hoist=False, precision="fp16")
+
+    # One chunk holds every point: row 0 overflows, rows 1.. keep their split products.
+    torch.testing.assert_close(together[:, 1:], alone, rtol=1e-6, atol=1e-9)
+
+
+class _Routed(nn.Module):
+    """Rows routed to one of two experts by their first feature (rows stay independent)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 64), nn.Linear(5, 64)
+        self.head = nn.Linear(64, 1)
+
+    def forward(self, x):
+        chosen = x[:, 0] > 0.5
+        hidden = torch.zeros(x.shape[0], 64, dtype=torch.bfloat16, device=x.device)
+        hidden = hidden.masked_scatter(chosen.unsqueeze(1), self.a(x[chosen]).bfloat16())
+        hidden = hidden.masked_scatter(~chosen.unsqueeze(1), self.b(x[~chosen]).bfloat16())
+        return self.head(torch.tanh(hidden.float()))
+
+
+def test_a_narrow_layer_given_no_rows_runs_under_half_precision():
+    torch.manual_seed(10)
+    model = _Routed().eval()
+    x = torch.rand(20, 5)
+    x[:, 0] = 0.9  # every row goes to a: b gets an empty batch
+
+    half = integrated_gradients(model, x, torch.zeros(1, 5), hoist=False, precision="bf16",
+                                internal_batch_size=7)
+    full = integrated_gradients(model, x, torch.zeros(1, 5), hoist=False,
+                                internal_batch_size=7)
+
+    assert relative_error(half, full) < 3e-2
+
+
 def test_bf16_plain_path_is_closer_to_fp32_with_the_split_first_layer(monkeypatch):
     from engine import hoist
 
