@@ -63,6 +63,7 @@ from engine.step import (
     module_of,
     non_finite_weights,
     own_hooks,
+    owns_precision,
     pad_rows,
 )
 
@@ -195,6 +196,7 @@ def _is_per_row(arg: Any, n_rows: int) -> bool:
     return isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == n_rows
 
 
+@owns_precision
 @keeps_batch_statistics
 def integrated_gradients(
     forward_func: Callable[..., Tensor],

@@ -30,13 +30,14 @@ from engine.core import (
     weights_blamed,
 )
 from engine.errors import ArgumentError
-from engine.step import keeps_batch_statistics
+from engine.step import keeps_batch_statistics, owns_precision
 
 __all__ = ["expected_gradients"]
 
 log = logging.getLogger(__name__)
 
 
+@owns_precision
 @keeps_batch_statistics
 def expected_gradients(
     forward_func: Callable[..., Tensor],

@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from engine.errors import ArgumentError
 from engine.passes import compile_options
 
 __all__ = ["compiled_copy", "compiled_model", "forget", "frozen_parameters", "global_hooks",
            "keeps_batch_statistics", "layout", "memo", "non_finite_weights", "own_hooks",
-           "pad_rows"]
+           "owns_precision", "pad_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,43 @@ def keeps_batch_statistics(function: Callable[..., object]) -> Callable[..., obj
             with torch.no_grad():
                 for buffer, kept in saved:
                     buffer.copy_(kept)
+
+    return wrapper
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+_warned_autocast = False
+
+
+def owns_precision(function: Callable[..., object]) -> Callable[..., object]:
+    """Run ``function`` with the caller's autocast switched off, and not in inference mode.
+
+    The engine's ``precision`` argument decides where half precision is used; a caller's
+    ``torch.autocast`` around the call would also round the engine's own sums over the
+    steps and, on a CPU, the backward (which runs on the caller's thread), whatever
+    ``precision`` says. Inference mode forbids the gradients the engine takes.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        global _warned_autocast
+        if torch.is_inference_mode_enabled():
+            raise ArgumentError(
+                "called inside torch.inference_mode(), where no gradient can be taken: call "
+                "the engine outside it (torch.no_grad() around the call is fine)"
+            )
+        active = [device for device in _AUTOCAST_DEVICES if torch.is_autocast_enabled(device)]
+        if not active:
+            return function(*args, **kwargs)
+        if not _warned_autocast:
+            _warned_autocast = True
+            log.warning("torch.autocast is active around the call: the engine switches it off "
+                        "and uses its precision argument instead (precision='bf16' or 'fp16' "
+                        "for mixed precision)")
+        with contextlib.ExitStack() as stack:
+            for device in active:
+                stack.enter_context(torch.autocast(device, enabled=False))
+            return function(*args, **kwargs)
 
     return wrapper
 

@@ -278,6 +278,30 @@ def test_a_non_finite_gradient_with_finite_outputs_names_the_rows():
     assert torch.isfinite(integrated_gradients(root, x, baselines, method="riemann_left")).all()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_callers_autocast_does_not_change_the_result(precision, caplog):
+    from engine import step
+
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 1)).eval()
+    x = torch.rand(30, 5)
+    expected = integrated_gradients(net, x, 0.0, hoist=False, precision=precision)
+
+    step._warned_autocast = False
+    with caplog.at_level("WARNING", logger="engine"), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        got = integrated_gradients(net, x, 0.0, hoist=False, precision=precision)
+
+    # Before, the caller's bf16 also rounded the sums over the steps and the backward.
+    assert torch.equal(got, expected)
+    assert "torch.autocast is active around the call" in caplog.text
+
+
+def test_inference_mode_is_named():
+    with torch.inference_mode(), pytest.raises(ArgumentError, match="inference_mode"):
+        integrated_gradients(nn.Linear(3, 1), torch.rand(4, 3))
+
+
 def test_non_finite_model_output_names_the_rows():
     def model(x):
         out = x.sum(1)
