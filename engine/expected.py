@@ -24,6 +24,7 @@ from engine.core import (
     TensorOrTuple,
     _forward,
     _refuse_non_finite,
+    _refuse_non_finite_gradients,
     check_independent_rows,
     check_model_device,
     make_problem,
@@ -123,6 +124,8 @@ def expected_gradients(
         if base_values is not None:
             baseline_out.index_add_(0, rows, base_values)
 
+    # The outputs were finite: nan or inf here is the gradient itself (sqrt at 0, ...).
+    _refuse_non_finite_gradients(tuple(s.unsqueeze(0) for s in sums))
     attributions = tuple((s / n_samples).to(x.dtype) for s, x in zip(sums, problem.inputs))
     result = attributions if is_tuple else attributions[0]
     if not return_convergence_delta:
@@ -195,7 +198,14 @@ def _check_background(
                 f"{name} has dtype {back.dtype} but the inputs have {x.dtype}: convert it "
                 f"with .to({x.dtype})"
             )
-        checked.append(back.detach().to(device=x.device, dtype=x.dtype))
+        back = back.detach().to(device=x.device, dtype=x.dtype)
+        finite = torch.isfinite(back.reshape(back.shape[0], -1)).all(1)
+        if not bool(finite.all()):
+            rows = (~finite).nonzero()[:, 0].tolist()
+            shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
+            raise ArgumentError(f"{name} holds nan or inf in row(s) {shown}: background rows "
+                                "must be finite")
+        checked.append(back)
     if len({back.shape[0] for back in checked}) > 1:
         raise ArgumentError("every background tensor needs the same number of rows")
     return tuple(checked)

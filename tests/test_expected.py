@@ -129,6 +129,25 @@ def test_non_finite_weights_are_named_instead_of_the_rows():
         expected_gradients(model, torch.rand(2, 3), torch.rand(5, 3), n_samples=4)
 
 
+def test_non_finite_background_rows_are_named():
+    background = torch.rand(5, 3)
+    background[2, 1] = float("inf")
+
+    with pytest.raises(ArgumentError, match=r"background holds nan or inf in row\(s\) 2"):
+        expected_gradients(nn.Linear(3, 1), torch.rand(2, 3), background)
+
+
+def test_a_non_finite_gradient_with_finite_outputs_names_the_row():
+    def root(points):
+        return torch.sqrt(points).sum(1)
+
+    x = torch.rand(3, 2) + 0.1
+    x[1] = 0.0  # with a zero background every point of row 1 is 0, where sqrt' is inf
+
+    with pytest.raises(ModelError, match=r"gradient is nan or inf on the path of row\(s\) 1"):
+        expected_gradients(root, x, torch.zeros(2, 2), n_samples=4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_draws_equal_cpu_draws():
