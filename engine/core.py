@@ -479,6 +479,11 @@ def _integrated_sums(
                              chunk_points, options)
 
 
+def shown_rows(rows: list[int]) -> str:
+    """Row numbers for a message: the first ten, then "..."."""
+    return ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
+
+
 def _refuse_non_finite_gradients(sums: tuple[Tensor, ...]) -> None:
     """Refuse sums (B, N, *F) that hold nan or inf, naming the rows.
 
@@ -493,8 +498,7 @@ def _refuse_non_finite_gradients(sums: tuple[Tensor, ...]) -> None:
             bad = ~finite if bad is None else bad | ~finite
     if bad is None:
         return
-    rows = torch.unique(bad.nonzero()[:, 1]).tolist()
-    shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
+    shown = shown_rows(torch.unique(bad.nonzero()[:, 1]).tolist())
     raise ModelError(
         f"the model's gradient is nan or inf on the path of row(s) {shown}, where its "
         "outputs are finite (sqrt, log or a power at a path's end, or a gradient that "
@@ -1239,8 +1243,7 @@ def _refuse_non_finite(selected: Tensor, rows: Tensor) -> None:
     finite = torch.isfinite(selected.detach())
     if bool(finite.all()):
         return
-    bad_rows = torch.unique(rows[~finite]).tolist()
-    shown = ", ".join(str(r) for r in bad_rows[:10]) + (" ..." if len(bad_rows) > 10 else "")
+    shown = shown_rows(torch.unique(rows[~finite]).tolist())
     raise _NonFiniteOutputs(
         f"the model returned non-finite outputs (nan or inf) on the path of row(s) {shown}: "
         "check those rows and their baselines"
@@ -1540,8 +1543,7 @@ def _refuse_non_finite_values(inputs: tuple[Tensor, ...], baselines: tuple[Tenso
         name = f"inputs[{i}]" if many else "inputs"
         finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
         if not bool(finite.all()):
-            rows = (~finite).nonzero()[:, 0].tolist()
-            shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
+            shown = shown_rows((~finite).nonzero()[:, 0].tolist())
             raise ArgumentError(
                 f"{name} hold nan or inf in row(s) {shown}: attributions need finite "
                 "inputs (drop or impute those rows)"

@@ -28,6 +28,7 @@ from engine.core import (
     check_independent_rows,
     check_model_device,
     make_problem,
+    shown_rows,
     weights_blamed,
 )
 from engine.errors import ArgumentError
@@ -201,8 +202,7 @@ def _check_background(
         back = back.detach().to(device=x.device, dtype=x.dtype)
         finite = torch.isfinite(back.reshape(back.shape[0], -1)).all(1)
         if not bool(finite.all()):
-            rows = (~finite).nonzero()[:, 0].tolist()
-            shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
+            shown = shown_rows((~finite).nonzero()[:, 0].tolist())
             raise ArgumentError(f"{name} holds nan or inf in row(s) {shown}: background rows "
                                 "must be finite")
         checked.append(back)
