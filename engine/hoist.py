@@ -409,8 +409,8 @@ def _split_half(v: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
     ``hi`` is ``v`` with the bits ``dtype`` has no room for cleared (see ``_truncated``),
     and ``lo = v - hi`` is exact in float32 before its own rounding (for normal numbers of
-    ``dtype``). Where ``hi`` is not
-    finite in ``dtype`` (inf or nan in ``v``, or beyond fp16's range), ``lo`` is 0.
+    ``dtype``). Where ``hi`` is not finite in ``dtype`` (inf or nan in ``v``, or beyond
+    fp16's range), ``lo`` is 0.
     """
     truncated = _truncated(v, dtype)
     hi = truncated.to(dtype)
