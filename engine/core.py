@@ -488,8 +488,8 @@ def _refuse_non_finite_gradients(sums: tuple[Tensor, ...]) -> None:
     """Refuse sums (B, N, *F) that hold nan or inf, naming the rows.
 
     The outputs were finite (``_refuse_non_finite``), so the gradient itself overflowed
-    or is undefined somewhere on those paths: sqrt, log or a power at a path's end, or a
-    product of a huge weight and a huge upstream gradient.
+    or is undefined somewhere on those paths: sqrt or log at 0 on the path, or a product
+    of a huge weight and a huge upstream gradient (in fp16 sooner).
     """
     bad = None
     for grad in sums:
@@ -501,9 +501,10 @@ def _refuse_non_finite_gradients(sums: tuple[Tensor, ...]) -> None:
     shown = shown_rows(torch.unique(bad.nonzero()[:, 1]).tolist())
     raise ModelError(
         f"the model's gradient is nan or inf on the path of row(s) {shown}, where its "
-        "outputs are finite (sqrt, log or a power at a path's end, or a gradient that "
-        "overflows): check those rows and their baselines, or use a quadrature rule whose "
-        "nodes avoid the path's ends (gausslegendre)"
+        "outputs are finite: a function with an infinite slope at a point the path reaches "
+        "(sqrt or log at 0; at the path's ends only under a Riemann rule that evaluates "
+        "them), or a gradient that overflows (a large weight under fp16): check those rows, "
+        "their baselines and the precision"
     )
 
 
@@ -1439,11 +1440,17 @@ def _probe_row_coupling(
 
 
 def check_model_device(forward_func: Callable[..., Tensor], device: torch.device) -> None:
-    """Raise ``ArgumentError`` when the model's parameters are not on the inputs' device."""
+    """Raise ``ArgumentError`` when the model's parameters are not on the inputs' device,
+    or were made inside ``torch.inference_mode()`` (autograd cannot use those)."""
     module = module_of(forward_func)
     if module is None:
         return
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_inference():
+            raise ArgumentError(
+                f"the model's tensor {name} was made inside torch.inference_mode(), where "
+                "autograd cannot follow it: create or load the model outside inference mode"
+            )
         if tensor.device != device and not _same_device(tensor.device, device):
             raise ArgumentError(
                 f"the model is on {tensor.device} (parameter {name}) but the inputs are on "

@@ -297,6 +297,16 @@ def test_a_callers_autocast_does_not_change_the_result(precision, caplog):
     assert "torch.autocast is active around the call" in caplog.text
 
 
+def test_a_model_made_in_inference_mode_is_named_and_left_as_it_was():
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).eval()
+
+    with pytest.raises(ArgumentError, match=r"tensor 0\.weight was made inside "
+                                             r"torch\.inference_mode\(\)"):
+        integrated_gradients(model, torch.rand(6, 5), 0.0)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_inference_mode_is_named():
     with torch.inference_mode(), pytest.raises(ArgumentError, match="inference_mode"):
         integrated_gradients(nn.Linear(3, 1), torch.rand(4, 3))
