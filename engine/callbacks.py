@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from engine.core import integrated_gradients
 from engine.errors import ArgumentError
+from engine.step import owns_precision
 
 __all__ = ["AttributionCallback", "EpochCost"]
 
@@ -172,12 +173,15 @@ class AttributionCallback(pl.Callback):
 
     # -- The work -------------------------------------------------------------------------
 
+    @owns_precision
     def explain(self, model: nn.Module) -> tuple[Tensor, Tensor]:
         """Attributions ``(B, N, F)`` and outputs ``(N,)`` of ``model``, leaving it untouched.
 
         The model is put in eval mode for the call and every submodule gets its own mode
         back afterwards; the random number generators are restored; parameter gradients
         are never written (the engine differentiates with respect to the inputs only).
+        A caller's autocast is off for the call, outputs included (see
+        ``engine.step.owns_precision``); ``precision`` decides.
         """
         device = _device_of(model, self.inputs.device)
         inputs = self.inputs.to(device)

@@ -340,3 +340,16 @@ def test_compiled_snapshots_equal_eager_ones(data, baselines):
                   callbacks=[eager, compiled])
 
     torch.testing.assert_close(compiled.attributions, eager.attributions, rtol=1e-4, atol=1e-6)
+
+
+def test_explain_inside_a_callers_autocast_gives_float32_outputs(data, baselines):
+    torch.manual_seed(3)
+    model = TitanicClassifier()
+    callback = new_callback(data, baselines)
+    expected = callback.explain(model)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = callback.explain(model)
+
+    assert got[1].dtype == torch.float32
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
