@@ -159,7 +159,7 @@ def _check_shared_flags(args: argparse.Namespace) -> None:
         raise UsageError(text) from error
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
-    if str(args.out).strip() in ("", ".") or Path(args.out) == Path("."):
+    if not str(args.out).strip() or Path(args.out) == Path("."):
         raise UsageError(f"--out {str(args.out)!r}: name a results folder, not the current one")
     args.out = Path(args.out)
 
