@@ -26,6 +26,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, fx, nn
 
+from engine import kink_loops
 from engine.errors import ArgumentError, ModelError
 from engine.fused import compiled_whole_paths
 from engine.hoist import (
@@ -1050,10 +1051,10 @@ def _integrate_kinked(
 ) -> Tensor:
     """The hidden-space sums of ``problem`` (one block of hoisted rows): (B, N, H1).
 
-    Pairs go through ``integrate_kinked`` in blocks sized from the memory budget. Eager,
-    the tail runs as one chunk per block at the requested precision; with ``compile=``
-    each block runs as one compiled graph (padded to one shape), whose first failure to
-    compile sends the run back to eager.
+    Pairs go through ``integrate_kinked`` in blocks sized from the memory budget. The tail
+    runs as one chunk per block at the requested precision. With ``compile=``, on a CPU
+    with numba the tail is compiled (padded to one shape); elsewhere each block runs as
+    one compiled graph. A first failure to compile sends the run back to eager.
     """
     x, base = problem.inputs[0], problem.baselines[0]
     device = x.device
@@ -1062,14 +1063,19 @@ def _integrate_kinked(
     nodes = rule_nodes(rule.method, rule.n_steps, x.dtype, device)
     per_block = _kinked_block_pairs(kink, problem, rule, options)
     fused = None
-    if options.compile_mode:
+    # On a CPU the numba loops beat a compiled graph of the whole closed form; chunk_step
+    # then compiles the tail alone.
+    loops = kink_loops.applies(x, base)
+    if options.compile_mode and not loops:
         if not problem.targets_checked:
             _check_tail_selection(kink, problem)
         fused = compiled_kinked(kink, options.compile_mode)
+    step_options = options
     step_fn = None if fused else chunk_step(kink.tail, problem, options, per_block * n_steps)
     sums = torch.empty((n_pairs, x.shape[1]), dtype=accumulate, device=device)
-    log.debug("integrate through kinks: %d pairs x %d steps in blocks of %d pairs (%s)",
-              n_pairs, n_steps, per_block, "compiled" if fused else "eager")
+    log.debug("integrate through kinks: %d pairs x %d steps in blocks of %d pairs (%s, %s)",
+              n_pairs, n_steps, per_block, "numba loops" if loops else "tensors",
+              "compiled" if options.compile_mode else "eager")
     compiled_once = False
     first = 0
     while first < n_pairs:
@@ -1103,18 +1109,22 @@ def _integrate_kinked(
                 finite = None
         except torch.OutOfMemoryError:
             per_block = max(1, _halved(per_block * n_steps, n_steps, device) // n_steps)
-            step_fn = None if fused else chunk_step(kink.tail, problem, options,
+            step_fn = None if fused else chunk_step(kink.tail, problem, step_options,
                                                     per_block * n_steps)
             continue
-        except (ArgumentError, ModelError):
+        except ArgumentError:
             raise
         except Exception as error:  # noqa: BLE001 - the eager blocks still work
-            if fused is None or compiled_once:
+            # A compiled tail's failure reaches here as the ModelError of any model call;
+            # a model that fails eagerly too fails again below, with its own message.
+            if step_options.compile_mode is None or compiled_once \
+                    or (isinstance(error, ModelError) and fused is not None):
                 raise
             log.info("compiling the kinked integral failed (%s); running it eagerly",
                      (str(error).strip().splitlines() or [type(error).__name__])[0])
             fused = None
-            step_fn = chunk_step(kink.tail, problem, options, per_block * n_steps)
+            step_options = dataclasses.replace(options, compile=False)
+            step_fn = chunk_step(kink.tail, problem, step_options, per_block * n_steps)
             continue
         compiled_once = True
         if finite is None or not bool(finite):

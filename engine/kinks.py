@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
+from engine import kink_loops
 from engine.fused import select_output
 from engine.quadrature import quadrature_rule
 from engine.step import compiled_copy, layout
@@ -269,6 +270,10 @@ def integrate_kinked(
     (row, baseline) pair. ``tail_gradient(u)`` returns dF/du at the (P * K, H2) points
     ``u`` (pair-major, node fastest) and the target output at each. Returns the (P, H1)
     sums in ``accumulate`` and the (P * K,) outputs.
+
+    On a CPU with numba the work up to the tail and after it runs as two compiled loops
+    per pair (see engine.kink_loops); elsewhere, and inside a compiled graph, as tensor
+    operations.
     """
     dtype, device = hidden_x.dtype, hidden_x.device
     # Everything up to the tail runs in float64: the tail may have kinks of its own,
@@ -282,8 +287,18 @@ def integrate_kinked(
     # slope changes by at zero.
     low, step = slopes * weight, (1 - slopes) * weight  # (H2, H1)
 
-    # parts[0] = h_b, parts[1] = d: the path is parts[0] + a parts[1].
     shape = _broadcast_shape(hidden_x.shape, hidden_base.shape)
+    if kink_loops.applies(hidden_x, hidden_base):
+        bias = kink.linear.bias
+        bias = torch.zeros(n_mixed, dtype=work) if bias is None else bias.detach().to(work)
+        tables = None if nodes.cells is None else (nodes.cells, nodes.below, nodes.inside)
+        sums, selected = kink_loops.integrate_pairs(
+            hidden_x, hidden_base, shape, nodes.alphas, nodes.weights, tables,
+            (weight, low, step, bias), tail_gradient,
+        )
+        return sums.to(accumulate), selected
+
+    # parts[0] = h_b, parts[1] = d: the path is parts[0] + a parts[1].
     parts = torch.empty((2, *shape), dtype=work, device=device)
     parts[0] = hidden_base
     torch.sub(hidden_x, hidden_base, out=parts[1])

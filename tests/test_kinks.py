@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import engine.core
+import engine.kink_loops
 import engine.kinks
 from engine import integrated_gradients
 from engine.hoist import split_affine_prefix
@@ -31,6 +32,17 @@ def kink_calls(monkeypatch):
 
     monkeypatch.setattr(engine.core, "integrate_kinked", counted)
     return calls
+
+
+@pytest.fixture(params=["loops", "tensors"])
+def implementation(request, monkeypatch):
+    """The closed form as numba loops (the CPU's default) and as tensor operations."""
+    if request.param == "tensors":
+        monkeypatch.setattr(engine.kink_loops, "ENABLED", False)
+    return request.param
+
+
+either_way = pytest.mark.usefixtures("implementation")
 
 
 def three_ways(model, x, baselines, **kwargs):
@@ -97,6 +109,7 @@ def test_hoist_affine_keeps_the_per_point_suffix(kink_calls):
 # Same numbers as the per-point paths
 
 
+@either_way
 @pytest.mark.parametrize("order", ["article", "conventional"])
 @pytest.mark.parametrize("method", METHODS)
 def test_titanic_networks_equal_the_per_point_paths_in_float64(order, method, kink_calls,
@@ -124,6 +137,7 @@ def test_the_closed_form_is_used_only_where_the_next_layer_has_few_outputs(
     assert bool(kink_calls) == closed_form
 
 
+@either_way
 def test_float64_loop_reference_and_completeness():
     net, x, baselines = titanic_job(rows=5)
 
@@ -138,6 +152,7 @@ def test_float64_loop_reference_and_completeness():
     assert bool((delta.abs() <= 0.05 * gap + 1e-3).all())
 
 
+@either_way
 @pytest.mark.parametrize("activation", [
     nn.ReLU(), nn.ReLU(inplace=True), nn.LeakyReLU(0.2), nn.PReLU(), nn.PReLU(16),
 ], ids=["relu", "relu-inplace", "leaky", "prelu", "prelu-per-unit"])
@@ -170,6 +185,7 @@ class Functional(nn.Module):
         return self.l2(torch.relu(self.l1(x)))
 
 
+@either_way
 def test_functional_relu_and_a_bare_linear_ending(kink_calls):
     torch.manual_seed(6)
     model = Functional().double().eval()
@@ -187,6 +203,7 @@ def test_functional_relu_and_a_bare_linear_ending(kink_calls):
     assert relative_error(affine, plain) <= 1e-12
 
 
+@either_way
 def test_float32_equals_the_per_point_path_to_rounding():
     net, x, baselines = titanic_job(dtype=torch.float32, rows=50)
 
@@ -196,6 +213,7 @@ def test_float32_equals_the_per_point_path_to_rounding():
     assert relative_error(kinked, plain) <= 2e-6
 
 
+@either_way
 def test_blocks_of_pairs_equal_one_block(kink_calls):
     net, x, baselines = titanic_job()
 
@@ -211,6 +229,7 @@ def test_blocks_of_pairs_equal_one_block(kink_calls):
     assert relative_error(budgeted, whole) <= 1e-14
 
 
+@either_way
 def test_low_precision_tail_stays_within_one_percent():
     net, x, baselines = titanic_job(dtype=torch.float32)
 
@@ -220,7 +239,9 @@ def test_low_precision_tail_stays_within_one_percent():
     assert relative_error(half, full) <= 1e-2
 
 
-def test_compiled_equals_eager(kink_calls, monkeypatch, caplog):
+def test_compiled_graph_of_the_tensor_version_equals_eager(kink_calls, monkeypatch, caplog):
+    # Where the numba loops do not run (a GPU), the whole closed form is one compiled graph.
+    monkeypatch.setattr(engine.kink_loops, "ENABLED", False)
     net, x, baselines = titanic_job(dtype=torch.float32)
     compiled_blocks = []
     original = engine.core.compiled_kinked
@@ -249,6 +270,83 @@ def test_compiled_equals_eager(kink_calls, monkeypatch, caplog):
     assert relative_error(blocked, eager) <= 1e-6
 
 
+@pytest.fixture
+def loop_calls(monkeypatch):
+    """Counts the calls of the numba loops."""
+    calls = []
+    original = engine.kink_loops.integrate_pairs
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine.kink_loops, "integrate_pairs", counted)
+    return calls
+
+
+def test_the_cpu_runs_the_closed_form_as_numba_loops(loop_calls, monkeypatch):
+    net, x, baselines = titanic_job()
+
+    loops = integrated_gradients(net, x, baselines, n_steps=50)
+    monkeypatch.setattr(engine.kink_loops, "ENABLED", False)
+    tensors = integrated_gradients(net, x, baselines, n_steps=50)
+
+    assert loop_calls == [(4, 23, 128)]
+    # The same float64 formulas; only the order of some additions differs.
+    assert relative_error(loops, tensors) <= 1e-14
+
+
+def test_without_numba_the_tensor_version_runs(loop_calls, kink_calls, monkeypatch):
+    monkeypatch.setattr(engine.kink_loops, "numba", None)
+    net, x, baselines = titanic_job(rows=7)
+
+    attributions = integrated_gradients(net, x, baselines, n_steps=20)
+
+    assert loop_calls == [] and len(kink_calls) == 1
+    assert relative_error(attributions, reference_ig(net, x, baselines, None,
+                                                     "gausslegendre", 20)) <= 1e-12
+
+
+def test_compiled_with_the_loops_compiles_only_the_tail(loop_calls, monkeypatch, caplog):
+    compiled_graphs = []
+    monkeypatch.setattr(engine.core, "compiled_kinked",
+                        lambda *args: compiled_graphs.append(args) or None)
+    net, x, baselines = titanic_job(dtype=torch.float32)
+    eager = integrated_gradients(net, x, baselines, n_steps=20)
+
+    with caplog.at_level(logging.INFO, logger="engine.core"):
+        compiled = integrated_gradients(net, x, baselines, n_steps=20, compile=True)
+        blocked = integrated_gradients(net, x, baselines, n_steps=20, compile=True,
+                                       internal_batch_size=20 * 30)
+
+    assert compiled_graphs == []
+    # One call for the eager run, one for the first compiled run, then 30, 30, 30 and 2.
+    assert [shape[:-1] for shape in loop_calls] == [(4, 23), (4, 23), (30,), (30,), (30,),
+                                                    (2,)]
+    assert "running it eagerly" not in caplog.text
+    assert relative_error(compiled, eager) <= 1e-6
+    assert relative_error(blocked, eager) <= 1e-6
+
+
+def test_a_tail_that_does_not_compile_runs_eagerly(loop_calls, monkeypatch, caplog):
+    def broken(model, mode):
+        def fail(*args, **kwargs):
+            raise RuntimeError("inductor cannot lower this tail")
+
+        return fail
+
+    monkeypatch.setattr(engine.core, "compiled_model", broken)
+    net, x, baselines = titanic_job(dtype=torch.float64, rows=9)
+    eager = integrated_gradients(net, x, baselines, n_steps=8)
+
+    with caplog.at_level(logging.INFO, logger="engine.core"):
+        compiled = integrated_gradients(net, x, baselines, n_steps=8, compile=True)
+
+    assert "compiling the kinked integral failed" in caplog.text
+    assert "inductor cannot lower this tail); running it eagerly" in caplog.text
+    assert relative_error(compiled, eager) <= 1e-14
+
+
 def test_compiled_with_per_row_targets_and_a_bad_target():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
@@ -275,6 +373,7 @@ def test_parameters_are_left_as_they_were():
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
+@either_way
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_non_finite_tail_outputs_are_refused(compile):
     model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1), Log()).double().eval()
@@ -303,7 +402,8 @@ class Log(nn.Module):
     ("gausslegendre", 50), ("riemann_left", 8), ("riemann_right", 8),
     ("riemann_trapezoid", 9), ("riemann_middle", 4), ("gausslegendre", 600),
 ])
-def test_switches_count_the_nodes_on_each_side(method, n_steps):
+@pytest.mark.parametrize("way", ["tensors", "loops"])
+def test_switches_count_the_nodes_on_each_side(method, n_steps, way):
     rule = quadrature_rule(method, n_steps)
     nodes = sorted_nodes(rule.alphas, rule.weights, torch.float32, torch.device("cpu"))
     assert (nodes.cells is None) == (n_steps == 600)
@@ -321,7 +421,7 @@ def test_switches_count_the_nodes_on_each_side(method, n_steps):
     start = -crossings * direction
     falling = direction < 0
 
-    switch = _switches(start.view(1, -1), direction.view(1, -1), falling.view(1, -1), nodes)[0]
+    switch = switches_by(way, start, direction, nodes)
 
     # A unit is positive where start + a direction > 0, in exact rational arithmetic.
     positive = torch.tensor([
@@ -335,21 +435,43 @@ def test_switches_count_the_nodes_on_each_side(method, n_steps):
     assert torch.equal(predicted, positive)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_flat_units_take_the_sign_of_their_start(compiled):
-    # Compiled, the 0 / 0 crossings go through a different nan test than eager.
+def switches_by(way, start, direction, nodes):
+    """Each unit's switch node, (U,) from (U,) float64 starts and directions."""
+    if way == "tensors":
+        return _switches(start.view(1, -1), direction.view(1, -1), (direction < 0).view(1, -1),
+                         nodes)[0]
+    if way == "compiled":
+        switches = torch.compile(_switches, fullgraph=True)
+        return switches(start.view(1, -1), direction.view(1, -1), (direction < 0).view(1, -1),
+                        nodes)[0]
+    # The loops' slots: a falling unit switching at node s sits in slot 2 (K + 1) - 1 - s.
+    width = nodes.alphas.shape[0] + 1
+    slots = np.empty(len(start), dtype=np.int32)
+    if nodes.cells is None:
+        engine.kink_loops._searched_slots(start.numpy(), direction.numpy(),
+                                          nodes.alphas.numpy(), width, slots)
+    else:
+        engine.kink_loops._table_slots(start.numpy(), direction.numpy(), nodes.cells,
+                                       nodes.below.numpy(), nodes.inside.numpy(), width, slots)
+    return torch.from_numpy(np.where(slots >= width, 2 * width - 1 - slots, slots))
+
+
+@pytest.mark.parametrize("way", ["tensors", "compiled", "loops"])
+def test_flat_units_take_the_sign_of_their_start(way):
+    # Compiled, the 0 / 0 crossings go through a different nan test than eager; the loops
+    # divide by zero under numpy's rules.
     rule = quadrature_rule("riemann_trapezoid", 5)
     nodes = sorted_nodes(rule.alphas, rule.weights, torch.float64, torch.device("cpu"))
-    start = torch.tensor([[2.0, -2.0, 0.0, 0.0]], dtype=torch.float64)
-    direction = torch.tensor([[0.0, 0.0, 0.0, -0.0]], dtype=torch.float64)
-    switches = torch.compile(_switches, fullgraph=True) if compiled else _switches
+    start = torch.tensor([2.0, -2.0, 0.0, 0.0], dtype=torch.float64)
+    direction = torch.tensor([0.0, 0.0, 0.0, -0.0], dtype=torch.float64)
 
-    switch = switches(start, direction, direction < 0, nodes)
+    switch = switches_by(way, start, direction, nodes)
 
     # Rising units: positive from the switch on. Always, never, never (0 is not > 0).
-    assert switch.tolist() == [[0, 5, 5, 5]]
+    assert switch.tolist() == [0, 5, 5, 5]
 
 
+@either_way
 def test_zero_baseline_through_a_bias_free_prefix_ties_at_the_first_node(kink_calls):
     # h_b = 0 exactly: every unit crosses at a = 0, a node of the left and trapezoid rules,
     # where the kink's derivative is the slope below zero.
@@ -366,6 +488,7 @@ def test_zero_baseline_through_a_bias_free_prefix_ties_at_the_first_node(kink_ca
     assert kink_calls
 
 
+@either_way
 def test_baseline_equal_to_the_input_gives_zero():
     net, x, _ = titanic_job()
 
@@ -488,6 +611,7 @@ def test_a_hooked_first_layer_is_not_pulled_back_through_its_weights():
     assert relative_error(affine, plain) <= 1e-12
 
 
+@either_way
 def test_a_huge_unit_switching_off_leaves_no_rounding_behind():
     # Unit 0 is 1e11 at the baseline and turns off at a = 0.1: its term must vanish from
     # the later nodes exactly, not as the difference of two 1e11s.

@@ -1,0 +1,233 @@
+"""The closed form of engine.kinks as two loops per (row, baseline) pair, compiled by numba.
+
+The tensor version of ``integrate_kinked`` makes about twenty passes over (pairs, units)
+arrays in float64, each a separate kernel; on a CPU the closed form's own arithmetic
+took about half of a Titanic call. Here one loop per pair visits each hidden unit once
+on the way in (its switch node, and its terms in the running sums) and once on the way
+out (its gradient sum), with the pair's running sums small enough to stay in cache.
+The tail between the two loops still runs in torch, so any model can follow the kink.
+
+Same formulas, same float64 work and the same switch nodes as the tensor version (the
+lookup tables of ``Nodes`` decide them); only the order of some float64 additions
+differs. Used on the CPU for float32 and float64 points when numba is installed, and
+never inside a compiled graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+try:
+    import numba
+except ImportError:  # numba is a dependency; without it the tensor version runs
+    numba = None
+
+__all__ = ["applies", "integrate_pairs"]
+
+# Tests switch the loops off to check the tensor version on the CPU.
+ENABLED = True
+
+
+def applies(hidden_x: Tensor, hidden_base: Tensor) -> bool:
+    """Whether the loops can run these hidden rows: numba, the CPU, float32 or float64."""
+    return (
+        numba is not None
+        and ENABLED
+        and hidden_x.device.type == "cpu"
+        and hidden_base.device == hidden_x.device
+        and hidden_x.dtype in (torch.float32, torch.float64)
+        and hidden_base.dtype == hidden_x.dtype
+        and not torch.compiler.is_compiling()
+    )
+
+
+def integrate_pairs(
+    hidden_x: Tensor,
+    hidden_base: Tensor,
+    shape: tuple[int, ...],
+    alphas: Tensor,
+    weights: Tensor,
+    tables: tuple[int, Tensor, Tensor] | None,
+    linear: tuple[Tensor, Tensor, Tensor, Tensor],
+    tail_gradient: Callable[[Tensor], tuple[Tensor, Tensor]],
+) -> tuple[Tensor, Tensor]:
+    """``engine.kinks.integrate_kinked`` for the CPU: (P, H1) float64 sums and the outputs.
+
+    ``shape`` is the broadcast shape of ``hidden_x`` and ``hidden_base``, ``tables`` the
+    ``(cells, below, inside)`` of the nodes or None, and ``linear`` the float64
+    ``(weight, low, step, bias)`` of the Linear layer after the kink.
+    """
+    n_hidden = shape[-1]
+    rows_x, index_x = _rows_and_index(hidden_x, shape)
+    rows_base, index_base = _rows_and_index(hidden_base, shape)
+    weight, low, step, bias = (t.contiguous().numpy() for t in linear)
+    n_pairs, n_nodes, n_mixed = len(index_x), alphas.shape[0], weight.shape[0]
+    if tables is None:
+        cells, below, inside = 0, np.zeros(1, np.int64), np.zeros(1)
+    else:
+        cells, below, inside = tables[0], tables[1].numpy(), tables[2].numpy()
+    alphas_np, weights_np = alphas.numpy(), weights.numpy()
+
+    slots = np.empty((n_pairs, n_hidden), dtype=np.int32)
+    mixed = np.empty((n_pairs, n_nodes, n_mixed), dtype=np.float64)
+    _forward(rows_x, index_x, rows_base, index_base, alphas_np, cells, below, inside, low,
+             step, bias, slots, mixed)
+
+    points = torch.from_numpy(mixed).view(n_pairs * n_nodes, n_mixed).to(hidden_x.dtype)
+    grad, selected = tail_gradient(points)
+    grad = grad.detach().reshape(n_pairs, n_nodes, n_mixed).contiguous().numpy()
+
+    sums = np.empty((n_pairs, n_hidden), dtype=np.float64)
+    _backward(grad, weights_np, weight, step, slots, sums)
+    return torch.from_numpy(sums), selected
+
+
+def _rows_and_index(hidden: Tensor, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (rows, H1) of ``hidden`` and, per pair of ``shape``, its row there."""
+    n_hidden = shape[-1]
+    rows = hidden.detach().reshape(-1, n_hidden).contiguous()
+    lead = hidden.shape[:-1]
+    index = torch.arange(rows.shape[0]).view(lead) if lead else torch.zeros((), dtype=torch.long)
+    index = index.expand(shape[:-1]).reshape(-1)
+    return rows.numpy(), index.numpy()
+
+
+def _compiled(function: Callable[..., None]) -> Callable[..., None]:
+    if numba is None:
+        return function
+    # Compiled at the first call and cached on disk: once per install.
+    # error_model="numpy": x / 0 gives inf or nan, as in torch, instead of raising.
+    return numba.njit(cache=True, error_model="numpy")(function)
+
+
+@_compiled
+def _forward(rows_x, index_x, rows_base, index_base, alphas, cells, below, inside, low,
+             step, bias, slots, mixed):  # pragma: no cover - compiled
+    """Per pair: each unit's slot, then u at every node from running sums over the slots.
+
+    A rising unit switching at node s goes to slot s; a falling one to slot 2w - 1 - s,
+    with w = K + 1, so that a running sum over slots w.. read backwards counts the
+    falling units still positive at a node (see engine.kinks.integrate_kinked).
+    """
+    n_pairs, n_hidden = slots.shape
+    n_nodes, n_mixed = mixed.shape[1], mixed.shape[2]
+    width = n_nodes + 1
+    levels = np.empty((2, 2 * width, n_mixed))
+    first = np.empty((2, n_mixed))
+    starts = np.empty(n_hidden)
+    directions = np.empty(n_hidden)
+    for p in range(n_pairs):
+        x_row, base_row = rows_x[index_x[p]], rows_base[index_base[p]]
+        for j in range(n_hidden):
+            starts[j] = base_row[j]
+            # The points' dtype rounds the difference, as torch.sub does before widening.
+            directions[j] = x_row[j] - base_row[j]
+        slot_row = slots[p]
+        if cells > 0:
+            _table_slots(starts, directions, cells, below, inside, width, slot_row)
+        else:
+            _searched_slots(starts, directions, alphas, width, slot_row)
+
+        # The slope-below-zero part of u, which every unit has at every node.
+        for m in range(n_mixed):
+            first[0, m] = _dot(starts, low[m]) + bias[m]
+            first[1, m] = _dot(directions, low[m])
+        # What each unit adds from its slot on.
+        levels[:] = 0.0
+        for j in range(n_hidden):
+            slot = np.uint64(slot_row[j])
+            for m in range(n_mixed):
+                levels[0, slot, m] += starts[j] * step[m, j]
+                levels[1, slot, m] += directions[j] * step[m, j]
+        for m in range(n_mixed):
+            for c in range(2):
+                rising = 0.0
+                falling_sum = 0.0
+                for s in range(width):
+                    rising += levels[c, s, m]
+                    levels[c, s, m] = rising
+                    falling_sum += levels[c, width + s, m]
+                    levels[c, width + s, m] = falling_sum
+            for k in range(n_nodes):
+                on = levels[0, k, m] + levels[0, 2 * width - 2 - k, m]
+                on_slope = levels[1, k, m] + levels[1, 2 * width - 2 - k, m]
+                mixed[p, k, m] = (first[0, m] + on) + alphas[k] * (first[1, m] + on_slope)
+
+
+@_compiled
+def _dot(values, coefficients):  # pragma: no cover - compiled
+    """sum_j values[j] coefficients[j] in four interleaved partial sums (no serial chain)."""
+    n = values.shape[0]
+    first = second = third = fourth = 0.0
+    for j in range(0, n - n % 4, 4):
+        first += values[j] * coefficients[j]
+        second += values[j + 1] * coefficients[j + 1]
+        third += values[j + 2] * coefficients[j + 2]
+        fourth += values[j + 3] * coefficients[j + 3]
+    for j in range(n - n % 4, n):
+        first += values[j] * coefficients[j]
+    return (first + second) + (third + fourth)
+
+
+@_compiled
+def _table_slots(starts, directions, cells, below, inside, width, slots):  # pragma: no cover
+    """Each unit's slot from the nodes' lookup tables, without branches.
+
+    The negated crossing is -(-h_b / d), and 0 / 0 counts as -inf (never positive); a
+    falling unit reads the second copy of the tables (see ``engine.kinks._switches``).
+    """
+    for j in range(starts.shape[0]):
+        against = starts[j] / directions[j]
+        against = -np.inf if against != against else against
+        falling = np.uint64(directions[j] < 0)
+        entry = min(max(against * -cells, 0.0), np.float64(cells))
+        # Unsigned: numba then skips the wraparound test of negative indices.
+        cell = np.uint64(entry) + falling * np.uint64(cells + 1)
+        count = below[cell] + np.int64(against <= inside[cell])
+        slots[j] = count + np.int64(falling) * (2 * width - 1 - 2 * count)
+
+
+@_compiled
+def _searched_slots(starts, directions, alphas, width, slots):  # pragma: no cover
+    """Each unit's slot by binary search, for nodes too close for the lookup tables."""
+    for j in range(starts.shape[0]):
+        against = starts[j] / directions[j]
+        against = -np.inf if against != against else against
+        if directions[j] < 0:
+            slots[j] = 2 * width - 1 - np.searchsorted(alphas, -against, side="left")
+        else:
+            slots[j] = np.searchsorted(alphas, -against, side="right")
+
+
+@_compiled
+def _backward(grad, weights, weight, step, slots, sums):  # pragma: no cover - compiled
+    """Per pair: sum_k w_k s_j(a_k) (g_k W)_j from running sums of the weighted gradients."""
+    n_pairs, n_hidden = slots.shape
+    n_nodes, n_mixed = grad.shape[1], grad.shape[2]
+    width = n_nodes + 1
+    running = np.empty((width, n_mixed))
+    for p in range(n_pairs):
+        # running[k]: the weighted gradients of the nodes before node k.
+        for m in range(n_mixed):
+            total = 0.0
+            running[0, m] = 0.0
+            for k in range(n_nodes):
+                total += np.float64(grad[p, k, m]) * weights[k]
+                running[k + 1, m] = total
+        for j in range(n_hidden):
+            # Branch-free: the slot's side decides between rising and falling formulas.
+            slot = slots[p, j]
+            falling = np.int64(slot >= width)
+            switch = slot + falling * (2 * width - 1 - 2 * slot)
+            value = 0.0
+            for m in range(n_mixed):
+                # Rising: slope 1 from the switch on. Falling: slope 1 before it, so the
+                # low slope after it (weight - step) and the change at it reversed.
+                after = weight[m, j] - step[m, j] * falling
+                change = step[m, j] - 2.0 * step[m, j] * falling
+                value += running[n_nodes, m] * after - change * running[switch, m]
+            sums[p, j] = value
