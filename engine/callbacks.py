@@ -70,8 +70,9 @@ class AttributionCallback(pl.Callback):
         ``N`` identifiers (passenger ids) for a ``passenger_id`` column; optional.
     n_steps, method, target, internal_batch_size, compile, precision
         Passed to :func:`engine.integrated_gradients`. ``compile=True`` compiles once, at
-        the snapshot before training (seconds); later snapshots of the Titanic job were
-        about 1.4x cheaper than eager ones.
+        the snapshot before training (seconds). On a CPU with numba the Titanic job then
+        compiles only the model's tail, and its snapshots were slower than eager ones
+        (2.8 against 2.5 ms).
         On a CPU, :func:`engine.keep_freed_memory` (which the command line calls) saves
         the page faults of every snapshot's chunks.
     every_n_epochs
