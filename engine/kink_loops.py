@@ -116,7 +116,7 @@ def _forward(rows_x, index_x, rows_base, index_base, alphas, cells, below, insid
     n_pairs, n_hidden = slots.shape
     n_nodes, n_mixed = mixed.shape[1], mixed.shape[2]
     width = n_nodes + 1
-    levels = np.empty((2, 2 * width, n_mixed))
+    levels = np.empty((n_mixed, 2, 2 * width))
     first = np.empty((2, n_mixed))
     starts = np.empty(n_hidden)
     directions = np.empty(n_hidden)
@@ -136,25 +136,25 @@ def _forward(rows_x, index_x, rows_base, index_base, alphas, cells, below, insid
         for m in range(n_mixed):
             first[0, m] = _dot(starts, low[m]) + bias[m]
             first[1, m] = _dot(directions, low[m])
-        # What each unit adds from its slot on.
         levels[:] = 0.0
-        for j in range(n_hidden):
-            slot = np.uint64(slot_row[j])
-            for m in range(n_mixed):
-                levels[0, slot, m] += starts[j] * step[m, j]
-                levels[1, slot, m] += directions[j] * step[m, j]
         for m in range(n_mixed):
-            for c in range(2):
+            # What each unit adds from its slot on: (start, direction) x its step.
+            start_terms, direction_terms, step_m = levels[m, 0], levels[m, 1], step[m]
+            for j in range(n_hidden):
+                slot = np.uint64(slot_row[j])
+                start_terms[slot] += starts[j] * step_m[j]
+                direction_terms[slot] += directions[j] * step_m[j]
+            for terms in (start_terms, direction_terms):
                 rising = 0.0
                 falling_sum = 0.0
                 for s in range(width):
-                    rising += levels[c, s, m]
-                    levels[c, s, m] = rising
-                    falling_sum += levels[c, width + s, m]
-                    levels[c, width + s, m] = falling_sum
+                    rising += terms[s]
+                    terms[s] = rising
+                    falling_sum += terms[width + s]
+                    terms[width + s] = falling_sum
             for k in range(n_nodes):
-                on = levels[0, k, m] + levels[0, 2 * width - 2 - k, m]
-                on_slope = levels[1, k, m] + levels[1, 2 * width - 2 - k, m]
+                on = start_terms[k] + start_terms[2 * width - 2 - k]
+                on_slope = direction_terms[k] + direction_terms[2 * width - 2 - k]
                 mixed[p, k, m] = (first[0, m] + on) + alphas[k] * (first[1, m] + on_slope)
 
 
@@ -209,25 +209,25 @@ def _backward(grad, weights, weight, step, slots, sums):  # pragma: no cover - c
     n_pairs, n_hidden = slots.shape
     n_nodes, n_mixed = grad.shape[1], grad.shape[2]
     width = n_nodes + 1
-    running = np.empty((width, n_mixed))
+    running = np.empty(width)
     for p in range(n_pairs):
-        # running[k]: the weighted gradients of the nodes before node k.
+        sum_row, slot_row = sums[p], slots[p]
+        sum_row[:] = 0.0
         for m in range(n_mixed):
+            # running[k]: the weighted gradients of the nodes before node k.
             total = 0.0
-            running[0, m] = 0.0
+            running[0] = 0.0
             for k in range(n_nodes):
                 total += np.float64(grad[p, k, m]) * weights[k]
-                running[k + 1, m] = total
-        for j in range(n_hidden):
-            # Branch-free: the slot's side decides between rising and falling formulas.
-            slot = slots[p, j]
-            falling = np.int64(slot >= width)
-            switch = slot + falling * (2 * width - 1 - 2 * slot)
-            value = 0.0
-            for m in range(n_mixed):
-                # Rising: slope 1 from the switch on. Falling: slope 1 before it, so the
-                # low slope after it (weight - step) and the change at it reversed.
-                after = weight[m, j] - step[m, j] * falling
-                change = step[m, j] - 2.0 * step[m, j] * falling
-                value += running[n_nodes, m] * after - change * running[switch, m]
-            sums[p, j] = value
+                running[k + 1] = total
+            weight_m, step_m = weight[m], step[m]
+            for j in range(n_hidden):
+                # Branch-free: the slot's side decides between the rising and falling
+                # formulas. Rising: slope 1 from the switch on. Falling: slope 1 before
+                # it, so the low slope after it (weight - step) and the change reversed.
+                slot = slot_row[j]
+                falling = np.int64(slot >= width)
+                switch = np.uint64(slot + falling * (2 * width - 1 - 2 * slot))
+                after = weight_m[j] - step_m[j] * falling
+                change = step_m[j] - 2.0 * step_m[j] * falling
+                sum_row[j] += total * after - change * running[switch]
