@@ -82,7 +82,7 @@ def integrate_pairs(
     grad = grad.detach().reshape(n_pairs, n_nodes, n_mixed).contiguous().numpy()
 
     sums = np.empty((n_pairs, n_hidden), dtype=np.float64)
-    _backward(grad, weights_np, weight, step, slots, sums)
+    _backward(grad, weights_np, weight, low, slots, sums)
     return torch.from_numpy(sums), selected
 
 
@@ -204,7 +204,7 @@ def _searched_slots(starts, directions, alphas, width, slots):  # pragma: no cov
 
 
 @_compiled
-def _backward(grad, weights, weight, step, slots, sums):  # pragma: no cover - compiled
+def _backward(grad, weights, weight, low, slots, sums):  # pragma: no cover - compiled
     """Per pair: sum_k w_k s_j(a_k) (g_k W)_j from running sums of the weighted gradients."""
     n_pairs, n_hidden = slots.shape
     n_nodes, n_mixed = grad.shape[1], grad.shape[2]
@@ -220,14 +220,15 @@ def _backward(grad, weights, weight, step, slots, sums):  # pragma: no cover - c
             for k in range(n_nodes):
                 total += np.float64(grad[p, k, m]) * weights[k]
                 running[k + 1] = total
-            weight_m, step_m = weight[m], step[m]
+            weight_m, low_m = weight[m], low[m]
             for j in range(n_hidden):
-                # Branch-free: the slot's side decides between the rising and falling
-                # formulas. Rising: slope 1 from the switch on. Falling: slope 1 before
-                # it, so the low slope after it (weight - step) and the change reversed.
+                # A rising unit has the low slope before its switch node and slope 1 from
+                # it on; a falling one the other way round. Each side gets its own slope
+                # times its own sum: W - (1 - s) W would lose a tiny slope s to rounding.
                 slot = slot_row[j]
-                falling = np.int64(slot >= width)
-                switch = np.uint64(slot + falling * (2 * width - 1 - 2 * slot))
-                after = weight_m[j] - step_m[j] * falling
-                change = step_m[j] - 2.0 * step_m[j] * falling
-                sum_row[j] += total * after - change * running[switch]
+                falling = slot >= width
+                switch = np.uint64(2 * width - 1 - slot if falling else slot)
+                before = running[switch]
+                slope_before = weight_m[j] if falling else low_m[j]
+                slope_after = low_m[j] if falling else weight_m[j]
+                sum_row[j] += slope_before * before + slope_after * (total - before)

@@ -326,14 +326,11 @@ def integrate_kinked(
         first = (parts * low[0]).sum(-1, keepdim=True)  # (2, P, 1)
         levels.view(2, n_pairs, 2 * width).scatter_add_(2, slot.expand(2, -1, -1),
                                                         parts * step[0])
-        # The change of each unit's slope at its switch node, for the backward.
-        change = torch.addcmul(step, step, falling, value=-2)  # (P, H1)
     else:
         first = parts @ low.t()  # (2, P, H2)
         index = slot.unsqueeze(-1).expand(2, -1, -1, n_mixed)
         levels.view(2, n_pairs, 2 * width, n_mixed).scatter_add_(2, index,
                                                                  parts.unsqueeze(-1) * step.t())
-        change = torch.where(falling.unsqueeze(-1), -step.t(), step.t())  # (P, H1, H2)
     if kink.linear.bias is not None:
         first[0] += kink.linear.bias.detach().to(work)
     running = levels.cumsum(3)
@@ -341,22 +338,21 @@ def integrate_kinked(
     levels = first.unsqueeze(2) + on  # (2, P, K, H2)
     mixed = torch.addcmul(levels[0], nodes.alphas.view(1, -1, 1), levels[1])
 
-    # sum_k w_k s_j(a_k) (g_k W)_j = s_after_j (G W)_j - change_j . G_before_j, with G the
-    # weighted gradients summed over all nodes and G_before over the nodes before the
-    # unit's switch.
+    # sum_k w_k s_j(a_k) (g_k W)_j = (slope before . G_before)_j + (slope after . G_after)_j,
+    # with G_before the weighted gradients summed over the nodes before the unit's switch
+    # and G_after over the rest. Each side gets its own slope: W - (1 - s) W would lose a
+    # tiny slope s to rounding.
     grad, selected = tail_gradient(mixed.reshape(n_pairs * n_nodes, n_mixed).to(dtype))
     weighted = grad.view(n_pairs, n_nodes, n_mixed).to(work) * nodes.weights.view(1, -1, 1)
     # running[:, k]: the weighted gradients of the nodes before node k.
     running = nn.functional.pad(weighted.cumsum(1), (0, 0, 1, 0))
-    total = running[:, -1]  # (P, H2)
-    if n_mixed == 1:
-        after = torch.addcmul(weight, step, falling, value=-1).mul_(total)  # (P, H1)
-        before = running.view(n_pairs, n_nodes + 1).gather(1, switch)
-        sums = torch.addcmul(after, change, before, value=-1)
-    else:
-        after = torch.where(falling, total @ low, total @ weight)
-        before = running.gather(1, switch.unsqueeze(-1).expand(-1, -1, n_mixed))
-        sums = after - (change * before).sum(-1)
+    total = running[:, -1:]  # (P, 1, H2)
+    before = running.gather(1, switch.unsqueeze(-1).expand(-1, -1, n_mixed))  # (P, H1, H2)
+    # A rising unit has the low slope before its switch node, a falling one slope 1.
+    falling = falling.unsqueeze(-1)
+    slope_before = torch.where(falling, weight.t(), low.t())  # (P, H1, H2)
+    slope_after = torch.where(falling, low.t(), weight.t())
+    sums = (slope_before * before + slope_after * (total - before)).sum(-1)
     return sums.to(accumulate), selected
 
 

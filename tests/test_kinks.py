@@ -676,3 +676,24 @@ def test_a_forward_replaced_after_a_first_call_is_followed(compile):
     after = integrated_gradients(model, x, baseline, n_steps=10, hoist=False, compile=compile)
 
     assert relative_error(after, 2 * before) <= 1e-5
+
+
+@either_way
+@pytest.mark.parametrize("outputs", [1, 2])
+@pytest.mark.parametrize("direction", ["falling", "rising"])
+def test_a_tiny_negative_slope_keeps_its_digits(outputs, direction):
+    # Every unit stays below zero along the path, so only the slope 1e-12 carries
+    # gradient; W - (1 - s) W would leave rounding of W's size in place of s W.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(1e-12), nn.Linear(4, outputs),
+                          nn.Linear(outputs, 1)).double().eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.rand(4, 3) + 0.5)
+        model[0].bias.fill_(-10.0)
+    baseline = torch.full((1, 3), 2.0, dtype=torch.float64)
+    x = torch.full((1, 3), 1.0 if direction == "falling" else 3.0, dtype=torch.float64)
+
+    kinked, affine, plain = three_ways(model, x, baseline, n_steps=50)
+
+    assert relative_error(kinked, plain) <= 1e-12
+    assert relative_error(affine, plain) <= 1e-12
