@@ -9,12 +9,13 @@ The tail between the two loops still runs in torch, so any model can follow the 
 
 Same formulas, same float64 work and the same switch nodes as the tensor version (the
 lookup tables of ``Nodes`` decide them); only the order of some float64 additions
-differs. Used on the CPU for float32 and float64 points when numba is installed, and
-never inside a compiled graph.
+differs. Used on the CPU for float32 and float64 points when numba is installed and
+compiles (not with ``NUMBA_DISABLE_JIT``), and never inside a compiled graph.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -28,21 +29,33 @@ except ImportError:  # numba is a dependency; without it the tensor version runs
 
 __all__ = ["applies", "integrate_pairs"]
 
+log = logging.getLogger(__name__)
+
 # Tests switch the loops off to check the tensor version on the CPU.
 ENABLED = True
 
 
 def applies(hidden_x: Tensor, hidden_base: Tensor) -> bool:
-    """Whether the loops can run these hidden rows: numba, the CPU, float32 or float64."""
-    return (
-        numba is not None
-        and ENABLED
-        and hidden_x.device.type == "cpu"
-        and hidden_base.device == hidden_x.device
-        and hidden_x.dtype in (torch.float32, torch.float64)
-        and hidden_base.dtype == hidden_x.dtype
-        and not torch.compiler.is_compiling()
-    )
+    """Whether the loops run these hidden rows.
+
+    They need float32 or float64 rows on the CPU, outside a compiled graph, and numba
+    compiling (installed, and ``NUMBA_DISABLE_JIT`` unset: the loops in plain Python
+    would be a hundred times slower than the tensor version).
+    """
+    if not (ENABLED and hidden_x.device.type == "cpu" and hidden_base.device == hidden_x.device
+            and hidden_x.dtype in (torch.float32, torch.float64)
+            and hidden_base.dtype == hidden_x.dtype and not torch.compiler.is_compiling()):
+        return False
+    if numba is None or numba.config.DISABLE_JIT:
+        if not _SAID_WHY:
+            _SAID_WHY.append(True)
+            log.info("the closed form runs as tensor operations: %s",
+                     "numba is not installed" if numba is None else "NUMBA_DISABLE_JIT is set")
+        return False
+    return True
+
+
+_SAID_WHY: list[bool] = []
 
 
 def integrate_pairs(
@@ -97,11 +110,19 @@ def _rows_and_index(hidden: Tensor, shape: tuple[int, ...]) -> tuple[np.ndarray,
 
 
 def _compiled(function: Callable[..., None]) -> Callable[..., None]:
+    """``function`` for numba to compile at its first call, cached on disk where it can be.
+
+    error_model="numpy": x / 0 gives inf or nan, as in torch, instead of raising. Where
+    numba finds no writable cache location (a read-only install and home directory),
+    each process compiles again (about 3 s) instead of failing the import.
+    """
     if numba is None:
         return function
-    # Compiled at the first call and cached on disk: once per install.
-    # error_model="numpy": x / 0 gives inf or nan, as in torch, instead of raising.
-    return numba.njit(cache=True, error_model="numpy")(function)
+    try:
+        return numba.njit(cache=True, error_model="numpy")(function)
+    except RuntimeError as error:  # numba: "cannot cache function ...: no locator"
+        log.debug("compiled code of %s is not cached: %s", function.__name__, error)
+        return numba.njit(error_model="numpy")(function)
 
 
 @_compiled

@@ -697,3 +697,34 @@ def test_a_tiny_negative_slope_keeps_its_digits(outputs, direction):
 
     assert relative_error(kinked, plain) <= 1e-12
     assert relative_error(affine, plain) <= 1e-12
+
+
+def test_the_loops_compile_where_nothing_can_be_cached():
+    # A read-only install and home directory leave numba no cache location, which it
+    # reports when the function is decorated; a file-less function does the same.
+    namespace = {}
+    source = "def double(values, out):\n    for i in range(values.shape[0]):\n" \
+             "        out[i] = 2 * values[i]\n"
+    exec(compile(source, "<generated>", "exec"), namespace)
+    with pytest.raises(RuntimeError, match="cannot cache"):
+        engine.kink_loops.numba.njit(cache=True)(namespace["double"])
+
+    double = engine.kink_loops._compiled(namespace["double"])
+    out = np.empty(3)
+    double(np.arange(3.0), out)
+
+    assert out.tolist() == [0.0, 2.0, 4.0]
+
+
+def test_with_numba_jit_disabled_the_tensor_version_runs(loop_calls, kink_calls, monkeypatch,
+                                                         caplog):
+    # The loops in plain Python would take seconds where the tensors take milliseconds.
+    monkeypatch.setattr(engine.kink_loops.numba.config, "DISABLE_JIT", True)
+    monkeypatch.setattr(engine.kink_loops, "_SAID_WHY", [])
+    net, x, baselines = titanic_job(rows=7)
+
+    with caplog.at_level(logging.INFO, logger="engine.kink_loops"):
+        integrated_gradients(net, x, baselines, n_steps=20)
+
+    assert loop_calls == [] and len(kink_calls) == 1
+    assert "tensor operations: NUMBA_DISABLE_JIT is set" in caplog.text
