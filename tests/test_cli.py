@@ -204,3 +204,27 @@ def test_the_command_line_keeps_freed_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(engine.attribute, "keep_freed_memory", lambda: calls.append(1))
     assert main(["--out", str(tmp_path / "r")]) == 2
     assert calls == [1]
+
+
+def test_the_run_sees_the_imported_libraries_frozen_and_leaves_them_unfrozen(monkeypatch,
+                                                                           tmp_path):
+    # Full garbage-collector passes over the libraries' objects cost about 0.2 s each and
+    # landed inside the timed Captum call; the run freezes them, and main() undoes it.
+    import gc
+
+    import engine.attribute
+
+    frozen = []
+
+    def run_all(config):
+        frozen.append(gc.get_freeze_count())
+        raise engine.attribute.ArgumentError("stopped after the freeze was seen")
+
+    monkeypatch.setattr(engine.attribute, "run_all", run_all)
+    assert gc.get_freeze_count() == 0
+
+    status = main(["--all", "--out", str(tmp_path / "r")])
+
+    assert status == 2
+    assert frozen and frozen[0] > 100_000
+    assert gc.get_freeze_count() == 0
