@@ -562,6 +562,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc.unfreeze()
 
 
+def _stopped_by_sigterm(error: Exception) -> bool:
+    from engine.distributed import StoppedBySignal
+
+    return isinstance(error, StoppedBySignal)
+
+
 def _run(args: argparse.Namespace) -> int:
     # A --checkpoint run keeps its finished chunks; --all writes nothing until the end.
     interrupted = (
@@ -590,6 +596,10 @@ def _run(args: argparse.Namespace) -> int:
         print(interrupted, file=sys.stderr)
         return _interrupted_status(interrupts)
     except Exception as error:  # noqa: BLE001 - every failure becomes one line and a status
+        if _stopped_by_sigterm(error):
+            # A --checkpoint run asked to stop: like any interrupted run, not a failure.
+            print(f"interrupted: {error}", file=sys.stderr)
+            return 128 + int(signal.SIGTERM)
         if args.debug:
             traceback.print_exc()
         print(f"error: {_one_line(error, debug=args.debug)}", file=sys.stderr)
