@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ try:
     import numba
 except ImportError:  # numba is a dependency; without it the tensor version runs
     numba = None
+
+if TYPE_CHECKING:
+    from engine.kinks import Nodes
 
 __all__ = ["applies", "integrate_pairs"]
 
@@ -62,28 +66,25 @@ def integrate_pairs(
     hidden_x: Tensor,
     hidden_base: Tensor,
     shape: tuple[int, ...],
-    alphas: Tensor,
-    weights: Tensor,
-    tables: tuple[int, Tensor, Tensor] | None,
+    nodes: Nodes,
     linear: tuple[Tensor, Tensor, Tensor, Tensor],
     tail_gradient: Callable[[Tensor], tuple[Tensor, Tensor]],
 ) -> tuple[Tensor, Tensor]:
     """``engine.kinks.integrate_kinked`` for the CPU: (P, H1) float64 sums and the outputs.
 
-    ``shape`` is the broadcast shape of ``hidden_x`` and ``hidden_base``, ``tables`` the
-    ``(cells, below, inside)`` of the nodes or None, and ``linear`` the float64
-    ``(weight, low, step, bias)`` of the Linear layer after the kink.
+    ``shape`` is the broadcast shape of ``hidden_x`` and ``hidden_base``, and ``linear``
+    the float64 ``(weight, low, step, bias)`` of the Linear layer after the kink.
     """
     n_hidden = shape[-1]
     rows_x, index_x = _rows_and_index(hidden_x, shape)
     rows_base, index_base = _rows_and_index(hidden_base, shape)
     weight, low, step, bias = (t.contiguous().numpy() for t in linear)
-    n_pairs, n_nodes, n_mixed = len(index_x), alphas.shape[0], weight.shape[0]
-    if tables is None:
+    n_pairs, n_nodes, n_mixed = len(index_x), nodes.alphas.shape[0], weight.shape[0]
+    if nodes.cells is None:
         cells, below, inside = 0, np.zeros(1, np.int64), np.zeros(1)
     else:
-        cells, below, inside = tables[0], tables[1].numpy(), tables[2].numpy()
-    alphas_np, weights_np = alphas.numpy(), weights.numpy()
+        cells, below, inside = nodes.cells, nodes.below.numpy(), nodes.inside.numpy()
+    alphas_np, weights_np = nodes.alphas.numpy(), nodes.weights.numpy()
 
     slots = np.empty((n_pairs, n_hidden), dtype=np.int32)
     mixed = np.empty((n_pairs, n_nodes, n_mixed), dtype=np.float64)

@@ -291,10 +291,8 @@ def integrate_kinked(
     if kink_loops.applies(hidden_x, hidden_base):
         bias = kink.linear.bias
         bias = torch.zeros(n_mixed, dtype=work) if bias is None else bias.detach().to(work)
-        tables = None if nodes.cells is None else (nodes.cells, nodes.below, nodes.inside)
         sums, selected = kink_loops.integrate_pairs(
-            hidden_x, hidden_base, shape, nodes.alphas, nodes.weights, tables,
-            (weight, low, step, bias), tail_gradient,
+            hidden_x, hidden_base, shape, nodes, (weight, low, step, bias), tail_gradient,
         )
         return sums.to(accumulate), selected
 
