@@ -56,6 +56,7 @@ from engine.plan import (
 from engine.progress import Progress
 from engine.quadrature import QuadratureRule, quadrature_rule
 from engine.step import (
+    all_finite,
     compiled_model,
     forget,
     frozen_parameters,
@@ -492,6 +493,8 @@ def _refuse_non_finite_gradients(sums: tuple[Tensor, ...]) -> None:
     or is undefined somewhere on those paths: sqrt or log at 0 on the path, or a product
     of a huge weight and a huge upstream gradient (in fp16 sooner).
     """
+    if all(all_finite(grad) for grad in sums):
+        return
     bad = None
     for grad in sums:
         finite = torch.isfinite(grad.reshape(*grad.shape[:2], -1)).all(2)
@@ -1251,9 +1254,9 @@ class _NonFiniteOutputs(ModelError):
 
 
 def _refuse_non_finite(selected: Tensor, rows: Tensor) -> None:
-    finite = torch.isfinite(selected.detach())
-    if bool(finite.all()):
+    if all_finite(selected):
         return
+    finite = torch.isfinite(selected.detach())
     shown = shown_rows(torch.unique(rows[~finite]).tolist())
     raise _NonFiniteOutputs(
         f"the model returned non-finite outputs (nan or inf) on the path of row(s) {shown}: "
@@ -1557,6 +1560,8 @@ def _refuse_non_finite_values(inputs: tuple[Tensor, ...], baselines: tuple[Tenso
     (0 x inf) without a word.
     """
     for i, (x, base) in enumerate(zip(inputs, baselines)):
+        if all_finite(x) and all_finite(base):
+            continue
         name = f"inputs[{i}]" if many else "inputs"
         finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
         if not bool(finite.all()):

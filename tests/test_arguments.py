@@ -627,3 +627,17 @@ def test_half_precision_with_float64_inputs_is_refused_not_ignored(precision):
 def test_a_one_dimensional_input_gets_a_hint_about_rows():
     with pytest.raises(ModelError, match=r"rows first: one row of F features is x.unsqueeze\(0\)"):
         integrated_gradients(nn.Linear(5, 1), torch.rand(5), 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 1.0])
+def test_the_finiteness_check_sees_every_value_in_any_layout(dtype, value):
+    from engine.step import all_finite
+
+    base = torch.zeros(4, 6, dtype=dtype)
+    base[3, 5] = value
+    finite = value == 1.0
+    # Contiguous, transposed, expanded (stride 0), sliced, and with autograd attached.
+    layouts = [base, base.t(), base[3:4, :].expand(5, 6), base[:, 5], base.clone().requires_grad_()]
+    assert [all_finite(t) for t in layouts] == [finite] * len(layouts)
+    assert all_finite(torch.tensor([1, 2, 3]))
