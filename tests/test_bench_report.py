@@ -60,9 +60,11 @@ def test_targets_use_the_fastest_named_contender_and_the_worst_error(bench_repor
         entry("engine-plain-compiled", 1.5, size="tiled-20k", rel_error_vs_fp32=1e-7),
         entry("engine-plain-bf16", 1.0, size="tiled-20k", rel_error_vs_fp32=9e-3),
         entry("engine-bf16", 0.5, size="tiled-20k", rel_error_vs_fp32=2e-2),
+        entry("article-loop", 400.0, size="tiled-20k"),
+        entry("engine-fp32", 0.4, size="tiled-20k", rel_error_vs_fp32=1e-7),
     ]
     # A benchmark that measured the peak in a slow moment: the run's best peak counts.
-    entries[-3]["extra_info"]["matmul_peak_gflops"] = 40.0
+    entries[-5]["extra_info"]["matmul_peak_gflops"] = 40.0
     path = write_json(tmp_path / "bench.json", entries)
 
     assert bench_report.main([str(path), "--out", str(tmp_path / "report")]) == 0
@@ -75,6 +77,8 @@ def test_targets_use_the_fastest_named_contender_and_the_worst_error(bench_repor
     assert found[plain] == "16.7x (engine-plain-compiled-bf16) | yes"
     hoisted = "hoisted engine >= 1000x the article loop (fastest variant)"
     assert found[hoisted] == "1111.1x (engine-compiled) | yes"
+    # Each size against its own article loop (at 20k rows, 400 s).
+    assert found[hoisted.replace("variant)", "variant, 20k rows)")] == "1000.0x (engine-fp32) | yes"
     # 2e9 FLOP in 1.5 s against a 100 GFLOP/s peak: 1%.
     peak = "20k rows >= 60% of the fp32 matmul peak (plain path, fp32)"
     assert found[peak] == "1% (engine-plain-compiled) | no"
