@@ -46,6 +46,7 @@ from engine.plan import (
     BACKWARD_FACTOR,
     FUSED_CPU_CHUNK_BYTES,
     RunOptions,
+    balanced_chunk,
     choose_chunk_points,
     default_memory_budget,
     matmul_context,
@@ -1195,7 +1196,7 @@ def _kinked_block_pairs(
     budget = options.memory_budget or default_memory_budget(device)
     if device.type == "cpu":
         budget = min(budget, FUSED_CPU_CHUNK_BYTES)
-    return max(1, min(n_pairs, int(budget // per_pair)))
+    return balanced_chunk(max(1, int(budget // per_pair)), n_pairs)
 
 
 def _hoisted_block_rows(problem: PathProblem, hidden_base: Tensor, options: RunOptions) -> int:
@@ -1573,9 +1574,12 @@ def _refuse_non_finite_values(inputs: tuple[Tensor, ...], baselines: tuple[Tenso
         finite = torch.isfinite(base.reshape(*base.shape[:2], -1)).all(2)
         if not bool(finite.all()):
             kind, row = (int(v) for v in (~finite).nonzero()[0])
-            where = f"baseline kind {kind}" + (f", row {row}" if base.shape[1] > 1 else "")
+            # One kind (always so through the Captum-style class): only the row is news.
+            where = [f"baseline kind {kind}"] if base.shape[0] > 1 else []
+            where += [f"row {row}"] if base.shape[1] > 1 else []
+            shown = f" ({', '.join(where)})" if where else ""
             name = f"baselines[{i}]" if many else "baselines"
-            raise ArgumentError(f"{name} hold nan or inf ({where}): baselines must be finite")
+            raise ArgumentError(f"{name} hold nan or inf{shown}: baselines must be finite")
 
 
 def _as_input_tuple(inputs: TensorOrTuple) -> tuple[Tensor, ...]:

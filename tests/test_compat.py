@@ -274,6 +274,19 @@ def test_baseline_of_neither_captum_shape_is_refused():
             torch.randn(4, 3), torch.zeros(2, 3), target=0)
 
 
+def test_a_non_finite_baseline_is_named_by_its_row_without_engine_terms():
+    per_row = torch.zeros(4, 3)
+    per_row[2, 1] = float("nan")
+    shared = torch.full((1, 3), float("inf"))
+    ig = IntegratedGradients(BasicModel_MultiLayer())
+
+    with pytest.raises(ArgumentError, match=r"^baselines hold nan or inf \(row 2\): ") as error:
+        ig.attribute(torch.randn(4, 3), per_row, target=0)
+    assert "kind" not in str(error.value)
+    with pytest.raises(ArgumentError, match=r"^baselines hold nan or inf: baselines must be"):
+        ig.attribute(torch.randn(4, 3), shared, target=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_drop_in_class_inside_noise_tunnel_on_cuda():
