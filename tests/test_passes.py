@@ -10,7 +10,7 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from engine import integrated_gradients
-from engine.passes import compile_options, rewrite_narrow_products
+from engine.passes import compile_options, rewrite_narrow_products, unfuse_bias_adds
 
 aten = torch.ops.aten
 
@@ -64,6 +64,52 @@ def test_other_products_are_left_alone(rows, inner, columns, column_major):
     rewrite_narrow_products(traced.graph)
 
     assert [(n.target, n.args) for n in traced.graph.nodes] == before
+
+
+def _targets(graph: torch.fx.Graph) -> list[object]:
+    return [n.target for n in graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_bias_before_elementwise_work_moves_out_of_the_product(dtype):
+    torch.manual_seed(0)
+    left, right, bias = (torch.randn(300, 64, dtype=dtype), torch.randn(64, 32, dtype=dtype),
+                         torch.randn(32, dtype=dtype))
+
+    def layer(a, b, c):
+        return torch.relu(torch.addmm(c, a, b).view(300, 4, 8))
+
+    traced = make_fx(layer)(left, right, bias)
+
+    unfuse_bias_adds(traced.graph)
+    traced.recompile()
+
+    assert aten.addmm.default not in _targets(traced.graph)
+    assert {aten.mm.default, aten.add.Tensor} <= set(_targets(traced.graph))
+    # The BLAS adds the bias after the product either way: the same bits.
+    assert torch.equal(traced(left, right, bias), layer(left, right, bias))
+
+
+@pytest.mark.parametrize("case", ["feeds a product", "is returned", "bf16", "scaled"])
+def test_a_bias_stays_in_the_product_where_nothing_would_take_it(case):
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    left, right, bias = (torch.randn(300, 64, dtype=dtype), torch.randn(64, 32, dtype=dtype),
+                         torch.randn(32, dtype=dtype))
+
+    def layer(a, b, c):
+        if case == "scaled":
+            return torch.relu(torch.addmm(c, a, b, beta=0.5))
+        out = torch.addmm(c, a, b)
+        if case == "feeds a product":
+            return out @ b.t()
+        return out if case == "is returned" else torch.relu(out)
+
+    traced = make_fx(layer)(left, right, bias)
+    before = _targets(traced.graph)
+
+    unfuse_bias_adds(traced.graph)
+
+    assert _targets(traced.graph) == before
 
 
 def test_compile_options_are_the_mode_plus_the_pass():
