@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import numbers
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -307,6 +308,8 @@ def integrated_gradients(
             f"forward_func must be a model or function to call, got {type(forward_func).__name__}"
         )
     is_tuple = isinstance(inputs, tuple)
+    if internal_batch_size is not None:
+        internal_batch_size = _checked_batch_size(internal_batch_size)
     problem = make_problem(inputs, baselines, target, additional_forward_args)
     rule = quadrature_rule(method, n_steps)
     options = dataclasses.replace(
@@ -376,11 +379,16 @@ def _chunk_points(
         if forward_func is None:
             return total
         return _planned_chunk_points(forward_func, problem, rule, options or RunOptions())
-    if isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int):
+    return min(_checked_batch_size(internal_batch_size), total)
+
+
+def _checked_batch_size(internal_batch_size: Any) -> int:
+    if isinstance(internal_batch_size, bool) \
+            or not isinstance(internal_batch_size, numbers.Integral):
         raise ArgumentError(f"internal_batch_size must be an integer, got {internal_batch_size!r}")
     if internal_batch_size < 1:
         raise ArgumentError(f"internal_batch_size must be >= 1, got {internal_batch_size}")
-    return min(internal_batch_size, total)
+    return int(internal_batch_size)  # numpy integers too
 
 
 def _planned_chunk_points(
@@ -903,7 +911,10 @@ def chunk_step(
                 selected = problem.select(output, rows)
             if not selected.requires_grad:
                 raise ModelError(_NO_GRADIENT)
-            grads = torch.autograd.grad(selected.sum(), points)
+            # An input the outputs do not depend on has zero attributions (as compiled
+            # chunks, whose torch.func.grad gives zeros, have too).
+            grads = torch.autograd.grad(selected.sum(), points, allow_unused=True,
+                                        materialize_grads=True)
         return tuple(g[:count] for g in grads), selected[:count].detach()
 
     return step
@@ -1537,11 +1548,11 @@ def make_problem(
         raise ArgumentError("baselines hold no baseline (B = 0): expected at least one")
     if len(kinds) > 1:
         raise ArgumentError(f"every input needs the same number of baselines, got {sorted(kinds)}")
+    # Before the expansion below, so that a shared baseline is not named by a row.
+    _refuse_non_finite_values(input_tuple, laid_out, isinstance(inputs, tuple))
     if len({base.shape[1] for base in laid_out}) > 1:
         # Mixed per-row and shared baselines: expand the shared ones so indexing is uniform.
         laid_out = tuple(base.expand(base.shape[0], n_rows, *base.shape[2:]) for base in laid_out)
-
-    _refuse_non_finite_values(input_tuple, laid_out, isinstance(inputs, tuple))
     targets = _as_targets(target, n_rows, input_tuple[0].device)
     return PathProblem(
         inputs=input_tuple,
@@ -1590,6 +1601,7 @@ def _as_input_tuple(inputs: TensorOrTuple) -> tuple[Tensor, ...]:
         name = f"inputs[{i}]" if isinstance(inputs, tuple) else "inputs"
         if not isinstance(x, Tensor):
             raise ArgumentError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        _refuse_unreadable(x, name)
         if not x.is_floating_point():
             raise ArgumentError(
                 f"{name} has dtype {x.dtype}: gradients need a floating point dtype "
@@ -1612,6 +1624,17 @@ def _as_input_tuple(inputs: TensorOrTuple) -> tuple[Tensor, ...]:
     return tuple(x.detach() for x in input_tuple)
 
 
+def _refuse_unreadable(tensor: Tensor, name: str) -> None:
+    """Refuse sparse and other non-strided layouts, and meta tensors (no values)."""
+    if tensor.layout != torch.strided:
+        layout = str(tensor.layout).removeprefix("torch.").lstrip("_")
+        raise ArgumentError(
+            f"{name} is a {layout} tensor: expected a dense one (convert with .to_dense())"
+        )
+    if tensor.device.type == "meta":
+        raise ArgumentError(f"{name} is on the meta device, which holds no values")
+
+
 def _as_baseline_tuple(baselines: BaselineArg, n_inputs: int) -> tuple[Any, ...]:
     if baselines is None:
         return (0.0,) * n_inputs
@@ -1631,6 +1654,7 @@ def _lay_out_baseline(base: Any, x: Tensor, index: int, many: bool) -> Tensor:
         return torch.full((1, 1, *features), float(base), dtype=x.dtype, device=x.device)
     if not isinstance(base, Tensor):
         raise ArgumentError(f"{name} must be a Tensor or a number, got {type(base).__name__}")
+    _refuse_unreadable(base, name)
     _check_baseline_dtype(base, x, name, f"inputs[{index}]" if many else "inputs")
     base = base.detach().to(device=x.device, dtype=x.dtype)
 

@@ -163,7 +163,8 @@ def _chunk(
         selected = problem.select(output, rows)
         with weights_blamed(forward_func):
             _refuse_non_finite(selected, rows)
-        grads = torch.autograd.grad(selected.sum(), points)
+        grads = torch.autograd.grad(selected.sum(), points, allow_unused=True,
+                                    materialize_grads=True)
 
     base_values = None
     if with_baseline_outputs:

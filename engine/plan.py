@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -95,6 +96,8 @@ def run_options(
     if isinstance(memory_budget, float) and math.isfinite(memory_budget) \
             and memory_budget.is_integer():
         memory_budget = int(memory_budget)  # 1e9 bytes, written the usual way
+    if isinstance(memory_budget, numbers.Integral) and not isinstance(memory_budget, bool):
+        memory_budget = int(memory_budget)  # numpy integers too
     if memory_budget is not None and (
         isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1
     ):
@@ -170,8 +173,9 @@ def balanced_chunk(most: int, total: int) -> int:
     Compiled chunks are padded to one shape: 716 pairs in chunks of up to 524 would
     compute 1,048 (46% padding), in chunks of 393 they compute 786. An even share is
     always more than half of ``most``, so rounding it up to an eighth of ``most`` leaves
-    at most five chunk shapes for one model to compile, whatever the job sizes (Dynamo
-    stops compiling new shapes after eight).
+    at most five chunk shapes for one model to compile among jobs of several chunks. A job
+    that fits one chunk runs at its own size, unpadded, as before: a model compiled for
+    many such sizes hits Dynamo's limit of eight shapes and runs eagerly from then on.
     """
     if most >= total:
         return total

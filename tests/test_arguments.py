@@ -641,3 +641,65 @@ def test_the_finiteness_check_sees_every_value_in_any_layout(dtype, value):
     layouts = [base, base.t(), base[3:4, :].expand(5, 6), base[:, 5], base.clone().requires_grad_()]
     assert [all_finite(t) for t in layouts] == [finite] * len(layouts)
     assert all_finite(torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.parametrize("layout", ["sparse input", "sparse baseline", "csr input", "mkldnn input",
+                                    "meta input"])
+def test_tensors_without_dense_values_are_refused_by_name(layout):
+    x, base = torch.rand(3, 4), torch.zeros(1, 4)
+    if layout == "sparse input":
+        x, expected = x.to_sparse(), "inputs is a sparse_coo tensor"
+    elif layout == "sparse baseline":
+        base, expected = base.to_sparse(), "baselines is a sparse_coo tensor"
+    elif layout == "csr input":
+        x, expected = x.to_sparse_csr(), "inputs is a sparse_csr tensor"
+    elif layout == "mkldnn input":
+        x, expected = x.to_mkldnn(), "inputs is a mkldnn tensor"
+    else:
+        x, expected = torch.empty(3, 4, device="meta"), "inputs is on the meta device"
+
+    with pytest.raises(ArgumentError, match=expected):
+        integrated_gradients(nn.Linear(4, 1), x, base)
+
+
+def test_numpy_integers_are_accepted_as_sizes():
+    import numpy as np
+
+    torch.manual_seed(0)
+    net, x = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)), torch.rand(5, 4)
+    reference = integrated_gradients(net, x, torch.zeros(1, 4), n_steps=8)
+
+    actual = integrated_gradients(net, x, torch.zeros(1, 4), n_steps=np.int64(8),
+                                  internal_batch_size=np.int64(7),
+                                  memory_budget=np.int64(1 << 20))
+
+    torch.testing.assert_close(actual, reference, rtol=1e-6, atol=1e-7)
+
+
+def test_a_shared_non_finite_baseline_next_to_a_per_row_one_names_no_row():
+    class Two(nn.Module):
+        def forward(self, x, v):
+            return x.sum(1, keepdim=True) + v.sum((1, 2)).unsqueeze(1)
+
+    shared = torch.zeros(1, 4)
+    shared[0, 2] = float("nan")
+
+    with pytest.raises(ArgumentError, match=r"^baselines\[0\] hold nan or inf: baselines"):
+        integrated_gradients(Two(), (torch.rand(5, 4), torch.rand(5, 2, 3)),
+                             (shared, torch.zeros(1, 5, 2, 3)))
+
+
+@pytest.mark.parametrize("options", [{}, {"hoist": False}, {"hoist": False, "compile": True}])
+def test_an_input_the_model_ignores_gets_zero_attributions(options):
+    class FirstOnly(nn.Module):
+        def forward(self, x, ignored):
+            return (x ** 2).sum(1, keepdim=True)
+
+    x, ignored = torch.rand(3, 2, dtype=torch.float64), torch.rand(3, 2, dtype=torch.float64)
+
+    used, unused = integrated_gradients(FirstOnly(), (x, ignored), (0.0, 0.0), n_steps=16,
+                                        **options)
+
+    assert torch.equal(unused, torch.zeros(1, 3, 2, dtype=torch.float64))
+    # Completeness on the input that is used: x^2 summed.
+    torch.testing.assert_close(used[0].sum(1), (x ** 2).sum(1), rtol=1e-12, atol=1e-12)
