@@ -340,6 +340,10 @@ def _numeric(values: pd.Series, column: str, label: str) -> pd.Series:
                 f"{label}: column {column}, {_where(row)}: expected a number,"
                 f" got {bool(values.iloc[row])}"
             )
+        # A column read as text (an integer too large for int64 makes read_csv give up on
+        # the column) keeps its blanks as "": they are blanks all the same.
+        blank = values.map(lambda value: isinstance(value, str) and not value.strip())
+        values = values.where(~blank.to_numpy(dtype=bool))
     numbers = pd.to_numeric(values, errors="coerce")
     text = numbers.isna() & values.notna()
     if text.any():
@@ -384,11 +388,14 @@ def _check_target(values: pd.Series, label: str) -> None:
 
 def _check_ids(values: pd.Series, label: str) -> None:
     """PassengerId names rows in every table downstream: whole numbers, none blank, unique."""
-    wrong = values.isna() | (values != np.floor(values)) | (values.abs() > MAX_PASSENGER_ID)
+    too_large = (values.abs() > MAX_PASSENGER_ID).to_numpy()
+    wrong = (values.isna() | (values != np.floor(values))).to_numpy() | too_large
     if wrong.any():
-        row = int(np.flatnonzero(wrong.to_numpy())[0])
+        row = int(np.flatnonzero(wrong)[0])
+        expected = "a whole number up to 2**53 (larger ids are not exact as numbers)" \
+            if too_large[row] else "a whole number"
         raise DataError(
-            f"{label}: column PassengerId, {_where(row)}: expected a whole number,"
+            f"{label}: column PassengerId, {_where(row)}: expected {expected},"
             f" got {_shown(values.iloc[row])}"
         )
     repeated = values.duplicated().to_numpy()

@@ -123,6 +123,22 @@ def _not_utf8(tmp: Path) -> Path:
     return tmp / "bad.csv"
 
 
+def _integer_beyond_int64(tmp: Path) -> Path:
+    # Whole numbers, one past int64, then a fraction: read_csv gives up on the column and
+    # keeps row 1's blank Age as "".
+    fraction = with_field(with_field(ROWS[1], "PassengerId", "4"), "Age", "28.5")
+    rows = (with_field(ROWS[0], "Age", ""), ROWS[1], with_field(ROWS[2], "Age", "9" * 20),
+            fraction)
+    (tmp / "bad.csv").write_bytes(csv_text(*rows))
+    return tmp / "bad.csv"
+
+
+def _id_beyond_exact(tmp: Path) -> Path:
+    (tmp / "bad.csv").write_bytes(csv_text(ROWS[0], with_field(ROWS[1], "PassengerId",
+                                                               str(2**60)), ROWS[2]))
+    return tmp / "bad.csv"
+
+
 def _huge_line(tmp: Path) -> Path:
     huge = with_field(ROWS[1], "Ticket", "x" * (MAX_LINE_BYTES + 1))
     (tmp / "bad.csv").write_bytes(csv_text(ROWS[0], huge, ROWS[2]))
@@ -144,10 +160,12 @@ def _huge_line(tmp: Path) -> Path:
         (_implausible_fare, ["bad.csv", "Fare", "row 3", "1e+308"]),
         (_not_utf8, ["UTF-8", "line 4"]),
         (_huge_line, ["line 3", "bytes long"]),
+        (_integer_beyond_int64, ["Age", "row 3", "at most 150", "1e+20"]),
+        (_id_beyond_exact, ["PassengerId", "row 2", "up to 2**53"]),
     ],
     ids=["missing", "directory", "empty", "header-only", "missing-columns", "text-in-number",
          "unknown-sex", "all-missing-column", "inf", "implausible-fare", "not-utf8",
-         "huge-line"],
+         "huge-line", "integer-beyond-int64", "id-beyond-exact"],
 )
 def test_bad_data_file_is_one_line_exit_two_and_no_files(tmp_path, capsys, make, names):
     data = make(tmp_path)
