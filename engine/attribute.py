@@ -122,7 +122,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks and debug logs")
     _add_checkpoint_flags(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Which flags were changed from their defaults: each job refuses the other's.
+    args.changed = {dest for dest, value in vars(args).items()
+                    if value != parser.get_default(dest)}
+    return args
+
+
+# Flags only one of the two jobs reads; the other refuses them rather than ignoring them.
+TRAINING_FLAGS = ("epochs", "layer_order", "explain_row", "flip", "baselines", "snapshot_every",
+                  "compile")
+CHECKPOINT_FLAGS = ("reference", "devices", "strategy", "num_nodes", "output_format",
+                    "chunk_rows")
+
+
+def _refuse_flags(args: argparse.Namespace, names: Sequence[str], reason: str) -> None:
+    for name in names:
+        if name in getattr(args, "changed", ()):
+            flag = "--format" if name == "output_format" else f"--{name.replace('_', '-')}"
+            raise UsageError(f"{flag} does not apply to {reason}")
 
 
 def job_config(args: argparse.Namespace) -> JobConfig:
@@ -133,6 +151,8 @@ def job_config(args: argparse.Namespace) -> JobConfig:
         raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
     if args.snapshot_every < 1:
         raise UsageError(f"--snapshot-every must be at least 1, got {args.snapshot_every}")
+    _refuse_flags(args, CHECKPOINT_FLAGS, "--all: it is for explaining a file with "
+                  "--checkpoint")
     _check_shared_flags(args)
     baselines = _baseline_kinds(args.baselines)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -488,6 +508,7 @@ def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
         raise UsageError("--checkpoint needs --data FILE: the CSV of rows to explain")
     if args.layer_order != "article":
         raise UsageError("--layer-order does not apply to --checkpoint: the file stores it")
+    _refuse_flags(args, TRAINING_FLAGS, "--checkpoint: it is for training with --all")
     for flag, value in (("--devices", args.devices), ("--num-nodes", args.num_nodes),
                         ("--chunk-rows", args.chunk_rows)):
         if value < 1:

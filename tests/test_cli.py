@@ -106,6 +106,9 @@ def test_without_all_there_is_nothing_to_do(tmp_path, capsys):
         (["--n-steps", "1", "--method", "riemann_left"], "at least 2"),
         (["--method", "simpson"], "simpson"),
         (["--snapshot-every", "0"], "--snapshot-every must be at least 1"),
+        (["--format", "parquet"], "--format does not apply to --all"),
+        (["--chunk-rows", "10"], "--chunk-rows does not apply to --all"),
+        (["--devices", "2"], "--devices does not apply to --all"),
     ],
 )
 def test_bad_flags_exit_two_before_any_work(tmp_path, capsys, flags, message):

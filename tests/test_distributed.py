@@ -349,6 +349,10 @@ def test_parquet_output_holds_the_csv_rows(tmp_path, rows_csv, checkpoint, titan
         (["--devices", "0"], "--devices must be at least 1"),
         (["--chunk-rows", "0"], "--chunk-rows must be at least 1"),
         (["--layer-order", "conventional"], "--layer-order does not apply"),
+        (["--epochs", "3"], "--epochs does not apply to --checkpoint"),
+        (["--baselines", "zero"], "--baselines does not apply to --checkpoint"),
+        (["--explain-row", "2"], "--explain-row does not apply to --checkpoint"),
+        (["--compile"], "--compile does not apply to --checkpoint"),
     ],
 )
 def test_bad_checkpoint_flags_exit_two_before_any_work(
