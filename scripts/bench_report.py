@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -54,18 +55,29 @@ TARGETS = [
 ]
 
 
+class BadBenchmark(ValueError):
+    """An entry of the JSON that the report cannot use, and why."""
+
+
 def load(path: Path) -> tuple[list[dict], dict]:
     document = json.loads(path.read_text())
     rows = []
-    for bench in document["benchmarks"]:
+    for index, bench in enumerate(document["benchmarks"]):
+        if not isinstance(bench, dict):
+            raise BadBenchmark(f"benchmark {index} is a {type(bench).__name__}, not an object")
         info = bench.get("extra_info", {})
-        if "contender" not in info:
+        if not isinstance(info, dict) or "contender" not in info:
             continue
-        median = info.get("engine_seconds", bench["stats"]["median"])
-        fastest = info.get("engine_seconds", bench["stats"]["min"])
+        stats = bench.get("stats")
+        if not isinstance(stats, dict):
+            raise BadBenchmark(f"benchmark {index} ({info['contender']}) has no stats")
+        median = info.get("engine_seconds", stats.get("median"))
+        fastest = info.get("engine_seconds", stats.get("min"))
         # Rates and ratios use the fastest round: on a shared machine the slower rounds
         # measure the neighbours' load, not the code. The median is shown next to it.
-        rows.append({**info, "seconds": fastest, "median_seconds": median})
+        row = {**info, "seconds": fastest, "median_seconds": median}
+        _check_row(row, index)
+        rows.append(row)
     # The peak is measured again at every benchmark; the largest of the run is the
     # reference for all of them (a low one only means the machine was slow then).
     peaks: dict[str, float] = {}
@@ -74,6 +86,35 @@ def load(path: Path) -> tuple[list[dict], dict]:
     for row in rows:
         row["matmul_peak_gflops"] = peaks[row["device"]]
     return rows, document.get("machine_info", {})
+
+
+# Fields every entry needs, and those that must be numbers above zero.
+_TEXT_FIELDS = ("contender", "device", "size", "machine")
+_POSITIVE_FIELDS = ("seconds", "median_seconds", "points", "rows", "matmul_peak_gflops")
+
+
+def _check_row(row: dict, index: int) -> None:
+    """Raise ``BadBenchmark`` naming the first field the report could not use."""
+    name = f"benchmark {index} ({row.get('contender')})"
+    for field in _TEXT_FIELDS:
+        if not isinstance(row.get(field), str):
+            raise BadBenchmark(f"{name}: {field} must be text, got {row.get(field)!r}")
+    positive = [*_POSITIVE_FIELDS, *(["peak_rss_bytes"] if row["size"].startswith("scale")
+                                     else [])]
+    for field in positive:
+        if not _number(row.get(field)) or not row[field] > 0:
+            raise BadBenchmark(f"{name}: {field} must be a number above 0, "
+                               f"got {row.get(field)!r}")
+    if not _number(row.get("flops")) or not row["flops"] >= 0:
+        raise BadBenchmark(f"{name}: flops must be a number >= 0, got {row.get('flops')!r}")
+    for field in ("rel_error_vs_fp32", "first_call_seconds"):
+        if field in row and not (_number(row[field]) and row[field] >= 0):
+            raise BadBenchmark(f"{name}: {field} must be a number >= 0, got {row[field]!r}")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
 
 
 def best_captum(rows: list[dict], device: str, size: str) -> float | None:
@@ -251,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             more, machine_info = load(path)
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             print(f"error: {path}: not pytest-benchmark JSON ({error})", file=sys.stderr)
+            return 2
+        except BadBenchmark as error:
+            print(f"error: {path}: {error}", file=sys.stderr)
             return 2
         rows.extend(more)
     # A later file's measurement of the same contender on the same job replaces an earlier.

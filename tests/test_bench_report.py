@@ -108,3 +108,36 @@ def test_the_header_names_torch_even_when_a_scale_row_comes_first(bench_report, 
     assert bench_report.main([str(path), "--out", str(tmp_path / "report")]) == 0
 
     assert "torch 2.13.0." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda e: e["stats"].update(min=0.0), "seconds must be a number above 0, got 0.0"),
+        (lambda e: e["stats"].update(min=float("nan")), "seconds must be a number above 0"),
+        (lambda e: e["stats"].update(min="0.1"), "got '0.1'"),
+        (lambda e: e["extra_info"].update(matmul_peak_gflops=0), "matmul_peak_gflops"),
+        (lambda e: e["extra_info"].pop("points"), "points must be a number above 0"),
+        (lambda e: e["extra_info"].pop("size"), "size must be text"),
+        (lambda e: e["extra_info"].update(rel_error_vs_fp32=None), "rel_error_vs_fp32"),
+        (lambda e: e["extra_info"].update(size="scale-1000k"), "peak_rss_bytes"),
+    ],
+)
+def test_an_unusable_entry_is_one_line_naming_the_field(bench_report, tmp_path, capsys,
+                                                        change, named):
+    bad = entry("engine-fp32", 0.01)
+    change(bad)
+    path = write_json(tmp_path / "bench.json", [entry("article-loop", 2.0), bad])
+
+    assert bench_report.main([str(path), "--out", str(tmp_path / "report")]) == 2
+
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "benchmark 1 (engine-fp32)" in err and named in err
+    assert not list(tmp_path.glob("report*"))
+
+
+def test_an_entry_that_is_not_an_object_is_one_line(bench_report, tmp_path, capsys):
+    path = write_json(tmp_path / "bench.json", ["engine-fp32"])
+
+    assert bench_report.main([str(path)]) == 2
+    assert "benchmark 0 is a str" in capsys.readouterr().err
