@@ -12,6 +12,8 @@ as ``NoiseTunnel`` (it is a Captum ``GradientAttribution``). The differences:
   engine uses it as given.
 - The step weights are kept in float64 (Captum rounds them to float32), so results agree
   to about 1e-7 relative, not to the last bit.
+- An input the model does not use gets zero attributions; Captum raises autograd's
+  error.
 """
 
 from __future__ import annotations
