@@ -248,6 +248,10 @@ def run_all(config: JobConfig) -> dict[str, object]:
         baselines = baselines.to(config.device)
         _say(f"explaining {inputs.shape[0]} rows x {len(config.baselines)} baselines x "
              f"{config.n_steps} steps in one batched pass")
+        # Training's objects join the imported ones main() froze: a full garbage
+        # collection over them (about 0.1 s) landed in one timed call or the other,
+        # mostly Captum's, which allocates more Python objects.
+        gc.freeze()
         # The trained network is another module than the one the callback traced (and
         # compiled): a first call traces it (and compiles), so that the timed call below
         # measures the attribution itself, as Captum's call does.
