@@ -1513,6 +1513,8 @@ def output_gap(
     """F(x) - F(baseline) of the target output per (baseline, row): (B, N) float64."""
     device = problem.inputs[0].device
     n_pairs = problem.n_baselines * problem.n_rows
+    if problem.targets_checked and all(base.shape[1] == 1 for base in problem.baselines):
+        return _shared_output_gap(forward_func, problem, chunk_points)
     ends = torch.empty(2, n_pairs, dtype=torch.float64, device=device)
 
     with torch.no_grad():
@@ -1526,6 +1528,33 @@ def output_gap(
                 ends[end, pair] = problem.select(output, rows).double()
 
     return (ends[0] - ends[1]).view(problem.n_baselines, problem.n_rows)
+
+
+def _shared_output_gap(
+    forward_func: Callable[..., Tensor], problem: PathProblem, chunk_points: int
+) -> Tensor:
+    """``output_gap`` with F(x) once per row and F(b) once per shared baseline kind.
+
+    Only for problems whose rows the probe found independent (one input, no extra
+    arguments): a row's output then does not depend on its batch, so the B x N pairs
+    need N + B forwards, not 2 B N.
+    """
+    x, base = problem.inputs[0], problem.baselines[0]
+    n_baselines, n_rows = problem.n_baselines, problem.n_rows
+    device = x.device
+    at_rows = torch.empty(n_rows, dtype=torch.float64, device=device)
+    at_kinds = torch.empty(n_baselines, n_rows, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for start in range(0, n_rows, chunk_points):
+            rows = torch.arange(start, min(start + chunk_points, n_rows), device=device)
+            at_rows[rows] = problem.select(_forward(forward_func, (x[rows],), ()), rows).double()
+        outputs = _forward(forward_func, (base[:, 0],), ())  # (B, *outputs)
+        every_row = torch.arange(n_rows, device=device)
+        for kind in range(n_baselines):
+            # Each row's target, read from the kind's outputs (expanded: no copy).
+            shared = outputs[kind].expand(n_rows, *outputs.shape[1:])
+            at_kinds[kind] = problem.select(shared, every_row).double()
+    return at_rows.unsqueeze(0) - at_kinds
 
 
 def make_problem(

@@ -120,9 +120,9 @@ def test_total_points_count_every_level():
 
     # A given internal_batch_size skips the planner's probe forwards. Every other forward
     # is part of an integral: the row-coupling probe (the six rows and a baseline, then a
-    # midpoint, a baseline and the six rows) and the endpoints (one per pair at x and one
-    # at the baseline).
-    assert result.total_points == sum(calls) - (7 + 8) - 2 * 6
+    # midpoint, a baseline and the six rows) and the endpoints (each row at x, and the
+    # shared baseline once: the probe found the rows independent).
+    assert result.total_points == sum(calls) - (7 + 8) - (6 + 1)
     assert isinstance(result, IGResult)
 
 

@@ -243,3 +243,31 @@ def test_many_steps_sum_without_float32_drift(hoist):
 
     assert got.dtype == torch.float32
     assert float((got.double() - reference).abs().max() / reference.abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize("target", [None, 2, (1, 0), "per row", "per row tuple"])
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_the_shared_baselines_output_gap_equals_one_forward_per_pair(target, chunk):
+    import dataclasses
+
+    from engine.core import make_problem, output_gap
+
+    torch.manual_seed(3)
+    n_rows = 7
+    if target in ("per row tuple", (1, 0)):
+        net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Unflatten(1, (2, 3)))
+    else:
+        net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3 if target else 1))
+    net = net.double()
+    if target == "per row":
+        target = torch.randint(0, 3, (n_rows,))
+    elif target == "per row tuple":
+        target = torch.stack([torch.randint(0, 2, (n_rows,)), torch.randint(0, 3, (n_rows,))], 1)
+    x, baselines = torch.rand(n_rows, 4, dtype=torch.float64), torch.rand(3, 4, dtype=torch.float64)
+    problem = make_problem(x, baselines, target, None)
+
+    per_pair = output_gap(net, problem, chunk)
+    shared = output_gap(net, dataclasses.replace(problem, targets_checked=True), chunk)
+
+    assert shared.shape == (3, n_rows)
+    torch.testing.assert_close(shared, per_pair, rtol=1e-14, atol=1e-14)
