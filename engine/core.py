@@ -1537,18 +1537,30 @@ def _shared_output_gap(
 
     Only for problems whose rows the probe found independent (one input, no extra
     arguments): a row's output then does not depend on its batch, so the B x N pairs
-    need N + B forwards, not 2 B N.
+    need B + N points, not 2 B N. The B baselines come first, then the rows, in chunks of
+    ``chunk_points``: the baselines never make a batch of their own (a model that
+    squeezes its output would fail on a batch of one), and many baselines stay within
+    the chunk size.
     """
     x, base = problem.inputs[0], problem.baselines[0]
     n_baselines, n_rows = problem.n_baselines, problem.n_rows
     device = x.device
+    kinds = base[:, 0]  # (B, *F)
     at_rows = torch.empty(n_rows, dtype=torch.float64, device=device)
-    at_kinds = torch.empty(n_baselines, n_rows, dtype=torch.float64, device=device)
+    kind_outputs = []
     with torch.no_grad():
-        for start in range(0, n_rows, chunk_points):
-            rows = torch.arange(start, min(start + chunk_points, n_rows), device=device)
-            at_rows[rows] = problem.select(_forward(forward_func, (x[rows],), ()), rows).double()
-        outputs = _forward(forward_func, (base[:, 0],), ())  # (B, *outputs)
+        for start in range(0, n_baselines + n_rows, chunk_points):
+            stop = min(start + chunk_points, n_baselines + n_rows)
+            first_row, last_row = max(start - n_baselines, 0), max(stop - n_baselines, 0)
+            points = torch.cat([kinds[start:stop], x[first_row:last_row]])
+            output = _forward(forward_func, (points,), ())
+            n_kinds = max(min(stop, n_baselines) - start, 0)
+            kind_outputs.append(output[:n_kinds])
+            if last_row > first_row:
+                rows = torch.arange(first_row, last_row, device=device)
+                at_rows[first_row:last_row] = problem.select(output[n_kinds:], rows).double()
+        outputs = torch.cat(kind_outputs)  # (B, *outputs)
+        at_kinds = torch.empty(n_baselines, n_rows, dtype=torch.float64, device=device)
         every_row = torch.arange(n_rows, device=device)
         for kind in range(n_baselines):
             # Each row's target, read from the kind's outputs (expanded: no copy).
@@ -1654,12 +1666,23 @@ def _as_input_tuple(inputs: TensorOrTuple) -> tuple[Tensor, ...]:
 
 
 def _refuse_unreadable(tensor: Tensor, name: str) -> None:
-    """Refuse sparse and other non-strided layouts, and meta tensors (no values)."""
+    """Refuse tensors whose values the engine cannot read as one dense array: sparse and
+    other non-strided layouts, nested and quantized tensors, 8-bit floats (torch has no
+    isfinite for them) and meta tensors (no values)."""
+    if tensor.is_nested:
+        raise ArgumentError(f"{name} is a nested tensor: expected a dense one (pad it with "
+                            ".to_padded_tensor(0))")
     if tensor.layout != torch.strided:
         layout = str(tensor.layout).removeprefix("torch.").lstrip("_")
         raise ArgumentError(
             f"{name} is a {layout} tensor: expected a dense one (convert with .to_dense())"
         )
+    if tensor.is_quantized:
+        raise ArgumentError(f"{name} is a quantized tensor: expected a float one "
+                            "(convert with .dequantize())")
+    if tensor.is_floating_point() and torch.finfo(tensor.dtype).bits == 8:
+        raise ArgumentError(f"{name} has dtype {tensor.dtype}: expected float16 or wider "
+                            "(convert with .float())")
     if tensor.device.type == "meta":
         raise ArgumentError(f"{name} is on the meta device, which holds no values")
 

@@ -271,3 +271,46 @@ def test_the_shared_baselines_output_gap_equals_one_forward_per_pair(target, chu
 
     assert shared.shape == (3, n_rows)
     torch.testing.assert_close(shared, per_pair, rtol=1e-14, atol=1e-14)
+
+
+def test_the_delta_of_a_model_that_squeezes_its_output_with_one_baseline():
+    # The baselines go through the model beside rows, never as a batch of their own: a
+    # batch of the single baseline would squeeze to a 0-d output.
+    class Squeezed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.layer(x).squeeze()
+
+    torch.manual_seed(4)
+    model, x = Squeezed().double().eval(), torch.rand(5, 4, dtype=torch.float64)
+
+    _, delta = integrated_gradients(model, x, torch.zeros(1, 4, dtype=torch.float64),
+                                    return_convergence_delta=True)
+
+    assert delta.shape == (1, 5) and float(delta.abs().max()) < 1e-12
+
+
+def test_the_shared_output_gap_keeps_every_batch_within_the_chunk():
+    import dataclasses
+
+    from engine.core import make_problem, output_gap
+
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    batches = []
+
+    def counted(points):
+        batches.append(points.shape[0])
+        return net(points)
+
+    x, kinds = torch.rand(3, 4, dtype=torch.float64), torch.rand(10, 4, dtype=torch.float64)
+    problem = dataclasses.replace(make_problem(x, kinds, None, None), targets_checked=True)
+
+    gap = output_gap(counted, problem, 4)
+
+    assert batches == [4, 4, 4, 1] and gap.shape == (10, 3)
+    expected = net(x).squeeze(1).unsqueeze(0) - net(kinds)
+    torch.testing.assert_close(gap, expected.detach(), rtol=1e-14, atol=1e-14)
