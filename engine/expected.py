@@ -25,6 +25,7 @@ from engine.core import (
     _forward,
     _refuse_non_finite,
     _refuse_non_finite_gradients,
+    _refuse_unreadable,
     check_independent_rows,
     check_model_device,
     make_problem,
@@ -188,6 +189,10 @@ def _check_background(
         name = f"background[{i}]" if is_tuple else "background"
         if not isinstance(back, Tensor):
             raise ArgumentError(f"{name} must be a Tensor, got {type(back).__name__}")
+        _refuse_unreadable(back, name)
+        if back.dtype == torch.bool or back.is_complex():
+            raise ArgumentError(f"{name} has dtype {back.dtype}: expected {x.dtype} like the "
+                                "inputs")
         if back.dim() != x.dim() or tuple(back.shape[1:]) != tuple(x.shape[1:]):
             raise ArgumentError(
                 f"{name} has shape {tuple(back.shape)}: expected (K, "

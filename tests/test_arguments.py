@@ -644,10 +644,18 @@ def test_the_finiteness_check_sees_every_value_in_any_layout(dtype, value):
 
 
 @pytest.mark.parametrize("layout", ["sparse input", "sparse baseline", "csr input", "mkldnn input",
-                                    "meta input"])
+                                    "meta input", "nested input", "quantized baseline",
+                                    "float8 input"])
 def test_tensors_without_dense_values_are_refused_by_name(layout):
     x, base = torch.rand(3, 4), torch.zeros(1, 4)
-    if layout == "sparse input":
+    if layout == "nested input":
+        x, expected = torch.nested.nested_tensor(list(x)), "inputs is a nested tensor"
+    elif layout == "quantized baseline":
+        base = torch.quantize_per_tensor(base, 0.1, 0, torch.quint8)
+        expected = "baselines is a quantized tensor"
+    elif layout == "float8 input":
+        x, expected = x.to(torch.float8_e4m3fn), "inputs has dtype torch.float8_e4m3fn"
+    elif layout == "sparse input":
         x, expected = x.to_sparse(), "inputs is a sparse_coo tensor"
     elif layout == "sparse baseline":
         base, expected = base.to_sparse(), "baselines is a sparse_coo tensor"
@@ -703,3 +711,25 @@ def test_an_input_the_model_ignores_gets_zero_attributions(options):
     assert torch.equal(unused, torch.zeros(1, 3, 2, dtype=torch.float64))
     # Completeness on the input that is used: x^2 summed.
     torch.testing.assert_close(used[0].sum(1), (x ** 2).sum(1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "meta", "complex", "quantized"])
+def test_a_background_without_real_dense_values_is_refused(kind):
+    from engine.expected import expected_gradients
+
+    background = torch.rand(5, 4)
+    expected = {"sparse": "background is a sparse_coo tensor",
+                "meta": "background is on the meta device",
+                "complex": "background has dtype torch.complex64",
+                "quantized": "background is a quantized tensor"}[kind]
+    if kind == "sparse":
+        background = background.to_sparse()
+    elif kind == "meta":
+        background = torch.empty(5, 4, device="meta")
+    elif kind == "complex":
+        background = background.to(torch.complex64)
+    else:
+        background = torch.quantize_per_tensor(background, 0.1, 0, torch.quint8)
+
+    with pytest.raises(ArgumentError, match=expected):
+        expected_gradients(nn.Linear(4, 1), torch.rand(3, 4), background)
