@@ -67,8 +67,14 @@ MAX_LINE_BYTES = 2**20
 # Cells and column names quoted in messages are cut to this many characters.
 MAX_SHOWN_CHARS = 60
 
-# PassengerId is read as a float; past 2**53 whole numbers are no longer exact.
+# PassengerId is read as a float; from 2**53 on whole numbers are no longer exact (2**53 + 1
+# reads as 2**53), so ids must stay below it.
 MAX_PASSENGER_ID = 2**53
+# The cells pandas.read_csv reads as missing by default (its documented na_values).
+CSV_BLANKS = frozenset({
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+})
 
 # Values no passenger could have had, far past Kaggle's largest (Age 80, SibSp 8, Fare
 # 512.33): nobody has lived to 150, nobody had 100 siblings and spouses aboard, and the
@@ -341,8 +347,9 @@ def _numeric(values: pd.Series, column: str, label: str) -> pd.Series:
                 f" got {bool(values.iloc[row])}"
             )
         # A column read as text (an integer too large for int64 makes read_csv give up on
-        # the column) keeps its blanks as "": they are blanks all the same.
-        blank = values.map(lambda value: isinstance(value, str) and not value.strip())
+        # the column) keeps the cells read_csv counts as blanks ("", "NA", ...) as text:
+        # they are blanks all the same.
+        blank = values.map(lambda value: isinstance(value, str) and value in CSV_BLANKS)
         values = values.where(~blank.to_numpy(dtype=bool))
     numbers = pd.to_numeric(values, errors="coerce")
     text = numbers.isna() & values.notna()
@@ -388,11 +395,11 @@ def _check_target(values: pd.Series, label: str) -> None:
 
 def _check_ids(values: pd.Series, label: str) -> None:
     """PassengerId names rows in every table downstream: whole numbers, none blank, unique."""
-    too_large = (values.abs() > MAX_PASSENGER_ID).to_numpy()
+    too_large = (values.abs() >= MAX_PASSENGER_ID).to_numpy()
     wrong = (values.isna() | (values != np.floor(values))).to_numpy() | too_large
     if wrong.any():
         row = int(np.flatnonzero(wrong)[0])
-        expected = "a whole number up to 2**53 (larger ids are not exact as numbers)" \
+        expected = "a whole number below 2**53 (larger ids are not exact as numbers)" \
             if too_large[row] else "a whole number"
         raise DataError(
             f"{label}: column PassengerId, {_where(row)}: expected {expected},"

@@ -139,6 +139,21 @@ def _id_beyond_exact(tmp: Path) -> Path:
     return tmp / "bad.csv"
 
 
+def _id_rounding_to_two_to_the_53(tmp: Path) -> Path:
+    # 2**53 + 1 reads as 2**53 in float64.
+    (tmp / "bad.csv").write_bytes(csv_text(ROWS[0], ROWS[1], with_field(ROWS[2], "PassengerId",
+                                                                        str(2**53 + 1))))
+    return tmp / "bad.csv"
+
+
+def _na_beside_an_integer_beyond_int64(tmp: Path) -> Path:
+    fraction = with_field(with_field(ROWS[1], "PassengerId", "4"), "Age", "28.5")
+    rows = (with_field(ROWS[0], "Age", "NA"), ROWS[1], with_field(ROWS[2], "Age", "9" * 20),
+            fraction)
+    (tmp / "bad.csv").write_bytes(csv_text(*rows))
+    return tmp / "bad.csv"
+
+
 def _huge_line(tmp: Path) -> Path:
     huge = with_field(ROWS[1], "Ticket", "x" * (MAX_LINE_BYTES + 1))
     (tmp / "bad.csv").write_bytes(csv_text(ROWS[0], huge, ROWS[2]))
@@ -161,11 +176,14 @@ def _huge_line(tmp: Path) -> Path:
         (_not_utf8, ["UTF-8", "line 4"]),
         (_huge_line, ["line 3", "bytes long"]),
         (_integer_beyond_int64, ["Age", "row 3", "at most 150", "1e+20"]),
-        (_id_beyond_exact, ["PassengerId", "row 2", "up to 2**53"]),
+        (_id_beyond_exact, ["PassengerId", "row 2", "below 2**53"]),
+        (_id_rounding_to_two_to_the_53, ["PassengerId", "row 3", "below 2**53"]),
+        (_na_beside_an_integer_beyond_int64, ["Age", "row 3", "at most 150", "1e+20"]),
     ],
     ids=["missing", "directory", "empty", "header-only", "missing-columns", "text-in-number",
          "unknown-sex", "all-missing-column", "inf", "implausible-fare", "not-utf8",
-         "huge-line", "integer-beyond-int64", "id-beyond-exact"],
+         "huge-line", "integer-beyond-int64", "id-beyond-exact", "id-rounding-to-2**53",
+         "na-beside-integer-beyond-int64"],
 )
 def test_bad_data_file_is_one_line_exit_two_and_no_files(tmp_path, capsys, make, names):
     data = make(tmp_path)
