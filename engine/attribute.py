@@ -126,7 +126,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     # Which flags were changed from their defaults: each job refuses the other's.
     args.changed = {dest for dest, value in vars(args).items()
                     if value != parser.get_default(dest)}
+    if "baselines" in args.changed and _same_kinds(args.baselines,
+                                                   parser.get_default("baselines")):
+        args.changed.discard("baselines")  # the default, spelled another way
     return args
+
+
+def _same_kinds(given: str, default: str) -> bool:
+    try:
+        return set(_baseline_kinds(given)) == set(_baseline_kinds(default))
+    except UsageError:
+        return False
 
 
 # Flags only one of the two jobs reads; the other refuses them rather than ignoring them.
@@ -203,6 +213,17 @@ def _baseline_kinds(text: str) -> tuple[str, ...]:
 
 def run_all(config: JobConfig) -> dict[str, object]:
     """The worked example end to end; returns the summary the CLI prints."""
+    # The run freezes training's objects for its timed calls (see below); called on its
+    # own, with nothing frozen before, it unfreezes them again at the end.
+    outermost = gc.get_freeze_count() == 0
+    try:
+        return _run_all(config)
+    finally:
+        if outermost:
+            gc.unfreeze()
+
+
+def _run_all(config: JobConfig) -> dict[str, object]:
     from sklearn.metrics import classification_report
 
     from engine.callbacks import AttributionCallback
@@ -580,11 +601,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # objects that live as long as the process. Each full pass of the garbage collector
     # walked them all again, about 0.2 s landing inside whatever was running (once, the
     # timed Captum call: 385 ms instead of 200); frozen, a pass sees what the run made.
+    # A caller that froze objects itself keeps them (and these) frozen.
+    outermost = gc.get_freeze_count() == 0
     gc.freeze()
     try:
         return _run(args)
     finally:
-        gc.unfreeze()
+        if outermost:
+            gc.unfreeze()
 
 
 def _stopped_by_sigterm(error: Exception) -> bool:

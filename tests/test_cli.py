@@ -241,6 +241,25 @@ def test_the_timed_calls_see_trainings_objects_frozen_too(monkeypatch, tmp_path,
     assert seen["at the timed calls"] > seen["after training"] + 1_000
     assert gc.get_freeze_count() == 0
 
+    # Called on its own, the run unfreezes what it froze too.
+    config = engine.attribute.job_config(engine.attribute.parse_args(
+        ["--all", "--data", str(titanic_csv), "--epochs", "1", "--out", str(tmp_path / "s")]))
+    with pytest.raises(engine.attribute.ArgumentError):
+        engine.attribute.run_all(config)
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_callers_own_frozen_objects_stay_frozen(tmp_path):
+    import gc
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        assert main(["--all", "--epochs", "0", "--out", str(tmp_path / "r")]) == 2
+        assert gc.get_freeze_count() >= frozen > 0
+    finally:
+        gc.unfreeze()
+
 
 def test_the_run_sees_the_imported_libraries_frozen_and_leaves_them_unfrozen(monkeypatch,
                                                                            tmp_path):

@@ -342,6 +342,16 @@ def test_parquet_output_holds_the_csv_rows(tmp_path, rows_csv, checkpoint, titan
         pd.testing.assert_frame_equal(table, expected, check_dtype=False, rtol=0, atol=0)
 
 
+def test_the_default_baselines_spelled_out_are_not_refused_with_checkpoint():
+    from engine.attribute import checkpoint_config, parse_args
+
+    args = parse_args(["--data", "rows.csv", "--checkpoint", "model.pt", "--baselines",
+                       "one-base,zero,random-base,mean"])
+
+    assert "baselines" not in args.changed
+    checkpoint_config(args)  # no UsageError
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
