@@ -61,6 +61,11 @@ class BadBenchmark(ValueError):
 
 def load(path: Path) -> tuple[list[dict], dict]:
     document = json.loads(path.read_text())
+    if not isinstance(document, dict) or not isinstance(document.get("benchmarks"), list):
+        raise BadBenchmark("no list of benchmarks in it (not pytest-benchmark JSON)")
+    machine_info = document.get("machine_info", {})
+    if not isinstance(machine_info, dict):
+        raise BadBenchmark(f"machine_info is a {type(machine_info).__name__}, not an object")
     rows = []
     for index, bench in enumerate(document["benchmarks"]):
         if not isinstance(bench, dict):
@@ -85,7 +90,7 @@ def load(path: Path) -> tuple[list[dict], dict]:
         peaks[row["device"]] = max(peaks.get(row["device"], 0.0), row["matmul_peak_gflops"])
     for row in rows:
         row["matmul_peak_gflops"] = peaks[row["device"]]
-    return rows, document.get("machine_info", {})
+    return rows, machine_info
 
 
 # Fields every entry needs, and those that must be numbers above zero.
@@ -100,7 +105,7 @@ def _check_row(row: dict, index: int) -> None:
         if not isinstance(row.get(field), str):
             raise BadBenchmark(f"{name}: {field} must be text, got {row.get(field)!r}")
     positive = [*_POSITIVE_FIELDS, *(["peak_rss_bytes"] if row["size"].startswith("scale")
-                                     else [])]
+                                     or "peak_rss_bytes" in row else [])]
     for field in positive:
         if not _number(row.get(field)) or not row[field] > 0:
             raise BadBenchmark(f"{name}: {field} must be a number above 0, "
@@ -113,8 +118,12 @@ def _check_row(row: dict, index: int) -> None:
 
 
 def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def best_captum(rows: list[dict], device: str, size: str) -> float | None:

@@ -121,6 +121,8 @@ def test_the_header_names_torch_even_when_a_scale_row_comes_first(bench_report, 
         (lambda e: e["extra_info"].pop("size"), "size must be text"),
         (lambda e: e["extra_info"].update(rel_error_vs_fp32=None), "rel_error_vs_fp32"),
         (lambda e: e["extra_info"].update(size="scale-1000k"), "peak_rss_bytes"),
+        (lambda e: e["extra_info"].update(peak_rss_bytes="big"), "peak_rss_bytes"),
+        (lambda e: e["extra_info"].update(points=10**400), "points must be a number above 0"),
     ],
 )
 def test_an_unusable_entry_is_one_line_naming_the_field(bench_report, tmp_path, capsys,
@@ -141,3 +143,18 @@ def test_an_entry_that_is_not_an_object_is_one_line(bench_report, tmp_path, caps
 
     assert bench_report.main([str(path)]) == 2
     assert "benchmark 0 is a str" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("document", "named"), [
+    ({"benchmarks": {"a": 1}}, "no list of benchmarks"),
+    ([], "no list of benchmarks"),
+    ({"benchmarks": [], "machine_info": None}, "machine_info is a NoneType"),
+])
+def test_a_document_of_the_wrong_shape_is_one_line(bench_report, tmp_path, capsys, document,
+                                                   named):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(document))
+
+    assert bench_report.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err
