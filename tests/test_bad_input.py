@@ -123,35 +123,30 @@ def _not_utf8(tmp: Path) -> Path:
     return tmp / "bad.csv"
 
 
-def _integer_beyond_int64(tmp: Path) -> Path:
-    # Whole numbers, one past int64, then a fraction: read_csv gives up on the column and
-    # keeps row 1's blank Age as "".
-    fraction = with_field(with_field(ROWS[1], "PassengerId", "4"), "Age", "28.5")
-    rows = (with_field(ROWS[0], "Age", ""), ROWS[1], with_field(ROWS[2], "Age", "9" * 20),
-            fraction)
-    (tmp / "bad.csv").write_bytes(csv_text(*rows))
-    return tmp / "bad.csv"
+def _blank_beside_an_integer_beyond_int64(blank: str):
+    """Whole numbers, one past int64, then a fraction: read_csv gives up on the column and
+    keeps row 1's blank Age (``blank``) as text."""
+
+    def make(tmp: Path) -> Path:
+        fraction = with_field(with_field(ROWS[1], "PassengerId", "4"), "Age", "28.5")
+        rows = (with_field(ROWS[0], "Age", blank), ROWS[1],
+                with_field(ROWS[2], "Age", "9" * 20), fraction)
+        (tmp / "bad.csv").write_bytes(csv_text(*rows))
+        return tmp / "bad.csv"
+
+    return make
 
 
-def _id_beyond_exact(tmp: Path) -> Path:
-    (tmp / "bad.csv").write_bytes(csv_text(ROWS[0], with_field(ROWS[1], "PassengerId",
-                                                               str(2**60)), ROWS[2]))
-    return tmp / "bad.csv"
+def _passenger_id(row: int, value: int):
+    """Row ``row`` (0-based) of the three gets PassengerId ``value``."""
 
+    def make(tmp: Path) -> Path:
+        rows = list(ROWS)
+        rows[row] = with_field(rows[row], "PassengerId", str(value))
+        (tmp / "bad.csv").write_bytes(csv_text(*rows))
+        return tmp / "bad.csv"
 
-def _id_rounding_to_two_to_the_53(tmp: Path) -> Path:
-    # 2**53 + 1 reads as 2**53 in float64.
-    (tmp / "bad.csv").write_bytes(csv_text(ROWS[0], ROWS[1], with_field(ROWS[2], "PassengerId",
-                                                                        str(2**53 + 1))))
-    return tmp / "bad.csv"
-
-
-def _na_beside_an_integer_beyond_int64(tmp: Path) -> Path:
-    fraction = with_field(with_field(ROWS[1], "PassengerId", "4"), "Age", "28.5")
-    rows = (with_field(ROWS[0], "Age", "NA"), ROWS[1], with_field(ROWS[2], "Age", "9" * 20),
-            fraction)
-    (tmp / "bad.csv").write_bytes(csv_text(*rows))
-    return tmp / "bad.csv"
+    return make
 
 
 def _huge_line(tmp: Path) -> Path:
@@ -175,10 +170,12 @@ def _huge_line(tmp: Path) -> Path:
         (_implausible_fare, ["bad.csv", "Fare", "row 3", "1e+308"]),
         (_not_utf8, ["UTF-8", "line 4"]),
         (_huge_line, ["line 3", "bytes long"]),
-        (_integer_beyond_int64, ["Age", "row 3", "at most 150", "1e+20"]),
-        (_id_beyond_exact, ["PassengerId", "row 2", "below 2**53"]),
-        (_id_rounding_to_two_to_the_53, ["PassengerId", "row 3", "below 2**53"]),
-        (_na_beside_an_integer_beyond_int64, ["Age", "row 3", "at most 150", "1e+20"]),
+        (_blank_beside_an_integer_beyond_int64(""), ["Age", "row 3", "at most 150", "1e+20"]),
+        (_passenger_id(1, 2**60), ["PassengerId", "row 2", "below 2**53"]),
+        # 2**53 + 1 reads as 2**53 in float64.
+        (_passenger_id(2, 2**53 + 1), ["PassengerId", "row 3", "below 2**53"]),
+        (_blank_beside_an_integer_beyond_int64("NA"),
+         ["Age", "row 3", "at most 150", "1e+20"]),
     ],
     ids=["missing", "directory", "empty", "header-only", "missing-columns", "text-in-number",
          "unknown-sex", "all-missing-column", "inf", "implausible-fare", "not-utf8",
