@@ -1246,6 +1246,10 @@ def _forward(forward_func: Callable[..., Tensor], points: tuple[Tensor, ...], ar
         ) from error
     if not isinstance(output, Tensor):
         raise ModelError(f"the model must return a Tensor, got {type(output).__name__}")
+    if output.dim() == 0 and points[0].shape[0] == 1:
+        # A model that squeezes its (rows, 1) output gives a scalar for one row: the last
+        # chunk of some chunk sizes, or a one-row job.
+        output = output.reshape(1)
     if output.dim() == 0 or output.shape[0] != points[0].shape[0]:
         raise ModelError(
             f"the model returned shape {tuple(output.shape)} for {points[0].shape[0]} rows: "

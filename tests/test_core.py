@@ -293,6 +293,34 @@ def test_the_delta_of_a_model_that_squeezes_its_output_with_one_baseline():
     assert delta.shape == (1, 5) and float(delta.abs().max()) < 1e-12
 
 
+@pytest.mark.parametrize("hoist", [True, False])
+def test_a_model_that_squeezes_its_output_in_chunks_of_one_point(hoist):
+    # 3 rows x 5 steps in chunks of 7 points leave a last chunk of one point, where a
+    # model returning ``layer(x).squeeze()`` gives a scalar; so does a one-row job.
+    class Squeezed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+
+        def forward(self, x):
+            return self.net(x).squeeze()
+
+    torch.manual_seed(6)
+    model, x = Squeezed().double().eval(), torch.rand(3, 3, dtype=torch.float64)
+    base = torch.zeros(1, 3, dtype=torch.float64)
+    options = dict(n_steps=5, hoist=hoist, return_convergence_delta=True)
+
+    ones, delta = integrated_gradients(model, x, base, internal_batch_size=7, **options)
+    whole, _ = integrated_gradients(model, x, base, internal_batch_size=15, **options)
+    single, single_delta = integrated_gradients(model, x[:1], base, **options)
+
+    torch.testing.assert_close(ones, whole, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(single, whole[:, :1], rtol=1e-12, atol=1e-14)
+    gap = model(x) - model(base)
+    torch.testing.assert_close(delta[0], ones.sum(-1)[0] - gap.detach(), rtol=1e-12, atol=1e-12)
+    assert single_delta.shape == (1, 1)
+
+
 def test_the_shared_output_gap_keeps_every_batch_within_the_chunk():
     import dataclasses
 
