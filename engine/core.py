@@ -51,6 +51,7 @@ from engine.plan import (
     choose_chunk_points,
     default_memory_budget,
     matmul_context,
+    padded_size,
     precision_context,
     run_options,
     saved_bytes,
@@ -274,7 +275,9 @@ def integrated_gradients(
         ``torch.compile`` each chunk of whole paths as one graph: path points, forward,
         input-gradient backward and the weighted step sum (True, or a torch.compile mode
         such as ``"reduce-overhead"`` for CUDA graph replay). Chunks are padded to one
-        shape so it compiles once per model and shape; later calls reuse it.
+        shape so it compiles once per model and shape; later calls reuse it. A job of
+        one chunk is padded to a bucket size (see ``engine.plan.padded_size``), so jobs
+        of other sizes mostly reuse a shape too.
     precision : str
         ``"fp32"``; ``"bf16"`` or ``"fp16"`` run forward and backward under autocast
         (gradients are still summed in float32); ``"tf32"`` allows TensorFloat-32 matmuls
@@ -324,7 +327,7 @@ def integrated_gradients(
     # None: planned where a chunk size is needed (a hoisted run plans its own).
     chunk_points = None
     if internal_batch_size is not None:
-        chunk_points = _chunk_points(internal_batch_size, problem, rule)
+        chunk_points = _chunk_points(internal_batch_size, problem, rule, options=options)
 
     def planned() -> int:
         return chunk_points or _chunk_points(None, problem, rule, forward_func, options)
@@ -379,7 +382,13 @@ def _chunk_points(
         if forward_func is None:
             return total
         return _planned_chunk_points(forward_func, problem, rule, options or RunOptions())
-    return min(_checked_batch_size(internal_batch_size), total)
+    most = _checked_batch_size(internal_batch_size)
+    if options is None or options.compile_mode is None or most < total:
+        return min(most, total)
+    # One compiled chunk: a bucket of whole paths within the given size, so that jobs of
+    # other sizes reuse its shape.
+    n_steps = rule.n_steps
+    return padded_size(total // n_steps, most // n_steps) * n_steps
 
 
 def _checked_batch_size(internal_batch_size: Any) -> int:
@@ -433,7 +442,8 @@ def _planned_chunk_points(
     # Points, their gradients and the weighted copy live next to the activations.
     per_point = max(activation, 0.0) + 3 * point_bytes
     chunk = choose_chunk_points(per_point, budget, total, rule.n_steps, device,
-                                fused=hoisted and options.compile_mode is not None)
+                                fused=hoisted and options.compile_mode is not None,
+                                padded=options.compile_mode is not None)
     log.debug(
         "plan: %.0f bytes per point, budget %d bytes on %s -> %d points per chunk",
         per_point, budget, device, chunk,
@@ -1180,8 +1190,12 @@ def _kinked_block_pairs(
 ) -> int:
     """Pairs per block: ``internal_batch_size`` points, or what fits the budget."""
     n_pairs, n_steps = problem.n_baselines * problem.n_rows, rule.n_steps
+    padded = options.compile_mode is not None
     if options.internal_batch_size is not None:
-        return max(1, min(n_pairs, options.internal_batch_size // n_steps))
+        most = max(1, options.internal_batch_size // n_steps)
+        if padded and most >= n_pairs:
+            return padded_size(n_pairs, most)
+        return min(n_pairs, most)
     x = problem.inputs[0]
     hidden, mixed = x.shape[1], kink.linear.out_features
     device = x.device
@@ -1207,7 +1221,7 @@ def _kinked_block_pairs(
     budget = options.memory_budget or default_memory_budget(device)
     if device.type == "cpu":
         budget = min(budget, FUSED_CPU_CHUNK_BYTES)
-    return balanced_chunk(max(1, int(budget // per_pair)), n_pairs)
+    return balanced_chunk(max(1, int(budget // per_pair)), n_pairs, padded)
 
 
 def _hoisted_block_rows(problem: PathProblem, hidden_base: Tensor, options: RunOptions) -> int:

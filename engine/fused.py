@@ -90,9 +90,10 @@ def compiled_whole_paths(model: Callable[..., Tensor], mode: str) -> Callable[..
     """``whole_path_sums`` compiled with ``mode`` and fixed shapes, one copy per model.
 
     Dynamo keeps its compiled versions on the function's code object and stops compiling
-    new ones (falling back to eager, with a warning) after a few per code object. Every
-    model, chunk shape and precision is another version, so each model gets a copy of the
-    function with a code object of its own.
+    new ones (falling back to eager, with a warning) after a few per code object; the
+    engine's calls raise that limit (``engine.step.RECOMPILE_LIMIT``). Every model, chunk
+    shape and precision is another version, so each model gets a copy of the function
+    with a code object of its own.
     """
     module = module_of(model)
     try:

@@ -33,7 +33,8 @@ from torch import Tensor
 
 from engine.errors import ArgumentError
 
-__all__ = ["PRECISIONS", "RunOptions", "balanced_chunk", "default_memory_budget", "run_options"]
+__all__ = ["PRECISIONS", "RunOptions", "balanced_chunk", "default_memory_budget", "padded_size",
+           "run_options"]
 
 log = logging.getLogger(__name__)
 
@@ -148,41 +149,62 @@ def choose_chunk_points(
     n_steps: int,
     device: torch.device,
     fused: bool = False,
+    padded: bool = False,
 ) -> int:
     """Points per chunk: within the budget, cache-sized on a CPU, whole paths when possible.
 
     ``fused``: the chunks run as compiled whole-path graphs of a hoisted model, which
-    allow larger chunks.
+    allow larger chunks. ``padded``: chunks are padded to the planned size (compiled
+    chunks), so a job of one chunk is planned at a bucket size (see ``balanced_chunk``).
     """
     per_point = max(bytes_per_point, 1.0)
     points = int(budget // (per_point * BACKWARD_FACTOR))
     if device.type == "cpu":
         cap = FUSED_CPU_CHUNK_BYTES if fused else CPU_CHUNK_BYTES
         points = min(points, int(cap // per_point))
-    points = max(1, min(points, total))
+    points = max(1, points)
     if points < n_steps:
-        return balanced_chunk(points, total)
+        return balanced_chunk(points, total, padded)
     # Whole paths fold over the step axis without a scatter.
-    return balanced_chunk(points // n_steps, -(-total // n_steps)) * n_steps
+    return balanced_chunk(points // n_steps, -(-total // n_steps), padded) * n_steps
 
 
-def balanced_chunk(most: int, total: int) -> int:
+def balanced_chunk(most: int, total: int, padded: bool = False) -> int:
     """Units per chunk for ``total`` units in chunks of at most ``most``: as few chunks, as
     even as an eighth of ``most`` allows.
 
     Compiled chunks are padded to one shape: 716 pairs in chunks of up to 524 would
     compute 1,048 (46% padding), in chunks of 393 they compute 786. An even share is
     always more than half of ``most``, so rounding it up to an eighth of ``most`` leaves
-    at most five chunk shapes for one model to compile among jobs of several chunks. A job
-    that fits one chunk runs at its own size, unpadded, as before: a model compiled for
-    many such sizes hits Dynamo's limit of eight shapes and runs eagerly from then on.
+    at most five chunk shapes for one model to compile among jobs of several chunks.
+
+    A job that fits one chunk runs at its own size, unless ``padded`` (the chunk is
+    compiled): then it is padded to a bucket, so that jobs of any size compile few
+    shapes (see ``padded_size``).
     """
     if most >= total:
-        return total
+        return padded_size(total, most) if padded else total
     chunks = -(-total // most)
     eighth = -(-most // 8)
     even = -(-total // chunks)
     return min(most, -(-even // eighth) * eighth)
+
+
+def padded_size(total: int, most: int) -> int:
+    """The compiled size of a job of ``total`` units that fits one chunk of ``most``.
+
+    From half of ``most`` up: the eighths of ``most`` that jobs of several chunks use.
+    Below: the next power of two or one and a half times a power of two. Jobs of every
+    size then share at most five shapes plus two per doubling of the size, each at most
+    a third or a half more than the job, instead of compiling a shape per size (and
+    Dynamo stops compiling after a few shapes and runs the rest eagerly).
+    """
+    if 2 * total >= most:
+        eighth = -(-most // 8)
+        return min(most, -(-total // eighth) * eighth)
+    power = 1 << max(total - 1, 0).bit_length()
+    between = 3 * power // 4
+    return min(most, between if between >= total else power)
 
 
 @contextlib.contextmanager

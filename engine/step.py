@@ -233,6 +233,34 @@ def forget(forward_func: object, key: object) -> None:
             del table[full_key]
 
 
+# Shapes one compiled function may take before Dynamo gives up and runs it eagerly (its
+# own default is eight): the planner's chunk shapes (five, plus a power of two per size
+# class of one-chunk jobs, see engine.plan.padded_size) for a few dtypes and precisions.
+RECOMPILE_LIMIT = 64
+
+
+def _with_room(compiled: Callable[..., object]) -> Callable[..., object]:
+    """``compiled``, called with Dynamo's recompile limit raised to RECOMPILE_LIMIT.
+
+    Dynamo reads the limit when a call needs a new shape, so raising it for the call
+    alone leaves the caller's own compiled functions under their usual limit.
+    """
+    from torch._dynamo import config
+
+    @functools.wraps(compiled)
+    def call(*args: object, **kwargs: object) -> object:
+        limit = config.recompile_limit
+        if limit >= RECOMPILE_LIMIT:
+            return compiled(*args, **kwargs)
+        config.recompile_limit = RECOMPILE_LIMIT
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            config.recompile_limit = limit
+
+    return call
+
+
 def compiled_model(forward_func: Callable[..., Tensor], mode: str) -> Callable[..., Tensor]:
     """``torch.compile(forward_func, mode=mode)`` with fixed shapes, cached per module."""
     module = forward_func if isinstance(forward_func, nn.Module) else None
@@ -240,7 +268,9 @@ def compiled_model(forward_func: Callable[..., Tensor], mode: str) -> Callable[.
     key = (mode, layout(module)) if module is not None else mode
     if module is not None and key in _COMPILED.get(module, {}):
         return _COMPILED[module][key]
-    compiled = torch.compile(forward_func, options=compile_options(mode), dynamic=False)
+    compiled = _with_room(
+        torch.compile(forward_func, options=compile_options(mode), dynamic=False)
+    )
     if module is not None:
         _COMPILED.setdefault(module, {})[key] = compiled
     log.debug("compiling %s with mode %s", type(forward_func).__name__, mode)
@@ -259,7 +289,9 @@ def compiled_copy(function: Callable[..., object], cache: dict[object, Callable[
         copy = types.FunctionType(function.__code__.replace(), function.__globals__,
                                   function.__name__, function.__defaults__,
                                   function.__closure__)
-        cache[mode, key] = torch.compile(copy, options=compile_options(mode), dynamic=False)
+        cache[mode, key] = _with_room(
+            torch.compile(copy, options=compile_options(mode), dynamic=False)
+        )
     return cache[mode, key]
 
 

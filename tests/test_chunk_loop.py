@@ -923,6 +923,60 @@ def test_balanced_chunks_pad_little_and_take_few_shapes(most):
     assert len(sizes) <= 5
 
 
+@pytest.mark.parametrize("most", [1, 7, 50, 289, 524, 4900])
+def test_one_chunk_jobs_compile_few_shapes_padded_little(most):
+    from engine.plan import balanced_chunk, padded_size
+
+    sizes = {balanced_chunk(most, total, padded=True) for total in range(1, 12 * most + 2)}
+    for total in range(1, most + 1):
+        size = padded_size(total, most)
+        assert total <= size <= most and size <= 1.5 * total, (most, total, size)
+    # Five shapes of the jobs of several chunks and two per doubling below.
+    assert len(sizes) <= 5 + 2 * most.bit_length()
+    # Unpadded (eager) jobs still run at their own size.
+    assert balanced_chunk(most, most - (most > 1)) == most - (most > 1)
+
+
+def test_the_recompile_limit_is_raised_for_the_engines_calls_only():
+    from torch._dynamo.utils import counters
+
+    from engine.step import RECOMPILE_LIMIT, _with_room
+
+    def double(x):
+        return x * 2
+
+    torch._dynamo.reset()
+    counters.clear()
+    roomy = _with_room(torch.compile(double, backend="eager", dynamic=False))
+    for size in range(1, 13):
+        assert torch.equal(roomy(torch.ones(size)), torch.full((size,), 2.0))
+    # Dynamo's own limit is eight shapes; beyond it a function runs eagerly, uncompiled.
+    assert counters["stats"]["unique_graphs"] == 12
+    assert torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT
+
+
+def test_compiled_jobs_of_many_row_counts_share_one_shape(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    from engine import fused
+
+    monkeypatch.setattr(fused, "_COMPILED", weakref.WeakKeyDictionary())
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)).double().eval()
+    x, base = torch.rand(42, 4, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)
+
+    # Ten row counts, 33 to 42 paths: each one chunk, all padded to 48 paths.
+    for rows in range(33, 43):
+        compiled = integrated_gradients(net, x[:rows], base, n_steps=4, compile=True,
+                                        hoist=False)
+        eager = integrated_gradients(net, x[:rows], base, n_steps=4, hoist=False)
+        torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-12)
+
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_the_titanic_job_compiles_two_chunks_of_even_size():
     from engine.plan import choose_chunk_points
 
