@@ -247,7 +247,6 @@ def _with_room(compiled: Callable[..., object]) -> Callable[..., object]:
     """
     from torch._dynamo import config
 
-    @functools.wraps(compiled)
     def call(*args: object, **kwargs: object) -> object:
         limit = config.recompile_limit
         if limit >= RECOMPILE_LIMIT:
