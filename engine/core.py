@@ -1686,7 +1686,19 @@ def _as_input_tuple(inputs: TensorOrTuple) -> tuple[Tensor, ...]:
 def _refuse_unreadable(tensor: Tensor, name: str) -> None:
     """Refuse tensors whose values the engine cannot read as one dense array: sparse and
     other non-strided layouts, nested and quantized tensors, 8-bit floats (torch has no
-    isfinite for them) and meta tensors (no values)."""
+    isfinite for them), meta tensors (no values), tensor subclasses that dispatch every
+    operation themselves (MaskedTensor, DTensor, FakeTensor) and the wrapped tensors of
+    ``torch.func`` transforms."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        raise ArgumentError(
+            f"{name} is a tensor inside a torch.func transform (vmap, grad, ...): the engine "
+            "computes its own gradients, so call it outside the transform"
+        )
+    if type(tensor).__torch_dispatch__ is not Tensor.__torch_dispatch__:
+        raise ArgumentError(
+            f"{name} is a {type(tensor).__name__}, a tensor subclass with its own operations: "
+            "expected a plain tensor (for example its dense values)"
+        )
     if tensor.is_nested:
         raise ArgumentError(f"{name} is a nested tensor: expected a dense one (pad it with "
                             ".to_padded_tensor(0))")

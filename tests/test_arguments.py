@@ -670,6 +670,54 @@ def test_tensors_without_dense_values_are_refused_by_name(layout):
         integrated_gradients(nn.Linear(4, 1), x, base)
 
 
+@pytest.mark.parametrize("kind", ["masked input", "fake baseline", "vmap", "grad"])
+def test_tensor_subclasses_and_transforms_are_refused_by_name(kind):
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    net, x, base = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)), \
+        torch.rand(3, 4), torch.zeros(1, 4)
+
+    with pytest.raises(ArgumentError) as caught, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MaskedTensor's prototype warning
+        if kind == "masked input":
+            from torch.masked import masked_tensor
+
+            integrated_gradients(net, masked_tensor(x, torch.ones_like(x, dtype=torch.bool)),
+                                 base)
+        elif kind == "fake baseline":
+            with FakeTensorMode() as mode:
+                fake = mode.from_tensor(base)
+            integrated_gradients(net, x, fake)
+        elif kind == "vmap":
+            torch.func.vmap(lambda row: integrated_gradients(net, row.unsqueeze(0), base))(x)
+        else:
+            torch.func.grad(lambda rows: integrated_gradients(net, rows, base).sum())(x)
+
+    expected = {
+        "masked input": "inputs is a MaskedTensor, a tensor subclass with its own operations",
+        "fake baseline": "baselines is a FakeTensor, a tensor subclass with its own operations",
+        "vmap": "inputs is a tensor inside a torch.func transform",
+        "grad": "inputs is a tensor inside a torch.func transform",
+    }[kind]
+    assert str(caught.value).startswith(expected)
+
+
+def test_a_plain_tensor_subclass_and_a_parameter_are_inputs_like_any_other():
+    class Tagged(torch.Tensor):
+        pass
+
+    torch.manual_seed(0)
+    net, x = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)), torch.rand(3, 4)
+    reference = integrated_gradients(net, x, torch.zeros(1, 4), n_steps=8)
+
+    for inputs in (x.as_subclass(Tagged), nn.Parameter(x.clone())):
+        got = integrated_gradients(net, inputs, torch.zeros(1, 4), n_steps=8)
+        torch.testing.assert_close(got.as_subclass(torch.Tensor), reference, rtol=0, atol=0)
+
+
 def test_numpy_integers_are_accepted_as_sizes():
     import numpy as np
 
