@@ -96,6 +96,13 @@ def load(path: Path) -> tuple[list[dict], dict]:
 # Fields every entry needs, and those that must be numbers above zero.
 _TEXT_FIELDS = ("contender", "device", "size", "machine")
 _POSITIVE_FIELDS = ("seconds", "median_seconds", "points", "rows", "matmul_peak_gflops")
+# Largest value each number may take; times are also at least a nanosecond. Within these
+# every rate and ratio the report prints is a finite float (1e300 s against 1e-300 s
+# printed an infinite speed-up).
+_LONGEST_SECONDS = 1e7
+_SHORTEST_SECONDS = 1e-9
+_LARGEST = {"points": 1e18, "rows": 1e18, "matmul_peak_gflops": 1e12, "flops": 1e30,
+            "peak_rss_bytes": 1e18, "rel_error_vs_fp32": 1e6}
 
 
 def _check_row(row: dict, index: int) -> None:
@@ -115,6 +122,17 @@ def _check_row(row: dict, index: int) -> None:
     for field in ("rel_error_vs_fp32", "first_call_seconds"):
         if field in row and not (_number(row[field]) and row[field] >= 0):
             raise BadBenchmark(f"{name}: {field} must be a number >= 0, got {row[field]!r}")
+    for field in ("seconds", "median_seconds"):
+        if not _SHORTEST_SECONDS <= row[field] <= _LONGEST_SECONDS:
+            raise BadBenchmark(f"{name}: {field} must be between {_SHORTEST_SECONDS:g} and "
+                               f"{_LONGEST_SECONDS:g}, got {row[field]!r}")
+    if row.get("first_call_seconds", 0) > _LONGEST_SECONDS:
+        raise BadBenchmark(f"{name}: first_call_seconds must be at most {_LONGEST_SECONDS:g}, "
+                           f"got {row['first_call_seconds']!r}")
+    for field, largest in _LARGEST.items():
+        if field in row and row[field] > largest:
+            raise BadBenchmark(f"{name}: {field} must be at most {largest:g}, "
+                               f"got {row[field]!r}")
 
 
 def _number(value: object) -> bool:
