@@ -234,8 +234,8 @@ def forget(forward_func: object, key: object) -> None:
 
 
 # Shapes one compiled function may take before Dynamo gives up and runs it eagerly (its
-# own default is eight): the planner's chunk shapes (five, plus a power of two per size
-# class of one-chunk jobs, see engine.plan.padded_size) for a few dtypes and precisions.
+# own default is eight): the planner's chunk shapes (five, plus two per doubling of the
+# size of one-chunk jobs, see engine.plan.padded_size) for a few dtypes and precisions.
 RECOMPILE_LIMIT = 64
 
 
