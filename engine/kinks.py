@@ -256,6 +256,26 @@ def _switches(start: Tensor, direction: Tensor, falling: Tensor, nodes: Nodes) -
     return below + (against <= inside)
 
 
+def running_sum(values: Tensor, dim: int) -> Tensor:
+    """``values.cumsum(dim)``, also where torch is asked for deterministic algorithms.
+
+    Under ``torch.use_deterministic_algorithms(True)`` (Lightning's ``deterministic=True``
+    turns it on for the whole fit) torch refuses a floating-point cumsum on CUDA. There
+    the sum is a product with a triangular matrix of ones instead: the same terms, added
+    in an order fixed by the matrix product, at K x K work per sum of K nodes.
+    """
+    if not (values.is_cuda and torch.are_deterministic_algorithms_enabled()):
+        return values.cumsum(dim)
+    return triangular_sum(values, dim)
+
+
+def triangular_sum(values: Tensor, dim: int) -> Tensor:
+    """The running sum of ``values`` along ``dim`` as a product with a triangular matrix."""
+    count = values.shape[dim]
+    upper = torch.ones((count, count), dtype=values.dtype, device=values.device).triu()
+    return (values.movedim(dim, -1) @ upper).movedim(-1, dim)
+
+
 def integrate_kinked(
     kink: KinkSplit,
     hidden_x: Tensor,
@@ -331,7 +351,7 @@ def integrate_kinked(
                                                                  parts.unsqueeze(-1) * step.t())
     if kink.linear.bias is not None:
         first[0] += kink.linear.bias.detach().to(work)
-    running = levels.cumsum(3)
+    running = running_sum(levels, 3)
     on = running[:, :, 0, :n_nodes] + running[:, :, 1, :n_nodes].flip(2)
     levels = first.unsqueeze(2) + on  # (2, P, K, H2)
     mixed = torch.addcmul(levels[0], nodes.alphas.view(1, -1, 1), levels[1])
@@ -343,7 +363,7 @@ def integrate_kinked(
     grad, selected = tail_gradient(mixed.reshape(n_pairs * n_nodes, n_mixed).to(dtype))
     weighted = grad.view(n_pairs, n_nodes, n_mixed).to(work) * nodes.weights.view(1, -1, 1)
     # running[:, k]: the weighted gradients of the nodes before node k.
-    running = nn.functional.pad(weighted.cumsum(1), (0, 0, 1, 0))
+    running = nn.functional.pad(running_sum(weighted, 1), (0, 0, 1, 0))
     total = running[:, -1:]  # (P, 1, H2)
     before = running.gather(1, switch.unsqueeze(-1).expand(-1, -1, n_mixed))  # (P, H1, H2)
     # A rising unit has the low slope before its switch node, a falling one slope 1.

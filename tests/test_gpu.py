@@ -64,10 +64,32 @@ def test_compiled_and_graph_replay_on_cuda_equal_cpu_float64(mode):
     assert relative_error(actual, expected) <= TOLERANCE["fp32"]
 
 
+def test_deterministic_algorithms_on_cuda_give_the_same_attributions():
+    # Lightning's deterministic=True turns this on for a whole fit, callbacks included;
+    # torch then refuses a floating-point cumsum on CUDA, which the closed form needs.
+    net, x, baselines = job("article")
+    cuda_net = TitanicMLP("article").cuda().eval()
+    cuda_net.load_state_dict({k: v.float() for k, v in net.state_dict().items()})
+    args = (cuda_net, x.float().cuda(), baselines.float().cuda())
+    free = integrated_gradients(*args, n_steps=50)
+
+    torch.use_deterministic_algorithms(True)
+    try:
+        fixed = integrated_gradients(*args, n_steps=50)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+    assert relative_error(fixed, free) <= 1e-6
+
+
 def test_cuda_chunks_follow_a_small_budget():
     net, x, baselines = job("conventional", rows=2000)
     cuda_net = TitanicMLP("conventional").cuda().eval()
     cuda_net.load_state_dict({k: v.float() for k, v in net.state_dict().items()})
+    # A first call allocates cuBLAS's workspaces, which are not the chunks' memory.
+    integrated_gradients(cuda_net, x[:8].float().cuda(), baselines.float().cuda(), n_steps=50,
+                         hoist=False)
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
 

@@ -213,6 +213,30 @@ def test_float32_equals_the_per_point_path_to_rounding():
     assert relative_error(kinked, plain) <= 2e-6
 
 
+@pytest.mark.parametrize("dim", [0, 1, 3])
+def test_the_triangular_running_sum_equals_cumsum(dim):
+    from engine.kinks import triangular_sum
+
+    torch.manual_seed(3)
+    values = torch.randn(3, 7, 2, 51, dtype=torch.float64)
+
+    torch.testing.assert_close(triangular_sum(values, dim), values.cumsum(dim),
+                               rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("order", ["article", "conventional"])
+def test_the_closed_form_with_triangular_running_sums_equals_cumsum(order, monkeypatch):
+    # On CUDA under deterministic algorithms the running sums are triangular products.
+    monkeypatch.setattr(engine.kink_loops, "ENABLED", False)
+    net, x, baselines = titanic_job(order)
+    expected = integrated_gradients(net, x, baselines, n_steps=20)
+
+    monkeypatch.setattr(engine.kinks, "running_sum", engine.kinks.triangular_sum)
+    actual = integrated_gradients(net, x, baselines, n_steps=20)
+
+    assert relative_error(actual, expected) <= 1e-13
+
+
 @either_way
 def test_blocks_of_pairs_equal_one_block(kink_calls):
     net, x, baselines = titanic_job()
