@@ -788,8 +788,7 @@ def _integrate_fused(
                         options.autocast_dtype,
                     )
             except torch.OutOfMemoryError:
-                pairs_per_chunk = _halved(pairs_per_chunk * n_steps, n_steps, device) // n_steps
-                pairs_per_chunk = max(1, pairs_per_chunk)
+                pairs_per_chunk = _halved_pairs(pairs_per_chunk, n_steps, device)
                 continue
             except (ArgumentError, ModelError):
                 raise
@@ -835,6 +834,15 @@ def _halved(chunk_points: int, n_steps: int, device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return smaller
+
+
+def _halved_pairs(pairs: int, n_steps: int, device: torch.device) -> int:
+    """Half as many whole paths per chunk, at least one; none to halve is a ModelError."""
+    if pairs <= 1:
+        raise ModelError(
+            f"out of memory on {device} with a single path ({n_steps} points) per chunk"
+        )
+    return max(1, _halved(pairs * n_steps, n_steps, device) // n_steps)
 
 
 def _integrate_chunk(
@@ -1133,7 +1141,7 @@ def _integrate_kinked(
                 )
                 finite = None
         except torch.OutOfMemoryError:
-            per_block = max(1, _halved(per_block * n_steps, n_steps, device) // n_steps)
+            per_block = _halved_pairs(per_block, n_steps, device)
             step_fn = None if fused else chunk_step(kink.tail, problem, step_options,
                                                     per_block * n_steps)
             continue

@@ -9,7 +9,7 @@ from torch import nn
 
 from engine import integrated_gradients
 from engine.core import PathProblem, _chunk_points, make_problem
-from engine.errors import ArgumentError
+from engine.errors import ArgumentError, ModelError
 from engine.hoist import fast_model, split_affine_prefix
 from engine.model import TitanicMLP
 from engine.plan import BACKWARD_FACTOR, run_options
@@ -500,6 +500,35 @@ def test_out_of_memory_halves_the_chunk_and_retries(caplog):
     assert "out of memory" in caplog.text and "200 -> 100" in caplog.text
 
 
+@pytest.mark.parametrize("where", ["closed form", "compiled whole paths"])
+def test_out_of_memory_at_one_path_per_chunk_is_a_model_error(where, monkeypatch, caplog):
+    from engine import core
+
+    calls = []
+
+    def out_of_memory(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 50:  # a loop that never gives up
+            raise AssertionError("still retrying after 50 out-of-memory errors")
+        raise torch.OutOfMemoryError("nothing fits")
+
+    if where == "closed form":
+        monkeypatch.setattr(core, "integrate_kinked", out_of_memory)
+        net, x, baselines = titanic_job(rows=20)
+        options = {}
+    else:
+        monkeypatch.setattr(core, "compiled_whole_paths", lambda model, mode: out_of_memory)
+        net, x, baselines = titanic_job("conventional", rows=20)
+        options = {"compile": True, "hoist": False}
+
+    with caplog.at_level(logging.WARNING, logger="engine.core"), \
+            pytest.raises(ModelError, match=r"out of memory on cpu with a single path \(10 "
+                                            r"points\) per chunk"):
+        integrated_gradients(net, x, baselines, n_steps=10, **options)
+
+    assert len(calls) > 1 and "out of memory on cpu" in caplog.text
+
+
 # ---------------------------------------------------------------------------
 # Precision and compilation
 
@@ -600,8 +629,6 @@ def test_compiled_whole_paths_fall_back_when_they_do_not_compile(monkeypatch, ca
 
 
 def test_compiled_whole_paths_refuse_bad_targets_and_non_finite_outputs():
-    from engine.errors import ModelError
-
     net = nn.Sequential(nn.Linear(3, 2)).double().eval()
     x = torch.randn(4, 3, dtype=torch.float64)
 
