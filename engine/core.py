@@ -930,9 +930,12 @@ def chunk_step(
             if not selected.requires_grad:
                 raise ModelError(_NO_GRADIENT)
             # An input the outputs do not depend on has zero attributions (as compiled
-            # chunks, whose torch.func.grad gives zeros, have too).
-            grads = torch.autograd.grad(selected.sum(), points, allow_unused=True,
-                                        materialize_grads=True)
+            # chunks, whose torch.func.grad gives zeros, have too). The backward's
+            # matmuls take the forward's TensorFloat-32 setting; autocast has already
+            # chosen their dtypes.
+            with matmul_context(options, device):
+                grads = torch.autograd.grad(selected.sum(), points, allow_unused=True,
+                                            materialize_grads=True)
         return tuple(g[:count] for g in grads), selected[:count].detach()
 
     return step

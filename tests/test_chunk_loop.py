@@ -555,6 +555,50 @@ def test_tf32_on_a_cpu_is_plain_fp32():
     assert torch.equal(tf32, fp32)
 
 
+def test_eager_chunks_run_the_backward_under_the_matmul_setting_too(monkeypatch):
+    # precision="tf32" allows TensorFloat-32 matmuls on CUDA for the forward and the
+    # backward alike; the backward used to run after the setting was restored.
+    import contextlib
+
+    from engine import core, plan
+
+    inside = []
+    seen_in_backward = []
+
+    @contextlib.contextmanager
+    def spy(options, device):
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    class Seen(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen_in_backward.append(bool(inside))
+            return grad
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+
+        def forward(self, x):
+            return self.net(Seen.apply(x))
+
+    monkeypatch.setattr(plan, "matmul_context", spy)
+    monkeypatch.setattr(core, "matmul_context", spy)
+    integrated_gradients(Model().eval(), torch.rand(4, 3), n_steps=5, precision="tf32",
+                         hoist=False)
+
+    assert seen_in_backward and all(seen_in_backward)
+
+
 def test_compiled_equals_eager_on_cpu():
     net, x, baselines = titanic_job("conventional", dtype=torch.float32, rows=30)
     eager = integrated_gradients(net, x, baselines, n_steps=16, internal_batch_size=256)
