@@ -1123,8 +1123,10 @@ def _integrate_kinked(
         rows = pairs % problem.n_rows
         # Each point's row: for per-row targets and to name rows with non-finite outputs.
         point_rows = None if fused is not None else rows.repeat_interleave(n_steps)
-        if count == n_pairs:
-            # Every pair at once: rows against baselines by broadcasting, no gathers.
+        if count == n_pairs and fused is None:
+            # Every pair at once: rows against baselines by broadcasting, no gathers. A
+            # compiled block gathers its pairs, padded like any other block, so that
+            # jobs of other sizes share its shape.
             hidden_x, hidden_base = x, base
         else:
             hidden_x, hidden_base = x[rows], base.flatten(0, 1)[problem.baseline_index(pairs)]
@@ -1168,7 +1170,7 @@ def _integrate_kinked(
                 point_rows = rows.repeat_interleave(n_steps)
             _refuse_non_finite(selected[: count * n_steps], point_rows[: count * n_steps])
         bar.update(count * n_steps)
-        if count == n_pairs and block.dtype == sums.dtype:
+        if count == n_pairs and block.shape[0] == n_pairs and block.dtype == sums.dtype:
             # One block holds every pair: no copy.
             return block.view(problem.n_baselines, problem.n_rows, -1)
         sums[first : first + count] = block[:count]

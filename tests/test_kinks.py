@@ -287,11 +287,29 @@ def test_compiled_graph_of_the_tensor_version_equals_eager(kink_calls, monkeypat
                                        internal_batch_size=20 * 30)
 
     assert len(kink_calls) == 1  # the eager run
-    # One block for the first compiled run; 30, 30, 30 and 2 padded to 30 pairs after.
-    assert [shape[0] for shape in compiled_blocks] == [23, 30, 30, 30, 30]
+    # One block of 92 pairs padded to 96 for the first compiled run; then 30, 30, 30 and
+    # 2 padded to 30 pairs.
+    assert [shape[0] for shape in compiled_blocks] == [96, 30, 30, 30, 30]
     assert "running it eagerly" not in caplog.text
     assert relative_error(compiled, eager) <= 1e-6
     assert relative_error(blocked, eager) <= 1e-6
+
+
+def test_compiled_tensor_version_with_per_row_targets_stays_compiled(monkeypatch, caplog):
+    monkeypatch.setattr(engine.kink_loops, "ENABLED", False)
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(5, 16), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    net = net.eval()
+    x, baselines = torch.rand(23, 5), torch.rand(4, 5)
+    targets = torch.arange(23) % 3
+    eager = integrated_gradients(net, x, baselines, target=targets, n_steps=20)
+
+    with caplog.at_level(logging.INFO, logger="engine.core"):
+        compiled = integrated_gradients(net, x, baselines, target=targets, n_steps=20,
+                                        compile=True)
+
+    assert "running it eagerly" not in caplog.text
+    assert relative_error(compiled, eager) <= 1e-6
 
 
 @pytest.fixture
