@@ -92,6 +92,8 @@ def test_engine(benchmark, device, size, variant):
 
     error = relative_error(result, reference)
     benchmark.extra_info["rel_error_vs_fp32"] = error
-    # A sanity bound: the report judges bf16 against its 1e-2 target; float32 variants
-    # differ from the plain path by summation order only.
-    assert error <= (3e-2 if options.get("precision") in ("bf16", "fp16") else 1e-5)
+    # A sanity bound: the report judges bf16 against its 1e-2 target; TensorFloat-32
+    # matmuls keep 10 bits (about 1e-3); float32 variants differ from the plain path by
+    # summation order only.
+    bound = {"bf16": 3e-2, "fp16": 3e-2, "tf32": 5e-3}.get(options.get("precision"), 1e-5)
+    assert error <= bound

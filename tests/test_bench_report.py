@@ -162,3 +162,19 @@ def test_a_document_of_the_wrong_shape_is_one_line(bench_report, tmp_path, capsy
     assert bench_report.main([str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and named in err
+
+
+def test_each_device_gets_its_own_targets(bench_report, tmp_path, capsys):
+    entries = [entry("article-loop", 2.0), entry("engine-fp32", 0.01)]
+    for item in (entry("article-loop", 1.0), entry("engine-fp32", 0.0005)):
+        item["extra_info"]["device"] = "cuda"
+        entries.append(item)
+    path = write_json(tmp_path / "bench.json", entries)
+
+    assert bench_report.main([str(path), "--out", str(tmp_path / "report")]) == 0
+
+    text = capsys.readouterr().out
+    cpu, cuda = text.split("Targets (CPU):")[1].split("Targets (cuda; the thresholds were set")
+    loop_target = "Titanic job >= 150x the article loop (default engine: hoisted, eager fp32)"
+    assert target_lines(cpu)[loop_target] == "200.0x | yes"
+    assert target_lines(cuda)[loop_target] == "2000.0x | yes"
