@@ -230,7 +230,7 @@ def _run_all(config: JobConfig) -> dict[str, object]:
     from engine.data import load_titanic, locate_titanic_csv, prepare_titanic
     from engine.model import predict_proba, save_weights, train_titanic
     from engine.report import TitanicReport, explain_flipped, render_report
-    from engine.validate import compare_with_captum
+    from engine.validate import compare_with_captum, synchronize
 
     outputs = OutputDir(config.out)
     with outputs:
@@ -279,6 +279,7 @@ def _run_all(config: JobConfig) -> dict[str, object]:
         started = time.perf_counter()
         integrated_gradients(net, inputs, baselines, n_steps=config.n_steps,
                              method=config.method, compile=config.compile)
+        synchronize(inputs.device)
         if config.compile:
             _say(f"compiled the engine's chunks in {time.perf_counter() - started:.1f} s")
         started = time.perf_counter()
@@ -286,6 +287,7 @@ def _run_all(config: JobConfig) -> dict[str, object]:
             net, inputs, baselines, n_steps=config.n_steps, method=config.method,
             return_convergence_delta=True, compile=config.compile,
         )
+        synchronize(inputs.device)  # CUDA runs asynchronously: time the work, not the launch
         engine_seconds = time.perf_counter() - started
 
         _say("validating against Captum's IntegratedGradients")

@@ -121,10 +121,16 @@ def run_options(
 
 
 def default_memory_budget(device: torch.device) -> int:
-    """Bytes the chunk loop may use: half the free memory on CUDA, 1 GiB on a CPU."""
+    """Bytes the chunk loop may use: half the free memory on CUDA, 1 GiB on a CPU.
+
+    On CUDA, free memory counts what torch's caching allocator holds without using it:
+    the driver reports it as taken, so a budget from the driver alone would shrink after
+    every large call.
+    """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * CUDA_FREE_FRACTION)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int((free + max(cached, 0)) * CUDA_FREE_FRACTION)
     return CPU_BUDGET_BYTES
 
 

@@ -12,7 +12,8 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import Tensor, nn
 
-__all__ = ["ValidationReport", "captum_attributions", "compare_with_captum", "relative_error"]
+__all__ = ["ValidationReport", "captum_attributions", "compare_with_captum", "relative_error",
+           "synchronize"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,12 @@ def captum_attributions(
     )
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a CUDA device; nothing on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def compare_with_captum(
     forward_func: Callable[..., Tensor],
     inputs: Tensor,
@@ -98,10 +105,12 @@ def compare_with_captum(
     Above ``tolerance``, and for a float32 (or half) ``nn.Module``, both results are also
     compared with Captum on a float64 copy of the model.
     """
+    synchronize(inputs.device)
     started = time.perf_counter()
     reference = captum_attributions(
         forward_func, inputs, baselines, target=target, n_steps=n_steps, method=method
     )
+    synchronize(inputs.device)  # CUDA runs asynchronously: time the work, not the launch
     captum_seconds = time.perf_counter() - started
 
     max_rel_error = relative_error(engine_attributions, reference)

@@ -977,6 +977,18 @@ def test_in_place_write_the_trace_cannot_see_runs_unhoisted(caplog):
     assert "without hoisting" in caplog.text
 
 
+def test_the_cuda_budget_counts_memory_the_allocator_holds_unused(monkeypatch):
+    from engine.plan import CPU_BUDGET_BYTES, default_memory_budget
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (6 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 10 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 8 << 30)
+
+    # Half of the 6 GiB the driver calls free and the 2 GiB cached but unused.
+    assert default_memory_budget(torch.device("cuda", 0)) == 4 << 30
+    assert default_memory_budget(torch.device("cpu")) == CPU_BUDGET_BYTES
+
+
 @pytest.mark.parametrize("most", [1, 7, 50, 289, 524])
 def test_balanced_chunks_pad_little_and_take_few_shapes(most):
     from engine.plan import balanced_chunk
