@@ -234,9 +234,18 @@ def matmul_context(options: RunOptions, device: torch.device) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _tf32_matmuls() -> Iterator[None]:
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    """TensorFloat-32 for cuBLAS and cuDNN inside the block, the caller's setting after.
+
+    Through ``fp32_precision``: once a caller has set that (torch's newer switch),
+    reading the older ``allow_tf32`` raises, while ``fp32_precision`` reads and restores
+    cleanly whichever switch the caller used.
+    """
+    switches = [torch.backends.cuda.matmul, torch.backends.cudnn]
+    saved = [switch.fp32_precision for switch in switches]
+    for switch in switches:
+        switch.fp32_precision = "tf32"
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+        for switch, value in zip(switches, saved):
+            switch.fp32_precision = value

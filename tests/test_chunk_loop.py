@@ -555,6 +555,29 @@ def test_tf32_on_a_cpu_is_plain_fp32():
     assert torch.equal(tf32, fp32)
 
 
+@pytest.mark.parametrize("caller", ["untouched", "legacy switch", "new switch"])
+def test_the_tf32_switch_is_restored_whichever_api_the_caller_used(caller):
+    from engine.plan import _tf32_matmuls
+
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.fp32_precision, cudnn.fp32_precision)
+    try:
+        if caller == "legacy switch":
+            matmul.allow_tf32 = False
+        elif caller == "new switch":
+            matmul.fp32_precision = "ieee"  # reading allow_tf32 would now raise
+        before = (matmul.fp32_precision, cudnn.fp32_precision)
+
+        with _tf32_matmuls():
+            assert matmul.fp32_precision == cudnn.fp32_precision == "tf32"
+
+        assert (matmul.fp32_precision, cudnn.fp32_precision) == before
+        if caller == "legacy switch":
+            assert matmul.allow_tf32 is False
+    finally:
+        matmul.fp32_precision, cudnn.fp32_precision = saved
+
+
 def test_eager_chunks_run_the_backward_under_the_matmul_setting_too(monkeypatch):
     # precision="tf32" allows TensorFloat-32 matmuls on CUDA for the forward and the
     # backward alike; the backward used to run after the setting was restored.
