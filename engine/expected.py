@@ -5,9 +5,10 @@ For input x, background rows b and a model F with target t,
     EG(x) = E_{b, a ~ U(0, 1)} [ (x - b) * dF_t/dx (b + a (x - b)) ]
 
 estimated with ``n_samples`` draws of (b, a) per row: one path point per draw, so the
-whole estimate is one batched forward/backward over N * n_samples points (cut into chunks
-only when ``internal_batch_size`` says so). Draws come from a seeded generator on the CPU,
-so a seed gives the same baselines and alphas on every device.
+whole estimate is one batched forward/backward over N * n_samples points, cut into
+chunks of whole rows that fit the memory budget (or of ``internal_batch_size`` points).
+Draws come from a seeded generator on the CPU, so a seed gives the same baselines and
+alphas on every device.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from engine.core import (
     TargetArg,
     TensorOrTuple,
     _forward,
+    _halved,
+    _planned_chunk_points,
     _refuse_non_finite,
     _refuse_non_finite_gradients,
     _refuse_unreadable,
@@ -33,6 +36,8 @@ from engine.core import (
     weights_blamed,
 )
 from engine.errors import ArgumentError
+from engine.plan import run_options
+from engine.quadrature import quadrature_rule
 from engine.step import keeps_batch_statistics, owns_precision
 
 __all__ = ["expected_gradients"]
@@ -52,6 +57,7 @@ def expected_gradients(
     additional_forward_args: Any = None,
     seed: int = 0,
     internal_batch_size: int | None = None,
+    memory_budget: int | None = None,
     return_convergence_delta: bool = False,
     allow_coupled_rows: bool = False,
 ) -> TensorOrTuple | tuple[TensorOrTuple, Tensor]:
@@ -72,7 +78,12 @@ def expected_gradients(
     seed : int
         Seeds the draws.
     internal_batch_size : int, optional
-        Path points per forward/backward; None: all N * n_samples at once.
+        Path points per forward/backward; None: whole rows' draws per chunk, as many as
+        ``memory_budget`` allows.
+    memory_budget : int, optional
+        Bytes the chunks may use for activations when ``internal_batch_size`` is None, as
+        in ``integrated_gradients`` (default half the free memory on CUDA, 1 GiB on a
+        CPU). On CUDA an out-of-memory error halves the chunk and retries.
     return_convergence_delta : bool
         Also return sum(attributions) - (F(x) - mean over draws of F(b)) per row: it
         shrinks as n_samples grows, like 1 / sqrt(n_samples).
@@ -106,7 +117,13 @@ def expected_gradients(
     generator = torch.Generator().manual_seed(seed)
     drawn = torch.randint(background[0].shape[0], (total,), generator=generator).to(device)
     alphas = torch.rand(total, generator=generator, dtype=torch.float64).to(device)
-    chunk = total if internal_batch_size is None else internal_batch_size
+    options = run_options(memory_budget)
+    if internal_batch_size is None:
+        # The planner's paths are a row's draws here: a chunk holds whole rows.
+        chunk = _planned_chunk_points(forward_func, problem,
+                                      quadrature_rule("riemann_left", n_samples), options)
+    else:
+        chunk = internal_batch_size
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ArgumentError(f"internal_batch_size must be a positive integer, got {chunk!r}")
 
@@ -114,13 +131,19 @@ def expected_gradients(
     baseline_out = torch.zeros(n_rows, dtype=torch.float64, device=device)
     log.debug("expected gradients: %d rows x %d samples in chunks of %d", n_rows, n_samples,
               chunk)
-    for start in range(0, total, chunk):
+    start = 0
+    while start < total:
         point = torch.arange(start, min(start + chunk, total), device=device)
         rows = point // n_samples
-        grads, scaled, base_values = _chunk(
-            forward_func, problem, background, rows, drawn[point], alphas[point],
-            return_convergence_delta,
-        )
+        try:
+            grads, scaled, base_values = _chunk(
+                forward_func, problem, background, rows, drawn[point], alphas[point],
+                return_convergence_delta,
+            )
+        except torch.OutOfMemoryError:
+            chunk = _halved(chunk, n_samples, device)
+            continue
+        start += point.shape[0]
         for grad_sum, grad, factor in zip(sums, grads, scaled):
             grad_sum.index_add_(0, rows, grad.double() * factor)
         if base_values is not None:

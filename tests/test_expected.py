@@ -158,3 +158,61 @@ def test_cuda_draws_equal_cpu_draws():
     on_gpu = expected_gradients(SumOfSquares(), x.cuda(), background.cuda(), n_samples=9, seed=3)
 
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-12, atol=1e-14)
+
+
+def test_chunks_follow_the_memory_budget_and_give_the_same_estimate(monkeypatch):
+    from engine import expected as module
+
+    torch.manual_seed(44)
+    model = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 1)).double().eval()
+    x, background = torch.randn(30, 4, dtype=torch.float64), torch.randn(9, 4,
+                                                                           dtype=torch.float64)
+    sizes = []
+    original = module._chunk
+
+    def counted(forward_func, problem, background, rows, *args):
+        sizes.append(rows.shape[0])
+        return original(forward_func, problem, background, rows, *args)
+
+    monkeypatch.setattr(module, "_chunk", counted)
+    whole, whole_delta = expected_gradients(model, x, background, n_samples=20, seed=3,
+                                            return_convergence_delta=True)
+    assert sizes == [600]  # 30 rows x 20 draws fit the default budget
+    sizes.clear()
+
+    small, small_delta = expected_gradients(model, x, background, n_samples=20, seed=3,
+                                            memory_budget=200_000,
+                                            return_convergence_delta=True)
+
+    # Whole rows' draws per chunk, within the budget.
+    assert len(sizes) > 1 and all(size % 20 == 0 for size in sizes) and sum(sizes) == 600
+    torch.testing.assert_close(small, whole, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(small_delta, whole_delta, rtol=1e-12, atol=1e-12)
+
+
+def test_out_of_memory_halves_the_chunk_and_retries(caplog):
+    import logging
+
+    class RunsOutOfMemory(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+        def forward(self, x):
+            if x.shape[0] > 50:
+                raise torch.OutOfMemoryError(f"{x.shape[0]} points do not fit")
+            return self.net(x)
+
+    torch.manual_seed(45)
+    model = RunsOutOfMemory().eval()
+    x, background = torch.randn(10, 3, dtype=torch.float64), torch.randn(5, 3,
+                                                                          dtype=torch.float64)
+    expected = expected_gradients(model.net, x, background, n_samples=20, seed=4,
+                                  internal_batch_size=40)
+
+    with caplog.at_level(logging.WARNING, logger="engine.core"):
+        actual = expected_gradients(model, x, background, n_samples=20, seed=4,
+                                    internal_batch_size=200)
+
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-14)
+    assert "200 -> 100" in caplog.text and "100 -> 40" in caplog.text
