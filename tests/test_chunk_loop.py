@@ -820,6 +820,37 @@ def test_python_state_changed_between_calls_is_followed(hoist):
         assert relative_error(got, want) <= 1e-12
 
 
+class ClampedFar(nn.Module):
+    """Clamps its hidden units at a plain attribute that only far rows reach."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(5, 16)
+        self.out = nn.Linear(16, 1)
+        self.cap = 1e9
+
+    def forward(self, x):
+        return self.out(torch.clamp(torch.relu(self.l1(x)), max=self.cap))
+
+
+@pytest.mark.parametrize("hoist", [True, False])
+def test_python_state_that_matters_only_past_the_probed_rows_is_followed(hoist):
+    # The probe and its trace check see the first 1,024 rows; only row 1,400 reaches the
+    # cap once it is lowered, so the trace made with the old cap must be found stale.
+    torch.manual_seed(13)
+    net = ClampedFar().double().eval()
+    x = torch.rand(1500, 5, dtype=torch.float64) * 0.1
+    x[1400] = 50.0
+    base = torch.zeros(1, 5, dtype=torch.float64)
+    integrated_gradients(net, x, base, n_steps=16, hoist=hoist)  # traced with no cap
+
+    net.cap = 3.0
+    got = integrated_gradients(net, x, base, n_steps=16, hoist=hoist)
+
+    want = integrated_gradients(lambda points: net(points), x, base, n_steps=16)
+    assert relative_error(got[:, 1400], want[:, 1400]) <= 1e-12
+
+
 class Scaled(nn.Module):
     """Scales its input by a plain attribute; also makes its output bfloat16 if asked."""
 
