@@ -571,6 +571,7 @@ def write_tables(
         # The tables list baseline kinds outermost, so each kind is one pass over the chunks.
         for kind_index, kind in enumerate(store.baseline_names):
             for chunk, arrays in store.iter_read():
+                _check_chunk_shapes(store, chunk, arrays, len(feature_names))
                 ids = arrays["passenger_id"]
                 attributions = torch.from_numpy(arrays["attributions"][kind_index:kind_index + 1])
                 delta = torch.from_numpy(arrays["delta"][kind_index:kind_index + 1])
@@ -582,6 +583,22 @@ def write_tables(
                 delta_writer.write(table)
         writers.close()
         return outputs.commit()
+
+
+def _check_chunk_shapes(store: ChunkStore, chunk: Any, arrays: dict[str, np.ndarray],
+                        n_features: int) -> None:
+    """Refuse a chunk whose arrays do not hold its rows (a file edited or damaged)."""
+    rows, kinds = chunk.stop - chunk.start, len(store.baseline_names)
+    expected = {"attributions": (kinds, rows, n_features), "delta": (kinds, rows),
+                "passenger_id": (rows,)}
+    for name, shape in expected.items():
+        found = arrays.get(name)
+        if found is None or tuple(found.shape) != shape:
+            what = "no such array" if found is None else f"shape {tuple(found.shape)}"
+            raise DataError(
+                f"{store.path(chunk)}: {name} has {what}, expected {shape}: delete it and "
+                f"rerun to compute rows {chunk.start}-{chunk.stop - 1} again"
+            )
 
 
 class _TableWriter:

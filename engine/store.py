@@ -146,6 +146,10 @@ class ChunkStore:
             names the first setting that differs.
         """
         path = self.folder / MANIFEST_NAME
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ArgumentError(
+                f"{self.folder} is a file where the chunks of the job go: move or delete it"
+            )
         if not self.folder.is_dir() or not any(self.folder.glob("chunk-*.npz")):
             return
         if not path.is_file():
@@ -177,14 +181,24 @@ class ChunkStore:
             )
         if stored.get("config_hash") == self.hash:
             return
-        old = {**stored.get("config", {}), "baselines": stored.get("baselines")}
-        new = {**self.config, "baselines": self.baseline_names}
+        config = stored.get("config", {})
+        if not isinstance(config, dict):
+            raise ArgumentError(
+                f"{path}: its config is a {type(config).__name__}, not an object: delete "
+                f"{self.folder} to start over"
+            )
+        old = {**config, "baselines": stored.get("baselines")}
+        # As stored: through JSON, where tuples become lists.
+        new = json.loads(json.dumps({**self.config, "baselines": self.baseline_names}))
         changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
-        what = changed[0] if changed else "config"
+        # Settings the user gave first, then what follows from them (the baselines' values
+        # follow from the seed, the data and the scaling).
+        changed.sort(key=lambda key: key in _DERIVED)
+        what = "; ".join(_change(key, old.get(key), new.get(key)) for key in changed) \
+            or "config"
         raise ArgumentError(
-            f"{self.folder} holds chunks of another job ({what}: {_short(old.get(what))} "
-            f"then, {_short(new.get(what))} now): rerun with the same arguments to resume, "
-            f"or delete {self.folder} to start over"
+            f"{self.folder} holds chunks of another job ({what}): rerun with the same "
+            f"arguments to resume, or delete {self.folder} to start over"
         )
 
     # -- chunks ------------------------------------------------------------------------
@@ -230,13 +244,18 @@ class ChunkStore:
             If the file is missing, unreadable, or from another job or row range.
         """
         path = self.path(chunk)
+        again = f"delete it and rerun to compute rows {chunk.start}-{chunk.stop - 1} again"
         try:
             with np.load(path, allow_pickle=False) as stored:
                 arrays = {name: stored[name] for name in stored.files}
-        except (OSError, ValueError, KeyError) as error:
-            raise DataError(f"{path}: unreadable chunk file ({error})") from error
+        except Exception as error:  # noqa: BLE001 - numpy and zipfile raise many kinds
+            detail = "not an .npz file" if "pickle" in str(error) \
+                else (str(error) or type(error).__name__)
+            raise DataError(f"{path}: unreadable chunk file ({detail}): {again}") from error
         if str(arrays.get("config_hash")) != self.hash:
             raise DataError(f"{path}: chunk of another job: delete {self.folder} to start over")
+        if "rows" not in arrays:
+            raise DataError(f"{path}: chunk file without its row range: {again}")
         if arrays["rows"].tolist() != [chunk.start, chunk.stop]:
             raise DataError(
                 f"{path}: holds rows {arrays['rows'].tolist()}, expected "
@@ -253,6 +272,29 @@ class ChunkStore:
         """Delete the folder and everything in it (after the final files are written)."""
         shutil.rmtree(self.folder, ignore_errors=True)
         self._manifest_written = False
+
+
+# Manifest settings computed from others, named after the settings they come from.
+_DERIVED = {"baseline_values", "baselines"}
+
+
+def _change(key: str, old: Any, new: Any) -> str:
+    """``key: OLD then, NEW now``, at the first element that differs for long lists."""
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        flat_old, flat_new = _flat(old), _flat(new)
+        if len(flat_old) == len(flat_new):
+            index = next((i for i, (a, b) in enumerate(zip(flat_old, flat_new)) if a != b),
+                         None)
+            if index is not None:
+                return (f"{key}: {_short(flat_old[index])} then, {_short(flat_new[index])} "
+                        f"now at number {index}")
+    return f"{key}: {_short(old)} then, {_short(new)} now"
+
+
+def _flat(value: Any) -> list[Any]:
+    if isinstance(value, list):
+        return [leaf for item in value for leaf in _flat(item)]
+    return [value]
 
 
 def _short(value: Any) -> str:

@@ -142,6 +142,82 @@ def test_a_chunk_of_another_job_is_refused_on_read(tmp_path):
         store.read(store.chunks[0])
 
 
+def _full_store(folder):
+    store = make_store(folder)
+    store.open()
+    generator = torch.Generator().manual_seed(2)
+    for chunk in store.chunks:
+        store.write(chunk, chunk_arrays(chunk, generator))
+    return store
+
+
+def _rewrite(path, **arrays):
+    with np.load(path) as stored:
+        kept = {name: stored[name] for name in stored.files}
+    kept.update(arrays)
+    kept = {name: value for name, value in kept.items() if value is not None}
+    with open(path, "wb") as stream:
+        np.savez(stream, **kept)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text", "no rows", "short arrays",
+                                    "no delta"])
+def test_a_damaged_chunk_is_one_error_naming_the_file_and_the_fix(tmp_path, damage):
+    store = _full_store(tmp_path / "chunks")
+    path = store.path(store.chunks[1])
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "text":
+        path.write_text("passenger,value\n1,2\n")
+    elif damage == "no rows":
+        _rewrite(path, rows=None)
+    elif damage == "short arrays":
+        _rewrite(path, attributions=np.zeros((2, 1, 3), np.float32))
+    else:
+        _rewrite(path, delta=None)
+
+    with pytest.raises(DataError) as error:
+        write_tables(store, tmp_path / "out", FEATURES, "csv")
+
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert message.endswith("delete it and rerun to compute rows 4-7 again")
+    assert "pickle" not in message
+    assert not (tmp_path / "out" / "interpretation_results.csv").exists()
+
+
+def test_a_manifest_whose_config_is_not_an_object_is_refused(tmp_path):
+    store = with_one_chunk(make_store(tmp_path / "chunks"))
+    manifest = tmp_path / "chunks" / "manifest.json"
+    stored = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**stored, "config": [1, 2], "config_hash": "x"}))
+
+    with pytest.raises(ArgumentError, match=r"manifest.json: its config is a list, not an "):
+        make_store(tmp_path / "chunks").open()
+    assert store.done() == {0}
+
+
+def test_a_file_where_the_chunk_folder_goes_is_refused_on_open(tmp_path):
+    (tmp_path / "chunks").write_text("not a folder")
+
+    with pytest.raises(ArgumentError, match=r"chunks is a file where the chunks of the job go"):
+        make_store(tmp_path / "chunks").open()
+
+
+def test_a_changed_seed_is_named_before_the_values_it_changes(tmp_path):
+    with_one_chunk(make_store(tmp_path / "chunks", seed=404,
+                              baseline_values=[[0.5, 0.25, 0.125], [0.0, 0.0, 0.0]]))
+
+    with pytest.raises(ArgumentError) as error:
+        make_store(tmp_path / "chunks", seed=1,
+                   baseline_values=[[0.5, 0.75, 0.125], [0.0, 0.0, 0.0]]).open()
+
+    assert ("another job (seed: 404 then, 1 now; baseline_values: 0.25 then, 0.75 now at "
+            "number 1)") in str(error.value)
+
+
 def test_tables_from_chunks_are_the_tables_of_the_whole_arrays(tmp_path):
     store = make_store(tmp_path / "chunks")
     store.open()
