@@ -47,7 +47,7 @@ from engine.data import (
     check_feature_ranges,
 )
 from engine.errors import ArgumentError, DataError
-from engine.io import OutputDir, tidy_attributions, tidy_deltas
+from engine.io import OutputDir, check_output_folder, tidy_attributions, tidy_deltas
 from engine.model import TitanicMLP, quiet_lightning
 from engine.quadrature import check_method
 from engine.store import ChunkStore, RowChunk, plan_chunks
@@ -421,8 +421,8 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
         )
     if job.output_format == "parquet":
         _check_pyarrow()
-    if job.out.exists() and not job.out.is_dir():
-        raise ArgumentError(f"--out {job.out} exists and is not a directory")
+    # As --all does, before any work: the chunks go into --out too.
+    check_output_folder(job.out)
     frame = read_rows(job.data)
     features = job.scaling.apply(frame)
     _check_scaled(features, frame, job.scaling, job.data)

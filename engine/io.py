@@ -22,7 +22,7 @@ import torch
 
 from engine.errors import ArgumentError
 
-__all__ = ["OutputDir", "atomic_path", "tidy_attributions", "tidy_deltas"]
+__all__ = ["OutputDir", "atomic_path", "check_output_folder", "tidy_attributions", "tidy_deltas"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
 
 
+def check_output_folder(path: Path) -> None:
+    """Raise ``ArgumentError`` unless ``path`` is a writable folder, or can be made as one
+    in an existing writable folder; nothing is created."""
+    if path.exists() and not path.is_dir():
+        raise ArgumentError(f"--out {path} exists and is not a directory")
+    parent = path.resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise ArgumentError(f"--out {path}: {parent} is a file, not a folder")
+    if not parent.is_dir():
+        raise ArgumentError(f"--out {path}: parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ArgumentError(f"--out {path} is not writable")
+
+
 class OutputDir:
     """A results folder whose files appear together, or not at all.
 
@@ -55,17 +69,8 @@ class OutputDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise ArgumentError(f"--out {self.path} exists and is not a directory")
+        check_output_folder(self.path)
         parent = self.path.resolve().parent
-        if parent.exists() and not parent.is_dir():
-            raise ArgumentError(f"--out {self.path}: {parent} is a file, not a folder")
-        if not parent.is_dir():
-            raise ArgumentError(f"--out {self.path}: parent folder {parent} does not exist")
-        if not os.access(parent, os.W_OK) or (
-            self.path.exists() and not os.access(self.path, os.W_OK)
-        ):
-            raise ArgumentError(f"--out {self.path} is not writable")
         try:
             self.staging = Path(
                 tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=parent)

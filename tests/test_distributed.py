@@ -375,6 +375,21 @@ def test_bad_checkpoint_flags_exit_two_before_any_work(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("where", ["under a file", "missing parents"])
+def test_an_out_folder_that_cannot_be_made_exits_two_before_any_work(
+    tmp_path, capsys, rows_csv, checkpoint, titanic_csv, where
+):
+    # The same checks as --all: the parent must exist and be a folder.
+    (tmp_path / "one.csv").write_text("a\n1\n")
+    out = tmp_path / ("one.csv/x" if where == "under a file" else "nope/deeper/x")
+
+    status = main(flags(rows_csv, checkpoint, titanic_csv, out))
+
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: --out {out}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.csv"]
+
+
 def test_a_missing_checkpoint_is_one_line_exit_two(tmp_path, capsys, rows_csv, titanic_csv):
     missing = tmp_path / "nowhere.pt"
 
