@@ -25,7 +25,13 @@ from typing import Any
 from captum.attr import GradientAttribution
 from torch import Tensor
 
-from engine.core import BaselineArg, TargetArg, TensorOrTuple, integrated_gradients
+from engine.core import (
+    BaselineArg,
+    TargetArg,
+    TensorOrTuple,
+    float32_results_for_half_inputs,
+    integrated_gradients,
+)
 from engine.errors import ArgumentError
 
 __all__ = ["IntegratedGradients"]
@@ -99,18 +105,20 @@ class IntegratedGradients(GradientAttribution):
         input_tuple = inputs if is_tuple else (inputs,)
         engine_baselines = _engine_baselines(baselines, input_tuple)
 
-        result = integrated_gradients(
-            self.forward_func,
-            inputs,
-            engine_baselines,
-            target=target,
-            additional_forward_args=additional_forward_args,
-            n_steps=n_steps,
-            method=method,
-            internal_batch_size=internal_batch_size,
-            return_convergence_delta=return_convergence_delta,
-            multiply_by_inputs=self._multiply_by_inputs,
-        )
+        # Half-precision inputs get float32 attributions and delta, as from Captum.
+        with float32_results_for_half_inputs():
+            result = integrated_gradients(
+                self.forward_func,
+                inputs,
+                engine_baselines,
+                target=target,
+                additional_forward_args=additional_forward_args,
+                n_steps=n_steps,
+                method=method,
+                internal_batch_size=internal_batch_size,
+                return_convergence_delta=return_convergence_delta,
+                multiply_by_inputs=self._multiply_by_inputs,
+            )
         attributions, delta = result if return_convergence_delta else (result, None)
         # The engine returns (B, N, *F) with B = 1 here; Captum returns (N, *F).
         attributions = (

@@ -15,6 +15,7 @@ every point's gradient at once (Captum asks for one gradient output per point in
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import math
@@ -345,7 +346,7 @@ def integrated_gradients(
 
     total_grads = integrate(forward_func, problem, rule, chunk_points, options, sample)
     attributions = tuple(
-        (grad * (x.unsqueeze(0) - base) if multiply_by_inputs else grad).to(x.dtype)
+        (grad * (x.unsqueeze(0) - base) if multiply_by_inputs else grad).to(_result_dtype(x))
         for grad, x, base in zip(total_grads, problem.inputs, problem.baselines)
     )
     result = attributions if is_tuple else attributions[0]
@@ -354,6 +355,27 @@ def integrated_gradients(
 
     delta = convergence_delta(forward_func, problem, attributions, planned())
     return result, delta
+
+
+# Set by the Captum-compatible class: half-precision inputs get float32 attributions, as
+# Captum's (its float32 step sizes promote them), rather than the inputs' dtype.
+_FLOAT32_FOR_HALF = contextvars.ContextVar("float32_for_half", default=False)
+
+
+@contextlib.contextmanager
+def float32_results_for_half_inputs() -> Iterator[None]:
+    """Within the block, attributions of float16 and bfloat16 inputs are float32."""
+    token = _FLOAT32_FOR_HALF.set(True)
+    try:
+        yield
+    finally:
+        _FLOAT32_FOR_HALF.reset(token)
+
+
+def _result_dtype(x: Tensor) -> torch.dtype:
+    if _FLOAT32_FOR_HALF.get() and x.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return x.dtype
 
 
 def _check_precision_dtype(options: RunOptions, problem: PathProblem) -> None:
@@ -1326,9 +1348,11 @@ def _forward(forward_func: Callable[..., Tensor], points: tuple[Tensor, ...], ar
         # chunk of some chunk sizes, or a one-row job.
         output = output.reshape(1)
     if output.dim() == 0 or output.shape[0] != points[0].shape[0]:
+        # The engine's batches are its own (path points, probe batches): say so, or a
+        # user who passed 4 rows reads "for 5 rows" as a miscount.
         raise ModelError(
-            f"the model returned shape {tuple(output.shape)} for {points[0].shape[0]} rows: "
-            "expected one output row per input row"
+            f"the model returned shape {tuple(output.shape)} for a batch of "
+            f"{points[0].shape[0]} path points: expected one output row per input row"
         )
     if not output.is_floating_point():
         raise ModelError(

@@ -14,6 +14,7 @@ alphas on every device.
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -108,13 +109,16 @@ def expected_gradients(
     background = _check_background(background, problem.inputs, is_tuple)
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ArgumentError(f"n_samples must be a positive integer, got {n_samples!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
+            or not 0 <= seed < 2**63:
+        raise ArgumentError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
     device = problem.inputs[0].device
     check_model_device(forward_func, device)
     check_independent_rows(forward_func, problem, allow_coupled_rows)
 
     # Points are numbered (row, sample), sample fastest.
     n_rows, total = problem.n_rows, problem.n_rows * n_samples
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(int(seed))
     drawn = torch.randint(background[0].shape[0], (total,), generator=generator).to(device)
     alphas = torch.rand(total, generator=generator, dtype=torch.float64).to(device)
     options = run_options(memory_budget)

@@ -301,3 +301,21 @@ def test_drop_in_class_inside_noise_tunnel_on_cuda():
 
     assert ours.device.type == "cuda"
     assert_same(ours, theirs, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_get_float32_results_as_from_captum(dtype):
+    torch.manual_seed(21)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 1)).to(dtype).eval()
+    x = torch.rand(5, 3).to(dtype)
+
+    ours, our_delta = IntegratedGradients(model).attribute(x, target=0,
+                                                           return_convergence_delta=True)
+    theirs, their_delta = CaptumIG(model).attribute(x, target=0, return_convergence_delta=True)
+
+    assert ours.dtype == theirs.dtype == torch.float32
+    assert our_delta.dtype == their_delta.dtype == torch.float32
+    # Both run the model in half precision: they agree to its rounding.
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) <= tolerance

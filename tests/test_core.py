@@ -342,3 +342,17 @@ def test_the_shared_output_gap_keeps_every_batch_within_the_chunk():
     assert batches == [4, 4, 4, 1] and gap.shape == (10, 3)
     expected = net(x).squeeze(1).unsqueeze(0) - net(kinds)
     torch.testing.assert_close(gap, expected.detach(), rtol=1e-14, atol=1e-14)
+
+
+def test_an_output_without_a_row_per_point_names_the_batch_of_points():
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.layer(x).mean(0)  # one number per batch
+
+    with pytest.raises(ModelError, match=r"^the model returned shape \(1,\) for a batch of "
+                                         r"\d+ path points: expected one output row per "):
+        integrated_gradients(Pooled().eval(), torch.rand(4, 3))

@@ -216,3 +216,23 @@ def test_out_of_memory_halves_the_chunk_and_retries(caplog):
 
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-14)
     assert "200 -> 100" in caplog.text and "100 -> 40" in caplog.text
+
+
+@pytest.mark.parametrize("seed", [None, 1.5, -1, 2**70, True, "7"])
+def test_a_bad_seed_is_an_argument_error(seed):
+    model = nn.Linear(3, 1).double()
+    x, background = torch.rand(2, 3, dtype=torch.float64), torch.rand(4, 3, dtype=torch.float64)
+
+    with pytest.raises(ArgumentError, match=r"^seed must be an integer from 0 to 2\*\*63 - 1"):
+        expected_gradients(model, x, background, n_samples=3, seed=seed)
+
+
+def test_a_numpy_seed_draws_as_the_same_python_one():
+    import numpy as np
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x, background = torch.rand(2, 3, dtype=torch.float64), torch.rand(4, 3, dtype=torch.float64)
+
+    torch.testing.assert_close(expected_gradients(model, x, background, seed=np.int64(9)),
+                               expected_gradients(model, x, background, seed=9),
+                               rtol=0, atol=0)
