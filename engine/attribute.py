@@ -584,9 +584,10 @@ def print_checkpoint_summary(summary: dict[str, object]) -> None:
     print(f"scaled like {summary['reference']} (medians fill blanks, min/max scale)")
     print(f"explained {summary['n_rows']} rows x {len(BASELINE_KINDS)} baselines x "
           f"{summary['n_steps']} steps in {summary['world_size']} process(es)")
+    # Nothing computed (every chunk reused) has no rate to show.
+    speed = f" ({rate:.3g} rows/s)" if summary["computed"] else ""
     print(f"chunks: {summary['n_chunks']} in all, {summary['reused']} reused from an earlier "
-          f"run, {summary['computed']} computed in {summary['seconds']:.2f} s "
-          f"({rate:.0f} rows/s)")
+          f"run, {summary['computed']} computed in {summary['seconds']:.2f} s{speed}")
     for path in summary["files"]:
         print(f"wrote {path}")
 

@@ -283,3 +283,18 @@ def test_the_run_sees_the_imported_libraries_frozen_and_leaves_them_unfrozen(mon
     assert status == 2
     assert frozen and frozen[0] > 100_000
     assert gc.get_freeze_count() == 0
+
+
+def test_the_checkpoint_summary_shows_a_rate_only_when_chunks_were_computed(capsys):
+    from engine.attribute import print_checkpoint_summary
+
+    summary = {"is_global_zero": True, "n_rows": 12, "n_chunks": 3, "reused": 3,
+               "computed": 0, "seconds": 0.01, "reference": "train.csv", "n_steps": 50,
+               "world_size": 1, "files": []}
+    print_checkpoint_summary(summary)
+    print_checkpoint_summary({**summary, "reused": 1, "computed": 2, "seconds": 0.5})
+
+    reused, computed = [line for line in capsys.readouterr().out.splitlines()
+                        if line.startswith("chunks:")]
+    assert reused.endswith("0 computed in 0.01 s")
+    assert computed.endswith("2 computed in 0.50 s (16 rows/s)")
