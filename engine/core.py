@@ -661,9 +661,13 @@ def _checked_trace(
                 log.debug("%s not used: the model fails on its first rows (%s)", memo_key,
                           error)
                 return None
+        # The sample, then the rows past it and every baseline (a value read in forward
+        # may matter for one of them alone).
         if reproduces(runner(traced), sample.outputs, sample.points) \
                 and _rows_reproduce(forward_func, runner(traced), problem.inputs[0],
-                                    sample.rows):
+                                    sample.rows) \
+                and _rows_reproduce(forward_func, runner(traced),
+                                    problem.baselines[0].flatten(0, 1), 0):
             # Every call: the model's autograd graph on two points. A node running custom
             # backward code (a custom autograd Function) keeps any trace out; a graph
             # unlike the one the trace's gradient was checked with (Python state switched

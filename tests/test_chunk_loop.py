@@ -851,6 +851,28 @@ def test_python_state_that_matters_only_past_the_probed_rows_is_followed(hoist):
     assert relative_error(got[:, 1400], want[:, 1400]) <= 1e-12
 
 
+@pytest.mark.parametrize("baselines", ["middle kind", "per row"])
+@pytest.mark.parametrize("hoist", [True, False])
+def test_python_state_that_matters_only_at_one_baseline_is_followed(hoist, baselines):
+    torch.manual_seed(14)
+    net = ClampedFar().double().eval()
+    x = torch.rand(50, 5, dtype=torch.float64) * 0.1
+    if baselines == "middle kind":
+        base = torch.stack([torch.zeros(5), torch.full((5,), 50.0), torch.zeros(5)]).double()
+        far = (1, slice(None))
+    else:
+        base = torch.zeros(2, 50, 5, dtype=torch.float64)
+        base[1, 7] = 50.0
+        far = (1, 7)
+    integrated_gradients(net, x, base, n_steps=16, hoist=hoist)  # traced with no cap
+
+    net.cap = 3.0
+    got = integrated_gradients(net, x, base, n_steps=16, hoist=hoist)
+
+    want = integrated_gradients(lambda points: net(points), x, base, n_steps=16)
+    assert relative_error(got[far], want[far]) <= 1e-12
+
+
 class Scaled(nn.Module):
     """Scales its input by a plain attribute; also makes its output bfloat16 if asked."""
 
