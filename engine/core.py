@@ -1685,6 +1685,13 @@ def make_problem(
     additional_forward_args: Any,
 ) -> PathProblem:
     """Check the arguments and lay them out as a ``PathProblem``; raise ``ArgumentError``."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        # Whatever the transform wraps (an input, a baseline, a weight the model closes
+        # over), the engine's own autograd and numpy reads cannot run under it.
+        raise ArgumentError(
+            "the engine is called inside a torch.func transform (vmap, grad, jacrev, ...): "
+            "it computes its own gradients, so call it outside the transform"
+        )
     input_tuple = _as_input_tuple(inputs)
     baseline_tuple = _as_baseline_tuple(baselines, len(input_tuple))
     n_rows = input_tuple[0].shape[0]

@@ -699,10 +699,29 @@ def test_tensor_subclasses_and_transforms_are_refused_by_name(kind):
     expected = {
         "masked input": "inputs is a MaskedTensor, a tensor subclass with its own operations",
         "fake baseline": "baselines is a FakeTensor, a tensor subclass with its own operations",
-        "vmap": "inputs is a tensor inside a torch.func transform",
-        "grad": "inputs is a tensor inside a torch.func transform",
+        "vmap": "the engine is called inside a torch.func transform",
+        "grad": "the engine is called inside a torch.func transform",
     }[kind]
     assert str(caught.value).startswith(expected)
+
+
+@pytest.mark.parametrize("wrapped", ["closure weight", "background", "unrelated"])
+def test_any_torch_func_transform_around_the_call_is_refused(wrapped):
+    from engine import expected_gradients
+
+    torch.manual_seed(1)
+    x, weight = torch.rand(3, 4), torch.rand(4, 1)
+
+    def call(value):
+        if wrapped == "closure weight":
+            return integrated_gradients(lambda z: z @ value, x).sum()
+        if wrapped == "background":
+            return expected_gradients(lambda z: z @ weight, x, value, n_samples=2).sum()
+        return integrated_gradients(lambda z: z @ weight, x).sum() * value.sum()
+
+    value = weight if wrapped == "closure weight" else torch.rand(3, 4)
+    with pytest.raises(ArgumentError, match="^the engine is called inside a torch.func "):
+        torch.func.grad(call)(value)
 
 
 def test_a_plain_tensor_subclass_and_a_parameter_are_inputs_like_any_other():
