@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 import math
 import numbers
@@ -202,6 +203,29 @@ def _is_per_row(arg: Any, n_rows: int) -> bool:
     return isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == n_rows
 
 
+def out_of_memory_named(function: Callable[..., Any]) -> Callable[..., Any]:
+    """An out-of-memory error the chunk loops did not handle becomes one ModelError.
+
+    The chunk loops halve and retry; what reaches here ran outside them: the row-coupling
+    probe (up to PROBE_ROWS rows in one batch), the planner's probe forwards, the checks
+    of a remembered trace.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except torch.OutOfMemoryError as error:
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            raise ModelError(
+                f"out of memory outside the chunks, in the engine's checks of the model "
+                f"(up to {PROBE_ROWS} rows in one batch): {first_line}"
+            ) from error
+
+    return wrapper
+
+
+@out_of_memory_named
 @owns_precision
 @keeps_batch_statistics
 def integrated_gradients(

@@ -33,6 +33,7 @@ from engine.core import (
     check_independent_rows,
     check_model_device,
     make_problem,
+    out_of_memory_named,
     shown_rows,
     weights_blamed,
 )
@@ -46,6 +47,7 @@ __all__ = ["expected_gradients"]
 log = logging.getLogger(__name__)
 
 
+@out_of_memory_named
 @owns_precision
 @keeps_batch_statistics
 def expected_gradients(

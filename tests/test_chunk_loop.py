@@ -1144,3 +1144,18 @@ def test_the_titanic_job_compiles_two_chunks_of_even_size():
                                 torch.device("cuda"))
 
     assert chunk == 396 * 50
+
+
+@pytest.mark.parametrize("hoist", [True, False])
+def test_out_of_memory_in_the_probes_is_one_model_error(hoist):
+    # Chunks of 40 points would fit, but the row-coupling probe runs 62 rows at once.
+    torch.manual_seed(8)
+    model = RunsOutOfMemory(limit=40).eval()
+    x, baselines = torch.randn(60, 3, dtype=torch.float64), torch.zeros(1, 3,
+                                                                       dtype=torch.float64)
+
+    with pytest.raises(ModelError, match=r"^out of memory outside the chunks, in the engine's "
+                                         r"checks of the model \(up to 1024 rows in one batch\): "
+                                         r"61 points do not fit"):
+        integrated_gradients(model, x, baselines, n_steps=8, internal_batch_size=40,
+                             hoist=hoist)
