@@ -587,18 +587,24 @@ def write_tables(
 
 def _check_chunk_shapes(store: ChunkStore, chunk: Any, arrays: dict[str, np.ndarray],
                         n_features: int) -> None:
-    """Refuse a chunk whose arrays do not hold its rows (a file edited or damaged)."""
+    """Refuse a chunk whose arrays are not what this job writes: its rows' shapes, real
+    finite numbers in native byte order and integer passenger ids (a file edited or
+    damaged)."""
     rows, kinds = chunk.stop - chunk.start, len(store.baseline_names)
-    expected = {"attributions": (kinds, rows, n_features), "delta": (kinds, rows),
-                "passenger_id": (rows,)}
-    for name, shape in expected.items():
+    expected = {"attributions": ((kinds, rows, n_features), np.float32),
+                "delta": ((kinds, rows), np.float64), "passenger_id": ((rows,), np.int64)}
+    again = f"delete it and rerun to compute rows {chunk.start}-{chunk.stop - 1} again"
+    for name, (shape, dtype) in expected.items():
         found = arrays.get(name)
         if found is None or tuple(found.shape) != shape:
             what = "no such array" if found is None else f"shape {tuple(found.shape)}"
-            raise DataError(
-                f"{store.path(chunk)}: {name} has {what}, expected {shape}: delete it and "
-                f"rerun to compute rows {chunk.start}-{chunk.stop - 1} again"
-            )
+            raise DataError(f"{store.path(chunk)}: {name} has {what}, expected {shape}: "
+                            f"{again}")
+        if found.dtype != np.dtype(dtype):
+            raise DataError(f"{store.path(chunk)}: {name} has dtype {found.dtype}, expected "
+                            f"{np.dtype(dtype)}: {again}")
+        if found.dtype.kind == "f" and not np.isfinite(found).all():
+            raise DataError(f"{store.path(chunk)}: {name} holds nan or inf: {again}")
 
 
 class _TableWriter:

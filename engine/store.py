@@ -249,10 +249,13 @@ class ChunkStore:
             with np.load(path, allow_pickle=False) as stored:
                 arrays = {name: stored[name] for name in stored.files}
         except Exception as error:  # noqa: BLE001 - numpy and zipfile raise many kinds
-            detail = "not an .npz file" if "pickle" in str(error) \
-                else (str(error) or type(error).__name__)
+            detail = str(error) or type(error).__name__
+            if "pickle" in detail:  # numpy's advice to load it unsafely helps nobody here
+                detail = "holds Python objects" if _is_zip(path) else "not an .npz file"
             raise DataError(f"{path}: unreadable chunk file ({detail}): {again}") from error
-        if str(arrays.get("config_hash")) != self.hash:
+        if "config_hash" not in arrays:
+            raise DataError(f"{path}: chunk file without its job's hash: {again}")
+        if str(arrays["config_hash"]) != self.hash:
             raise DataError(f"{path}: chunk of another job: delete {self.folder} to start over")
         if "rows" not in arrays:
             raise DataError(f"{path}: chunk file without its row range: {again}")
@@ -272,6 +275,11 @@ class ChunkStore:
         """Delete the folder and everything in it (after the final files are written)."""
         shutil.rmtree(self.folder, ignore_errors=True)
         self._manifest_written = False
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as stream:
+        return stream.read(2) == b"PK"
 
 
 # Manifest settings computed from others, named after the settings they come from.

@@ -161,7 +161,8 @@ def _rewrite(path, **arrays):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "text", "no rows", "short arrays",
-                                    "no delta"])
+                                    "no delta", "nan", "int attributions", "string delta",
+                                    "big-endian", "float ids", "objects", "no hash"])
 def test_a_damaged_chunk_is_one_error_naming_the_file_and_the_fix(tmp_path, damage):
     store = _full_store(tmp_path / "chunks")
     path = store.path(store.chunks[1])
@@ -175,8 +176,23 @@ def test_a_damaged_chunk_is_one_error_naming_the_file_and_the_fix(tmp_path, dama
         _rewrite(path, rows=None)
     elif damage == "short arrays":
         _rewrite(path, attributions=np.zeros((2, 1, 3), np.float32))
-    else:
+    elif damage == "no delta":
         _rewrite(path, delta=None)
+    elif damage == "nan":
+        _rewrite(path, attributions=np.full((2, 4, 3), np.nan, np.float32))
+    elif damage == "int attributions":
+        _rewrite(path, attributions=np.zeros((2, 4, 3), np.int64))
+    elif damage == "string delta":
+        _rewrite(path, delta=np.full((2, 4), "x"))
+    elif damage == "big-endian":
+        _rewrite(path, delta=np.zeros((2, 4), ">f8"))
+    elif damage == "float ids":
+        _rewrite(path, passenger_id=np.arange(4) + 0.5)
+    elif damage == "objects":
+        with open(path, "wb") as stream:
+            np.savez(stream, rows=np.array([4, 8]), delta=np.array([{}], dtype=object))
+    else:
+        _rewrite(path, config_hash=None)
 
     with pytest.raises(DataError) as error:
         write_tables(store, tmp_path / "out", FEATURES, "csv")
