@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one go: the tests marked gpu, the CUDA benchmarks, their report.
 #
-#   bash scripts/gpu_check.sh [RESULTS_DIR]        (default results/)
+#   bash scripts/gpu_check.sh [RESULTS_DIR]        (default ./results)
 #
 # Runs with the python on PATH, or $PYTHON, as it is: nothing is downloaded. For a
 # machine without network, bring the data (data/train.csv) and any missing wheels in
@@ -14,20 +14,32 @@
 # Exit 0: all passed, or no CUDA device is visible (said so). Exit 1: a stage failed,
 # or nvidia-smi sees a GPU that torch cannot use (a CPU build, or a driver too old).
 set -u
+# The results folder is relative to where the script is called from.
+RESULTS=$(realpath -m "${1:-results}")
 cd "$(dirname "$0")/.."
-
 PYTHON=${PYTHON:-python3}
-RESULTS=${1:-results}
-mkdir -p "$RESULTS"
 
 if ! command -v nvidia-smi >/dev/null 2>&1; then
     echo "no CUDA device is visible (nvidia-smi not found): GPU checks skipped"
     exit 0
 fi
+if ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "nvidia-smi fails (no driver loaded?): GPU checks skipped"
+    exit 0
+fi
+if [[ -v CUDA_VISIBLE_DEVICES && -z "$CUDA_VISIBLE_DEVICES" ]]; then
+    echo "CUDA_VISIBLE_DEVICES is empty, which hides every GPU: GPU checks skipped"
+    exit 0
+fi
+if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+    echo "error: $PYTHON cannot import torch" >&2
+    exit 1
+fi
 if compgen -G ".whl/*.whl" >/dev/null; then
+    site="${TMPDIR:-/tmp}/engine-gpu-site"
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "${TMPDIR:-/tmp}/engine-gpu-site" .whl/*.whl || exit 1
-    export PYTHONPATH="${TMPDIR:-/tmp}/engine-gpu-site"
+        --target "$site" .whl/*.whl || exit 1
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
@@ -37,6 +49,11 @@ if ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; 
          "a CPU build of torch, or a driver older than its CUDA" >&2
     exit 1
 fi
+
+# This run's files only: a stage that fails must not leave an earlier run's in place.
+mkdir -p "$RESULTS"
+rm -f "$RESULTS"/gpu_tests.xml "$RESULTS"/gpu_tests.log "$RESULTS"/bench.log \
+    "$RESULTS"/bench_gpu_*.json "$RESULTS"/bench_gpu_report.md "$RESULTS"/bench_gpu_report.png
 [[ -f data/train.csv ]] || echo "warning: no data/train.csv; the benchmarks will try to" \
                                 "download the Titanic data" >&2
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'on', torch.cuda.get_device_name())"
