@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import numbers
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -39,7 +40,6 @@ from engine.core import (
 )
 from engine.errors import ArgumentError
 from engine.plan import run_options
-from engine.quadrature import quadrature_rule
 from engine.step import keeps_batch_statistics, owns_precision
 
 __all__ = ["expected_gradients"]
@@ -109,8 +109,10 @@ def expected_gradients(
     is_tuple = isinstance(inputs, tuple)
     problem = make_problem(inputs, None, target, additional_forward_args)
     background = _check_background(background, problem.inputs, is_tuple)
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) \
+            or n_samples < 1:
         raise ArgumentError(f"n_samples must be a positive integer, got {n_samples!r}")
+    n_samples = int(n_samples)  # numpy integers too
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
             or not 0 <= seed < 2**63:
         raise ArgumentError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
@@ -125,13 +127,15 @@ def expected_gradients(
     alphas = torch.rand(total, generator=generator, dtype=torch.float64).to(device)
     options = run_options(memory_budget)
     if internal_batch_size is None:
-        # The planner's paths are a row's draws here: a chunk holds whole rows.
+        # The planner's paths are a row's draws here: a chunk holds whole rows. It reads
+        # the rule's step count only.
         chunk = _planned_chunk_points(forward_func, problem,
-                                      quadrature_rule("riemann_left", n_samples), options)
+                                      SimpleNamespace(n_steps=n_samples), options)
     else:
         chunk = internal_batch_size
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
         raise ArgumentError(f"internal_batch_size must be a positive integer, got {chunk!r}")
+    chunk = int(chunk)
 
     sums = [torch.zeros(x.shape, dtype=torch.float64, device=device) for x in problem.inputs]
     baseline_out = torch.zeros(n_rows, dtype=torch.float64, device=device)
@@ -163,9 +167,14 @@ def expected_gradients(
         return result
 
     with torch.no_grad():
-        all_rows = torch.arange(n_rows, device=device)
-        output = _forward(forward_func, problem.inputs, problem.args_for(all_rows))
-        input_out = problem.select(output, all_rows).double()
+        # F(x) in chunks of rows, as the gradients went.
+        input_out = torch.empty(n_rows, dtype=torch.float64, device=device)
+        per_chunk = max(1, chunk // n_samples)
+        for first in range(0, n_rows, per_chunk):
+            rows = torch.arange(first, min(first + per_chunk, n_rows), device=device)
+            output = _forward(forward_func, tuple(x[rows] for x in problem.inputs),
+                              problem.args_for(rows))
+            input_out[rows] = problem.select(output, rows).double()
     attribution_sum = sum(s.reshape(n_rows, -1).sum(1) for s in sums) / n_samples
     return result, attribution_sum - (input_out - baseline_out / n_samples)
 

@@ -236,3 +236,34 @@ def test_a_numpy_seed_draws_as_the_same_python_one():
     torch.testing.assert_close(expected_gradients(model, x, background, seed=np.int64(9)),
                                expected_gradients(model, x, background, seed=9),
                                rtol=0, atol=0)
+
+
+def test_one_sample_numpy_sizes_and_a_chunked_delta():
+    import numpy as np
+
+    torch.manual_seed(46)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double().eval()
+    x, background = torch.randn(7, 3, dtype=torch.float64), torch.randn(4, 3,
+                                                                         dtype=torch.float64)
+    batches = []
+
+    def counted(points):
+        batches.append(points.shape[0])
+        return model(points)
+
+    one = expected_gradients(model, x, background, n_samples=1, seed=2)
+    assert one.shape == x.shape
+
+    same = expected_gradients(model, x, background, n_samples=np.int64(5),
+                              internal_batch_size=np.int64(10), seed=3)
+    torch.testing.assert_close(same, expected_gradients(model, x, background, n_samples=5,
+                                                        internal_batch_size=10, seed=3),
+                               rtol=0, atol=0)
+
+    _, delta = expected_gradients(counted, x, background, n_samples=5, internal_batch_size=10,
+                                  seed=3, return_convergence_delta=True)
+    _, whole = expected_gradients(model, x, background, n_samples=5, seed=3,
+                                  return_convergence_delta=True)
+    # F(x) goes in chunks of two rows (10 points of 5 draws), not all seven at once.
+    assert max(batches) <= 10 and 7 not in batches
+    torch.testing.assert_close(delta, whole, rtol=1e-12, atol=1e-12)
