@@ -57,6 +57,14 @@ def check_output_folder(path: Path) -> None:
         raise ArgumentError(f"--out {path}: parent folder {parent} does not exist")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise ArgumentError(f"--out {path} is not writable")
+    # os.access cannot see everything (root, read-only mounts, /proc): trying can.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.check-", dir=parent))
+    except OSError as error:
+        raise ArgumentError(
+            f"--out {path} is not writable: cannot create a folder in {parent}"
+            f" ({error.strerror or type(error).__name__})"
+        ) from error
 
 
 class OutputDir:

@@ -288,7 +288,9 @@ _DERIVED = {"baseline_values", "baselines"}
 
 def _change(key: str, old: Any, new: Any) -> str:
     """``key: OLD then, NEW now``, at the first element that differs for long lists."""
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+    same_kind = (isinstance(old, list) and isinstance(new, list) and len(old) == len(new)) \
+        or (isinstance(old, dict) and isinstance(new, dict) and old.keys() == new.keys())
+    if same_kind:
         flat_old, flat_new = _flat(old), _flat(new)
         if len(flat_old) == len(flat_new):
             index = next((i for i, (a, b) in enumerate(zip(flat_old, flat_new)) if a != b),
@@ -300,8 +302,11 @@ def _change(key: str, old: Any, new: Any) -> str:
 
 
 def _flat(value: Any) -> list[Any]:
+    """The leaves of nested lists and objects, objects in key order."""
     if isinstance(value, list):
         return [leaf for item in value for leaf in _flat(item)]
+    if isinstance(value, dict):
+        return [leaf for key in sorted(value) for leaf in _flat(value[key])]
     return [value]
 
 

@@ -322,3 +322,27 @@ def test_a_listing_cannot_name_files_outside_the_folder(tmp_path):
 
     assert outside.read_text() == "keep"
     assert sorted(p.name for p in folder.iterdir()) == [".written", "b.csv"]
+
+
+def test_a_changed_object_setting_names_the_number_that_changed(tmp_path):
+    with_one_chunk(make_store(tmp_path / "chunks",
+                              scaling={"high": [3.0, 1.0, 80.0], "low": [1.0, 0.0, 0.0]}))
+
+    with pytest.raises(ArgumentError, match=r"scaling: 80\.0 then, 81\.5 now at number 2"):
+        make_store(tmp_path / "chunks",
+                   scaling={"high": [3.0, 1.0, 81.5], "low": [1.0, 0.0, 0.0]}).open()
+
+
+def test_an_out_folder_that_cannot_be_created_in_is_refused(tmp_path, monkeypatch):
+    import tempfile
+
+    from engine.io import check_output_folder
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(ArgumentError, match=r"is not writable: cannot create a folder in .* "
+                                            r"\(Permission denied\)"):
+        check_output_folder(tmp_path / "results")
+    assert list(tmp_path.iterdir()) == []
