@@ -83,14 +83,20 @@ def load(path: Path) -> tuple[list[dict], dict]:
         row = {**info, "seconds": fastest, "median_seconds": median}
         _check_row(row, index)
         rows.append(row)
-    # The peak is measured again at every benchmark; the largest of the run is the
-    # reference for all of them (a low one only means the machine was slow then).
+    return rows, machine_info
+
+
+def shared_peaks(rows: list[dict]) -> None:
+    """Give every row its device's largest peak, across all the files read.
+
+    The peak is measured again at every benchmark; the largest of the run is the
+    reference for all of them (a low one only means the machine was slow then).
+    """
     peaks: dict[str, float] = {}
     for row in rows:
         peaks[row["device"]] = max(peaks.get(row["device"], 0.0), row["matmul_peak_gflops"])
     for row in rows:
         row["matmul_peak_gflops"] = peaks[row["device"]]
-    return rows, machine_info
 
 
 # Fields every entry needs, and those that must be numbers above zero.
@@ -103,6 +109,8 @@ _LONGEST_SECONDS = 1e7
 _SHORTEST_SECONDS = 1e-9
 _LARGEST = {"points": 1e18, "rows": 1e18, "matmul_peak_gflops": 1e12, "flops": 1e30,
             "peak_rss_bytes": 1e18, "rel_error_vs_fp32": 1e6}
+# Smallest value of the counts and rates that are divided by.
+_SMALLEST = {"points": 1, "rows": 1, "matmul_peak_gflops": 1e-3}
 
 
 def _check_row(row: dict, index: int) -> None:
@@ -129,6 +137,10 @@ def _check_row(row: dict, index: int) -> None:
     if row.get("first_call_seconds", 0) > _LONGEST_SECONDS:
         raise BadBenchmark(f"{name}: first_call_seconds must be at most {_LONGEST_SECONDS:g}, "
                            f"got {row['first_call_seconds']!r}")
+    for field, smallest in _SMALLEST.items():
+        if row[field] < smallest:
+            raise BadBenchmark(f"{name}: {field} must be at least {smallest:g}, "
+                               f"got {row[field]!r}")
     for field, largest in _LARGEST.items():
         if field in row and row[field] > largest:
             raise BadBenchmark(f"{name}: {field} must be at most {largest:g}, "
@@ -323,8 +335,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             more, machine_info = load(path)
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            print(f"error: {path}: not pytest-benchmark JSON ({error})", file=sys.stderr)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError,
+                TypeError) as error:
+            print(f"error: {path}: not pytest-benchmark JSON ({type(error).__name__})",
+                  file=sys.stderr)
+            return 2
+        except OSError as error:
+            print(f"error: {path}: unreadable ({error.strerror or error})", file=sys.stderr)
             return 2
         except BadBenchmark as error:
             print(f"error: {path}: {error}", file=sys.stderr)
@@ -336,7 +353,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.json[0]}: no engine benchmarks in it", file=sys.stderr)
         return 2
 
+    shared_peaks(rows)
     out = args.out or args.json[0].with_name(args.json[0].stem + "_report")
+    if not out.parent.is_dir():
+        print(f"error: --out {out}: {out.parent} is not a folder", file=sys.stderr)
+        return 2
     text = report(rows, machine_info)
     _atomic(out.with_suffix(".md"), lambda target: Path(target).write_text(text))
     plot(rows, out.with_suffix(".png"))

@@ -127,6 +127,9 @@ def test_the_header_names_torch_even_when_a_scale_row_comes_first(bench_report, 
         (lambda e: e["stats"].update(median=1e300), "median_seconds must be between"),
         (lambda e: e["extra_info"].update(points=1e300), "points must be at most 1e+18"),
         (lambda e: e["extra_info"].update(flops=1e300), "flops must be at most 1e+30"),
+        (lambda e: e["extra_info"].update(matmul_peak_gflops=5e-324),
+         "matmul_peak_gflops must be at least 0.001"),
+        (lambda e: e["extra_info"].update(rows=5e-324), "rows must be at least 1"),
     ],
 )
 def test_an_unusable_entry_is_one_line_naming_the_field(bench_report, tmp_path, capsys,
@@ -178,3 +181,25 @@ def test_each_device_gets_its_own_targets(bench_report, tmp_path, capsys):
     loop_target = "Titanic job >= 150x the article loop (default engine: hoisted, eager fp32)"
     assert target_lines(cpu)[loop_target] == "200.0x | yes"
     assert target_lines(cuda)[loop_target] == "2000.0x | yes"
+
+
+def test_unreadable_files_and_an_out_under_a_file_are_one_line(bench_report, tmp_path, capsys):
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe{")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    good = write_json(tmp_path / "bench.json", [entry("engine-fp32", 0.01)])
+    (tmp_path / "a-file").write_text("")
+
+    for argv in ([str(binary)], [str(deep)], [str(good), "--out", str(tmp_path / "a-file/x")]):
+        assert bench_report.main(argv) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_one_device_in_two_files_has_one_peak(bench_report, tmp_path, capsys):
+    first = write_json(tmp_path / "a.json", [entry("engine-fp32", 0.01, matmul_peak_gflops=80.0)])
+    second = write_json(tmp_path / "b.json", [entry("article-loop", 2.0)])
+
+    assert bench_report.main([str(first), str(second), "--out", str(tmp_path / "r")]) == 0
+
+    assert "peak (2048^2, same run): cpu: 100 GFLOP/s." in capsys.readouterr().out
