@@ -685,13 +685,15 @@ def _checked_trace(
                 log.debug("%s not used: the model fails on its first rows (%s)", memo_key,
                           error)
                 return None
-        # The sample, then the rows past it and every baseline (a value read in forward
-        # may matter for one of them alone).
+        # The sample, then the rows past it and every baseline the sample left out (a
+        # value read in forward may matter for one of them alone).
+        base = problem.baselines[0]
+        shared_seen = base.shape[1] == 1 and sample.kinds >= base.shape[0]
         if reproduces(runner(traced), sample.outputs, sample.points) \
                 and _rows_reproduce(forward_func, runner(traced), problem.inputs[0],
                                     sample.rows) \
-                and _rows_reproduce(forward_func, runner(traced),
-                                    problem.baselines[0].flatten(0, 1), 0):
+                and (shared_seen or _rows_reproduce(forward_func, runner(traced),
+                                                    base.flatten(0, 1), 0)):
             # Every call: the model's autograd graph on two points. A node running custom
             # backward code (a custom autograd Function) keeps any trace out; a graph
             # unlike the one the trace's gradient was checked with (Python state switched
@@ -1478,6 +1480,7 @@ class ModelSample:
     points: Tensor
     outputs: Tensor
     rows: int
+    kinds: int = 0  # row 0's first baselines among the points
 
 
 def check_independent_rows(
@@ -1514,6 +1517,8 @@ def _input_layout(problem: PathProblem) -> tuple[object, ...]:
 PROBE_ROWS = 1024
 PROBE_ELEMENTS = 1 << 16
 PROBE_MIN_ROWS = 4
+# Baselines of row 0 in the probe's first batch, so that the trace check sees them too.
+PROBE_KINDS = 64
 # (pairs, alphas, rows, where each row is in the second batch) per (device, rows,
 # baseline kinds): the probe runs on every call.
 _PROBE_POINTS: dict[tuple[object, ...], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
@@ -1522,11 +1527,11 @@ _PROBE_POINTS: dict[tuple[object, ...], tuple[Tensor, Tensor, Tensor, Tensor]] =
 def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The probe's points as path pairs and alphas: two batches, one after the other.
 
-    Batch one holds rows 0 to R - 1 and then row 0's first baseline; batch two holds the
-    midpoint of row 0's path to that baseline, row 0's last baseline, and the rows in
-    reverse order. R = min(N, PROBE_ROWS), fewer for wide inputs (see PROBE_ELEMENTS).
-    Every row sits at another position, beside other partners, in a batch of another
-    size.
+    Batch one holds rows 0 to R - 1 and then row 0's baselines (up to PROBE_KINDS of
+    them); batch two holds the midpoint of row 0's path to its first baseline, row 0's
+    last baseline, and the rows in reverse order. R = min(N, PROBE_ROWS), fewer for wide
+    inputs (see PROBE_ELEMENTS). Every row sits at another position, beside other
+    partners, in a batch of another size.
     """
     device, n_rows = problem.inputs[0].device, problem.n_rows
     row_size = max(1, sum(x[0].numel() for x in problem.inputs))
@@ -1534,10 +1539,11 @@ def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     key = (device, n_rows, problem.n_baselines, count)
     if key not in _PROBE_POINTS:
         last_kind = (problem.n_baselines - 1) * n_rows
-        pair = [*range(count), 0, 0, last_kind, *range(count - 1, -1, -1)]
-        alphas = [1.0] * count + [0.0, 0.5, 0.0] + [1.0] * count
-        # Row i is point i of batch one and point count + 3 + (count - 1 - i) overall.
-        second = [2 * count + 2 - i for i in range(count)]
+        kinds = [k * n_rows for k in range(min(problem.n_baselines, PROBE_KINDS))]
+        pair = [*range(count), *kinds, 0, last_kind, *range(count - 1, -1, -1)]
+        alphas = [1.0] * count + [0.0] * len(kinds) + [0.5, 0.0] + [1.0] * count
+        # Row i is point i of batch one and point count + K + 2 + (count - 1 - i) overall.
+        second = [2 * count + len(kinds) + 1 - i for i in range(count)]
         if len(_PROBE_POINTS) > 64:
             _PROBE_POINTS.clear()
         _PROBE_POINTS[key] = (
@@ -1554,13 +1560,15 @@ def _probe_row_coupling(
 ) -> ModelSample | None:
     pair, alphas, first_at, second_at = _probe_pairs(problem)
     count = first_at.shape[0]
-    # The rows themselves (their paths' ends at alpha 1) and three points on row 0's paths:
+    kinds = pair.shape[0] - 2 * count - 2
+    # The rows themselves (their paths' ends at alpha 1) and points on row 0's paths:
     # slicing and flipping the inputs costs less than gathering every point by its pair.
-    special = problem.path_points(pair[count : count + 3], alphas[count : count + 3])
+    special = problem.path_points(pair[count : count + kinds + 2],
+                                  alphas[count : count + kinds + 2])
     points = tuple(torch.cat([x[:count], between, x[:count].flip(0)])
                    for x, between in zip(problem.inputs, special))
     rows = pair % problem.n_rows
-    split = count + 1
+    split = count + kinds
     with torch.no_grad():
         outputs = [
             _forward(forward_func, tuple(p[part] for p in points), problem.args_for(rows[part]))
@@ -1574,7 +1582,7 @@ def _probe_row_coupling(
         # The trace is checked on batch one and the midpoint and last baseline of batch
         # two: the rest of batch two repeats batch one's rows.
         kept = slice(0, split + 2)
-        sample = ModelSample(points[0][kept], both[kept], count)
+        sample = ModelSample(points[0][kept], both[kept], count, kinds)
     first, second = selected[first_at].double(), selected[second_at].double()
     # Batched kernels may round differently with other partners, never by more than this.
     eps = torch.finfo(both.dtype).eps
