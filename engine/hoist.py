@@ -30,6 +30,7 @@ import logging
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
@@ -37,7 +38,8 @@ from torch.overrides import TorchFunctionMode
 
 from engine.kinks import KinkSplit, split_kink
 from engine.passes import MAX_NARROW_COLUMNS, MIN_INNER
-from engine.step import global_hooks, memo, own_hooks
+from engine.step import forget, global_hooks, memo, own_hooks
+from engine.trace import Guards, trace
 
 __all__ = ["AffineSplit", "ModelGraph", "fast_model", "global_hooks", "hooked", "model_graph",
            "pull_back", "reproduces", "same_gradients", "split_affine_prefix",
@@ -66,6 +68,7 @@ class AffineSplit:
     layers: tuple[str, ...]
     modules: tuple[nn.Module, ...]
     kink: KinkSplit | None = None
+    guards: Guards = Guards()
 
     def run(self, x: Tensor) -> Tensor:
         """``suffix(prefix(x))``, through the kink split when there is one."""
@@ -105,13 +108,14 @@ def split_affine_prefix(model: object) -> AffineSplit | None:
     """The model's leading affine layers and the rest, or None when there are none.
 
     Traces ``model`` with ``torch.fx`` once per model object and layout (see
-    ``engine.step.memo``); a model that is not an ``nn.Module``, does not trace, or has no
-    leading affine layer gives None.
+    ``engine.step.memo``), and again when an attribute its ``forward`` read has changed
+    (see ``engine.trace``); a model that is not an ``nn.Module``, does not trace, or has
+    no leading affine layer gives None.
     """
     if not isinstance(model, nn.Module) or isinstance(model, fx.GraphModule):
         return None
 
-    def trace() -> AffineSplit | None:
+    def traced() -> AffineSplit | None:
         try:
             return _split(model)
         except Exception as error:  # noqa: BLE001 - any tracing failure means "do not hoist"
@@ -119,11 +123,26 @@ def split_affine_prefix(model: object) -> AffineSplit | None:
                       str(error).splitlines()[0] if str(error) else type(error).__name__)
             return None
 
-    return memo(model, "affine split", trace)
+    return _guarded_memo(model, "affine split", traced,
+                         lambda split: split.guards if split is not None else Guards())
+
+
+def _guarded_memo(model: nn.Module, key: str, compute: Callable[[], object],
+                  guards_of: Callable[[Any], Guards]) -> Any:
+    """``memo(model, key, compute)``, computed again when its guards no longer hold."""
+    value = memo(model, key, compute)
+    guards = guards_of(value)
+    if guards.hold():
+        return value
+    log.debug("%s of %s: %s changed since the trace; tracing again", key,
+              type(model).__name__, guards.changed())
+    forget(model, key)
+    return memo(model, key, compute)
 
 
 def _split(model: nn.Module) -> AffineSplit | None:
-    graph = fx.symbolic_trace(model).graph
+    traced, guards = trace(model)
+    graph = traced.graph
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     if len(placeholders) != 1:
         return None
@@ -173,6 +192,7 @@ def _split(model: nn.Module) -> AffineSplit | None:
         layers=layers,
         modules=modules,
         kink=kink,
+        guards=guards,
     )
 
 
@@ -500,19 +520,22 @@ def fast_model(model: object) -> nn.Module | None:
     if not isinstance(model, nn.Module) or isinstance(model, fx.GraphModule):
         return None
 
-    def trace() -> nn.Module | None:
+    def traced() -> tuple[nn.Module, Guards] | None:
         if not any(_substitute(m) is not None for m in model.modules()):
             return None
         try:
-            fast = fx.symbolic_trace(model)
+            fast, guards = trace(model)
             _substitute_kernels(fast)
         except Exception as error:  # noqa: BLE001 - any tracing failure: run the model as is
             log.debug("no kernel substitution: %s does not trace (%s)",
-                      type(model).__name__, type(error).__name__)
+                      type(model).__name__, str(error).splitlines()[0] if str(error)
+                      else type(error).__name__)
             return None
-        return fast
+        return fast, guards
 
-    return memo(model, "kernel substitution", trace)
+    found = _guarded_memo(model, "kernel substitution", traced,
+                          lambda found: found[1] if found is not None else Guards())
+    return None if found is None else found[0]
 
 
 def reproduces(candidate: Callable[[Tensor], Tensor], expected: Tensor, points: Tensor) -> bool:

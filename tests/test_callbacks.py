@@ -130,6 +130,23 @@ def test_cost_per_epoch_is_logged(data, baselines, caplog):
     assert any("after epoch 1" in m and "% of the epoch" in m for m in messages)
 
 
+def test_training_does_not_make_the_snapshots_trace_the_model_again(data, baselines,
+                                                                     monkeypatch):
+    # The trace is guarded by the attributes forward reads; Lightning's own state, which
+    # changes from hook to hook, must not be among them.
+    import engine.hoist
+
+    traced = []
+    original = engine.hoist.trace
+    monkeypatch.setattr(engine.hoist, "trace", lambda model: traced.append(model)
+                        or original(model))
+
+    train_titanic(data, epochs=EPOCHS, seed=404, accelerator="cpu", progress=False,
+                  callbacks=[new_callback(data, baselines)])
+
+    assert len(traced) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_the_gpu_the_last_epoch_equals_a_direct_engine_call(data, baselines):

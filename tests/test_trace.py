@@ -1,0 +1,220 @@
+"""What a trace baked in: attributes read in forward, and blocks that switch gradients."""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from engine import integrated_gradients
+from engine.hoist import fast_model, split_affine_prefix
+from engine.trace import TraceRefused, trace
+
+HOISTS = [True, "affine", False]
+
+
+def _captum(model, x, base, **kwargs):
+    from captum.attr import IntegratedGradients
+
+    return IntegratedGradients(model).attribute(x, base, **kwargs)
+
+
+def _float64_reference(model, x, base, n_steps):
+    """Plain autograd, midpoint rule, in float64."""
+    model = copy.deepcopy(model).double()
+    alphas = (torch.arange(n_steps, dtype=torch.float64) + 0.5) / n_steps
+    x, base = x.double(), base.double()
+    points = (base + alphas.view(-1, 1, 1) * (x - base)).reshape(-1, x.shape[1])
+    points.requires_grad_()
+    (grad,) = torch.autograd.grad(model(points).sum(), points)
+    return (x - base) * grad.view(n_steps, *x.shape).mean(0)
+
+
+class _Kinked(nn.Module):
+    """-|x1| + 0.3 relu(x2): row 1's path below rises above both of its ends in the middle."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(2, 3, bias=False), nn.Linear(3, 1, bias=False)
+        with torch.no_grad():
+            self.l1.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]))
+            self.l2.weight.copy_(torch.tensor([[-1.0, -1.0, 0.3]]))
+
+    def hidden(self, x):
+        return self.l2(torch.relu(self.l1(x)))
+
+
+# Row 0 sits on the baseline; row 1 crosses x1 = 0, where the output peaks mid-path.
+X = torch.tensor([[-1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+BASE = torch.tensor([[-1.0, 0.0]], dtype=torch.float64)
+STEPS = dict(n_steps=20, method="riemann_middle")
+
+
+class _Capped(_Kinked):
+    def __init__(self):
+        super().__init__()
+        self.cap = 10.0
+
+    def forward(self, x):
+        return torch.clamp(self.hidden(x), max=self.cap)
+
+
+@pytest.mark.parametrize("hoist", HOISTS)
+def test_an_attribute_that_matters_only_inside_the_paths_is_seen(hoist):
+    model = _Capped().double().eval()
+    integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)  # traced with cap 10
+    # Every row, baseline and row 0's midpoint stay below -0.7: only the middle of row
+    # 1's path reaches the new cap.
+    model.cap = 0.0
+
+    got = integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)[0]
+
+    expected = _float64_reference(model, X, BASE, 20)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got, _captum(model, X, BASE, **STEPS), rtol=1e-6, atol=1e-9)
+    assert float((got - integrated_gradients(_Capped().double().eval(), X, BASE,
+                                             **STEPS)[0]).abs().max()) > 0.01
+
+
+class _Configured(_Kinked):
+    """The cap lives in a config object, the way models often keep their settings."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def forward(self, x):
+        return torch.clamp(self.hidden(x), max=self.config.limits["cap"])
+
+
+@pytest.mark.parametrize("config", [
+    types.SimpleNamespace(limits={"cap": 10.0}),
+    type("Config", (), {"__init__": lambda self: setattr(self, "limits", {"cap": 10.0})})(),
+], ids=["namespace", "object"])
+def test_a_setting_changed_inside_a_config_object_is_seen(config):
+    model = _Configured(config).double().eval()
+    integrated_gradients(model, X, BASE, **STEPS)
+    config.limits["cap"] = 0.0
+
+    got = integrated_gradients(model, X, BASE, **STEPS)[0]
+
+    torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
+                               atol=1e-12)
+
+
+class _Gated(_Kinked):
+    def forward(self, x):
+        z = self.hidden(x)
+        with torch.no_grad():  # a gate the model treats as a constant
+            gate = torch.relu(z)  # 0 at every row and baseline
+        return z * (1 + 20 * gate)
+
+
+@pytest.mark.parametrize("hoist", HOISTS)
+def test_a_block_without_gradients_inside_forward_is_not_differentiated(hoist):
+    model = _Gated().double().eval()
+
+    got = integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)[0]
+
+    # (Captum agrees to 3e-6: its alphas are rounded to float32, and the gate scales
+    # the output twentyfold.)
+    torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
+                               atol=1e-12)
+    assert split_affine_prefix(model) is None and fast_model(model) is None
+
+
+class _Thresholded(nn.Module):
+    """Detaches the hidden units above ``threshold``: outputs and graph shape never change."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.act, self.l2 = nn.Linear(5, 32), nn.PReLU(), nn.Linear(32, 1)
+        self.threshold = 1e9
+
+    def forward(self, x):
+        h = self.act(self.l1(x))
+        return self.l2(torch.where(h > self.threshold, h.detach(), h))
+
+
+@pytest.mark.parametrize("hoist", HOISTS)
+def test_a_detach_switched_by_an_attribute_between_calls_is_seen(hoist):
+    torch.manual_seed(0)
+    model, x = _Thresholded().double().eval(), torch.rand(30, 5, dtype=torch.float64)
+    base = torch.zeros(1, 5, dtype=torch.float64)
+    integrated_gradients(model, x, base, hoist=hoist, **STEPS)
+    model.threshold = 0.0
+
+    got = integrated_gradients(model, x, base, hoist=hoist, **STEPS)[0]
+
+    torch.testing.assert_close(got, _captum(model, x, base, **STEPS), rtol=1e-6, atol=1e-9)
+
+
+class _Counting(_Capped):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+def test_a_forward_that_changes_what_it_reads_runs_untraced():
+    model = _Counting().double().eval()
+
+    with pytest.raises(TraceRefused, match=r"_Counting\.calls"):
+        trace(model)
+    got = integrated_gradients(model, X, BASE, **STEPS)[0]
+
+    assert split_affine_prefix(model) is None
+    torch.testing.assert_close(got, _captum(model, X, BASE, **STEPS), rtol=1e-6, atol=1e-9)
+
+
+def test_autocast_inside_forward_is_refused():
+    class Mixed(_Kinked):
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.hidden(x)
+
+    with pytest.raises(TraceRefused, match="autocast"):
+        trace(Mixed())
+
+
+def test_guards_compare_plain_values_by_value_and_the_rest_by_identity():
+    model = _Capped()
+    model.flag, model.table, model.weights = float("nan"), [1, (2, "a")], torch.ones(2)
+    model.forward = None  # not read below: only what forward reads is guarded
+    del model.forward
+
+    class Reader(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            inner = self.inner
+            return x * inner.cap + inner.table[1][0] + inner.weights.sum() + (inner.flag != 0)
+
+    reader = Reader(model)
+    _, guards = trace(reader)
+    assert {name for _, name, _ in guards.reads} == {"cap", "table", "flag", "weights"}
+    assert guards.hold()  # nan equals nan here
+    model.table = [1, (2, "a")]  # an equal list
+    assert guards.hold()
+    model.cap = 10  # an int where a float was
+    assert not guards.hold() and guards.changed() == "_Capped.cap"
+    model.cap = 10.0
+    model.weights = torch.ones(2)  # an equal but different tensor
+    assert not guards.hold()
+
+
+def test_nn_module_attribute_access_is_restored_after_a_trace():
+    before = nn.Module.__dict__.get("__getattribute__")
+    with pytest.raises(TraceRefused):
+        trace(_Counting())
+    trace(_Capped())
+
+    assert nn.Module.__dict__.get("__getattribute__") is before
