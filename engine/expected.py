@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from engine.core import (
+    _NO_GRADIENT,
     TargetArg,
     TensorOrTuple,
     _forward,
@@ -38,7 +39,7 @@ from engine.core import (
     shown_rows,
     weights_blamed,
 )
-from engine.errors import ArgumentError
+from engine.errors import ArgumentError, ModelError
 from engine.plan import run_options
 from engine.step import keeps_batch_statistics, owns_precision
 
@@ -202,6 +203,8 @@ def _chunk(
         selected = problem.select(output, rows)
         with weights_blamed(forward_func):
             _refuse_non_finite(selected, rows)
+        if not selected.requires_grad:
+            raise ModelError(_NO_GRADIENT)
         grads = torch.autograd.grad(selected.sum(), points, allow_unused=True,
                                     materialize_grads=True)
 

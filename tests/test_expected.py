@@ -267,3 +267,16 @@ def test_one_sample_numpy_sizes_and_a_chunked_delta():
     # F(x) goes in chunks of two rows (10 points of 5 draws), not all seven at once.
     assert max(batches) <= 10 and 7 not in batches
     torch.testing.assert_close(delta, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_a_model_without_an_input_gradient_is_a_model_error():
+    class Detached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.layer(x).detach()
+
+    with pytest.raises(ModelError, match="does not depend on its inputs through autograd"):
+        expected_gradients(Detached().eval(), torch.randn(4, 5), torch.randn(3, 5), target=0)
