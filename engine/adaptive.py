@@ -15,6 +15,7 @@ result (Gauss-Legendre nodes do not nest, so the finer pass costs twice the poin
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -149,8 +150,9 @@ def _check_adaptive(
     else:
         tolerance = float(delta_tolerance)
     ceiling = 16 * n_steps if max_steps is None else max_steps
-    if isinstance(ceiling, bool) or not isinstance(ceiling, int):
+    if isinstance(ceiling, bool) or not isinstance(ceiling, numbers.Integral):
         raise ArgumentError(f"max_steps must be an integer, got {max_steps!r}")
+    ceiling = int(ceiling)
     if ceiling < n_steps:
         raise ArgumentError(f"max_steps={ceiling} is below n_steps={n_steps}")
     # The error estimate compares the last level with one of twice the nodes.

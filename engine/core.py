@@ -513,8 +513,16 @@ def integrate(
     row-coupling probe, saves a forward when checking a traced model.
     """
     options = options or RunOptions()
-    with frozen_parameters(forward_func), weights_blamed(forward_func):
-        sums = _integrated_sums(forward_func, problem, rule, chunk_points, options, sample)
+    try:
+        with frozen_parameters(forward_func), weights_blamed(forward_func):
+            sums = _integrated_sums(forward_func, problem, rule, chunk_points, options, sample)
+    except _NonFiniteOutputs as error:
+        if options.precision != "fp16":
+            raise
+        raise _NonFiniteOutputs(
+            f"{error} (precision='fp16' overflows beyond 65,504 in magnitude, in the model's "
+            "activations too: precision='bf16' or 'fp32' may avoid it)"
+        ) from error
     _refuse_non_finite_gradients(sums)
     return sums
 

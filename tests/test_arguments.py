@@ -751,6 +751,31 @@ def test_numpy_integers_are_accepted_as_sizes():
     torch.testing.assert_close(actual, reference, rtol=1e-6, atol=1e-7)
 
 
+def test_a_numpy_integer_max_steps_is_accepted():
+    import numpy as np
+
+    torch.manual_seed(0)
+    net, x = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)), torch.rand(5, 4)
+    options = dict(n_steps=2, delta_tolerance=1e-9)
+
+    actual = integrated_gradients(net, x, torch.zeros(1, 4), max_steps=np.int64(8), **options)
+    reference = integrated_gradients(net, x, torch.zeros(1, 4), max_steps=8, **options)
+
+    torch.testing.assert_close(actual.attributions, reference.attributions, rtol=0, atol=0)
+    assert actual.n_steps.max() == 8
+
+
+def test_an_fp16_overflow_names_the_precision():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 64), nn.ReLU(), nn.Linear(64, 3)).eval()
+    x = torch.randn(4, 5) * 1e5  # finite in float32, beyond float16's range
+
+    assert torch.isfinite(integrated_gradients(net, x, 0.0, target=0)).all()
+    with pytest.raises(ModelError, match=r"non-finite outputs.*precision='fp16' overflows "
+                                         r"beyond 65,504"):
+        integrated_gradients(net, x, 0.0, target=0, precision="fp16", hoist=False)
+
+
 def test_a_shared_non_finite_baseline_next_to_a_per_row_one_names_no_row():
     class Two(nn.Module):
         def forward(self, x, v):
