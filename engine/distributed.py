@@ -422,7 +422,7 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
     if job.output_format == "parquet":
         _check_pyarrow()
     # As --all does, before any work: the chunks go into --out too.
-    check_output_folder(job.out)
+    check_output_folder(job.out, "checkpoint")
     frame = read_rows(job.data)
     features = job.scaling.apply(frame)
     _check_scaled(features, frame, job.scaling, job.data)
@@ -562,7 +562,7 @@ def write_tables(
     list of Path
         The two files written.
     """
-    outputs = OutputDir(out)
+    outputs = OutputDir(out, "checkpoint")
     with outputs, contextlib.ExitStack() as writers:
         attribution_writer = writers.enter_context(
             _TableWriter(outputs.file(f"{TABLES[0]}.{output_format}"), output_format))

@@ -45,11 +45,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
 
 
-def check_output_folder(path: Path) -> None:
+# What wrote a results folder: the worked example (--all) or explaining a file
+# (--checkpoint). Each lists its own files; neither replaces or removes the other's.
+RUN_KINDS = {"all": "--all", "checkpoint": "--checkpoint"}
+
+
+def check_output_folder(path: Path, kind: str | None = None) -> None:
     """Raise ``ArgumentError`` unless ``path`` is a writable folder, or can be made as one
-    in an existing writable folder; nothing is created."""
+    in an existing writable folder; nothing is created.
+
+    With ``kind``, also refuse a folder holding the results of the other kind of run
+    (see RUN_KINDS): the two write some of the same names, and each removes the files
+    its own earlier run wrote and this one did not.
+    """
     if path.exists() and not path.is_dir():
         raise ArgumentError(f"--out {path} exists and is not a directory")
+    if kind is not None and path.is_dir():
+        earlier, _ = _written_before(path)
+        if earlier is not None and earlier != kind:
+            raise ArgumentError(
+                f"--out {path} holds the results of a {RUN_KINDS[earlier]} run (listed in "
+                f"{path / WRITTEN_FILE}); a {RUN_KINDS[kind]} run there would replace or "
+                "remove them: choose another --out"
+            )
     parent = path.resolve().parent
     if parent.exists() and not parent.is_dir():
         raise ArgumentError(f"--out {path}: {parent} is a file, not a folder")
@@ -75,9 +93,10 @@ class OutputDir:
     ``commit`` leaves the target folder as it was.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, kind: str = "all") -> None:
         self.path = Path(path)
-        check_output_folder(self.path)
+        self.kind = kind
+        check_output_folder(self.path, kind)
         parent = self.path.resolve().parent
         try:
             self.staging = Path(
@@ -122,9 +141,12 @@ class OutputDir:
                     f"--out {self.path}: {self.path / name} is a folder where a result file "
                     "goes; move it away and run again"
                 )
-        earlier = _written_before(self.path)
+        # Checked again: another run may have written the folder since this one began.
+        check_output_folder(self.path, self.kind)
+        _, earlier = _written_before(self.path)
         listing = self.file(WRITTEN_FILE)
-        listing.write_text("".join(f"{name}\n" for name in self.written if name != WRITTEN_FILE))
+        listing.write_text(f"{_KIND_LINE}{self.kind}\n" + "".join(
+            f"{name}\n" for name in self.written if name != WRITTEN_FILE))
         published = []
         # A Ctrl-C between two renames would leave new files beside old ones: hold it.
         with _sigint_held() as held:
@@ -161,14 +183,26 @@ OWNER_FILE = ".owner"
 WRITTEN_FILE = ".written"
 
 
-def _written_before(folder: Path) -> set[str]:
-    """Plain file names the listing in ``folder`` holds (nothing with a path in it)."""
+# The listing's first line: which kind of run wrote the folder.
+_KIND_LINE = "# written by: "
+
+
+def _written_before(folder: Path) -> tuple[str | None, set[str]]:
+    """The kind of run that wrote ``folder`` (None when the listing does not say) and the
+    plain file names its listing holds (nothing with a path in it)."""
     try:
         lines = (folder / WRITTEN_FILE).read_text().splitlines()
     except (OSError, UnicodeDecodeError):
-        return set()
-    return {line for line in lines
-            if line and line == Path(line).name and line not in (".", "..", WRITTEN_FILE)}
+        return None, set()
+    kind = None
+    if lines and lines[0].startswith(_KIND_LINE):
+        kind = lines.pop(0)[len(_KIND_LINE):]
+        kind = kind if kind in RUN_KINDS else None
+    names = {line for line in lines if line and line == Path(line).name
+             and line not in (".", "..", WRITTEN_FILE)}
+    if kind is None and "model.pt" in names:
+        kind = "all"  # a listing from before the first line said; only --all saves a model
+    return kind, names
 
 
 def _remove_abandoned(parent: Path, name: str) -> None:

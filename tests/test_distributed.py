@@ -390,6 +390,27 @@ def test_an_out_folder_that_cannot_be_made_exits_two_before_any_work(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.csv"]
 
 
+def test_explaining_into_the_folder_of_an_all_run_is_refused_removing_nothing(
+    tmp_path, capsys, rows_csv, checkpoint, titanic_csv
+):
+    from engine.io import OutputDir
+
+    folder = tmp_path / "results"
+    with OutputDir(folder, "all") as outputs:
+        outputs.file("model.pt").write_bytes(checkpoint.read_bytes())
+        outputs.write_text("report.html", "<html></html>")
+        outputs.commit()
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    status = main(flags(rows_csv, folder / "model.pt", titanic_csv, folder))
+
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1
+    assert "holds the results of a --all run" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
 def test_a_missing_checkpoint_is_one_line_exit_two(tmp_path, capsys, rows_csv, titanic_csv):
     missing = tmp_path / "nowhere.pt"
 

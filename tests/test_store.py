@@ -324,6 +324,40 @@ def test_a_listing_cannot_name_files_outside_the_folder(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == [".written", "b.csv"]
 
 
+@pytest.mark.parametrize("earlier, later", [("all", "checkpoint"), ("checkpoint", "all")])
+def test_a_run_of_the_other_kind_does_not_touch_a_folders_results(tmp_path, earlier, later):
+    from engine.io import OutputDir
+
+    folder = tmp_path / "results"
+    with OutputDir(folder, earlier) as outputs:
+        outputs.write_text("model.pt", "weights")
+        outputs.write_text("interpretation_results.csv", "earlier table")
+        outputs.commit()
+
+    with pytest.raises(ArgumentError, match=rf"^--out {folder} holds the results of a "
+                                            rf"--{earlier} run .*choose another --out"):
+        OutputDir(folder, later)
+
+    assert (folder / "model.pt").read_text() == "weights"
+    assert (folder / "interpretation_results.csv").read_text() == "earlier table"
+    assert not list(tmp_path.glob(".results.partial-*"))
+
+
+def test_a_listing_without_its_kind_that_names_a_model_is_an_all_run(tmp_path):
+    from engine.io import OutputDir
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "model.pt").write_text("weights")
+    (folder / ".written").write_text("model.pt\nreport.html\n")
+
+    with pytest.raises(ArgumentError, match="holds the results of a --all run"):
+        OutputDir(folder, "checkpoint")
+    _publish(folder, ["report.html"])  # an --all run replaces its own files as before
+
+    assert sorted(p.name for p in folder.iterdir()) == [".written", "report.html"]
+
+
 def test_a_changed_object_setting_names_the_number_that_changed(tmp_path):
     with_one_chunk(make_store(tmp_path / "chunks",
                               scaling={"high": [3.0, 1.0, 80.0], "low": [1.0, 0.0, 0.0]}))
