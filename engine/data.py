@@ -240,6 +240,17 @@ def load_titanic(path: str | Path) -> pd.DataFrame:
 
 def _load(path: Path, *, label: str) -> pd.DataFrame:
     """Read and check ``path``; messages name ``label`` (a path or a URL)."""
+    return _checked(read_csv_table(path, label=label), label)
+
+
+def read_csv_table(path: Path, *, label: str) -> pd.DataFrame:
+    """Read a CSV table as pandas does, refusing what pandas would take silently.
+
+    A device, a line over ``MAX_LINE_BYTES``, bytes that are not UTF-8, a record with
+    fewer fields than the header (pandas fills them with NaN) and a column the rows use
+    named twice in the header (pandas reads the second as ``Age.1``) are a ``DataError``
+    naming ``label`` (a path or a URL) and the line.
+    """
     if not path.exists():
         raise DataError(f"{label}: no such file")
     if path.is_dir():
@@ -261,7 +272,7 @@ def _load(path: Path, *, label: str) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
         raise DataError(f"{label}: not a readable CSV ({_one_line(err)})") from err
     _check_field_counts(text, label)
-    return _checked(frame, label)
+    return frame
 
 
 def _check_field_counts(text: str, label: str) -> None:
@@ -270,6 +281,13 @@ def _check_field_counts(text: str, label: str) -> None:
     records = csv.reader(io.StringIO(text))
     try:
         header = next(records, [])
+        for name in ("PassengerId", TARGET, *FEATURES):
+            places = [i + 1 for i, column in enumerate(header) if column == name]
+            if len(places) > 1:
+                raise DataError(
+                    f"{label}: column {name} appears {len(places)} times in the header (columns"
+                    f" {', '.join(map(str, places))}): keep one"
+                )
         for record_number, record in enumerate(records, start=1):
             if record and len(record) < len(header):
                 raise DataError(
@@ -325,8 +343,6 @@ def _checked(frame: pd.DataFrame, label: str) -> pd.DataFrame:
         if frame[column].isna().all():
             raise DataError(f"{label}: column {column} has no values at all")
     _check_sex(frame["Sex"], label)
-    if frame["Sex"].isna().all():
-        raise DataError(f"{label}: column Sex has no values at all")
     _check_target(frame[TARGET], label)
     _check_ids(frame["PassengerId"], label)
     check_feature_ranges(frame, label)
@@ -371,7 +387,20 @@ def _numeric(values: pd.Series, column: str, label: str) -> pd.Series:
 
 
 def _check_sex(values: pd.Series, label: str) -> None:
-    """Only the labels male and female (or a blank) may appear."""
+    """Only the labels male and female may appear, in every row.
+
+    A blank would be filled with the median code like the other columns, which is 0.5
+    (neither) when a file has as many men as women.
+    """
+    blank = values.isna().to_numpy()
+    if len(blank) and blank.all():
+        raise DataError(f"{label}: column Sex has no values at all")
+    if blank.any():
+        row = int(np.flatnonzero(blank)[0])
+        raise DataError(
+            f"{label}: column Sex, {_where(row)}: blank, expected 'male' or 'female'"
+            f" ({int(blank.sum()):,} blank row(s))"
+        )
     present = values.dropna()
     unknown = sorted(set(map(str, present)) - set(SEX_CODES))
     if unknown:

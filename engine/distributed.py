@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import logging
 import os
 import sys
@@ -40,11 +39,11 @@ from engine.data import (
     SEX_CODES,
     _check_ids,
     _check_sex,
-    _decode,
     _numeric,
     _shown,
     _where,
     check_feature_ranges,
+    read_csv_table,
 )
 from engine.errors import ArgumentError, DataError
 from engine.io import OutputDir, check_output_folder, tidy_attributions, tidy_deltas
@@ -166,17 +165,8 @@ def read_rows(path: str | Path) -> pd.DataFrame:
         With one line naming the file, and the column and row at fault.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file" if not path.exists() else
-                        f"{path}: is a directory, expected a CSV file" if path.is_dir() else
-                        f"{path}: is not a regular file, expected a CSV file")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise DataError(f"{path}: file is empty, expected a CSV with a header and rows")
-    try:
-        frame = pd.read_csv(io.StringIO(_decode(raw, str(path))))
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as error:
-        raise DataError(f"{path}: not a readable CSV ({str(error).splitlines()[0]})") from error
+    # The same reading and refusals as --all's training file.
+    frame = read_csv_table(path, label=str(path))
     if len(frame) == 0:
         raise DataError(f"{path}: has a header but no data rows")
     missing = [name for name in ("PassengerId", *FEATURES) if name not in frame.columns]

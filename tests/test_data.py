@@ -391,6 +391,23 @@ def test_unknown_sex_label_is_named(tmp_path: Path) -> None:
     assert_one_line(err, "t.csv", "Sex", "'unknown'", "row 3")
 
 
+def test_a_blank_sex_is_named_not_filled(tmp_path: Path) -> None:
+    # The median of two men and two women would be 0.5: neither.
+    rows = [ROWS[0], ROWS[1], with_field(ROWS[2], "Sex", ""), with_field(ROWS[0], "Sex",
+                                                                          "female")]
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, [HEADER, *rows]))
+    assert_one_line(err, "t.csv", "column Sex, row 3 (line 4): blank")
+
+
+def test_a_column_named_twice_in_the_header_is_refused(tmp_path: Path) -> None:
+    header = HEADER + ",Age"
+    rows = [row + ",99" for row in ROWS]
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, [header, *rows]))
+    assert_one_line(err, "t.csv", "column Age appears 2 times in the header (columns 6, 13): keep one")
+
+
 def test_infinite_fare_is_named(tmp_path: Path) -> None:
     rows = [with_field(ROWS[0], "Fare", "inf"), ROWS[1], ROWS[2]]
     with pytest.raises(DataError) as err:

@@ -111,6 +111,38 @@ def test_a_missing_feature_column_is_named(tmp_path, rows_csv):
         read_rows(bad)
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("short record", r"row 3 \(line 4\) has \d fields, the header has 11"),
+    ("long line", r"line 3 is 2,097,1\d\d bytes long, more than 1,048,576"),
+    ("Age twice", r"column Age appears 2 times in the header"),
+    ("blank Sex", r"column Sex, row 2 \(line 3\): blank"),
+])
+def test_the_rows_to_explain_are_read_as_strictly_as_the_training_file(
+    tmp_path, titanic_csv, damage, message
+):
+    frame = pd.read_csv(titanic_csv).drop(columns=["Survived"]).head(5)
+    if damage == "short record":
+        frame.to_csv(tmp_path / "bad.csv", index=False)
+        text = (tmp_path / "bad.csv").read_text().splitlines()
+        text[3] = ",".join(text[3].split(",")[:4])
+    elif damage == "long line":
+        frame.loc[1, "Name"] = "x" * (2 << 20)
+        frame.to_csv(tmp_path / "bad.csv", index=False)
+        text = (tmp_path / "bad.csv").read_text().splitlines()
+    elif damage == "Age twice":
+        frame["Age2"] = 99
+        frame.rename(columns={"Age2": "Age"}).to_csv(tmp_path / "bad.csv", index=False)
+        text = (tmp_path / "bad.csv").read_text().splitlines()
+    else:
+        frame.loc[1, "Sex"] = None
+        frame.to_csv(tmp_path / "bad.csv", index=False)
+        text = (tmp_path / "bad.csv").read_text().splitlines()
+    (tmp_path / "bad.csv").write_text("\n".join(text) + "\n")
+
+    with pytest.raises(DataError, match=r"^\S*bad.csv: " + message):
+        read_rows(tmp_path / "bad.csv")
+
+
 def test_one_process_matches_the_engine_on_the_whole_table(
     one_process_run, rows_csv, checkpoint, titanic_csv
 ):
