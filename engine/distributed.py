@@ -131,6 +131,13 @@ class FeatureScaling:
         return torch.tensor(self.mean, dtype=torch.float32)
 
 
+def frame_value(name: str, code: float) -> object:
+    """A feature value as the CSV writes it: Sex by its label, numbers as they are."""
+    if name == "Sex":
+        return next((label for label, value in SEX_CODES.items() if value == code), code)
+    return code
+
+
 def _feature_table(frame: pd.DataFrame) -> pd.DataFrame:
     table = frame[list(FEATURES)].copy()
     table["Sex"] = table["Sex"].map(SEX_CODES)
@@ -191,8 +198,25 @@ def _check_scaled(
     """Refuse a value that the training file's range scales past float32.
 
     :func:`read_rows` bounds every value, so only a reference with next to no spread in a
-    column (a range of 1e-300, say) gets here.
+    column (a range of 1e-300, say) gets here. A reference with no spread at all (one
+    passenger) scales a constant column to zeros, as training does, and any other value
+    by a range of 1: in raw units, which the model never saw. Such a value is refused.
     """
+    table = _feature_table(frame).to_numpy()
+    for column, name in enumerate(FEATURES):
+        low, high = scaling.low[column], scaling.high[column]
+        if low != high:
+            continue
+        # Blanks are filled with the reference's median, which is that one value.
+        other = np.flatnonzero(~np.isnan(table[:, column]) & (table[:, column] != low))
+        if len(other):
+            row = int(other[0])
+            raise DataError(
+                f"{path}: column {name}, {_where(row)}: {_shown(frame[name].iloc[row])}, but "
+                f"every row of the reference has {name} {_shown(frame_value(name, low))}: the "
+                f"model saw no other value and min-max scaling has no range to map this one "
+                "with; pass the model's training file as --reference"
+            )
     bad = (~torch.isfinite(features)).nonzero()
     if len(bad) == 0:
         return

@@ -405,7 +405,8 @@ def test_a_column_named_twice_in_the_header_is_refused(tmp_path: Path) -> None:
     rows = [row + ",99" for row in ROWS]
     with pytest.raises(DataError) as err:
         load_titanic(write_csv(tmp_path, [header, *rows]))
-    assert_one_line(err, "t.csv", "column Age appears 2 times in the header (columns 6, 13): keep one")
+    assert_one_line(err, "t.csv",
+                    "column Age appears 2 times in the header (columns 6, 13): keep one")
 
 
 def test_infinite_fare_is_named(tmp_path: Path) -> None:

@@ -337,6 +337,34 @@ def test_a_value_the_reference_range_scales_past_float32_is_refused(
     assert not out.exists()
 
 
+def test_a_reference_without_spread_in_a_column_the_rows_vary_in_is_refused(
+    tmp_path, capsys, rows_csv, checkpoint, titanic_csv
+):
+    one = tmp_path / "one.csv"
+    one.write_text("\n".join(titanic_csv.read_text().splitlines()[:2]) + "\n")  # Braund
+    out = tmp_path / "results"
+
+    status = main(flags(rows_csv, checkpoint, one, out))
+
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert re.search(r"column Pclass, row \d+ \(line \d+\): 1, but every row of the "
+                     r"reference has Pclass 3(\.0)?: .*pass the model's training file", err), err
+    assert not out.exists()
+
+
+def test_a_constant_reference_column_the_rows_share_scales_to_zero_as_in_training():
+    frame = pd.DataFrame({"PassengerId": [1, 2], "Pclass": [3.0, 3.0], "Sex": ["male", "female"],
+                          "Age": [20.0, 30.0], "SibSp": [0.0, 1.0], "Fare": [7.0, 9.0]})
+    scaling = FeatureScaling.from_reference(frame)
+
+    from engine.distributed import _check_scaled
+
+    features = scaling.apply(frame)
+    _check_scaled(features, frame, scaling, "rows.csv")
+    assert features[:, FEATURES.index("Pclass")].tolist() == [0.0, 0.0]
+
+
 def test_a_changed_config_refuses_the_old_chunks_with_exit_two(
     tmp_path, monkeypatch, capsys, rows_csv, checkpoint, titanic_csv
 ):
