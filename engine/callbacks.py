@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -68,7 +69,11 @@ class AttributionCallback(pl.Callback):
         ``F`` names, for the ``feature`` column.
     row_ids
         ``N`` identifiers (passenger ids) for a ``passenger_id`` column; optional.
-    n_steps, method, target, internal_batch_size, compile, precision
+    target
+        None for a model with one output; the output column to explain (an integer); or
+        one column per row (``N`` integers, a list or a tensor), as in
+        :func:`engine.integrated_gradients`.
+    n_steps, method, internal_batch_size, compile, precision
         Passed to :func:`engine.integrated_gradients`. ``compile=True`` compiles once, at
         the snapshot before training (seconds). On a CPU with numba the Titanic job then
         compiles only the model's tail, and its snapshots were slower than eager ones
@@ -98,7 +103,7 @@ class AttributionCallback(pl.Callback):
         row_ids: Sequence[int] | None = None,
         n_steps: int = 50,
         method: str = "gausslegendre",
-        target: int | None = None,
+        target: int | Sequence[int] | Tensor | None = None,
         internal_batch_size: int | None = None,
         compile: bool | str = False,
         precision: str = "fp32",
@@ -132,7 +137,7 @@ class AttributionCallback(pl.Callback):
         self.row_ids = None if row_ids is None else np.asarray(row_ids)
         self.n_steps = n_steps
         self.method = method
-        self.target = target
+        self.target = _checked_target(target, inputs.shape[0])
         self.internal_batch_size = internal_batch_size
         self.compile = compile
         self.precision = precision
@@ -187,17 +192,20 @@ class AttributionCallback(pl.Callback):
         device = _device_of(model, self.inputs.device)
         inputs = self.inputs.to(device)
         baselines = self.baselines.to(device)
+        target = self.target.to(device) if isinstance(self.target, Tensor) else self.target
 
         with _eval_mode(model), _kept_rng(device):
             attributions = integrated_gradients(
-                model, inputs, baselines, target=self.target, n_steps=self.n_steps,
+                model, inputs, baselines, target=target, n_steps=self.n_steps,
                 method=self.method, internal_batch_size=self.internal_batch_size,
                 compile=self.compile, precision=self.precision,
             )
             with torch.no_grad():
                 outputs = model(inputs)
-        if self.target is not None:
-            outputs = outputs[:, self.target]
+        if isinstance(target, Tensor):
+            outputs = outputs.gather(1, target.view(-1, 1))
+        elif target is not None:
+            outputs = outputs[:, target]
         return attributions.detach(), outputs.detach().reshape(inputs.shape[0])
 
     def _snapshot(self, model: nn.Module, *, epoch: int, epoch_seconds: float | None) -> None:
@@ -257,6 +265,29 @@ class AttributionCallback(pl.Callback):
         columns["feature"] = np.asarray(self.feature_names)[feature.ravel()]
         columns["value"] = stacked.double().numpy().ravel()
         return pd.DataFrame(columns)
+
+
+def _checked_target(target: object, n_rows: int) -> int | Tensor | None:
+    """None, one output column for every row, or a (N,) tensor of one column per row."""
+    if target is None:
+        return None
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
+        return int(target)
+    values = None
+    if isinstance(target, (list, tuple, Tensor, np.ndarray)):
+        try:
+            values = torch.as_tensor(target).detach()
+        except (TypeError, ValueError, RuntimeError):
+            values = None
+    if values is not None and values.dim() == 1 and values.shape[0] == n_rows \
+            and not values.is_floating_point() and not values.is_complex() \
+            and values.dtype != torch.bool:
+        return values.to(torch.long).cpu()
+    shown = f"{_describe(values)} of {values.dtype}" if values is not None else \
+        _describe(target)
+    raise ArgumentError(
+        f"target must be an integer or {n_rows} integers (one per row), got {shown}"
+    )
 
 
 def _describe(value: object) -> str:

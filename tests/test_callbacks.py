@@ -245,6 +245,11 @@ def test_explain_runs_in_eval_mode(data, baselines):
         ({"row_ids": [1, 2, 3]}, "3 row ids for 179 rows"),
         ({"baselines": torch.zeros(4, 3)}, "(B, 5)"),
         ({"inputs": torch.zeros(5)}, "(N, F)"),
+        ({"target": [0, 1]}, "target must be an integer or 179 integers (one per row), "
+                             "got shape (2,)"),
+        ({"target": torch.zeros(179)}, "179 integers (one per row), got shape (179,) of "
+                                       "torch.float32"),
+        ({"target": 0.5}, "179 integers (one per row), got a float"),
     ],
 )
 def test_mismatched_arguments_are_named(data, baselines, change, message):
@@ -370,3 +375,43 @@ def test_explain_inside_a_callers_autocast_gives_float32_outputs(data, baselines
 
     assert got[1].dtype == torch.float32
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+class _TwoClasses(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def forward(self, x):
+        return torch.softmax(self.net(x), dim=1)
+
+    def training_step(self, batch, _):
+        features, labels = batch
+        return nn.functional.cross_entropy(self.net(features), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_a_target_per_row_explains_each_rows_own_class(data, baselines, as_tensor):
+    torch.manual_seed(0)
+    labels = data.test_labels.long()  # each passenger's own outcome as the class
+    target = labels if as_tensor else labels.tolist()
+    callback = AttributionCallback(data.test_features, baselines, BASELINE_KINDS,
+                                   data.feature_names, n_steps=N_STEPS, target=target)
+    model = _TwoClasses()
+    rows = torch.utils.data.TensorDataset(data.features, torch.arange(len(data.features)) % 2)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback])
+    trainer.fit(model, torch.utils.data.DataLoader(rows, batch_size=256))
+
+    model.eval()
+    direct = integrated_gradients(model, data.test_features, baselines, target=labels,
+                                  n_steps=N_STEPS)
+    with torch.no_grad():
+        chosen = model(data.test_features)[torch.arange(len(labels)), labels]
+    torch.testing.assert_close(callback.attributions[-1], direct, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(callback.outputs[-1], chosen, rtol=0, atol=0)
+    assert callback.epochs == [0, 1, 2]
