@@ -629,8 +629,11 @@ def _run(args: argparse.Namespace) -> int:
     )
     # --all also drops its staged results on SIGTERM and SIGHUP (a scheduler's stop, a
     # closed terminal); a --checkpoint run leaves SIGTERM to Lightning, which stops
-    # between chunks and keeps the finished ones.
-    stops = () if args.checkpoint is not None else _STOP_SIGNALS
+    # between chunks and keeps the finished ones, and stops at once on SIGHUP, keeping
+    # them too.
+    stops = _STOP_SIGNALS
+    if args.checkpoint is not None:
+        stops = tuple(signum for signum in _STOP_SIGNALS if signum != signal.SIGTERM)
     try:
         with _noticed_interrupts(*stops) as interrupts:
             if args.checkpoint is not None:

@@ -199,7 +199,7 @@ def test_more_processes_than_missing_chunks_still_finish(
     np.testing.assert_allclose(two["value"], one["value"], rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM", "SIGHUP"])
 def test_a_killed_run_resumes_without_recomputing_and_ends_identical(
     tmp_path, one_process_run, rows_csv, checkpoint, titanic_csv, stop
 ):
@@ -218,12 +218,20 @@ def test_a_killed_run_resumes_without_recomputing_and_ends_identical(
     if stop == "SIGKILL":
         os.killpg(process.pid, signal.SIGKILL)
     else:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(getattr(signal, stop))
     _, stderr = process.communicate(timeout=120)
     finished_before = {p.name for p in store.glob("chunk-*.npz")}
 
     if stop == "SIGKILL":
         assert process.returncode == -signal.SIGKILL
+    elif stop == "SIGHUP":
+        # A closed terminal: the run stops at once, keeping its finished chunks and
+        # leaving no half-written one behind.
+        assert process.returncode == 128 + signal.SIGHUP, stderr
+        assert stderr.strip().splitlines()[-1].startswith("interrupted: the chunks that had "
+                                                          "finished, if any, are kept")
+        assert not [p for p in store.iterdir() if not p.name.startswith(("chunk-", "manifest"))
+                    or p.name.endswith(".tmp")]
     else:
         # An interrupted run, as for --all: 128 + SIGTERM and one "interrupted" line.
         assert process.returncode == 128 + signal.SIGTERM
