@@ -190,9 +190,17 @@ def _check_shared_flags(args: argparse.Namespace) -> None:
         raise UsageError(text) from error
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
-    if not str(args.out).strip() or Path(args.out) == Path("."):
+    if not str(args.out).strip() or Path(args.out) == Path(".") \
+            or _same_folder(Path(args.out), Path.cwd()):
         raise UsageError(f"--out {str(args.out)!r}: name a results folder, not the current one")
     args.out = Path(args.out)
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a name too long, a symlink loop: not the same
+        return False
 
 
 def _baseline_kinds(text: str) -> tuple[str, ...]:
@@ -251,7 +259,8 @@ def _run_all(config: JobConfig) -> dict[str, object]:
         )
         cadence = ("every epoch" if config.snapshot_every == 1
                    else f"every {config.snapshot_every} epochs")
-        _say(f"training {config.epochs} epochs on {config.device} (seed {config.seed}), "
+        epochs = f"{config.epochs} epoch{'' if config.epochs == 1 else 's'}"
+        _say(f"training {epochs} on {config.device} (seed {config.seed}), "
              f"explaining the test set {cadence}")
         classifier = train_titanic(
             data, epochs=config.epochs, seed=config.seed, layer_order=config.layer_order,

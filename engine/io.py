@@ -58,6 +58,15 @@ def check_output_folder(path: Path, kind: str | None = None) -> None:
     (see RUN_KINDS): the two write some of the same names, and each removes the files
     its own earlier run wrote and this one did not.
     """
+    try:
+        _check_output_folder(path, kind)
+    except OSError as error:  # a name too long for the file system, a symlink loop
+        raise ArgumentError(
+            f"--out {path}: {error.strerror or type(error).__name__}"
+        ) from error
+
+
+def _check_output_folder(path: Path, kind: str | None) -> None:
     if path.exists() and not path.is_dir():
         raise ArgumentError(f"--out {path} exists and is not a directory")
     if kind is not None and path.is_dir():
@@ -77,7 +86,7 @@ def check_output_folder(path: Path, kind: str | None = None) -> None:
         raise ArgumentError(f"--out {path} is not writable")
     # os.access cannot see everything (root, read-only mounts, /proc): trying can.
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.check-", dir=parent))
+        os.rmdir(tempfile.mkdtemp(prefix=f".{_short(path.name)}.check-", dir=parent))
     except OSError as error:
         raise ArgumentError(
             f"--out {path} is not writable: cannot create a folder in {parent}"
@@ -100,7 +109,7 @@ class OutputDir:
         parent = self.path.resolve().parent
         try:
             self.staging = Path(
-                tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=parent)
+                tempfile.mkdtemp(prefix=_staging_prefix(self.path.name), dir=parent)
             )
         except OSError as error:
             # os.access cannot see everything (root, read-only mounts, /proc): trying can.
@@ -178,6 +187,17 @@ class OutputDir:
         self.discard()
 
 
+def _short(name: str) -> str:
+    """``name`` cut to leave room for a hidden prefix and suffix within a 255-byte name."""
+    return name.encode()[:MAX_NAME_IN_STAGING].decode(errors="ignore")
+
+
+def _staging_prefix(name: str) -> str:
+    return f".{_short(name)}.partial-"
+
+
+# Bytes of the results folder's name kept in its staging folder's name.
+MAX_NAME_IN_STAGING = 200
 OWNER_FILE = ".owner"
 # Inside a results folder: the names of the files the last run wrote there.
 WRITTEN_FILE = ".written"
@@ -213,7 +233,7 @@ def _remove_abandoned(parent: Path, name: str) -> None:
     (another host, a live process, no owner file) are left alone.
     """
     host = socket.gethostname()
-    for folder in parent.glob(f".{glob.escape(name)}.partial-*"):
+    for folder in parent.glob(f"{glob.escape(_staging_prefix(name))}*"):
         try:
             owner_host, pid = (folder / OWNER_FILE).read_text().split()
             if owner_host != host or _alive(int(pid)):

@@ -539,16 +539,33 @@ def test_cut_checkpoint_is_one_line_checkpoint_error(tmp_path, keep):
         (["--seed", str(2**64)], ["--seed"]),
         (["--out="], ["--out ''", "current"]),
         (["--out", "./"], ["--out './'", "current"]),
+        (["--out", "CWD"], ["current"]),
     ],
-    ids=["huge-n-steps", "negative-seed", "huge-seed", "empty-out", "dot-out"],
+    ids=["huge-n-steps", "negative-seed", "huge-seed", "empty-out", "dot-out", "cwd-out"],
 )
 def test_flags_out_of_range_are_refused_before_any_work(tmp_path, capsys, monkeypatch, flags,
                                                        names):
     monkeypatch.chdir(tmp_path)
+    flags = [str(tmp_path) if flag == "CWD" else flag for flag in flags]
 
     status, err = run_main(capsys, *flags)
 
     assert_refused(status, err, tmp_path, *names)
+
+
+def test_a_long_out_name_is_used_and_a_too_long_one_refused_in_one_line(tmp_path, capsys,
+                                                                        titanic_csv):
+    from engine.io import OutputDir
+
+    # 250 bytes is a valid name, and the staging folder beside it must fit too.
+    with OutputDir(tmp_path / ("r" * 250)) as outputs:
+        outputs.write_text("a.txt", "done")
+        outputs.commit()
+    assert (tmp_path / ("r" * 250) / "a.txt").read_text() == "done"
+
+    status, err = run_main(capsys, "--data", str(titanic_csv), "--out", str(tmp_path / ("r" * 300)))
+
+    assert_refused(status, err, tmp_path, "File name too long")
 
 
 def test_a_row_with_missing_fields_is_refused_naming_its_line(tmp_path, capsys, titanic_csv):
