@@ -12,6 +12,7 @@ Explain any CSV with the Titanic columns with a saved model, on one or many devi
 Exit status: 0 on success, 2 for bad input or usage, 1 for a failure while running,
 130 when interrupted. Nothing is written to ``--out`` unless the whole job succeeds.
 """
+# ruff: noqa: E402 - torch and the engine are imported after the start-up Ctrl-C handler
 
 from __future__ import annotations
 
@@ -28,6 +29,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
+
+
+def _interrupted_while_starting(signum: int, frame: object) -> NoReturn:
+    print("interrupted: no results were written", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":
+    # Importing torch and Lightning takes seconds: a Ctrl-C then is one line, not an
+    # import traceback. main() installs its own handlers for the job itself.
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 import torch
 

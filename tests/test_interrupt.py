@@ -156,3 +156,31 @@ def test_a_stop_signal_drops_the_staged_results_like_ctrl_c(tmp_path, titanic_cs
                                     settle=1.5 if phase == "training" else 0.0, sig=sig)
 
     assert_interrupted(status, stderr, tmp_path, sig=sig)
+
+
+_INTERRUPTED_WHILE_IMPORTING = """
+import os, runpy, signal, sys
+
+class InterruptTorchImport:
+    # A Ctrl-C that arrives while torch loads, at a known moment.
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, InterruptTorchImport())
+sys.argv = ["engine.attribute", "--all", "--out", sys.argv[1]]
+runpy.run_module("engine.attribute", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_WHILE_IMPORTING, str(tmp_path / "results")],
+        capture_output=True, text=True, cwd=tmp_path, env=os.environ.copy(),
+        preexec_fn=_default_sigint, timeout=120,
+    )
+
+    assert completed.returncode == 130, completed.stderr
+    assert completed.stderr == "interrupted: no results were written\n"
+    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,7 @@ CHILD = textwrap.dedent(
     """
     import resource, sys
     import torch
+    import engine.core  # all that a call of the engine loads, as in a real process
     from engine.memory import keep_freed_memory
 
     if sys.argv[1] == "keep":
