@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
@@ -481,6 +482,16 @@ def _noticed_interrupts(*extra: signal.Signals) -> Iterator[list[int]]:
             signal.signal(signum, handler)
 
 
+def _say_once(message: str) -> None:
+    """Print ``message`` to stderr from the first process of this machine only.
+
+    Under DDP every process of a stopped run gets the signal and ends the same way; one
+    line is enough. Lightning's launcher numbers the others in ``LOCAL_RANK``.
+    """
+    if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
+        print(message, file=sys.stderr, flush=True)
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -662,7 +673,7 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 summary = run_all(job_config(args))
     except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
+        _say_once(interrupted)
         return _interrupted_status(interrupts)
     except SystemExit:
         # Lightning turns Ctrl-C during fit into sys.exit(1); the status should still
@@ -674,7 +685,7 @@ def _run(args: argparse.Namespace) -> int:
     except Exception as error:  # noqa: BLE001 - every failure becomes one line and a status
         if _stopped_by_sigterm(error):
             # A --checkpoint run asked to stop: like any interrupted run, not a failure.
-            print(f"interrupted: {error}", file=sys.stderr)
+            _say_once(f"interrupted: {error}")
             return 128 + int(signal.SIGTERM)
         if args.debug:
             traceback.print_exc()

@@ -541,3 +541,28 @@ def test_a_missing_reference_is_named_by_its_flag(tmp_path, capsys, monkeypatch,
     assert status == 2 and len(err.splitlines()) == 1
     assert "pass --reference PATH" in err and "--data" not in err
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("local_rank", [None, "0", "1"])
+def test_a_stopped_ddp_run_says_interrupted_once_per_machine(
+    tmp_path, capsys, monkeypatch, rows_csv, checkpoint, titanic_csv, local_rank
+):
+    from engine.distributed import StoppedBySignal
+
+    def stopped(config):
+        raise StoppedBySignal("stopped by SIGTERM; 3 finished chunk(s) are kept")
+
+    monkeypatch.setattr("engine.attribute.run_checkpoint", stopped)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+
+    status = main(flags(rows_csv, checkpoint, titanic_csv, tmp_path / "results"))
+
+    err = capsys.readouterr().err
+    assert status == 128 + signal.SIGTERM
+    if local_rank == "1":
+        assert err == ""  # the first process of the machine says it
+    else:
+        assert err == "interrupted: stopped by SIGTERM; 3 finished chunk(s) are kept\n"
