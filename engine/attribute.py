@@ -47,7 +47,7 @@ import torch
 from engine.baselines import BASELINE_KINDS, make_baselines
 from engine.core import integrated_gradients
 from engine.errors import ArgumentError, EngineError, ModelError
-from engine.io import OutputDir, tidy_attributions, tidy_deltas
+from engine.io import OutputDir, exclusive_use, tidy_attributions, tidy_deltas
 from engine.memory import keep_freed_memory
 from engine.quadrature import METHODS, check_method
 
@@ -604,7 +604,10 @@ def run_checkpoint(config: CheckpointConfig) -> dict[str, object]:
         accelerator=config.accelerator, devices=config.devices, strategy=config.strategy,
         num_nodes=config.num_nodes,
     )
-    summary = explain_rows(job, net)
+    # Two runs into one --out would share its chunk folder, and the first to finish
+    # removes it under the other.
+    with exclusive_use(config.out):
+        summary = explain_rows(job, net)
     return {**summary, "reference": reference, "n_steps": config.n_steps, "out": config.out}
 
 

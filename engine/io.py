@@ -22,7 +22,8 @@ import torch
 
 from engine.errors import ArgumentError
 
-__all__ = ["OutputDir", "atomic_path", "check_output_folder", "tidy_attributions", "tidy_deltas"]
+__all__ = ["OutputDir", "atomic_path", "check_output_folder", "exclusive_use", "tidy_attributions",
+           "tidy_deltas"]
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,71 @@ class OutputDir:
     def __exit__(self, exc_type, exc, tb) -> None:
         # Reached without commit only on an error or interrupt: drop everything staged.
         self.discard()
+
+
+# Environment variables launchers set to a process's rank: a process whose rank is not 0
+# was started by a run that already holds the lock (Lightning's DDP launcher, torchrun,
+# SLURM).
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+
+
+@contextmanager
+def exclusive_use(path: Path) -> Iterator[None]:
+    """Hold ``path`` (a results folder) for this run: a second run into it is refused.
+
+    The lock is a file beside the folder, ``.<name>.lock``, naming the host and process.
+    A lock whose process on this host is gone (a run killed with SIGKILL) is taken over;
+    one from another host is reported with its path, to delete when no run uses it.
+    Processes of the same run that a launcher started (a rank other than 0) do not take it.
+    """
+    if any(os.environ.get(name, "0") not in ("", "0") for name in _RANK_VARIABLES):
+        yield
+        return
+    lock = path.resolve().parent / f".{_short(path.name)}.lock"
+    mine = f"{socket.gethostname()} {os.getpid()}\n"
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            _check_lock_holder(lock, path)
+            lock.unlink(missing_ok=True)  # its process is gone: take it over
+            continue
+        except OSError as error:
+            raise ArgumentError(
+                f"--out {path}: cannot create {lock} ({error.strerror or type(error).__name__})"
+            ) from error
+        with os.fdopen(handle, "w") as stream:
+            stream.write(mine)
+        break
+    else:
+        raise ArgumentError(f"--out {path}: another run took {lock} at the same moment")
+    try:
+        yield
+    finally:
+        try:
+            if lock.read_text() == mine:
+                lock.unlink()
+        except OSError:
+            pass
+
+
+def _check_lock_holder(lock: Path, path: Path) -> None:
+    """Raise ``ArgumentError`` unless the run holding ``lock`` is gone."""
+    try:
+        host, pid = lock.read_text().split()
+        pid_number = int(pid)
+    except (OSError, ValueError):
+        return  # half-written or unreadable: a run that died while taking it
+    if host != socket.gethostname():
+        raise ArgumentError(
+            f"--out {path} is in use by a run on {host} (process {pid}); if no run uses it, "
+            f"delete {lock}"
+        )
+    if _alive(pid_number) and pid_number != os.getpid():
+        raise ArgumentError(
+            f"--out {path} is in use by another run (process {pid}, lock {lock}); wait for it "
+            "to finish, or choose another --out"
+        )
 
 
 def _short(name: str) -> str:

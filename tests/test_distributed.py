@@ -566,3 +566,22 @@ def test_a_stopped_ddp_run_says_interrupted_once_per_machine(
         assert err == ""  # the first process of the machine says it
     else:
         assert err == "interrupted: stopped by SIGTERM; 3 finished chunk(s) are kept\n"
+
+
+def test_a_second_run_into_an_out_in_use_is_one_line_exit_two(
+    tmp_path, capsys, rows_csv, checkpoint, titanic_csv
+):
+    import socket
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".results.lock").write_text(f"{socket.gethostname()} {other.pid}\n")
+        status = main(flags(rows_csv, checkpoint, titanic_csv, tmp_path / "results"))
+    finally:
+        other.kill()
+        other.wait()
+
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1
+    assert f"is in use by another run (process {other.pid}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".results.lock"]

@@ -1,6 +1,7 @@
 """The resumable chunk store: row ranges, atomic chunk files, and the manifest's guard."""
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -380,3 +381,53 @@ def test_an_out_folder_that_cannot_be_created_in_is_refused(tmp_path, monkeypatc
                                             r"\(Permission denied\)"):
         check_output_folder(tmp_path / "results")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# One run at a time per results folder (engine.io.exclusive_use)
+
+
+def test_a_folder_in_use_by_a_live_run_is_refused_and_a_dead_runs_lock_taken_over(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from engine.io import exclusive_use
+
+    folder, lock = tmp_path / "results", tmp_path / ".results.lock"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{socket.gethostname()} {other.pid}\n")
+        with pytest.raises(ArgumentError, match=rf"^--out {folder} is in use by another run "
+                                                rf"\(process {other.pid}, lock {lock}\)"):
+            with exclusive_use(folder):
+                pass
+    finally:
+        other.kill()
+        other.wait()
+
+    with exclusive_use(folder):  # its process is gone now
+        assert lock.read_text().split()[1] == str(os.getpid())
+    assert not lock.exists() and not folder.exists()
+
+
+def test_a_lock_from_another_host_names_the_file_to_delete(tmp_path):
+    from engine.io import exclusive_use
+
+    lock = tmp_path / ".results.lock"
+    lock.write_text("some-other-host 12345\n")
+
+    with pytest.raises(ArgumentError, match=rf"in use by a run on some-other-host \(process "
+                                            rf"12345\); if no run uses it, delete {lock}"):
+        with exclusive_use(tmp_path / "results"):
+            pass
+    assert lock.read_text() == "some-other-host 12345\n"
+
+
+@pytest.mark.parametrize("variable", ["LOCAL_RANK", "RANK", "SLURM_PROCID"])
+def test_the_other_processes_of_a_run_do_not_take_the_lock(tmp_path, monkeypatch, variable):
+    from engine.io import exclusive_use
+
+    monkeypatch.setenv(variable, "1")
+    with exclusive_use(tmp_path / "results"):
+        assert list(tmp_path.iterdir()) == []
