@@ -11,26 +11,38 @@ Everything else that ``forward`` read is frozen into the graph as it was at that
   ``torch.no_grad()`` is differentiated through in the trace, and a block under
   ``torch.autocast`` runs in full precision.
 
-``trace`` records, while tracing, every instance attribute of the model's modules that
-``forward`` reads (through its own code or a property), and refuses a forward that
-creates graph nodes with gradients or autocast switched from how they were when the
-trace began. ``Guards.hold`` then tells, on every later call, whether each attribute read
-still has the value the trace was made with: numbers, strings, flags and other plain
-values by value (nested lists, tuples, dicts and plain objects too, up to a size), and
-anything else (a tensor, a function) by identity. What no guard sees: module-level
-globals and closures read in ``forward``, and state beyond those bounds.
+``trace`` records, while tracing, every attribute of a module that ``forward`` reads
+(through its own code or a property): the module's own, or its class's when the module
+has none of that name. It refuses a forward that creates graph nodes with gradients or
+autocast switched from how they were when the trace began. ``Guards.hold`` then tells,
+on every later call, whether each attribute read still has the value the trace was made
+with:
+
+- numbers, strings, flags and other plain values by value (long strings by length and
+  hash), and lists, tuples, dicts, small numpy arrays and plain objects (a config object,
+  a ``SimpleNamespace``, a dataclass with or without slots) by their contents, up to 256
+  values per attribute;
+- anything else (a tensor, a function, a larger container) by identity, through a weak
+  reference where the object allows one, so that a guard neither keeps a model alive nor
+  mistakes a new object at a freed address for the old one.
+
+What no guard sees: module-level globals and closures read in ``forward``, values a
+custom ``__getattr__`` serves from elsewhere, and contents beyond those bounds changed in
+place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import threading
 import types
+import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -49,45 +61,92 @@ _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 _SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device,
             enum.Enum)
 _MOST_VALUES = 256
+# Strings and bytes longer than this are compared by length and hash (cached by Python).
+_LONG_TEXT = 256
 _IDENTITY = object()
+_MISSING = object()
 
 
-@dataclass(frozen=True)
+class _Same:
+    """Compares equal to another ``_Same`` of the very same live object."""
+
+    __slots__ = ("_ref", "_strong")
+
+    def __init__(self, value: object) -> None:
+        try:
+            self._ref, self._strong = weakref.ref(value), None
+        except TypeError:  # no weak references to it: hold it (plain objects, small)
+            self._ref, self._strong = None, value
+
+    def get(self) -> object:
+        return self._strong if self._ref is None else self._ref()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Same):
+            return NotImplemented
+        mine = self.get()
+        return mine is not None and mine is other.get()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class Guards:
-    """The attributes a trace read: (module, name, fingerprint of the value it saw)."""
+    """The attributes a trace read, each with a fingerprint of the value it saw."""
 
-    reads: tuple[tuple[nn.Module, str, object], ...] = ()
+    def __init__(self, reads: tuple[tuple[nn.Module, str, object], ...] = ()) -> None:
+        # Weak references: a guard must not keep the model (or any module) alive.
+        self._reads = tuple((weakref.ref(module), name, seen) for module, name, seen in reads)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for _, name, _ in self._reads)
 
     def hold(self) -> bool:
         """Whether every attribute read still has the value the trace was made with."""
-        for module, name, seen in self.reads:
-            if _fingerprint(vars(module).get(name, _MISSING)) != seen:
-                return False
-        return True
+        try:
+            return not any(True for _ in self._changed())
+        except Exception:  # noqa: BLE001 - a value that cannot be compared: trace again
+            return False
 
     def changed(self) -> str:
-        """The attributes read whose values changed, for the log."""
-        return ", ".join(
-            f"{type(module).__name__}.{name}" for module, name, seen in self.reads
-            if _fingerprint(vars(module).get(name, _MISSING)) != seen
-        )
+        """The attributes read whose values changed, for messages."""
+        try:
+            return ", ".join(self._changed())
+        except Exception as error:  # noqa: BLE001 - for a message only
+            return f"(cannot compare: {type(error).__name__})"
+
+    def _changed(self) -> Iterator[str]:
+        for ref, name, seen in self._reads:
+            module = ref()
+            if module is None or _fingerprint(_read(module, name)) != seen:
+                yield f"{type(module).__name__}.{name}"
 
 
-_MISSING = object()
+def _read(module: nn.Module, name: str) -> object:
+    """What ``module.name`` finds as a plain value: the module's own, else its class's."""
+    own = vars(module)
+    if name in own:
+        return own[name]
+    for klass in type(module).__mro__:
+        if name in vars(klass):
+            return vars(klass)[name]
+    return _MISSING
 
 
 def _fingerprint(value: object) -> object:
     """A comparable summary of ``value``: plain values themselves, the rest by identity."""
     if value is _MISSING:
-        return _MISSING
+        return ("missing",)
     summary = _summary(value, [_MOST_VALUES])
-    return ("id", id(value)) if summary is _IDENTITY else summary
+    return _Same(value) if summary is _IDENTITY else summary
 
 
 def _summary(value: object, budget: list[int]) -> object:
     budget[0] -= 1
     if budget[0] < 0:
         return _IDENTITY
+    if isinstance(value, (str, bytes)) and len(value) > _LONG_TEXT:
+        return (type(value), len(value), hash(value))
     if isinstance(value, _SCALARS):
         # repr tells 0.0 from -0.0 and matches nan with nan; the type tells 1 from 1.0.
         return (type(value), repr(value))
@@ -100,16 +159,29 @@ def _summary(value: object, budget: list[int]) -> object:
                 return _IDENTITY
             parts.append(part)
         return (type(value), tuple(parts))
-    if _plain_object(value):
-        fields = _summary(vars(value), budget)
-        return _IDENTITY if fields is _IDENTITY else (type(value), id(value), fields)
-    return ("id", id(value))
+    if isinstance(value, np.ndarray):
+        if value.dtype.hasobject or value.size > budget[0]:
+            return _IDENTITY
+        budget[0] -= value.size
+        return (np.ndarray, value.dtype.str, value.shape, value.tobytes())
+    fields = _plain_state(value)
+    if fields is not None:
+        summary = _summary(fields, budget)
+        return _IDENTITY if summary is _IDENTITY else (type(value), _Same(value), summary)
+    return _IDENTITY
 
 
-def _plain_object(value: object) -> bool:
-    """An object holding its state in ``__dict__``: a config object, a SimpleNamespace."""
-    return (hasattr(value, "__dict__") and not callable(value) and not isinstance(
-        value, (nn.Module, torch.Tensor, type, enum.Enum, types.ModuleType)))
+def _plain_state(value: object) -> dict[str, object] | None:
+    """The fields of a plain object (a config object, a SimpleNamespace, a dataclass with
+    or without slots), or None for anything else."""
+    if callable(value) or isinstance(
+            value, (nn.Module, torch.Tensor, type, enum.Enum, types.ModuleType)):
+        return None
+    if dataclasses.is_dataclass(value):
+        return {field.name: getattr(value, field.name, None)
+                for field in dataclasses.fields(value)}
+    state = getattr(value, "__dict__", None)
+    return dict(state) if isinstance(state, dict) else None
 
 
 # Per thread: the attribute reads of the trace in progress, {(id, name): (module, name,
@@ -118,14 +190,25 @@ _local = threading.local()
 
 
 def _recording_getattribute(self: nn.Module, name: str) -> Any:
-    value = object.__getattribute__(self, name)
+    # The next __getattribute__ after nn.Module's place in the class's MRO: a mixin's own,
+    # or object's.
+    value = super(nn.Module, self).__getattribute__(name)
     reads = getattr(_local, "reads", None)
-    if reads is not None and name not in _MODULE_INTERNALS \
-            and (id(self), name) not in reads:
-        own = object.__getattribute__(self, "__dict__")
-        if name in own and own[name] is value:
-            reads[id(self), name] = (self, name, _fingerprint(value))
+    if reads is not None and (id(self), name) not in reads and _recordable(self, name, value):
+        reads[id(self), name] = (self, name, _fingerprint(value))
     return value
+
+
+def _recordable(module: nn.Module, name: str, value: object) -> bool:
+    """Whether a read of ``module.name`` giving ``value`` is state the trace bakes in."""
+    if name in _MODULE_INTERNALS or (name.startswith("__") and name.endswith("__")):
+        return False
+    if isinstance(value, fx.Proxy):
+        return False  # computed inside this forward (self.features = ...), not state
+    # A value of the module's own (a function it calls included) or of its class; not a
+    # method or a property's result, whose own reads are recorded, nor a submodule or a
+    # parameter, which are not attributes of the instance.
+    return _read(module, name) is value
 
 
 _patch_lock = threading.RLock()
@@ -133,7 +216,7 @@ _patch_lock = threading.RLock()
 
 @contextlib.contextmanager
 def _recorded_reads() -> Iterator[dict[tuple[int, str], tuple[nn.Module, str, object]]]:
-    """Record the instance attributes of modules read on this thread while it runs."""
+    """Record the attributes of modules read on this thread while it runs."""
     reads: dict[tuple[int, str], tuple[nn.Module, str, object]] = {}
     with _patch_lock:
         had_own = "__getattribute__" in vars(nn.Module)
@@ -189,8 +272,7 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, Guards]:
                 stack.enter_context(torch.autocast(device, enabled=False))
         reads = stack.enter_context(_recorded_reads())
         graph = tracer.trace(model)
-    owned = {id(module) for module in model.modules()}
-    guards = Guards(tuple(read for (key, _), read in reads.items() if key in owned))
+    guards = Guards(tuple(reads.values()))
     changed = guards.changed()
     if changed:
         raise TraceRefused(f"forward changes what it reads ({changed})")

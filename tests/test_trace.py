@@ -200,7 +200,7 @@ def test_guards_compare_plain_values_by_value_and_the_rest_by_identity():
 
     reader = Reader(model)
     _, guards = trace(reader)
-    assert {name for _, name, _ in guards.reads} == {"cap", "table", "flag", "weights"}
+    assert set(guards.names) == {"cap", "table", "flag", "weights"}
     assert guards.hold()  # nan equals nan here
     model.table = [1, (2, "a")]  # an equal list
     assert guards.hold()
@@ -218,3 +218,139 @@ def test_nn_module_attribute_access_is_restored_after_a_trace():
     trace(_Capped())
 
     assert nn.Module.__dict__.get("__getattribute__") is before
+
+
+def test_a_traced_model_is_freed_when_dropped():
+    import gc
+    import weakref
+
+    model = _Capped().double().eval()
+    integrated_gradients(model, X, BASE, **STEPS)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+
+    assert alive() is None
+
+
+class _Shadowed(_Kinked):
+    cap = 10.0  # a class default, shadowed or changed later
+
+    def forward(self, x):
+        return torch.clamp(self.hidden(x), max=self.cap)
+
+
+@pytest.mark.parametrize("change", ["instance", "class"])
+def test_a_class_default_shadowed_or_changed_is_seen(change):
+    class Model(_Shadowed):
+        pass
+
+    model = Model().double().eval()
+    integrated_gradients(model, X, BASE, **STEPS)
+    if change == "instance":
+        model.cap = 0.0
+    else:
+        Model.cap = 0.0
+
+    got = integrated_gradients(model, X, BASE, **STEPS)[0]
+
+    torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
+                               atol=1e-12)
+
+
+class _Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cap = 10.0
+
+
+class _Shared(_Kinked):
+    """Reads its cap from a module it holds in a list, not as a submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = [_Holder()]
+
+    def forward(self, x):
+        return torch.clamp(self.hidden(x), max=self.shared[0].cap)
+
+
+def test_a_setting_on_a_module_held_outside_the_submodules_is_seen():
+    model = _Shared().double().eval()
+    integrated_gradients(model, X, BASE, **STEPS)
+    model.shared[0].cap = 0.0
+
+    got = integrated_gradients(model, X, BASE, **STEPS)[0]
+
+    torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
+                               atol=1e-12)
+
+
+def _capped_at(cap):
+    return lambda h: torch.clamp(h, max=cap)  # traced through: the trace keeps only cap
+
+
+class _Activated(_Kinked):
+    def __init__(self):
+        super().__init__()
+        self.act = _capped_at(10.0)
+
+    def forward(self, x):
+        return self.act(self.hidden(x))
+
+
+def test_a_function_attribute_replaced_is_seen_even_at_a_reused_address():
+    model = _Activated().double().eval()
+    integrated_gradients(model, X, BASE, **STEPS)
+    traced_at = id(model.act)
+    for _ in range(1000):
+        model.act = _capped_at(5.0)  # the traced function is freed here
+        model.act = _capped_at(0.0)  # and this one may take its address
+        if id(model.act) == traced_at:
+            break
+
+    got = integrated_gradients(model, X, BASE, **STEPS)[0]
+
+    torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
+                               atol=1e-12)
+
+
+class _Base:
+    """A plain mixin (after nn.Module in the MRO) that renames a setting."""
+
+    def __getattribute__(self, name):
+        return object.__getattribute__(self, "cap_now" if name == "cap" else name)
+
+
+class _Mixed(_Capped, _Base):
+    def __init__(self):
+        super().__init__()
+        self.cap_now = 0.0  # what the model really uses; cap stays 10
+
+
+def test_a_mixins_own_attribute_access_is_kept_while_tracing():
+    assert _Mixed.__mro__.index(nn.Module) < _Mixed.__mro__.index(_Base)
+    model = _Mixed().double().eval()
+
+    got = integrated_gradients(model, X, BASE, **STEPS)[0]
+
+    torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
+                               atol=1e-12)
+
+
+def test_a_value_forward_stores_and_reads_back_does_not_trace_again_every_call(monkeypatch):
+    import engine.hoist
+
+    class Keeps(_Kinked):
+        def forward(self, x):
+            self.features = self.l1(x)
+            return self.l2(torch.relu(self.features))
+
+    traced = []
+    original = engine.hoist.trace
+    monkeypatch.setattr(engine.hoist, "trace", lambda model: traced.append(1) or original(model))
+    model = Keeps().double().eval()
+    for _ in range(4):
+        integrated_gradients(model, X, BASE, **STEPS)
+
+    assert len(traced) == 1
