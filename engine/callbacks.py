@@ -203,7 +203,9 @@ class AttributionCallback(pl.Callback):
             with torch.no_grad():
                 outputs = model(inputs)
         if isinstance(target, Tensor):
-            outputs = outputs.gather(1, target.view(-1, 1))
+            # Negative indices count from the end, as the engine (which checked them) reads.
+            index = torch.where(target < 0, target + outputs.shape[1], target)
+            outputs = outputs.gather(1, index.view(-1, 1))
         elif target is not None:
             outputs = outputs[:, target]
         return attributions.detach(), outputs.detach().reshape(inputs.shape[0])
@@ -279,9 +281,11 @@ def _checked_target(target: object, n_rows: int) -> int | Tensor | None:
             values = torch.as_tensor(target).detach()
         except (TypeError, ValueError, RuntimeError):
             values = None
-    if values is not None and values.dim() == 1 and values.shape[0] == n_rows \
-            and not values.is_floating_point() and not values.is_complex() \
-            and values.dtype != torch.bool:
+    integral = values is not None and not values.is_floating_point() \
+        and not values.is_complex() and values.dtype != torch.bool
+    if integral and values.dim() == 0:
+        return int(values.item())  # one index for every row, as integrated_gradients takes
+    if integral and values.dim() == 1 and values.shape[0] == n_rows:
         return values.to(torch.long).cpu()
     shown = f"{_describe(values)} of {values.dtype}" if values is not None else \
         _describe(target)

@@ -415,3 +415,29 @@ def test_a_target_per_row_explains_each_rows_own_class(data, baselines, as_tenso
     torch.testing.assert_close(callback.attributions[-1], direct, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(callback.outputs[-1], chosen, rtol=0, atol=0)
     assert callback.epochs == [0, 1, 2]
+
+
+@pytest.mark.parametrize("target", ["zero-d tensor", "negative per row"])
+def test_other_target_forms_the_engine_takes_work_too(data, baselines, target):
+    n_rows = len(data.test_features)
+    if target == "zero-d tensor":
+        given, per_row = torch.tensor(1), torch.ones(n_rows, dtype=torch.long)
+    else:
+        given = [-1 if row % 2 else -2 for row in range(n_rows)]
+        per_row = torch.tensor([1 if row % 2 else 0 for row in range(n_rows)])
+    callback = AttributionCallback(data.test_features, baselines, BASELINE_KINDS,
+                                   data.feature_names, n_steps=N_STEPS, target=given)
+    model = _TwoClasses()
+    rows = torch.utils.data.TensorDataset(data.features, torch.arange(len(data.features)) % 2)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback])
+    trainer.fit(model, torch.utils.data.DataLoader(rows, batch_size=256))
+
+    model.eval()
+    direct = integrated_gradients(model, data.test_features, baselines, target=per_row,
+                                  n_steps=N_STEPS)
+    with torch.no_grad():
+        chosen = model(data.test_features)[torch.arange(n_rows), per_row]
+    torch.testing.assert_close(callback.attributions[-1], direct, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(callback.outputs[-1], chosen, rtol=0, atol=0)
