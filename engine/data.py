@@ -278,7 +278,8 @@ def read_csv_table(path: Path, *, label: str) -> pd.DataFrame:
 def _check_field_counts(text: str, label: str) -> None:
     """Refuse records with fewer fields than the header: pandas would fill them with NaN,
     and the median fill would then invent a passenger."""
-    records = csv.reader(io.StringIO(text))
+    # newline="": the csv module reads \r, \n and \r\n line ends itself, as pandas does.
+    records = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(records, [])
         for name in ("PassengerId", TARGET, *FEATURES):
@@ -289,7 +290,8 @@ def _check_field_counts(text: str, label: str) -> None:
                     f" {', '.join(map(str, places))}): keep one"
                 )
         for record_number, record in enumerate(records, start=1):
-            if record and len(record) < len(header):
+            # A line of spaces only is a blank line to pandas too.
+            if any(field.strip() for field in record) and len(record) < len(header):
                 raise DataError(
                     f"{label}: row {record_number} (line {records.line_num}) has "
                     f"{len(record)} fields, the header has {len(header)}"

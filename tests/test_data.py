@@ -400,6 +400,20 @@ def test_a_blank_sex_is_named_not_filled(tmp_path: Path) -> None:
     assert_one_line(err, "t.csv", "column Sex, row 3 (line 4): blank")
 
 
+@pytest.mark.parametrize("variant", ["CR line ends", "a line of spaces", "a line with a tab"])
+def test_files_pandas_reads_are_read_in_both_modes(tmp_path: Path, variant: str) -> None:
+    from engine.distributed import read_rows
+
+    text = "\n".join([HEADER, *ROWS]) + "\n"
+    raw = {"CR line ends": text.replace("\n", "\r"), "a line of spaces": text + "   \n",
+           "a line with a tab": text + "\t\n"}[variant]
+    path = tmp_path / "t.csv"
+    path.write_bytes(raw.encode())
+
+    assert list(load_titanic(path)["PassengerId"]) == [1, 2, 3]
+    assert list(read_rows(path)["PassengerId"]) == [1, 2, 3]
+
+
 def test_a_column_named_twice_in_the_header_is_refused(tmp_path: Path) -> None:
     header = HEADER + ",Age"
     rows = [row + ",99" for row in ROWS]
