@@ -46,7 +46,13 @@ from engine.data import (
     read_csv_table,
 )
 from engine.errors import ArgumentError, DataError
-from engine.io import OutputDir, check_output_folder, tidy_attributions, tidy_deltas
+from engine.io import (
+    CHUNKS_FOLDER,
+    OutputDir,
+    check_output_folder,
+    tidy_attributions,
+    tidy_deltas,
+)
 from engine.model import TitanicMLP, quiet_lightning
 from engine.quadrature import check_method
 from engine.store import ChunkStore, RowChunk, plan_chunks
@@ -69,7 +75,7 @@ _NOTHING_TO_DO = -1
 
 OUTPUT_FORMATS = ("csv", "parquet")
 TABLES = ("interpretation_results", "convergence")
-STORE_NAME = ".chunks"
+STORE_NAME = CHUNKS_FOLDER
 
 # ---------------------------------------------------------------------------
 # Rows to explain, scaled as the model was trained

@@ -78,6 +78,12 @@ def _check_output_folder(path: Path, kind: str | None) -> None:
                 f"{path / WRITTEN_FILE}); a {RUN_KINDS[kind]} run there would replace or "
                 "remove them: choose another --out"
             )
+        if kind != "checkpoint" and (path / CHUNKS_FOLDER).exists():
+            raise ArgumentError(
+                f"--out {path} holds the finished chunks of an unfinished --checkpoint run "
+                f"({path / CHUNKS_FOLDER}): run that command again to finish it, or choose "
+                "another --out"
+            )
     parent = path.resolve().parent
     if parent.exists() and not parent.is_dir():
         raise ArgumentError(f"--out {path}: {parent} is a file, not a folder")
@@ -171,8 +177,9 @@ class OutputDir:
                     stale.unlink()
                     log.info("removed %s, written by an earlier run and not by this one", stale)
         if held:
-            log.warning("Ctrl-C came while the results were being moved into place; "
-                        "they were finished first and are complete")
+            log.warning("a stop signal (Ctrl-C, SIGTERM or SIGHUP) came while the results "
+                        "were being moved into place; they were finished first and are "
+                        "complete")
         self.discard()
         log.info("wrote %d files to %s", len(published), self.path)
         return published
@@ -265,6 +272,8 @@ def _staging_prefix(name: str) -> str:
 # Bytes of the results folder's name kept in its staging folder's name.
 MAX_NAME_IN_STAGING = 200
 OWNER_FILE = ".owner"
+# Inside a --checkpoint run's results folder: its finished chunks (see engine.store).
+CHUNKS_FOLDER = ".chunks"
 # Inside a results folder: the names of the files the last run wrote there.
 WRITTEN_FILE = ".written"
 
@@ -286,8 +295,9 @@ def _written_before(folder: Path) -> tuple[str | None, set[str]]:
         kind = kind if kind in RUN_KINDS else None
     names = {line for line in lines if line and line == Path(line).name
              and line not in (".", "..", WRITTEN_FILE)}
-    if kind is None and "model.pt" in names:
-        kind = "all"  # a listing from before the first line said; only --all saves a model
+    if kind is None and names:
+        # A listing from before the first line said: only --all saves a model.
+        kind = "all" if "model.pt" in names else "checkpoint"
     return kind, names
 
 
@@ -322,17 +332,27 @@ def _alive(pid: int) -> bool:
 
 @contextmanager
 def _sigint_held() -> Iterator[list[int]]:
-    """Record SIGINT instead of raising while the block runs (main thread only)."""
+    """Record SIGINT instead of raising while the block runs (main thread only); also
+    SIGTERM and SIGHUP where a Python handler (the command line's) would raise for them."""
     held: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield held
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    signals = [signal.SIGINT] + [
+        number for number in (getattr(signal, name, None) for name in ("SIGTERM", "SIGHUP"))
+        if number is not None and callable(signal.getsignal(number))
+    ]
+    previous = {number: signal.signal(number, lambda signum, frame: held.append(signum))
+                for number in signals}
     try:
         yield held
     finally:
-        # None: a handler set outside Python, which cannot be put back from here.
-        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+        for number, handler in previous.items():
+            # None: a handler set outside Python, which cannot be put back from here.
+            if handler is None:
+                handler = signal.default_int_handler if number == signal.SIGINT \
+                    else signal.SIG_DFL
+            signal.signal(number, handler)
 
 
 def _jsonable(value: Any) -> Any:

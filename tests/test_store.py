@@ -431,3 +431,28 @@ def test_the_other_processes_of_a_run_do_not_take_the_lock(tmp_path, monkeypatch
     monkeypatch.setenv(variable, "1")
     with exclusive_use(tmp_path / "results"):
         assert list(tmp_path.iterdir()) == []
+
+
+def test_a_listing_without_its_kind_or_a_model_is_a_checkpoint_run(tmp_path):
+    from engine.io import OutputDir
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "interpretation_results.csv").write_text("earlier table")
+    (folder / ".written").write_text("interpretation_results.csv\n")
+
+    with pytest.raises(ArgumentError, match="holds the results of a --checkpoint run"):
+        OutputDir(folder, "all")
+    assert (folder / "interpretation_results.csv").read_text() == "earlier table"
+
+
+def test_the_chunks_of_an_unfinished_checkpoint_run_keep_other_runs_out(tmp_path):
+    from engine.io import OutputDir, check_output_folder
+
+    folder = tmp_path / "results"
+    (folder / ".chunks").mkdir(parents=True)
+
+    with pytest.raises(ArgumentError, match=r"holds the finished chunks of an unfinished "
+                                            r"--checkpoint run .*run that command again"):
+        OutputDir(folder, "all")
+    check_output_folder(folder, "checkpoint")  # its own run resumes
