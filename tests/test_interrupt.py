@@ -116,6 +116,38 @@ def test_ctrl_c_during_the_final_renames_is_held_until_all_files_are_in_place(
     assert signal.getsignal(signal.SIGINT) is handler_before
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_the_command_handles_is_held_during_the_renames_too(
+    tmp_path, monkeypatch, caplog, sig
+):
+    from engine import io
+    from engine.attribute import _noticed_interrupts
+
+    outputs = io.OutputDir(tmp_path / "results")
+    for name in ("a.txt", "b.txt", "c.txt"):
+        outputs.write_text(name, name)
+    real_replace = io.os.replace
+    calls = []
+
+    def replace_then_signal(source, target):
+        real_replace(source, target)
+        calls.append(target)
+        if len(calls) == 1:
+            signal.raise_signal(sig)
+
+    monkeypatch.setattr(io.os, "replace", replace_then_signal)
+    # The command line's handlers, which turn the signal into KeyboardInterrupt.
+    with _noticed_interrupts(signal.SIGTERM, signal.SIGHUP):
+        handler_before = signal.getsignal(sig)
+        with caplog.at_level("WARNING", logger="engine.io"):
+            outputs.commit()
+        assert signal.getsignal(sig) is handler_before
+
+    names = sorted(p.name for p in (tmp_path / "results").iterdir())
+    assert names == [".written", "a.txt", "b.txt", "c.txt"]
+    assert "stop signal" in caplog.text
+
+
 def test_staging_left_by_a_killed_run_is_removed_by_the_next_one(tmp_path):
     import socket
 
