@@ -317,7 +317,7 @@ def test_a_listing_cannot_name_files_outside_the_folder(tmp_path):
     _publish(folder, ["a.csv"])
     outside = tmp_path / "keep.txt"
     outside.write_text("keep")
-    (folder / ".written").write_text("a.csv\n../keep.txt\n/etc/hostname\n")
+    (folder / ".written").write_text("# written by: all\na.csv\n../keep.txt\n/etc/hostname\n")
 
     _publish(folder, ["b.csv"])
 
