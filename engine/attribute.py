@@ -47,7 +47,13 @@ import torch
 from engine.baselines import BASELINE_KINDS, make_baselines
 from engine.core import integrated_gradients
 from engine.errors import ArgumentError, EngineError, ModelError
-from engine.io import OutputDir, exclusive_use, tidy_attributions, tidy_deltas
+from engine.io import (
+    OutputDir,
+    check_output_folder,
+    exclusive_use,
+    tidy_attributions,
+    tidy_deltas,
+)
 from engine.memory import keep_freed_memory
 from engine.quadrature import METHODS, check_method
 
@@ -254,7 +260,8 @@ def _run_all(config: JobConfig) -> dict[str, object]:
     from engine.validate import compare_with_captum, synchronize
 
     outputs = OutputDir(config.out)
-    with outputs:
+    # One run at a time into --out, of either kind (see run_checkpoint).
+    with outputs, exclusive_use(config.out):
         source = locate_titanic_csv(config.data)
         frame = load_titanic(source)
         data = prepare_titanic(frame, source=source)
@@ -605,7 +612,8 @@ def run_checkpoint(config: CheckpointConfig) -> dict[str, object]:
         num_nodes=config.num_nodes,
     )
     # Two runs into one --out would share its chunk folder, and the first to finish
-    # removes it under the other.
+    # removes it under the other (an --all run takes the same lock).
+    check_output_folder(config.out, "checkpoint")
     with exclusive_use(config.out):
         summary = explain_rows(job, net)
     return {**summary, "reference": reference, "n_steps": config.n_steps, "out": config.out}

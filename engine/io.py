@@ -9,16 +9,22 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (see exclusive_use)
+    fcntl = None
 
 from engine.errors import ArgumentError
 
@@ -176,11 +182,14 @@ class OutputDir:
                 if stale.is_file() and not stale.is_symlink():
                     stale.unlink()
                     log.info("removed %s, written by an earlier run and not by this one", stale)
+        self.discard()
         if held:
             log.warning("a stop signal (Ctrl-C, SIGTERM or SIGHUP) came while the results "
                         "were being moved into place; they were finished first and are "
                         "complete")
-        self.discard()
+            # A signal nobody handles in Python ends the process, as it would have.
+            for number in held.stopping:
+                signal.raise_signal(number)
         log.info("wrote %d files to %s", len(published), self.path)
         return published
 
@@ -205,59 +214,66 @@ _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCI
 def exclusive_use(path: Path) -> Iterator[None]:
     """Hold ``path`` (a results folder) for this run: a second run into it is refused.
 
-    The lock is a file beside the folder, ``.<name>.lock``, naming the host and process.
-    A lock whose process on this host is gone (a run killed with SIGKILL) is taken over;
-    one from another host is reported with its path, to delete when no run uses it.
-    Processes of the same run that a launcher started (a rank other than 0) do not take it.
+    The lock is a file beside the folder, ``.<name>.lock`` after the folder's resolved
+    name (so ``out``, a symlink to it and ``sub/..`` are one lock), held with ``flock``:
+    the system releases it when its process ends, however it ends, so a lock left by a
+    killed run is no obstacle. The file names the host and process, for the message a
+    second run gets. The processes a launcher starts for the same run (a rank other
+    than 0) do not take it. Without ``fcntl`` (not POSIX) there is no lock.
     """
-    if any(os.environ.get(name, "0") not in ("", "0") for name in _RANK_VARIABLES):
+    if fcntl is None or any(os.environ.get(name, "0") not in ("", "0")
+                            for name in _RANK_VARIABLES):
         yield
         return
-    lock = path.resolve().parent / f".{_short(path.name)}.lock"
-    mine = f"{socket.gethostname()} {os.getpid()}\n"
-    for _ in range(2):
-        try:
-            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            _check_lock_holder(lock, path)
-            lock.unlink(missing_ok=True)  # its process is gone: take it over
-            continue
-        except OSError as error:
-            raise ArgumentError(
-                f"--out {path}: cannot create {lock} ({error.strerror or type(error).__name__})"
-            ) from error
-        with os.fdopen(handle, "w") as stream:
-            stream.write(mine)
-        break
-    else:
-        raise ArgumentError(f"--out {path}: another run took {lock} at the same moment")
+    resolved = path.resolve()
+    lock = resolved.parent / f".{_short(resolved.name)}.lock"
+    handle = _locked(lock, path)
+    os.ftruncate(handle, 0)
+    os.write(handle, f"{socket.gethostname()} {os.getpid()}\n".encode())
     try:
         yield
     finally:
+        # Removed while still held: a run waiting on this file finds it gone and retries.
+        with suppress(OSError):
+            os.unlink(lock)
+        os.close(handle)
+
+
+def _locked(lock: Path, path: Path) -> int:
+    """An open descriptor of ``lock`` holding its exclusive flock, or ``ArgumentError``."""
+    while True:
         try:
-            if lock.read_text() == mine:
-                lock.unlink()
-        except OSError:
-            pass
-
-
-def _check_lock_holder(lock: Path, path: Path) -> None:
-    """Raise ``ArgumentError`` unless the run holding ``lock`` is gone."""
-    try:
-        host, pid = lock.read_text().split()
-        pid_number = int(pid)
-    except (OSError, ValueError):
-        return  # half-written or unreadable: a run that died while taking it
-    if host != socket.gethostname():
-        raise ArgumentError(
-            f"--out {path} is in use by a run on {host} (process {pid}); if no run uses it, "
-            f"delete {lock}"
-        )
-    if _alive(pid_number) and pid_number != os.getpid():
-        raise ArgumentError(
-            f"--out {path} is in use by another run (process {pid}, lock {lock}); wait for it "
-            "to finish, or choose another --out"
-        )
+            handle = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK,
+                             0o644)
+        except OSError as error:
+            raise ArgumentError(
+                f"--out {path}: cannot use the lock file {lock} "
+                f"({error.strerror or type(error).__name__})"
+            ) from error
+        try:
+            if not stat.S_ISREG(os.fstat(handle).st_mode):
+                raise ArgumentError(f"--out {path}: {lock} is not a plain file: remove it")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(handle, 200, 0).decode(errors="replace").split()
+                who = (f"process {holder[1]} on {holder[0]}" if len(holder) == 2
+                       else "another process")
+                raise ArgumentError(
+                    f"--out {path} is in use by another run ({who}, lock {lock}); wait for "
+                    "it to finish, or choose another --out"
+                ) from None
+            try:
+                current = os.stat(lock, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                current = None
+        except BaseException:
+            os.close(handle)
+            raise
+        if current == os.fstat(handle).st_ino:
+            return handle
+        # The run that held it finished and removed the file meanwhile: open it again.
+        os.close(handle)
 
 
 def _short(name: str) -> str:
@@ -330,20 +346,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class _Held(list):
+    """Signals received while held; ``stopping``: those whose own action ends the process."""
+
+    stopping: list[int]
+
+
 @contextmanager
-def _sigint_held() -> Iterator[list[int]]:
-    """Record SIGINT instead of raising while the block runs (main thread only); also
-    SIGTERM and SIGHUP where a Python handler (the command line's) would raise for them."""
-    held: list[int] = []
+def _sigint_held() -> Iterator[_Held]:
+    """Record SIGINT, SIGTERM and SIGHUP instead of acting on them while the block runs
+    (main thread only). Those whose handler was the system's default are listed in
+    ``stopping`` for the caller to deliver again once it is safe."""
+    held = _Held()
+    held.stopping = []
     if threading.current_thread() is not threading.main_thread():
         yield held
         return
-    signals = [signal.SIGINT] + [
-        number for number in (getattr(signal, name, None) for name in ("SIGTERM", "SIGHUP"))
-        if number is not None and callable(signal.getsignal(number))
-    ]
+    numbers = [number for number in (getattr(signal, name, None)
+                                     for name in ("SIGINT", "SIGTERM", "SIGHUP"))
+               if number is not None and signal.getsignal(number) is not signal.SIG_IGN]
     previous = {number: signal.signal(number, lambda signum, frame: held.append(signum))
-                for number in signals}
+                for number in numbers}
     try:
         yield held
     finally:
@@ -353,6 +376,8 @@ def _sigint_held() -> Iterator[list[int]]:
                 handler = signal.default_int_handler if number == signal.SIGINT \
                     else signal.SIG_DFL
             signal.signal(number, handler)
+            if handler is signal.SIG_DFL and number in held:
+                held.stopping.append(number)
 
 
 def _jsonable(value: Any) -> Any:

@@ -571,11 +571,10 @@ def test_a_stopped_ddp_run_says_interrupted_once_per_machine(
 def test_a_second_run_into_an_out_in_use_is_one_line_exit_two(
     tmp_path, capsys, rows_csv, checkpoint, titanic_csv
 ):
-    import socket
+    from tests.test_store import holding
 
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = holding(tmp_path / ".results.lock")
     try:
-        (tmp_path / ".results.lock").write_text(f"{socket.gethostname()} {other.pid}\n")
         status = main(flags(rows_csv, checkpoint, titanic_csv, tmp_path / "results"))
     finally:
         other.kill()
@@ -583,5 +582,21 @@ def test_a_second_run_into_an_out_in_use_is_one_line_exit_two(
 
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1
-    assert f"is in use by another run (process {other.pid}" in err
+    assert "is in use by another run (process 4242 on otherhost" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".results.lock"]
+
+
+def test_an_all_run_waits_for_no_one_but_takes_the_same_lock(tmp_path, capsys, titanic_csv):
+    from tests.test_store import holding
+
+    other = holding(tmp_path / ".results.lock")
+    try:
+        status = main(["--all", "--data", str(titanic_csv), "--out", str(tmp_path / "results"),
+                       "--epochs", "1"])
+    finally:
+        other.kill()
+        other.wait()
+
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "is in use by another run" in err.splitlines()[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".results.lock"]

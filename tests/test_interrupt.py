@@ -216,3 +216,42 @@ def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
     assert completed.returncode == 130, completed.stderr
     assert completed.stderr == "interrupted: no results were written\n"
     assert list(tmp_path.iterdir()) == []
+
+
+_SIGTERM_BETWEEN_RENAMES = """
+import os, signal, sys
+from pathlib import Path
+from engine import io
+
+folder = Path(sys.argv[1])
+outputs = io.OutputDir(folder)
+for name in ("a.txt", "b.txt"):
+    outputs.write_text(name, "new")
+real_replace = os.replace
+
+def replace_then_sigterm(source, target):
+    real_replace(source, target)
+    if str(target).endswith("a.txt"):
+        os.kill(os.getpid(), signal.SIGTERM)  # nobody handles it: it ends the process
+
+io.os.replace = replace_then_sigterm
+outputs.commit()
+print("not reached")
+"""
+
+
+def test_an_unhandled_sigterm_between_the_renames_ends_the_process_after_them(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (folder / name).write_text("old")
+
+    completed = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_BETWEEN_RENAMES, str(folder)], capture_output=True,
+        text=True, env=os.environ.copy(), timeout=120,
+    )
+
+    assert completed.returncode == -signal.SIGTERM, completed.stderr
+    assert "not reached" not in completed.stdout
+    assert [(folder / name).read_text() for name in ("a.txt", "b.txt")] == ["new", "new"]
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]

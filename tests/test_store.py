@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 
 import numpy as np
 import pandas as pd
@@ -387,41 +388,68 @@ def test_an_out_folder_that_cannot_be_created_in_is_refused(tmp_path, monkeypatc
 # One run at a time per results folder (engine.io.exclusive_use)
 
 
-def test_a_folder_in_use_by_a_live_run_is_refused_and_a_dead_runs_lock_taken_over(tmp_path):
-    import socket
+HOLD_LOCK = """
+import fcntl, os, sys, time
+handle = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(handle, fcntl.LOCK_EX)
+os.write(handle, b"otherhost 4242\\n")
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+def holding(lock):
+    """A process that holds ``lock`` as a run would, until killed."""
     import subprocess
     import sys
 
+    process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "holding"
+    return process
+
+
+def test_a_folder_in_use_is_refused_by_any_spelling_and_free_once_its_run_ends(tmp_path):
     from engine.io import exclusive_use
 
     folder, lock = tmp_path / "results", tmp_path / ".results.lock"
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    folder.mkdir()
+    (tmp_path / "link").symlink_to(folder)
+    (folder / "sub").mkdir()
+    other = holding(lock)
     try:
-        lock.write_text(f"{socket.gethostname()} {other.pid}\n")
-        with pytest.raises(ArgumentError, match=rf"^--out {folder} is in use by another run "
-                                                rf"\(process {other.pid}, lock {lock}\)"):
-            with exclusive_use(folder):
-                pass
+        for spelling in (folder, tmp_path / "link", folder / "sub" / ".."):
+            with pytest.raises(ArgumentError, match=rf"^--out {spelling} is in use by another "
+                                                    rf"run \(process 4242 on otherhost, lock "
+                                                    rf"{lock}\)"):
+                with exclusive_use(spelling):
+                    pass
     finally:
         other.kill()
         other.wait()
 
-    with exclusive_use(folder):  # its process is gone now
-        assert lock.read_text().split()[1] == str(os.getpid())
-    assert not lock.exists() and not folder.exists()
+    # The system let go of the killed process's lock; its file is simply reused.
+    assert lock.exists()
+    with exclusive_use(folder):
+        assert lock.read_text() == f"{socket.gethostname()} {os.getpid()}\n"
+    assert not lock.exists()
 
 
-def test_a_lock_from_another_host_names_the_file_to_delete(tmp_path):
+@pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
+def test_an_odd_file_where_the_lock_goes_is_one_error(tmp_path, kind):
     from engine.io import exclusive_use
 
     lock = tmp_path / ".results.lock"
-    lock.write_text("some-other-host 12345\n")
+    if kind == "directory":
+        lock.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.symlink_to(tmp_path / "elsewhere")
 
-    with pytest.raises(ArgumentError, match=rf"in use by a run on some-other-host \(process "
-                                            rf"12345\); if no run uses it, delete {lock}"):
+    with pytest.raises(ArgumentError, match=rf"^--out {tmp_path / 'results'}: "):
         with exclusive_use(tmp_path / "results"):
             pass
-    assert lock.read_text() == "some-other-host 12345\n"
 
 
 @pytest.mark.parametrize("variable", ["LOCAL_RANK", "RANK", "SLURM_PROCID"])
