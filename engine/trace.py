@@ -91,15 +91,23 @@ class _Same:
 
 
 class Guards:
-    """The attributes a trace read, each with a fingerprint of the value it saw."""
+    """The attributes a trace read, each with a fingerprint of the value it saw.
 
-    def __init__(self, reads: tuple[tuple[nn.Module, str, object], ...] = ()) -> None:
+    ``reads`` are (module, name, fingerprint) as a read through the module finds them;
+    ``constants`` (class, name, fingerprint) are a class's own plain values.
+    """
+
+    def __init__(self, reads: tuple[tuple[nn.Module, str, object], ...] = (),
+                 constants: tuple[tuple[type, str, object], ...] = ()) -> None:
         # Weak references: a guard must not keep the model (or any module) alive.
-        self._reads = tuple((weakref.ref(module), name, seen) for module, name, seen in reads)
+        self._reads = tuple((weakref.ref(owner), name, seen, False)
+                            for owner, name, seen in reads)
+        self._reads += tuple((weakref.ref(owner), name, seen, True)
+                             for owner, name, seen in constants)
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(name for _, name, _ in self._reads)
+        return tuple(name for _, name, _, on_class in self._reads if not on_class)
 
     def hold(self) -> bool:
         """Whether every attribute read still has the value the trace was made with."""
@@ -116,10 +124,14 @@ class Guards:
             return f"(cannot compare: {type(error).__name__})"
 
     def _changed(self) -> Iterator[str]:
-        for ref, name, seen in self._reads:
-            module = ref()
-            if module is None or _fingerprint(_read(module, name)) != seen:
-                yield f"{type(module).__name__}.{name}"
+        for ref, name, seen, on_class in self._reads:
+            owner = ref()
+            if owner is None:
+                yield f"(a dropped object).{name}"
+                continue
+            value = _class_value(owner, name) if on_class else _read(owner, name)
+            if _fingerprint(value) != seen:
+                yield f"{owner.__name__ if on_class else type(owner).__name__}.{name}"
 
 
 def _read(module: nn.Module, name: str) -> object:
@@ -127,9 +139,14 @@ def _read(module: nn.Module, name: str) -> object:
     own = vars(module)
     if name in own:
         return own[name]
-    for klass in type(module).__mro__:
-        if name in vars(klass):
-            return vars(klass)[name]
+    return _class_value(type(module), name)
+
+
+def _class_value(klass: type, name: str) -> object:
+    """What ``klass.name`` finds in the class or the first of its bases that has it."""
+    for base in klass.__mro__:
+        if name in vars(base):
+            return vars(base)[name]
     return _MISSING
 
 
@@ -138,7 +155,14 @@ def _fingerprint(value: object) -> object:
     if value is _MISSING:
         return ("missing",)
     summary = _summary(value, [_MOST_VALUES])
-    return _Same(value) if summary is _IDENTITY else summary
+    return _identity(value) if summary is _IDENTITY else summary
+
+
+def _identity(value: object) -> object:
+    """``value`` by identity; a tensor also by its version, which changes in place."""
+    if isinstance(value, torch.Tensor):
+        return (torch.Tensor, _Same(value), value._version)
+    return _Same(value)
 
 
 def _summary(value: object, budget: list[int]) -> object:
@@ -156,7 +180,7 @@ def _summary(value: object, budget: list[int]) -> object:
         for item in items:
             part = _summary(item, budget)
             if part is _IDENTITY:
-                return _IDENTITY
+                return _IDENTITY  # too many values: the container by identity
             parts.append(part)
         return (type(value), tuple(parts))
     if isinstance(value, np.ndarray):
@@ -168,7 +192,8 @@ def _summary(value: object, budget: list[int]) -> object:
     if fields is not None:
         summary = _summary(fields, budget)
         return _IDENTITY if summary is _IDENTITY else (type(value), _Same(value), summary)
-    return _IDENTITY
+    # A tensor, a function or another object: by identity, its neighbours still by value.
+    return _identity(value)
 
 
 def _plain_state(value: object) -> dict[str, object] | None:
@@ -256,6 +281,35 @@ class _ModeCheckingTracer(fx.Tracer):
         return super().create_node(*args, **kwargs)
 
 
+# Classes whose constants are the frameworks' own, not the model's settings.
+_FRAMEWORKS = ("torch", "pytorch_lightning", "lightning", "lightning_fabric")
+
+
+def _class_constants(model: nn.Module, reads: dict[tuple[int, str], tuple[nn.Module, str,
+                                                                         object]]
+                     ) -> tuple[tuple[type, str, object], ...]:
+    """Every plain value the model's own classes hold, as each module's class finds it.
+
+    ``forward`` may read one as ``type(self).CAP`` or ``MyNet.CAP``, which no instance
+    attribute access shows. Guarded through the module's own class, so that a value set
+    later on a subclass, shadowing its base's, is seen too. Framework classes (torch,
+    Lightning) are left out; the model's own classes are few and hold few such values.
+    """
+    modules = {id(module): module for module in model.modules()}
+    modules.update((id(module), module) for module, _, _ in reads.values())
+    constants = {}
+    for klass in {type(module) for module in modules.values()}:
+        for base in klass.__mro__:
+            if base is object or base.__module__.split(".")[0] in _FRAMEWORKS:
+                continue
+            for name, value in vars(base).items():
+                if (klass, name) in constants or name.startswith("__") or callable(value) \
+                        or hasattr(type(value), "__get__"):
+                    continue  # methods, properties, descriptors and the class machinery
+                constants[klass, name] = (klass, name, _fingerprint(_class_value(klass, name)))
+    return tuple(constants.values())
+
+
 def trace(model: nn.Module) -> tuple[fx.GraphModule, Guards]:
     """``torch.fx.symbolic_trace(model)`` and the guards on what it read.
 
@@ -272,7 +326,7 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, Guards]:
                 stack.enter_context(torch.autocast(device, enabled=False))
         reads = stack.enter_context(_recorded_reads())
         graph = tracer.trace(model)
-    guards = Guards(tuple(reads.values()))
+    guards = Guards(tuple(reads.values()), _class_constants(model, reads))
     changed = guards.changed()
     if changed:
         raise TraceRefused(f"forward changes what it reads ({changed})")

@@ -354,3 +354,48 @@ def test_a_value_forward_stores_and_reads_back_does_not_trace_again_every_call(m
         integrated_gradients(model, X, BASE, **STEPS)
 
     assert len(traced) == 1
+
+
+class _CapInList(_Kinked):
+    def __init__(self):
+        super().__init__()
+        self.settings = [10.0, torch.ones(2)]  # a tensor beside the cap
+
+    def forward(self, x):
+        return torch.clamp(self.hidden(x), max=self.settings[0])
+
+
+class _CapTensor(_Kinked):
+    def __init__(self):
+        super().__init__()
+        self.cap = torch.tensor(10.0)  # a plain tensor attribute, read as a number
+
+    def forward(self, x):
+        return torch.clamp(self.hidden(x), max=self.cap.item())
+
+
+class _CapOnClass(_Kinked):
+    CAP = 10.0
+
+    def forward(self, x):
+        return torch.clamp(self.hidden(x), max=type(self).CAP)
+
+
+@pytest.mark.parametrize("case", ["beside a tensor", "tensor changed in place",
+                                  "class constant read through the class"])
+def test_more_places_a_setting_can_live_are_seen(case):
+    model = {"beside a tensor": _CapInList, "tensor changed in place": _CapTensor,
+             "class constant read through the class": type("Model", (_CapOnClass,), {})}[case]()
+    model = model.double().eval()
+    integrated_gradients(model, X, BASE, **STEPS)
+    if case == "beside a tensor":
+        model.settings[0] = 0.0
+    elif case == "tensor changed in place":
+        model.cap.fill_(0.0)
+    else:
+        type(model).CAP = 0.0
+
+    got = integrated_gradients(model, X, BASE, **STEPS)[0]
+
+    torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
+                               atol=1e-12)
