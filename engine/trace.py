@@ -34,8 +34,8 @@ place.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import enum
+import functools
 import threading
 import types
 import weakref
@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
 
 __all__ = ["Guards", "TraceRefused", "trace"]
 
@@ -98,16 +99,24 @@ class Guards:
     """
 
     def __init__(self, reads: tuple[tuple[nn.Module, str, object], ...] = (),
-                 constants: tuple[tuple[type, str, object], ...] = ()) -> None:
+                 constants: tuple[tuple[type, str, object], ...] = (),
+                 numbers: tuple[torch.Tensor, ...] = ()) -> None:
         # Weak references: a guard must not keep the model (or any module) alive.
         self._reads = tuple((weakref.ref(owner), name, seen, False)
                             for owner, name, seen in reads)
         self._reads += tuple((weakref.ref(owner), name, seen, True)
                              for owner, name, seen in constants)
+        # Tensors forward took a number out of (``self.cap.item()``), with their contents.
+        self._numbers = tuple((weakref.ref(tensor), _contents(tensor)) for tensor in numbers)
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(name for _, name, _, on_class in self._reads if not on_class)
+
+    @property
+    def constants(self) -> tuple[tuple[type, str, object], ...]:
+        return tuple((ref(), name, seen) for ref, name, seen, on_class in self._reads
+                     if on_class and ref() is not None)
 
     def hold(self) -> bool:
         """Whether every attribute read still has the value the trace was made with."""
@@ -124,14 +133,22 @@ class Guards:
             return f"(cannot compare: {type(error).__name__})"
 
     def _changed(self) -> Iterator[str]:
+        # Modules often share one object (a config every block keeps): summarise it once.
+        summaries: dict[int, object] = {}
         for ref, name, seen, on_class in self._reads:
             owner = ref()
             if owner is None:
                 yield f"(a dropped object).{name}"
                 continue
             value = _class_value(owner, name) if on_class else _read(owner, name)
-            if _fingerprint(value) != seen:
+            if id(value) not in summaries:
+                summaries[id(value)] = _fingerprint(value)
+            if summaries[id(value)] != seen:
                 yield f"{owner.__name__ if on_class else type(owner).__name__}.{name}"
+        for ref, seen in self._numbers:
+            tensor = ref()
+            if tensor is None or _contents(tensor) != seen:
+                yield "a number taken out of a tensor"
 
 
 def _read(module: nn.Module, name: str) -> object:
@@ -159,9 +176,9 @@ def _fingerprint(value: object) -> object:
 
 
 def _identity(value: object) -> object:
-    """``value`` by identity; a tensor also by its version, which changes in place."""
-    if isinstance(value, torch.Tensor):
-        return (torch.Tensor, _Same(value), value._version)
+    """``value`` by identity. A tensor's contents are live in the trace (it reads the same
+    tensor); only a number taken out of one is baked in, and guarded as ``_ScalarReads``
+    records it."""
     return _Same(value)
 
 
@@ -197,16 +214,40 @@ def _summary(value: object, budget: list[int]) -> object:
 
 
 def _plain_state(value: object) -> dict[str, object] | None:
-    """The fields of a plain object (a config object, a SimpleNamespace, a dataclass with
-    or without slots), or None for anything else."""
-    if callable(value) or isinstance(
-            value, (nn.Module, torch.Tensor, type, enum.Enum, types.ModuleType)):
+    """The settings of a plain object, or None for anything else.
+
+    A config object, a ``SimpleNamespace``, a dataclass or ``attrs`` class (with or
+    without slots), a callable helper object (``Clip(cap)``), a ``functools.partial``:
+    its fields, and the plain values of its class it does not override.
+    """
+    if isinstance(value, _NOT_PLAIN):
         return None
-    if dataclasses.is_dataclass(value):
-        return {field.name: getattr(value, field.name, None)
-                for field in dataclasses.fields(value)}
-    state = getattr(value, "__dict__", None)
-    return dict(state) if isinstance(state, dict) else None
+    if isinstance(value, functools.partial):
+        return {"func": value.func, "args": value.args, "keywords": value.keywords}
+    state: dict[str, object] = {}
+    own = getattr(value, "__dict__", None)
+    if isinstance(own, dict):
+        state.update(own)
+    klass = type(value)
+    for base in klass.__mro__:
+        slots = vars(base).get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if slot not in ("__dict__", "__weakref__") and slot not in state:
+                state[slot] = getattr(value, slot, _MISSING)
+    if not state and not isinstance(own, dict):
+        return None  # a value of a built-in or compiled type: by identity
+    for base in klass.__mro__:
+        if base is object or base.__module__.split(".")[0] in _FRAMEWORKS + ("builtins",):
+            continue
+        for name, default in vars(base).items():
+            if name not in state and not name.startswith("__") and not callable(default) \
+                    and not hasattr(type(default), "__get__"):
+                state[name] = default
+    return state
+
+
+_NOT_PLAIN = (nn.Module, torch.Tensor, type, enum.Enum, types.ModuleType, types.FunctionType,
+              types.BuiltinFunctionType, types.MethodType, types.BuiltinMethodType)
 
 
 # Per thread: the attribute reads of the trace in progress, {(id, name): (module, name,
@@ -234,6 +275,34 @@ def _recordable(module: nn.Module, name: str, value: object) -> bool:
     # method or a property's result, whose own reads are recorded, nor a submodule or a
     # parameter, which are not attributes of the instance.
     return _read(module, name) is value
+
+
+def _contents(tensor: torch.Tensor) -> object:
+    """A small tensor's values (a number taken out of it is baked into the trace); a
+    large one's identity and version."""
+    tensor = tensor.detach()
+    if tensor.numel() > _MOST_VALUES:
+        return ("large", tensor._version)
+    return (tensor.dtype, tuple(tensor.shape), tensor.cpu().contiguous().view(-1).tolist())
+
+
+# Tensor methods that hand forward a Python number, which the trace then holds as a constant.
+_TO_NUMBER = frozenset({"item", "tolist", "numpy", "__float__", "__int__", "__bool__",
+                        "__index__", "__complex__"})
+
+
+class _ScalarReads(TorchFunctionMode):
+    """Records the real tensors forward takes numbers out of while it is traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tensors: dict[int, weakref.ref] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if getattr(func, "__name__", None) in _TO_NUMBER and args \
+                and isinstance(args[0], torch.Tensor):
+            self.tensors.setdefault(id(args[0]), weakref.ref(args[0]))
+        return func(*args, **(kwargs or {}))
 
 
 _patch_lock = threading.RLock()
@@ -319,15 +388,22 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, Guards]:
     trace), and whatever ``torch.fx`` raises for a model it cannot trace.
     """
     tracer = _ModeCheckingTracer()
+    constants_before = _class_constants(model, {})
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.enable_grad())
         for device in ("cpu", "cuda"):
             if torch.is_autocast_enabled(device):
                 stack.enter_context(torch.autocast(device, enabled=False))
         reads = stack.enter_context(_recorded_reads())
+        numbers = stack.enter_context(_ScalarReads())
         graph = tracer.trace(model)
-    guards = Guards(tuple(reads.values()), _class_constants(model, reads))
-    changed = guards.changed()
+    # A tensor made inside forward and gone now is no setting.
+    kept = tuple(t for t in (ref() for ref in numbers.tensors.values()) if t is not None)
+    guards = Guards(tuple(reads.values()), _class_constants(model, reads), kept)
+    before = {(klass, name): seen for klass, name, seen in constants_before}
+    counters = [f"{klass.__name__}.{name}" for klass, name, seen in guards.constants
+                if (klass, name) in before and before[klass, name] != seen]
+    changed = ", ".join(counters) or guards.changed()
     if changed:
         raise TraceRefused(f"forward changes what it reads ({changed})")
     return fx.GraphModule(tracer.root, graph, type(model).__name__), guards

@@ -399,3 +399,108 @@ def test_more_places_a_setting_can_live_are_seen(case):
 
     torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
                                atol=1e-12)
+
+
+class _CapBuffer(_Kinked):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("cap", torch.tensor(10.0))
+
+    def forward(self, x):
+        return torch.clamp(self.hidden(x), max=float(self.cap))
+
+
+class _Clip:
+    def __init__(self, cap):
+        self.cap = cap
+
+    def __call__(self, h):
+        return torch.clamp(h, max=self.cap)
+
+
+class _Slotted:
+    __slots__ = ("cap",)
+
+    def __init__(self, cap):
+        self.cap = cap
+
+
+class _Defaults:
+    cap = 10.0
+
+
+class _Helped(_Kinked):
+    def __init__(self, helper):
+        super().__init__()
+        self.helper = helper
+
+    def forward(self, x):
+        helper = self.helper
+        if callable(helper):
+            return helper(self.hidden(x))
+        return torch.clamp(self.hidden(x), max=helper.cap)
+
+
+def _changes():
+    import functools
+
+    def buffer_filled(model):
+        model.cap.fill_(0.0)
+
+    def buffer_loaded(model):
+        model.load_state_dict({**model.state_dict(), "cap": torch.tensor(0.0)})
+
+    def set_cap(model):
+        model.helper.cap = 0.0
+
+    def partial_edited(model):
+        model.helper.keywords["max"] = 0.0
+
+    def class_default(model):
+        type(model.helper).cap = 0.0
+
+    return {
+        "buffer filled": (_CapBuffer, buffer_filled),
+        "buffer loaded": (_CapBuffer, buffer_loaded),
+        "callable helper": (lambda: _Helped(_Clip(10.0)), set_cap),
+        "partial": (lambda: _Helped(functools.partial(torch.clamp, max=10.0)), partial_edited),
+        "slotted config": (lambda: _Helped(_Slotted(10.0)), set_cap),
+        "config class default": (lambda: _Helped(type("Config", (_Defaults,), {})()),
+                                 class_default),
+    }
+
+
+@pytest.mark.parametrize("case", list(_changes()))
+def test_settings_in_buffers_helpers_and_config_classes_are_seen(case):
+    make, change = _changes()[case]
+    for hoist in (True, False):
+        model = make().double().eval()
+        integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)
+        change(model)
+
+        got = integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)[0]
+
+        torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
+                                   atol=1e-12)
+
+
+def test_a_class_level_counter_is_not_a_reason_to_trace_every_call(monkeypatch):
+    import engine.hoist
+
+    class Counted(_Capped):
+        calls = 0
+
+        def forward(self, x):
+            type(self).calls += 1
+            return super().forward(x)
+
+    traced = []
+    original = engine.hoist.trace
+    monkeypatch.setattr(engine.hoist, "trace", lambda model: traced.append(1) or original(model))
+    model = Counted().double().eval()
+    results = [integrated_gradients(model, X, BASE, **STEPS)[0] for _ in range(4)]
+
+    # Refused once per kind of trace (it changes what it reads), then never tried again.
+    assert len(traced) <= 2
+    torch.testing.assert_close(results[-1], _float64_reference(model, X, BASE, 20),
+                               rtol=1e-9, atol=1e-12)
