@@ -259,9 +259,10 @@ def _run_all(config: JobConfig) -> dict[str, object]:
     from engine.report import TitanicReport, explain_flipped, render_report
     from engine.validate import compare_with_captum, synchronize
 
-    outputs = OutputDir(config.out)
-    # One run at a time into --out, of either kind (see run_checkpoint).
-    with outputs, exclusive_use(config.out):
+    # One run at a time into --out, of either kind (see run_checkpoint); the folder is
+    # checked for what it holds once this run holds it.
+    check_output_folder(config.out)
+    with exclusive_use(config.out), OutputDir(config.out) as outputs:
         source = locate_titanic_csv(config.data)
         frame = load_titanic(source)
         data = prepare_titanic(frame, source=source)
@@ -613,7 +614,7 @@ def run_checkpoint(config: CheckpointConfig) -> dict[str, object]:
     )
     # Two runs into one --out would share its chunk folder, and the first to finish
     # removes it under the other (an --all run takes the same lock).
-    check_output_folder(config.out, "checkpoint")
+    check_output_folder(config.out)
     with exclusive_use(config.out):
         summary = explain_rows(job, net)
     return {**summary, "reference": reference, "n_steps": config.n_steps, "out": config.out}

@@ -228,8 +228,9 @@ def exclusive_use(path: Path) -> Iterator[None]:
     resolved = path.resolve()
     lock = resolved.parent / f".{_short(resolved.name)}.lock"
     handle = _locked(lock, path)
-    os.ftruncate(handle, 0)
-    os.write(handle, f"{socket.gethostname()} {os.getpid()}\n".encode())
+    with suppress(OSError):  # not writable when another user's file is reused
+        os.ftruncate(handle, 0)
+        os.write(handle, f"{socket.gethostname()} {os.getpid()}\n".encode())
     try:
         yield
     finally:
@@ -242,9 +243,13 @@ def exclusive_use(path: Path) -> Iterator[None]:
 def _locked(lock: Path, path: Path) -> int:
     """An open descriptor of ``lock`` holding its exclusive flock, or ``ArgumentError``."""
     while True:
+        flags = os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
-            handle = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK,
-                             0o644)
+            try:
+                handle = os.open(lock, os.O_RDWR | flags, 0o666)
+            except PermissionError:
+                # Another user's lock file: flock works on a descriptor opened to read.
+                handle = os.open(lock, os.O_RDONLY | flags)
         except OSError as error:
             raise ArgumentError(
                 f"--out {path}: cannot use the lock file {lock} "

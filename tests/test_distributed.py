@@ -600,3 +600,21 @@ def test_an_all_run_waits_for_no_one_but_takes_the_same_lock(tmp_path, capsys, t
     err = capsys.readouterr().err.strip()
     assert status == 2 and "is in use by another run" in err.splitlines()[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".results.lock"]
+
+
+def test_an_all_run_into_a_checkpoint_run_in_progress_is_told_it_is_in_use(
+    tmp_path, capsys, titanic_csv
+):
+    from tests.test_store import holding
+
+    (tmp_path / "results" / ".chunks").mkdir(parents=True)  # what the running one has made
+    other = holding(tmp_path / ".results.lock")
+    try:
+        status = main(["--all", "--data", str(titanic_csv), "--out", str(tmp_path / "results"),
+                       "--epochs", "1"])
+    finally:
+        other.kill()
+        other.wait()
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and "is in use by another run" in err[-1], err
