@@ -393,27 +393,37 @@ class _TwoClasses(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=0.01)
 
 
+def _watched_two_classes(data, baselines, target, epochs):
+    """The callback with ``target`` over a two-class model's training; the trained model."""
+    callback = AttributionCallback(data.test_features, baselines, BASELINE_KINDS,
+                                   data.feature_names, n_steps=N_STEPS, target=target)
+    model = _TwoClasses()
+    rows = torch.utils.data.TensorDataset(data.features, torch.arange(len(data.features)) % 2)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback])
+    trainer.fit(model, torch.utils.data.DataLoader(rows, batch_size=256))
+    return callback, model.eval()
+
+
+def _assert_last_snapshot_explains(callback, model, data, baselines, per_row):
+    direct = integrated_gradients(model, data.test_features, baselines, target=per_row,
+                                  n_steps=N_STEPS)
+    with torch.no_grad():
+        chosen = model(data.test_features)[torch.arange(len(per_row)), per_row]
+    torch.testing.assert_close(callback.attributions[-1], direct, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(callback.outputs[-1], chosen, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_a_target_per_row_explains_each_rows_own_class(data, baselines, as_tensor):
     torch.manual_seed(0)
     labels = data.test_labels.long()  # each passenger's own outcome as the class
     target = labels if as_tensor else labels.tolist()
-    callback = AttributionCallback(data.test_features, baselines, BASELINE_KINDS,
-                                   data.feature_names, n_steps=N_STEPS, target=target)
-    model = _TwoClasses()
-    rows = torch.utils.data.TensorDataset(data.features, torch.arange(len(data.features)) % 2)
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[callback])
-    trainer.fit(model, torch.utils.data.DataLoader(rows, batch_size=256))
 
-    model.eval()
-    direct = integrated_gradients(model, data.test_features, baselines, target=labels,
-                                  n_steps=N_STEPS)
-    with torch.no_grad():
-        chosen = model(data.test_features)[torch.arange(len(labels)), labels]
-    torch.testing.assert_close(callback.attributions[-1], direct, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(callback.outputs[-1], chosen, rtol=0, atol=0)
+    callback, model = _watched_two_classes(data, baselines, target, epochs=2)
+
+    _assert_last_snapshot_explains(callback, model, data, baselines, labels)
     assert callback.epochs == [0, 1, 2]
 
 
@@ -425,19 +435,7 @@ def test_other_target_forms_the_engine_takes_work_too(data, baselines, target):
     else:
         given = [-1 if row % 2 else -2 for row in range(n_rows)]
         per_row = torch.tensor([1 if row % 2 else 0 for row in range(n_rows)])
-    callback = AttributionCallback(data.test_features, baselines, BASELINE_KINDS,
-                                   data.feature_names, n_steps=N_STEPS, target=given)
-    model = _TwoClasses()
-    rows = torch.utils.data.TensorDataset(data.features, torch.arange(len(data.features)) % 2)
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[callback])
-    trainer.fit(model, torch.utils.data.DataLoader(rows, batch_size=256))
 
-    model.eval()
-    direct = integrated_gradients(model, data.test_features, baselines, target=per_row,
-                                  n_steps=N_STEPS)
-    with torch.no_grad():
-        chosen = model(data.test_features)[torch.arange(n_rows), per_row]
-    torch.testing.assert_close(callback.attributions[-1], direct, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(callback.outputs[-1], chosen, rtol=0, atol=0)
+    callback, model = _watched_two_classes(data, baselines, given, epochs=1)
+
+    _assert_last_snapshot_explains(callback, model, data, baselines, per_row)
