@@ -573,12 +573,8 @@ def test_a_second_run_into_an_out_in_use_is_one_line_exit_two(
 ):
     from tests.test_store import holding
 
-    other = holding(tmp_path / ".results.lock")
-    try:
+    with holding(tmp_path / ".results.lock"):
         status = main(flags(rows_csv, checkpoint, titanic_csv, tmp_path / "results"))
-    finally:
-        other.kill()
-        other.wait()
 
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1
@@ -586,35 +582,19 @@ def test_a_second_run_into_an_out_in_use_is_one_line_exit_two(
     assert sorted(p.name for p in tmp_path.iterdir()) == [".results.lock"]
 
 
-def test_an_all_run_waits_for_no_one_but_takes_the_same_lock(tmp_path, capsys, titanic_csv):
-    from tests.test_store import holding
-
-    other = holding(tmp_path / ".results.lock")
-    try:
-        status = main(["--all", "--data", str(titanic_csv), "--out", str(tmp_path / "results"),
-                       "--epochs", "1"])
-    finally:
-        other.kill()
-        other.wait()
-
-    err = capsys.readouterr().err.strip()
-    assert status == 2 and "is in use by another run" in err.splitlines()[-1]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".results.lock"]
-
-
-def test_an_all_run_into_a_checkpoint_run_in_progress_is_told_it_is_in_use(
-    tmp_path, capsys, titanic_csv
+@pytest.mark.parametrize("chunks", [False, True], ids=["new folder", "chunks being written"])
+def test_an_all_run_takes_the_same_lock_and_is_told_the_folder_is_in_use(
+    tmp_path, capsys, titanic_csv, chunks
 ):
     from tests.test_store import holding
 
-    (tmp_path / "results" / ".chunks").mkdir(parents=True)  # what the running one has made
-    other = holding(tmp_path / ".results.lock")
-    try:
+    if chunks:  # what a running --checkpoint run has made by now
+        (tmp_path / "results" / ".chunks").mkdir(parents=True)
+    with holding(tmp_path / ".results.lock"):
         status = main(["--all", "--data", str(titanic_csv), "--out", str(tmp_path / "results"),
                        "--epochs", "1"])
-    finally:
-        other.kill()
-        other.wait()
 
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and "is in use by another run" in err[-1], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".results.lock"] + (
+        ["results"] if chunks else [])

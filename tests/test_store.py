@@ -1,5 +1,6 @@
 """The resumable chunk store: row ranges, atomic chunk files, and the manifest's guard."""
 
+import contextlib
 import json
 import os
 import socket
@@ -398,15 +399,21 @@ time.sleep(60)
 """
 
 
+@contextlib.contextmanager
 def holding(lock):
-    """A process that holds ``lock`` as a run would, until killed."""
+    """A process that holds ``lock`` as a run would, killed when the block ends."""
     import subprocess
     import sys
 
     process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)],
                                stdout=subprocess.PIPE, text=True)
-    assert process.stdout.readline().strip() == "holding"
-    return process
+    try:
+        assert process.stdout.readline().strip() == "holding"
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
 
 
 def test_a_folder_in_use_is_refused_by_any_spelling_and_free_once_its_run_ends(tmp_path):
@@ -416,17 +423,13 @@ def test_a_folder_in_use_is_refused_by_any_spelling_and_free_once_its_run_ends(t
     folder.mkdir()
     (tmp_path / "link").symlink_to(folder)
     (folder / "sub").mkdir()
-    other = holding(lock)
-    try:
+    with holding(lock):
         for spelling in (folder, tmp_path / "link", folder / "sub" / ".."):
             with pytest.raises(ArgumentError, match=rf"^--out {spelling} is in use by another "
                                                     rf"run \(process 4242 on otherhost, lock "
                                                     rf"{lock}\)"):
                 with exclusive_use(spelling):
                     pass
-    finally:
-        other.kill()
-        other.wait()
 
     # The system let go of the killed process's lock; its file is simply reused.
     assert lock.exists()
