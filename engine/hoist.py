@@ -55,6 +55,14 @@ _SHAPE_ONLY = (nn.Identity, nn.Flatten)
 
 
 @dataclass(frozen=True)
+class LinearChain:
+    """A prefix of Linear layers as one: ``prefix(x) == x @ weight.T + bias`` (float64)."""
+
+    weight: Tensor  # (H, F)
+    bias: Tensor  # (H,)
+
+
+@dataclass(frozen=True)
 class AffineSplit:
     """``model(x) == suffix(prefix(x))`` with ``prefix`` affine.
 
@@ -73,8 +81,50 @@ class AffineSplit:
     def run(self, x: Tensor) -> Tensor:
         """``suffix(prefix(x))``, through the kink split when there is one."""
         if self.kink is not None:
-            return self.kink.run(self.prefix(x))
-        return self.suffix(self.prefix(x))
+            return self.kink.run(self.apply_prefix(x))
+        return self.suffix(self.apply_prefix(x))
+
+    def apply_prefix(self, x: Tensor, chain: LinearChain | None = None) -> Tensor:
+        """``prefix(x)``; a prefix of Linear layers on (N, F) rows runs as one layer.
+
+        The article's network starts with Linear(5, 128) and Linear(128, 128): as one
+        (128 x 5) layer the prefix skips the 128 x 128 product per row. ``chain`` is
+        ``linear_chain(x)`` when the caller has it already.
+        """
+        chain = chain or self.linear_chain(x)
+        if chain is None:
+            return self.prefix(x)
+        return nn.functional.linear(x, chain.weight.to(x.dtype), chain.bias.to(x.dtype))
+
+    def linear_chain(self, like: Tensor) -> LinearChain | None:
+        """The prefix as one Linear layer in float64, for (N, F) rows ``like``; else None.
+
+        Only for a prefix of Linear (and Identity) layers, none hooked, whose weights have
+        the rows' dtype and device (a model that would fail on the rows keeps failing).
+        The product is taken in float64, so the one layer is at least as exact as the
+        layers one after another; the weights are read at every call.
+        """
+        if like.dim() != 2 or not all(type(m) in (nn.Linear, nn.Identity) and not hooked(m)
+                                      for m in self.modules):
+            return None
+        weight = bias = None
+        for module in self.modules:
+            if not isinstance(module, nn.Linear):
+                continue
+            if module.weight.dtype != like.dtype or module.weight.device != like.device:
+                return None
+            w = module.weight.detach().double()
+            b = None if module.bias is None else module.bias.detach().double()
+            if weight is None:
+                weight, bias = w, b
+            else:
+                bias = b if bias is None else (w @ bias if b is None else torch.addmv(b, w, bias))
+                weight = w @ weight
+        if weight is None or weight.shape[1] != like.shape[1]:
+            return None
+        if bias is None:
+            bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+        return LinearChain(weight, bias)
 
     def is_affine_now(self) -> bool:
         """Whether every prefix layer is affine in its current train/eval mode.
@@ -714,7 +764,8 @@ def _close(actual: object, expected: object) -> bool:
 _JACOBIAN_ENTRIES = 1 << 20
 
 
-def pull_back(split: AffineSplit, hidden_grad: Tensor, like: Tensor) -> Tensor:
+def pull_back(split: AffineSplit, hidden_grad: Tensor, like: Tensor,
+              chain: LinearChain | None = None) -> Tensor:
     """J_A^T g for each row of ``hidden_grad``: (P, *H) -> (P, *F), F the features of ``like``.
 
     The prefix is affine, so its vector-Jacobian product is the same at every point; it is
@@ -722,38 +773,31 @@ def pull_back(split: AffineSplit, hidden_grad: Tensor, like: Tensor) -> Tensor:
     there are more rows than hidden units and the Jacobian is small, the Jacobian is built
     once and the rows are multiplied by it: on the article's network that replaces a
     (P x 128) by (128 x 128) product with a (P x 128) by (128 x 5) one. A prefix of
-    Linear layers on rows of features has the product of their weights as its Jacobian;
-    others get it from one backward of the hidden unit vectors.
+    Linear layers on rows of features has the product of their weights as its Jacobian
+    (``chain``, see ``AffineSplit.linear_chain``), in float64: float64 sums are pulled
+    back without a float32 copy. Others get it from one backward of the hidden unit
+    vectors. Returns the dtype of ``like``, or float64 for float64 sums through a chain.
     """
     n_hidden = hidden_grad[0].numel()
     n_features = like[0].numel()
     rows = hidden_grad.shape[0]
     if rows > n_hidden and n_hidden * n_features <= _JACOBIAN_ENTRIES:
-        # The Jacobian is held transposed, (F, H): a product with few output columns is
-        # several times faster with its right factor transposed (F.linear's layout).
-        transposed = _linear_jacobian_t(split, like)
-        if transposed is None:
-            units = torch.zeros((n_hidden, n_hidden), dtype=like.dtype, device=like.device)
-            units.fill_diagonal_(1)
-            jacobian = _vector_jacobian(split, units.view(n_hidden, *hidden_grad.shape[1:]),
-                                        like)
-            transposed = jacobian.view(n_hidden, -1).t().contiguous()
+        chain = chain or split.linear_chain(like)
+        if chain is not None:
+            dtype = torch.float64 if hidden_grad.dtype == torch.float64 else like.dtype
+            # (P, H) @ (H, F): the chain's weight is the Jacobian, untransposed.
+            product = hidden_grad.reshape(rows, n_hidden).to(dtype) @ chain.weight.to(dtype)
+            return product.view(rows, *like.shape[1:])
+        units = torch.zeros((n_hidden, n_hidden), dtype=like.dtype, device=like.device)
+        units.fill_diagonal_(1)
+        jacobian = _vector_jacobian(split, units.view(n_hidden, *hidden_grad.shape[1:]), like)
+        # Held transposed, (F, H): a product with few output columns is several times
+        # faster with its right factor transposed (F.linear's layout).
+        transposed = jacobian.view(n_hidden, -1).t().contiguous()
         product = nn.functional.linear(hidden_grad.reshape(rows, n_hidden).to(like.dtype),
                                        transposed)
         return product.view(rows, *like.shape[1:])
     return _vector_jacobian(split, hidden_grad, like)
-
-
-def _linear_jacobian_t(split: AffineSplit, like: Tensor) -> Tensor | None:
-    """(W_k ... W_1)^T for a prefix of Linear layers (and Identity) on (N, F) rows, else None."""
-    if like.dim() != 2 or not all(type(m) in (nn.Linear, nn.Identity) for m in split.modules):
-        return None
-    transposed = None
-    for module in split.modules:
-        if isinstance(module, nn.Linear):
-            weight = module.weight.detach().to(like.dtype)
-            transposed = weight.t() if transposed is None else transposed @ weight.t()
-    return None if transposed is None else transposed.contiguous()
 
 
 def _vector_jacobian(split: AffineSplit, hidden_grad: Tensor, like: Tensor) -> Tensor:

@@ -574,9 +574,12 @@ def test_many_rows_pull_back_through_a_conv_batchnorm_prefix_jacobian():
     assert relative_error(affine, plain) <= 1e-12
 
 
-def test_many_rows_pull_back_through_a_product_of_linear_weights():
+@pytest.mark.parametrize("biases", [(True, True), (False, True), (True, False),
+                                    (False, False)])
+def test_many_rows_pull_back_through_a_product_of_linear_weights(biases):
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(3, 6), nn.Identity(), nn.Linear(6, 4), nn.Tanh(),
+    model = nn.Sequential(nn.Linear(3, 6, bias=biases[0]), nn.Identity(),
+                          nn.Linear(6, 4, bias=biases[1]), nn.Tanh(),
                           nn.Linear(4, 1)).double().eval()
     x = torch.randn(40, 3, dtype=torch.float64)
 
@@ -586,6 +589,65 @@ def test_many_rows_pull_back_through_a_product_of_linear_weights():
                                  n_steps=10, hoist=False)
 
     assert relative_error(hoisted, plain) <= 1e-12
+
+
+@pytest.mark.parametrize("biases", [(True, True), (False, True), (True, False),
+                                    (False, False)])
+def test_a_prefix_of_linear_layers_runs_as_one_layer(biases):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 6, bias=biases[0]), nn.Identity(),
+                          nn.Linear(6, 4, bias=biases[1]), nn.ReLU(), nn.Linear(4, 1))
+    x = torch.randn(9, 3)
+    split = split_affine_prefix(model)
+
+    chain = split.linear_chain(x)
+    weight = model[2].weight.double() @ model[0].weight.double()
+    bias = torch.zeros(4, dtype=torch.float64)
+    if biases[0]:
+        bias += model[2].weight.double() @ model[0].bias.double()
+    if biases[1]:
+        bias += model[2].bias.double()
+
+    assert chain.weight.dtype == torch.float64
+    torch.testing.assert_close(chain.weight, weight, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(chain.bias, bias, rtol=1e-15, atol=1e-15)
+    # One float32 layer from float64 weights: closer to the float64 prefix than the two
+    # float32 layers are.
+    exact = model[2].double()(model[0].double()(x.double()))
+    model.float()
+    one_layer = split.apply_prefix(x)
+    assert one_layer.dtype == torch.float32
+    assert (one_layer.double() - exact).abs().max() <= 1e-6
+    with torch.no_grad():
+        assert (split.apply_prefix(x) - model[2](model[0](x))).abs().max() <= 1e-5
+
+
+def test_a_prefix_of_linear_layers_follows_new_weights():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 1))
+    x = torch.randn(5, 3)
+    split = split_affine_prefix(model)
+    split.apply_prefix(x)
+    with torch.no_grad():
+        model[1].weight.mul_(-3)
+        model[0].bias.add_(1)
+        expected = model[1](model[0](x))
+
+    torch.testing.assert_close(split.apply_prefix(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_other_prefixes_are_not_one_layer():
+    torch.manual_seed(7)
+    conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.ReLU(), nn.Linear(4, 1))
+    assert split_affine_prefix(conv).linear_chain(torch.randn(3, 1, 6)) is None
+    linear = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    split = split_affine_prefix(linear)
+    # Rows of another dtype (the model itself would fail on them) or not (N, F).
+    assert split.linear_chain(torch.randn(2, 3, dtype=torch.float64)) is None
+    assert split.linear_chain(torch.randn(2, 2, 3)) is None
+    assert split.linear_chain(torch.randn(2, 3)) is not None
+    linear[0].register_forward_hook(lambda module, args, output: 2 * output)
+    assert split.linear_chain(torch.randn(2, 3)) is None
 
 
 # ---------------------------------------------------------------------------
