@@ -1109,21 +1109,15 @@ def _integrate_hoisted(
                          device=x.device)
     per_row_base = base.shape[1] == n_rows
     all_hidden_x = None
-    # A prefix of Linear layers runs as one layer, and pulls back through its weight.
-    chain = split.linear_chain(x)
-
-    def prefix(rows: Tensor) -> Tensor:
-        return split.apply_prefix(rows, chain)
-
     with torch.no_grad():
         # Shared baselines go through the prefix once: (B, 1, *F) -> (B, 1, *H). A few
         # rows go with them, in the same call.
         shared = base[:, 0]
         if not per_row_base and n_rows <= _PREFIX_WITH_BASELINES:
-            hidden = prefix(torch.cat([shared, x]))
+            hidden = split.prefix(torch.cat([shared, x]))
             shared, all_hidden_x = hidden[:n_baselines], hidden[n_baselines:]
         else:
-            shared = prefix(shared)
+            shared = split.prefix(shared)
         hidden_base = shared.unsqueeze(1)
     block = _hoisted_block_rows(problem, hidden_base, options)
     total = n_baselines * n_rows * rule.n_steps
@@ -1133,10 +1127,10 @@ def _integrate_hoisted(
             rows = slice(first, min(first + block, n_rows))
             with torch.no_grad():
                 hidden_x = all_hidden_x if block >= n_rows and all_hidden_x is not None \
-                    else prefix(x[rows])
+                    else split.prefix(x[rows])
                 if per_row_base:
                     # (B, rows, *F) -> (B, rows, *H), one block at a time.
-                    hidden_base = prefix(base[:, rows].flatten(0, 1)).unflatten(
+                    hidden_base = split.prefix(base[:, rows].flatten(0, 1)).unflatten(
                         0, (n_baselines, hidden_x.shape[0])
                     )
             sub = dataclasses.replace(
@@ -1156,7 +1150,7 @@ def _integrate_hoisted(
                                                       hoisted=True)
                 (hidden_sum,) = _integrate_points(split.suffix, sub, rule, sub_chunk, options,
                                                   bar)
-            pulled = pull_back(split, hidden_sum.flatten(0, 1), x, chain)
+            pulled = pull_back(split, hidden_sum.flatten(0, 1), x)
             result[:, rows] = pulled.view(n_baselines, -1, *x.shape[1:]).to(result.dtype)
     return result
 

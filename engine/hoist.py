@@ -55,14 +55,6 @@ _SHAPE_ONLY = (nn.Identity, nn.Flatten)
 
 
 @dataclass(frozen=True)
-class LinearChain:
-    """A prefix of Linear layers as one: ``prefix(x) == x @ weight.T + bias`` (float64)."""
-
-    weight: Tensor  # (H, F)
-    bias: Tensor  # (H,)
-
-
-@dataclass(frozen=True)
 class AffineSplit:
     """``model(x) == suffix(prefix(x))`` with ``prefix`` affine.
 
@@ -81,50 +73,32 @@ class AffineSplit:
     def run(self, x: Tensor) -> Tensor:
         """``suffix(prefix(x))``, through the kink split when there is one."""
         if self.kink is not None:
-            return self.kink.run(self.apply_prefix(x))
-        return self.suffix(self.apply_prefix(x))
+            return self.kink.run(self.prefix(x))
+        return self.suffix(self.prefix(x))
 
-    def apply_prefix(self, x: Tensor, chain: LinearChain | None = None) -> Tensor:
-        """``prefix(x)``; a prefix of Linear layers on (N, F) rows runs as one layer.
+    def linear_jacobian(self, like: Tensor) -> Tensor | None:
+        """The prefix's (H, F) Jacobian in float64 for (N, F) rows ``like``, when the prefix is
+        Linear (and Identity) layers, none hooked, with the rows' dtype and device; else None.
 
-        The article's network starts with Linear(5, 128) and Linear(128, 128): as one
-        (128 x 5) layer the prefix skips the 128 x 128 product per row. ``chain`` is
-        ``linear_chain(x)`` when the caller has it already.
-        """
-        chain = chain or self.linear_chain(x)
-        if chain is None:
-            return self.prefix(x)
-        return nn.functional.linear(x, chain.weight.to(x.dtype), chain.bias.to(x.dtype))
-
-    def linear_chain(self, like: Tensor) -> LinearChain | None:
-        """The prefix as one Linear layer in float64, for (N, F) rows ``like``; else None.
-
-        Only for a prefix of Linear (and Identity) layers, none hooked, whose weights have
-        the rows' dtype and device (a model that would fail on the rows keeps failing).
-        The product is taken in float64, so the one layer is at least as exact as the
-        layers one after another; the weights are read at every call.
+        The product of the weights, read at every call. Only the pull-back uses it: the
+        prefix itself runs layer by layer, as the model does, so that a hidden unit the
+        model computes as exactly zero (a standardising layer at the mean baseline) is
+        zero here too, and a kink after it sees the same side.
         """
         if like.dim() != 2 or not all(type(m) in (nn.Linear, nn.Identity) and not hooked(m)
                                       for m in self.modules):
             return None
-        weight = bias = None
+        jacobian = None
         for module in self.modules:
             if not isinstance(module, nn.Linear):
                 continue
             if module.weight.dtype != like.dtype or module.weight.device != like.device:
                 return None
-            w = module.weight.detach().double()
-            b = None if module.bias is None else module.bias.detach().double()
-            if weight is None:
-                weight, bias = w, b
-            else:
-                bias = b if bias is None else (w @ bias if b is None else torch.addmv(b, w, bias))
-                weight = w @ weight
-        if weight is None or weight.shape[1] != like.shape[1]:
+            weight = module.weight.detach().double()
+            jacobian = weight if jacobian is None else weight @ jacobian
+        if jacobian is None or jacobian.shape[1] != like.shape[1]:
             return None
-        if bias is None:
-            bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
-        return LinearChain(weight, bias)
+        return jacobian
 
     def is_affine_now(self) -> bool:
         """Whether every prefix layer is affine in its current train/eval mode.
@@ -764,8 +738,7 @@ def _close(actual: object, expected: object) -> bool:
 _JACOBIAN_ENTRIES = 1 << 20
 
 
-def pull_back(split: AffineSplit, hidden_grad: Tensor, like: Tensor,
-              chain: LinearChain | None = None) -> Tensor:
+def pull_back(split: AffineSplit, hidden_grad: Tensor, like: Tensor) -> Tensor:
     """J_A^T g for each row of ``hidden_grad``: (P, *H) -> (P, *F), F the features of ``like``.
 
     The prefix is affine, so its vector-Jacobian product is the same at every point; it is
@@ -774,19 +747,18 @@ def pull_back(split: AffineSplit, hidden_grad: Tensor, like: Tensor,
     once and the rows are multiplied by it: on the article's network that replaces a
     (P x 128) by (128 x 128) product with a (P x 128) by (128 x 5) one. A prefix of
     Linear layers on rows of features has the product of their weights as its Jacobian
-    (``chain``, see ``AffineSplit.linear_chain``), in float64: float64 sums are pulled
-    back without a float32 copy. Others get it from one backward of the hidden unit
-    vectors. Returns the dtype of ``like``, or float64 for float64 sums through a chain.
+    (``AffineSplit.linear_jacobian``), in float64: float64 sums are pulled back without
+    a float32 copy. Others get it from one backward of the hidden unit vectors. Returns
+    the dtype of ``like``, or float64 for float64 sums through a product of weights.
     """
     n_hidden = hidden_grad[0].numel()
     n_features = like[0].numel()
     rows = hidden_grad.shape[0]
     if rows > n_hidden and n_hidden * n_features <= _JACOBIAN_ENTRIES:
-        chain = chain or split.linear_chain(like)
-        if chain is not None:
+        weights = split.linear_jacobian(like)
+        if weights is not None:
             dtype = torch.float64 if hidden_grad.dtype == torch.float64 else like.dtype
-            # (P, H) @ (H, F): the chain's weight is the Jacobian, untransposed.
-            product = hidden_grad.reshape(rows, n_hidden).to(dtype) @ chain.weight.to(dtype)
+            product = hidden_grad.reshape(rows, n_hidden).to(dtype) @ weights.to(dtype)
             return product.view(rows, *like.shape[1:])
         units = torch.zeros((n_hidden, n_hidden), dtype=like.dtype, device=like.device)
         units.fill_diagonal_(1)

@@ -591,63 +591,65 @@ def test_many_rows_pull_back_through_a_product_of_linear_weights(biases):
     assert relative_error(hoisted, plain) <= 1e-12
 
 
-@pytest.mark.parametrize("biases", [(True, True), (False, True), (True, False),
-                                    (False, False)])
-def test_a_prefix_of_linear_layers_runs_as_one_layer(biases):
+def test_a_prefix_of_linear_layers_pulls_back_through_the_float64_product_of_weights():
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(3, 6, bias=biases[0]), nn.Identity(),
-                          nn.Linear(6, 4, bias=biases[1]), nn.ReLU(), nn.Linear(4, 1))
+    model = nn.Sequential(nn.Linear(3, 6), nn.Identity(), nn.Linear(6, 4, bias=False),
+                          nn.ReLU(), nn.Linear(4, 1))
+    split = split_affine_prefix(model)
     x = torch.randn(9, 3)
-    split = split_affine_prefix(model)
 
-    chain = split.linear_chain(x)
-    weight = model[2].weight.double() @ model[0].weight.double()
-    bias = torch.zeros(4, dtype=torch.float64)
-    if biases[0]:
-        bias += model[2].weight.double() @ model[0].bias.double()
-    if biases[1]:
-        bias += model[2].bias.double()
+    jacobian = split.linear_jacobian(x)
 
-    assert chain.weight.dtype == torch.float64
-    torch.testing.assert_close(chain.weight, weight, rtol=1e-15, atol=1e-15)
-    torch.testing.assert_close(chain.bias, bias, rtol=1e-15, atol=1e-15)
-    # One float32 layer from float64 weights: closer to the float64 prefix than the two
-    # float32 layers are.
-    exact = model[2].double()(model[0].double()(x.double()))
-    model.float()
-    one_layer = split.apply_prefix(x)
-    assert one_layer.dtype == torch.float32
-    assert (one_layer.double() - exact).abs().max() <= 1e-6
+    assert jacobian.dtype == torch.float64
+    torch.testing.assert_close(jacobian, model[2].weight.double() @ model[0].weight.double(),
+                               rtol=1e-15, atol=1e-15)
     with torch.no_grad():
-        assert (split.apply_prefix(x) - model[2](model[0](x))).abs().max() <= 1e-5
+        model[2].weight.mul_(-3)  # read at every call
+    torch.testing.assert_close(split.linear_jacobian(x),
+                               model[2].weight.double() @ model[0].weight.double(),
+                               rtol=1e-15, atol=1e-15)
 
 
-def test_a_prefix_of_linear_layers_follows_new_weights():
-    torch.manual_seed(6)
-    model = nn.Sequential(nn.Linear(3, 6), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 1))
-    x = torch.randn(5, 3)
-    split = split_affine_prefix(model)
-    split.apply_prefix(x)
-    with torch.no_grad():
-        model[1].weight.mul_(-3)
-        model[0].bias.add_(1)
-        expected = model[1](model[0](x))
-
-    torch.testing.assert_close(split.apply_prefix(x), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_other_prefixes_are_not_one_layer():
+def test_other_prefixes_have_no_product_of_weights():
     torch.manual_seed(7)
     conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.ReLU(), nn.Linear(4, 1))
-    assert split_affine_prefix(conv).linear_chain(torch.randn(3, 1, 6)) is None
+    assert split_affine_prefix(conv).linear_jacobian(torch.randn(3, 1, 6)) is None
     linear = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
     split = split_affine_prefix(linear)
     # Rows of another dtype (the model itself would fail on them) or not (N, F).
-    assert split.linear_chain(torch.randn(2, 3, dtype=torch.float64)) is None
-    assert split.linear_chain(torch.randn(2, 2, 3)) is None
-    assert split.linear_chain(torch.randn(2, 3)) is not None
+    assert split.linear_jacobian(torch.randn(2, 3, dtype=torch.float64)) is None
+    assert split.linear_jacobian(torch.randn(2, 2, 3)) is None
+    assert split.linear_jacobian(torch.randn(2, 3)) is not None
     linear[0].register_forward_hook(lambda module, args, output: 2 * output)
-    assert split.linear_chain(torch.randn(2, 3)) is None
+    assert split.linear_jacobian(torch.randn(2, 3)) is None
+
+
+@pytest.mark.parametrize("method", ["riemann_left", "riemann_trapezoid"])
+def test_hidden_units_the_model_puts_at_zero_stay_at_zero(method):
+    # A standardising Linear layer, then another: at the mean baseline the model's hidden
+    # units are exactly zero, and the nodes at alpha = 0 sit on the ReLU's kink. The prefix
+    # must compute them as the model does (the product of the two weights rounds them to
+    # +-1e-7, and the ReLU then takes the other side).
+    torch.manual_seed(0)
+    mean = torch.tensor([0.5, 2.0, 1.0, 0.25, 4.0])  # powers of 2: scale * mean is exact
+    scale = 1 / (torch.rand(5) + 0.5)
+    model = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 64, bias=False), nn.ReLU(),
+                          nn.Linear(64, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.diag(scale))
+        model[0].bias.copy_(-(scale * mean))
+    # More rows than the gradient check's points, so that only rows are checked.
+    x = torch.randn(100, 5) * 2 + mean
+    baseline = mean[None]
+    assert bool((model[:2](baseline) == 0).all())
+
+    hoisted = integrated_gradients(model, x, baseline, method=method)
+    affine = integrated_gradients(model, x, baseline, method=method, hoist="affine")
+    reference = integrated_gradients(model.double(), x.double(), baseline.double(),
+                                     method=method, hoist=False)
+
+    assert relative_error(hoisted.double(), reference) <= 1e-5
+    assert relative_error(affine.double(), reference) <= 1e-5
 
 
 # ---------------------------------------------------------------------------
