@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +51,7 @@ from engine.io import (
     OutputDir,
     check_output_folder,
     exclusive_use,
+    refuse_overwriting_inputs,
     tidy_attributions,
     tidy_deltas,
 )
@@ -210,14 +211,17 @@ def _check_shared_flags(args: argparse.Namespace) -> None:
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
     if not str(args.out).strip() or Path(args.out) == Path(".") \
-            or _same_folder(Path(args.out), Path.cwd()):
-        raise UsageError(f"--out {str(args.out)!r}: name a results folder, not the current one")
+            or _holds_current_folder(Path(args.out)):
+        raise UsageError(f"--out {str(args.out)!r}: name a results folder, not the current "
+                         "one or a folder above it")
     args.out = Path(args.out)
 
 
-def _same_folder(a: Path, b: Path) -> bool:
+def _holds_current_folder(out: Path) -> bool:
+    """Whether ``out`` is the current folder or one above it (``..``, ``/``): results
+    would land among the folders that hold the user's work."""
     try:
-        return a.resolve() == b.resolve()
+        return Path.cwd().resolve().is_relative_to(out.resolve())
     except (OSError, RuntimeError):  # a name too long, a symlink loop: not the same
         return False
 
@@ -264,6 +268,8 @@ def _run_all(config: JobConfig) -> dict[str, object]:
     check_output_folder(config.out)
     with exclusive_use(config.out), OutputDir(config.out) as outputs:
         source = locate_titanic_csv(config.data)
+        outputs.inputs["--data"] = source
+        refuse_overwriting_inputs(config.out, all_run_files(config.baselines), outputs.inputs)
         frame = load_titanic(source)
         data = prepare_titanic(frame, source=source)
         _check_passenger_flags(config, len(data.test_index), data.feature_names, source)
@@ -388,6 +394,14 @@ def _run_all(config: JobConfig) -> dict[str, object]:
     }
 
 
+def all_run_files(kinds: Sequence[str]) -> tuple[str, ...]:
+    """The files an --all run with baselines ``kinds`` writes into --out."""
+    return ("interpretation_results.csv", "convergence.csv", "attribution_by_epoch.csv",
+            "validation.json", "classification_report.txt", "model.pt",
+            *(f"heatmap_{kind}.png" for kind in kinds), "heatmap_baselines.png",
+            "heatmap_by_epoch.gif", "passenger_comparison.png", "report.html")
+
+
 def _draw_pictures(outputs, mean_attribution, by_epoch, passenger, feature_names, epochs,
                    kinds=BASELINE_KINDS):
     """Write every picture into the staging folder; return their paths by report field."""
@@ -462,9 +476,13 @@ def _one_line(error: Exception, *, debug: bool) -> str:
 
 
 @contextmanager
-def _noticed_interrupts(*extra: signal.Signals) -> Iterator[list[int]]:
+def _noticed_interrupts(
+    *extra: signal.Signals, defer: Callable[[int], bool] | None = None
+) -> Iterator[list[int]]:
     """Record each SIGINT, and each of the ``extra`` signals, and raise KeyboardInterrupt
-    while the job runs, so that its staged results are dropped on the way out.
+    while the job runs, so that its staged results are dropped on the way out; a signal
+    for which ``defer(signum)`` is true is only recorded (the job stops at a point of its
+    choosing).
 
     Yields the list of signals received; the handlers in place before are restored after.
     A signal that is ignored stays ignored.
@@ -477,6 +495,8 @@ def _noticed_interrupts(*extra: signal.Signals) -> Iterator[list[int]]:
 
     def note_and_raise(signum: int, frame: object) -> None:
         received.append(signum)
+        if defer is not None and defer(signum):
+            return
         raise KeyboardInterrupt
 
     previous = {}
@@ -598,12 +618,24 @@ def run_checkpoint(config: CheckpointConfig) -> dict[str, object]:
     Every process Lightning starts runs this; only rank 0's summary is printed.
     """
     from engine.data import load_titanic, locate_titanic_csv
-    from engine.distributed import AttributionJob, FeatureScaling, explain_rows, file_sha256
+    from engine.distributed import (
+        TABLES,
+        AttributionJob,
+        FeatureScaling,
+        explain_rows,
+        file_sha256,
+    )
     from engine.model import load_weights
 
     net = load_weights(config.checkpoint)
     # The model saw features scaled by its training file: a new file gets the same scaling.
     reference = locate_titanic_csv(config.reference, flag="--reference")
+    # What the folder holds first (checked again once the lock is held), then the inputs.
+    check_output_folder(config.out, "checkpoint")
+    refuse_overwriting_inputs(
+        config.out, [f"{table}.{config.output_format}" for table in TABLES],
+        {"--data": config.data, "--reference": reference, "--checkpoint": config.checkpoint},
+    )
     scaling = FeatureScaling.from_reference(load_titanic(reference))
     job = AttributionJob(
         data=config.data, out=config.out, n_steps=config.n_steps, method=config.method,
@@ -658,6 +690,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             gc.unfreeze()
 
 
+def _defer_sigterm(signum: int) -> bool:
+    """Whether a --checkpoint run lets the chunk in progress finish before it stops."""
+    distributed = sys.modules.get("engine.distributed")
+    return signum == signal.SIGTERM and distributed is not None and distributed.defer_stop()
+
+
 def _stopped_by_sigterm(error: Exception) -> bool:
     from engine.distributed import StoppedBySignal
 
@@ -671,15 +709,15 @@ def _run(args: argparse.Namespace) -> int:
         "again to resume"
         if args.checkpoint is not None else "interrupted: no results were written"
     )
-    # --all also drops its staged results on SIGTERM and SIGHUP (a scheduler's stop, a
-    # closed terminal); a --checkpoint run leaves SIGTERM to Lightning, which stops
-    # between chunks and keeps the finished ones, and stops at once on SIGHUP, keeping
-    # them too.
-    stops = _STOP_SIGNALS
+    # --all drops its staged results on SIGTERM and SIGHUP (a scheduler's stop, a closed
+    # terminal) as on Ctrl-C. A --checkpoint run stops at once on SIGHUP, keeping its
+    # finished chunks; on SIGTERM it finishes the chunk in progress first, and stops at
+    # once before or after the chunks (while it writes the tables, for one).
+    defer = None
     if args.checkpoint is not None:
-        stops = tuple(signum for signum in _STOP_SIGNALS if signum != signal.SIGTERM)
+        defer = _defer_sigterm
     try:
-        with _noticed_interrupts(*stops) as interrupts:
+        with _noticed_interrupts(*_STOP_SIGNALS, defer=defer) as interrupts:
             if args.checkpoint is not None:
                 summary = run_checkpoint(checkpoint_config(args))
             else:

@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -253,6 +253,35 @@ class StoppedBySignal(RuntimeError):
     """The run was asked to stop; its finished chunks are on disk."""
 
 
+# [predict is running, a stop was asked for while it ran]. Set only from the main thread
+# (explain_rows, and signal handlers, which Python runs there).
+_PREDICT_STATE = [False, False]
+
+
+def defer_stop() -> bool:
+    """For a stop signal's handler: True while the chunks are computed, after noting the
+    request (the chunk loop then stops before its next chunk, or once predict returns);
+    False otherwise, when the handler should stop the run at once."""
+    if not _PREDICT_STATE[0]:
+        return False
+    _PREDICT_STATE[1] = True
+    return True
+
+
+@contextlib.contextmanager
+def _predicting() -> Iterator[None]:
+    _PREDICT_STATE[:] = [True, False]
+    try:
+        yield
+    finally:
+        _PREDICT_STATE[0] = False
+
+
+def _stop_requested(trainer: pl.Trainer) -> bool:
+    """A SIGTERM reached Lightning's handler, or the command line's (see defer_stop)."""
+    return bool(getattr(trainer, "received_sigterm", False) or _PREDICT_STATE[1])
+
+
 class ChunkAttribution(pl.LightningModule):
     """Integrated Gradients of the job's missing chunks as a Lightning predict loop.
 
@@ -318,15 +347,8 @@ class ChunkAttribution(pl.LightningModule):
     def predict_step(self, batch: int, batch_idx: int) -> int:
         # Lightning notes a SIGTERM but lets predict run on; stop between chunks instead,
         # so a scheduler's warning before its kill costs no finished work.
-        if getattr(self.trainer, "received_sigterm", False):
-            kept = len(self.store.done())
-            if not kept:
-                raise StoppedBySignal("stopped by SIGTERM before any chunk finished; nothing "
-                                      "was kept: run the same command again to start over")
-            raise StoppedBySignal(
-                f"stopped by SIGTERM; {kept} finished chunk(s) are kept in "
-                f"{self.store.folder}: run the same command again to resume"
-            )
+        if _stop_requested(self.trainer):
+            raise _stopped(self.store)
         if int(batch) == _NOTHING_TO_DO:
             return _NOTHING_TO_DO
         chunk = self.store.chunks[int(batch)]
@@ -465,11 +487,14 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
     out_existed = job.out.exists()
     started = time.perf_counter()
     try:
-        with _quiet_lightning():
+        with _quiet_lightning(), _predicting():
             trainer.predict(module, return_predictions=False)
     except BaseException:
         _drop_if_unfinished(store, job.out, out_existed)
         raise
+    if _stop_requested(trainer):
+        # Asked during the last chunk: predict had no next chunk to stop before.
+        raise _stopped(store)
     # Every process has written its chunks once all of them pass this point.
     trainer.strategy.barrier("chunks-written")
     seconds = time.perf_counter() - started
@@ -495,6 +520,17 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
         "files": files,
         "world_size": trainer.world_size,
     }
+
+
+def _stopped(store: ChunkStore) -> StoppedBySignal:
+    kept = len(store.done())
+    if not kept:
+        return StoppedBySignal("stopped by SIGTERM before any chunk finished; nothing was "
+                               "kept: run the same command again to start over")
+    return StoppedBySignal(
+        f"stopped by SIGTERM; {kept} finished chunk(s) are kept in {store.folder}: run the "
+        "same command again to resume"
+    )
 
 
 def _drop_if_unfinished(store: ChunkStore, out: Path, out_existed: bool) -> None:

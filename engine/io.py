@@ -12,7 +12,7 @@ import socket
 import stat
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,8 @@ except ImportError:  # not POSIX: no lock (see exclusive_use)
 
 from engine.errors import ArgumentError
 
-__all__ = ["OutputDir", "atomic_path", "check_output_folder", "exclusive_use", "tidy_attributions",
+__all__ = ["OutputDir", "atomic_path", "check_output_folder", "exclusive_use",
+           "refuse_overwriting_inputs", "tidy_attributions",
            "tidy_deltas"]
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,37 @@ def _check_output_folder(path: Path, kind: str | None) -> None:
         ) from error
 
 
+def refuse_overwriting_inputs(out: Path, names: Iterable[str],
+                              inputs: Mapping[str, Path | None]) -> None:
+    """Raise ``ArgumentError`` when an input file is one a run writing ``names`` into
+    ``out`` would replace or remove.
+
+    ``inputs`` maps each flag to the file it named. A results file replaces the file of
+    its name, and a run removes the files its folder's listing says an earlier run wrote
+    and this one does not: an input there (a table of an earlier run read as data) would
+    be gone, with the run reporting success. Paths are compared resolved, so a symlink
+    to such a file counts as the file.
+    """
+    try:
+        folder = out.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: the folder checks report it
+        return
+    _, earlier = _written_before(folder)
+    doomed = {*names, *earlier, WRITTEN_FILE}
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        try:
+            resolved = Path(path).resolve()
+        except (OSError, RuntimeError):
+            continue
+        if resolved.parent == folder and resolved.name in doomed:
+            raise ArgumentError(
+                f"{flag} {path} is {resolved}, a file this run would replace or remove in "
+                f"--out {out}: copy it elsewhere or choose another --out"
+            )
+
+
 class OutputDir:
     """A results folder whose files appear together, or not at all.
 
@@ -132,6 +164,8 @@ class OutputDir:
             ) from error
         (self.staging / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         self.written: list[str] = []
+        # The files the run read, by flag: never replaced or removed (see commit).
+        self.inputs: dict[str, Path] = {}
         _remove_abandoned(parent, self.path.name)
 
     def file(self, name: str) -> Path:
@@ -165,6 +199,7 @@ class OutputDir:
                 )
         # Checked again: another run may have written the folder since this one began.
         check_output_folder(self.path, self.kind)
+        refuse_overwriting_inputs(self.path, self.written, self.inputs)
         _, earlier = _written_before(self.path)
         listing = self.file(WRITTEN_FILE)
         listing.write_text(f"{_KIND_LINE}{self.kind}\n" + "".join(

@@ -19,7 +19,7 @@ import torch
 
 from engine.attribute import main
 from engine.data import MAX_LINE_BYTES, MAX_SHOWN_CHARS, load_titanic
-from engine.errors import CheckpointError, DataError
+from engine.errors import ArgumentError, CheckpointError, DataError
 from engine.model import CHECKPOINT_FORMAT, TitanicMLP, load_weights, save_weights
 
 HEADER = "PassengerId,Survived,Pclass,Name,Sex,Age,SibSp,Parch,Ticket,Fare,Cabin,Embarked"
@@ -540,8 +540,11 @@ def test_cut_checkpoint_is_one_line_checkpoint_error(tmp_path, keep):
         (["--out="], ["--out ''", "current"]),
         (["--out", "./"], ["--out './'", "current"]),
         (["--out", "CWD"], ["current"]),
+        (["--out", ".."], ["--out '..'", "above"]),
+        (["--out", "/"], ["--out '/'", "above"]),
     ],
-    ids=["huge-n-steps", "negative-seed", "huge-seed", "empty-out", "dot-out", "cwd-out"],
+    ids=["huge-n-steps", "negative-seed", "huge-seed", "empty-out", "dot-out", "cwd-out",
+         "parent-out", "root-out"],
 )
 def test_flags_out_of_range_are_refused_before_any_work(tmp_path, capsys, monkeypatch, flags,
                                                        names):
@@ -577,3 +580,66 @@ def test_a_row_with_missing_fields_is_refused_naming_its_line(tmp_path, capsys, 
     status, err = run_main(capsys, "--data", str(short), "--out", str(tmp_path / "results"))
 
     assert_refused(status, err, tmp_path, "short_row.csv", "line 6", "3 fields")
+
+
+# ---------------------------------------------------------------------------
+# Input files the results would replace
+
+
+@pytest.mark.parametrize("how", ["same-path", "symlink"])
+def test_data_named_like_a_result_in_out_is_refused_and_kept(tmp_path, capsys, titanic_csv,
+                                                              how):
+    out = tmp_path / "earlier"
+    out.mkdir()
+    inside = out / "interpretation_results.csv"
+    inside.write_bytes(titanic_csv.read_bytes())
+    data = inside
+    if how == "symlink":
+        data = tmp_path / "link.csv"
+        data.symlink_to(inside)
+
+    status, err = run_main(capsys, "--data", str(data), "--out", str(out), "--epochs", "1")
+
+    assert_refused(status, err, tmp_path, f"--data {data}", "would replace or remove")
+    assert inside.read_bytes() == titanic_csv.read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["interpretation_results.csv"]
+
+
+def test_a_checkpoint_runs_input_named_like_its_table_is_refused_and_kept(
+    tmp_path, capsys, titanic_csv
+):
+    checkpoint = save_weights(TitanicMLP(), tmp_path / "model.pt")
+    out = tmp_path / "results"
+    out.mkdir()
+    reference = out / "convergence.csv"
+    reference.write_bytes(titanic_csv.read_bytes())
+
+    status = main(["--data", str(titanic_csv), "--checkpoint", str(checkpoint),
+                   "--reference", str(reference), "--out", str(out)])
+
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--reference {reference}" in err
+    assert reference.read_bytes() == titanic_csv.read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["convergence.csv"]
+
+
+def test_a_file_an_earlier_run_wrote_and_this_one_would_remove_is_protected(tmp_path):
+    from engine.io import OutputDir, refuse_overwriting_inputs
+
+    out = tmp_path / "results"
+    with OutputDir(out) as outputs:
+        outputs.write_text("heatmap_old-base.csv", "earlier")
+        outputs.commit()
+    kept = out / "heatmap_old-base.csv"
+
+    with pytest.raises(ArgumentError, match="would replace or remove"):
+        refuse_overwriting_inputs(out, ["report.html"], {"--data": kept})
+    refuse_overwriting_inputs(out, ["report.html"], {"--data": tmp_path / "elsewhere.csv"})
+    # The same check guards the last step of every run, whatever it wrote.
+    with OutputDir(out) as outputs:
+        outputs.inputs["--data"] = kept
+        outputs.write_text("report.html", "new")
+        with pytest.raises(ArgumentError, match="would replace or remove"):
+            outputs.commit()
+    assert kept.read_text() == "earlier"

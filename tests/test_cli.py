@@ -7,7 +7,8 @@ import sys
 import pandas as pd
 import pytest
 
-from engine.attribute import main
+from engine.attribute import all_run_files, main
+from engine.baselines import BASELINE_KINDS
 
 EXPECTED_FILES = {
     "interpretation_results.csv",
@@ -38,6 +39,8 @@ def test_all_exits_zero_and_writes_every_file(finished_run):
     status, out = finished_run
     assert status == 0
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES | {".written"}
+    # The names a run checks its input files against before any work.
+    assert set(all_run_files(BASELINE_KINDS)) == EXPECTED_FILES
 
 
 def test_interpretation_table_has_one_row_per_passenger_baseline_feature(finished_run):

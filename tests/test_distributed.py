@@ -598,3 +598,65 @@ def test_an_all_run_takes_the_same_lock_and_is_told_the_folder_is_in_use(
     assert status == 2 and "is in use by another run" in err[-1], err
     assert sorted(p.name for p in tmp_path.iterdir()) == [".results.lock"] + (
         ["results"] if chunks else [])
+
+
+def _sigterm_to_self(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_while_the_tables_are_written_stops_at_once_keeping_the_chunks(
+    tmp_path, capsys, monkeypatch, rows_csv, checkpoint, titanic_csv
+):
+    # Every chunk has finished: the stop drops the staged tables, keeps the chunks for a
+    # rerun and leaves nothing beside --out (before, nothing handled SIGTERM here and it
+    # ended the process without a word, leaving the staging folder and the lock).
+    import engine.io
+
+    out = tmp_path / "results"
+    real = engine.io.OutputDir.file
+
+    def file_then_sigterm(self, name):
+        _sigterm_to_self()
+        return real(self, name)
+
+    monkeypatch.setattr(engine.io.OutputDir, "file", file_then_sigterm)
+    status = main(flags(rows_csv, checkpoint, titanic_csv, out, "--chunk-rows", "1000"))
+
+    err = capsys.readouterr().err
+    assert status == 128 + signal.SIGTERM
+    assert err.strip().splitlines() == [
+        "interrupted: the chunks that had finished, if any, are kept; run the same command "
+        "again to resume"]
+    assert sorted(p.name for p in (out / ".chunks").glob("chunk-*.npz")) == [
+        "chunk-000000.npz", "chunk-000001.npz"]
+    assert sorted(p.name for p in out.iterdir()) == [".chunks"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (rows_csv.parent, checkpoint.parent, titanic_csv.parent, out)
+        if p.parent == tmp_path)
+
+
+def test_a_sigterm_during_the_last_chunk_stops_once_it_is_kept(
+    tmp_path, capsys, monkeypatch, rows_csv, checkpoint, titanic_csv
+):
+    # No chunk follows to stop before: the run stops once predict returns.
+    import engine.distributed
+
+    out = tmp_path / "results"
+    real = engine.distributed.integrated_gradients
+    calls = []
+
+    def last_chunk_sigterm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            _sigterm_to_self()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.distributed, "integrated_gradients", last_chunk_sigterm)
+    status = main(flags(rows_csv, checkpoint, titanic_csv, out, "--chunk-rows", "1000"))
+
+    err = capsys.readouterr().err
+    assert status == 128 + signal.SIGTERM
+    assert err.strip().splitlines()[-1].startswith(
+        "interrupted: stopped by SIGTERM; 2 finished chunk(s) are kept")
+    assert len(calls) == 2
+    assert sorted(p.name for p in out.iterdir()) == [".chunks"]
