@@ -47,24 +47,51 @@ class FlippedPassenger:
 
     def labels(self) -> tuple[str, str]:
         """Legend labels of the two versions, naming the flipped feature's values."""
-        index = self._feature_index()
-        before, after = (self.describe(version[index]) for version in self.features)
-        return f"as is ({before})", f"{self.feature} flipped ({after})"
+        before, after = self._values()
+        change = "unchanged" if self.unchanged else "flipped"
+        return f"as is ({before})", f"{self.feature} {change} ({after})"
 
     @property
     def unchanged(self) -> bool:
-        """True when flipping left the value as it was (0.5, the middle of the range)."""
+        """True when flipping left the value as it was: in the middle of its range (0.5), or
+        a Sex that every passenger in the file shares."""
         index = self._feature_index()
         return bool(self.features[0, index] == self.features[1, index])
 
-    def describe(self, value: float) -> str:
-        """A normalised value of the flipped feature in words (Sex: male or female)."""
-        if self.feature == "Sex":
-            return "male" if value >= 0.5 else "female"
-        return f"{value:.3f}"
+    @property
+    def only_men(self) -> bool:
+        """True when Sex was to be flipped in a file of men only: no value stands for a woman."""
+        index = self._feature_index()
+        return self.feature == "Sex" and _only_men(self._raw_sex(), self.features[0, index])
+
+    def _values(self) -> tuple[str, str]:
+        index = self._feature_index()
+        before, after = self.features[:, index]
+        if self.feature != "Sex":
+            return f"{before:.3f}", f"{after:.3f}"
+
+        # The file names the passenger's sex; the scaled value does only when the file
+        # holds both sexes. Without the file's value, assume it does.
+        sex = self._raw_sex() or ("male" if before >= 0.5 else "female")
+        return sex, sex if self.unchanged else _OTHER_SEX[sex]
+
+    def _raw_sex(self) -> str | None:
+        if self.raw is None or self.feature != "Sex":
+            return None
+        sex = self.raw[self._feature_index()]
+        return sex if sex in _OTHER_SEX else None
 
     def _feature_index(self) -> int:
         return self.feature_names.index(self.feature)
+
+
+_OTHER_SEX = {"male": "female", "female": "male"}
+
+
+def _only_men(sex: str | None, value: float) -> bool:
+    # Sex is 1 (male) / 0 (female) before min-max scaling, so a man is scaled to 0 only
+    # when no woman is in the file; 1 - 0 would then name neither sex.
+    return sex == "male" and value < 0.5
 
 
 def explain_flipped(
@@ -85,7 +112,8 @@ def explain_flipped(
 
     Features are min-max normalised, so flipping maps a value ``v`` to ``1 - v``: Sex
     turns male (1) into female (0) and back; a graded feature is mirrored within its
-    range (Pclass 1st <-> 3rd).
+    range (Pclass 1st <-> 3rd). In a file of men only, which ``raw`` reveals, every man
+    is scaled to 0 and no value stands for a woman, so Sex is left as it is.
 
     Parameters
     ----------
@@ -108,7 +136,8 @@ def explain_flipped(
     name
         The passenger's name, if known.
     raw
-        ``F`` values as the file has them, for the report's table, if known.
+        ``F`` values as the file has them, if known: the report's table shows them, and
+        the passenger's sex is named from them.
 
     Raises
     ------
@@ -126,7 +155,9 @@ def explain_flipped(
 
     original = inputs[row : row + 1]
     flipped = original.clone()
-    flipped[0, index] = 1.0 - flipped[0, index]
+    sex = None if raw is None or feature != "Sex" else str(raw[index])
+    if not _only_men(sex, float(original[0, index])):
+        flipped[0, index] = 1.0 - flipped[0, index]
     versions = torch.cat([original, flipped])  # (2, F)
 
     attributions = integrated_gradients(model, versions, baselines, n_steps=n_steps,
@@ -327,17 +358,21 @@ def _passenger_section(report: TitanicReport) -> str:
     text = (
         f"<p>Test row {passenger.row}: {html.escape(who)}. The model gives a survival "
         f"probability of <b>{before:.2f}</b> {html.escape(labels[0])} and <b>{after:.2f}</b> "
-        f"with {html.escape(passenger.feature)} flipped, every other feature unchanged. "
+        f"with {html.escape(labels[1])}, every other feature unchanged. "
         "Flipping maps a normalised value v to 1 - v.</p>"
     )
-    if passenger.unchanged:
+    if passenger.only_men:
+        text += ("<p><b>Note:</b> every passenger in the file is male, so scaling put Sex at 0 "
+                 "for all of them and no value stands for a woman: Sex is left as it is, "
+                 "and the model never saw it vary. Choose another feature.</p>")
+    elif passenger.unchanged:
         text += (f"<p><b>Note:</b> this passenger's {html.escape(passenger.feature)} is in the "
                  "middle of its range, so flipping leaves it unchanged; choose another row "
                  "or feature.</p>")
     if passenger.feature == "Sex":
         text += ("<p>A feature equal to the baseline's value gets no attribution (IG "
-                 "multiplies by x - baseline): against the zero baseline a female "
-                 "passenger's Sex attribution is 0.</p>")
+                 "multiplies by x - baseline): against the zero baseline a Sex of 0 (a woman, "
+                 "or anyone in a file of one sex) gets an attribution of 0.</p>")
     raw = passenger.raw
     header = ("<tr><th>feature</th>" + ("<th>in the file</th>" if raw else "")
               + "<th>as is</th><th>flipped</th></tr>")

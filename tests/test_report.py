@@ -216,3 +216,41 @@ def test_a_flip_that_changes_nothing_is_pointed_out(net_rows_baselines, report):
 def test_a_real_flip_is_not_called_unchanged(report):
     assert not report.passenger.unchanged
     assert "flipping leaves it unchanged" not in render_report(report)
+
+
+@pytest.fixture
+def men_only(net_rows_baselines):
+    """A file of men only: min-max scaling puts every man's Sex at 0, none at 1."""
+    net, rows, baselines = net_rows_baselines
+    rows[:, 1] = 0.0
+    raw = ("3", "male", "28", "0", "15.5")
+    return net, rows, baselines, raw
+
+
+def test_the_sex_is_named_from_the_file_not_from_the_scaled_value(men_only, report):
+    net, rows, baselines, raw = men_only
+    result = explain_flipped(net, rows, baselines, FEATURES, row=6, feature="Sex",
+                             passenger_ids=list(range(10)), raw=raw)
+
+    page = render_report(dataclasses.replace(report, passenger=result))
+    assert all("female" not in label for label in result.labels()), result.labels()
+    assert "as is (male)" in page
+    assert "female" not in page.split("One passenger")[1].split("</section>")[0]
+
+
+def test_a_sex_every_passenger_shares_is_left_as_it_is(men_only, report):
+    net, rows, baselines, raw = men_only
+    result = explain_flipped(net, rows, baselines, FEATURES, row=6, feature="Sex",
+                             passenger_ids=list(range(10)), raw=raw)
+
+    np.testing.assert_array_equal(result.features[1], result.features[0])
+    assert result.unchanged
+    assert result.labels() == ("as is (male)", "Sex unchanged (male)")
+    page = render_report(dataclasses.replace(report, passenger=result))
+    assert "every passenger in the file is male" in page
+    assert "middle of its range" not in page
+
+
+def test_a_man_among_women_is_named_and_flipped_from_the_file(report):
+    assert report.passenger.labels() == ("as is (male)", "Sex flipped (female)")
+    assert "as is (male)" in render_report(report)
