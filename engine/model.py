@@ -7,10 +7,12 @@ import logging
 import os
 import pickle
 import re
+import stat
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import pytorch_lightning as pl
 import torch
@@ -400,24 +402,24 @@ def load_weights(path: str | Path, layer_order: str | None = None) -> TitanicMLP
     Raises
     ------
     CheckpointError
-        If the file is missing, is not a checkpoint, its keys or shapes do not
-        match the network, or a weight is nan or inf.
+        If the file is missing, is not a regular file (a named pipe, device or
+        socket, also through a symbolic link), is not a checkpoint, its keys or
+        shapes do not match the network, or a weight is nan or inf.
     ArgumentError
         If ``layer_order`` is given and unknown.
     """
     path = Path(path)
     if layer_order is not None:
         layer_order = _checked_order(layer_order)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    _check_regular_file(path)
 
     try:
-        with warnings.catch_warnings():
+        with _open_regular_file(path) as stream, warnings.catch_warnings():
             # torch warns about the pickle protocol before refusing the file anyway.
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = torch.load(stream, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except _UNREADABLE as err:
         raise CheckpointError(f"{path}: not a loadable checkpoint ({_load_reason(err)})") from err
 
@@ -434,6 +436,58 @@ def load_weights(path: str | Path, layer_order: str | None = None) -> TitanicMLP
             "another checkpoint"
         )
     return net.eval()
+
+
+def _check_regular_file(path: Path) -> None:
+    """Refuse what is not a regular file before opening it.
+
+    Opening a named pipe to read waits, forever, for a writer; /dev/zero never ends;
+    a socket cannot be opened at all. ``stat`` follows symbolic links, so a link to
+    any of these is refused as well.
+    """
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except OSError as err:
+        raise CheckpointError(
+            f"{path}: cannot read ({err.strerror or type(err).__name__})"
+        ) from err
+    kind = _not_regular(mode)
+    if kind:
+        raise CheckpointError(f"{path}: is a {kind}, expected a checkpoint file")
+
+
+def _open_regular_file(path: Path) -> BinaryIO:
+    """``path`` opened to read, refused if it stopped being a regular file since the check.
+
+    O_NONBLOCK keeps the open itself from waiting should a pipe have been put in the
+    file's place; it changes nothing for a regular file, whose reads never block.
+    """
+    handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        kind = _not_regular(os.fstat(handle).st_mode)
+        if kind:
+            raise CheckpointError(f"{path}: is a {kind}, expected a checkpoint file")
+        return os.fdopen(handle, "rb")
+    except BaseException:
+        os.close(handle)
+        raise
+
+
+def _not_regular(mode: int) -> str | None:
+    """What a file of this ``st_mode`` is, unless it is a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISFIFO(mode):
+        return "named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special file"
 
 
 def _unpack(payload: object, path: Path) -> tuple[Mapping[str, torch.Tensor], str]:

@@ -60,6 +60,17 @@ def run_main(capsys: pytest.CaptureFixture, *flags: str) -> tuple[int, str]:
     return status, capsys.readouterr().err
 
 
+def explain_in_subprocess(
+    folder: Path, checkpoint: Path, data: Path
+) -> subprocess.CompletedProcess:
+    """``--checkpoint`` from a shell: what torch warns while loading reaches stderr here."""
+    return subprocess.run(
+        [sys.executable, "-m", "engine.attribute", "--data", str(data), "--checkpoint",
+         str(checkpoint), "--out", str(folder / "results"), "--device", "cpu"],
+        capture_output=True, text=True, cwd=folder, timeout=120, env=os.environ.copy(),
+    )
+
+
 def run_subprocess(folder: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "engine.attribute", "--all", *flags],
@@ -517,6 +528,15 @@ def test_checkpoint_for_another_input_width_names_the_tensor(tmp_path):
 
     with pytest.raises(CheckpointError, match=r"l1\.weight has shape \(128, 9\), expected"):
         load_weights(path)
+
+
+def test_a_named_pipe_as_checkpoint_is_refused_instead_of_waited_on(tmp_path, titanic_csv):
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "model.pt").symlink_to(tmp_path / "pipe")
+
+    completed = explain_in_subprocess(tmp_path, tmp_path / "model.pt", titanic_csv)
+
+    assert_refused(completed.returncode, completed.stderr, tmp_path, "model.pt", "named pipe")
 
 
 @pytest.mark.parametrize("keep", [0, 100, 0.5], ids=["empty", "100-bytes", "half"])

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import socket
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
+import engine.model
 from engine.data import load_titanic, prepare_titanic
 from engine.errors import ArgumentError, CheckpointError
 from engine.model import (
@@ -161,6 +164,95 @@ def test_missing_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as err:
         load_weights(tmp_path / "absent.pt")
     assert_one_line(err, "absent.pt")
+
+
+def _fifo(tmp_path: Path) -> tuple[Path, Path]:
+    os.mkfifo(tmp_path / "pipe.pt")
+    return tmp_path / "pipe.pt", tmp_path / "pipe.pt"
+
+
+def _fifo_via_symlink(tmp_path: Path) -> tuple[Path, Path]:
+    pipe, _ = _fifo(tmp_path)
+    (tmp_path / "link.pt").symlink_to(pipe)
+    return tmp_path / "link.pt", pipe
+
+
+def _socket(tmp_path: Path) -> tuple[Path, None]:
+    listener = socket.socket(socket.AF_UNIX)
+    try:
+        listener.bind(str(tmp_path / "s.pt"))
+    except OSError:
+        pytest.skip("the temporary folder's path is too long for a Unix socket")
+    finally:
+        listener.close()  # the socket file stays
+    return tmp_path / "s.pt", None
+
+
+def _device(tmp_path: Path) -> tuple[Path, None]:
+    if not Path("/dev/zero").is_char_device():
+        pytest.skip("needs /dev/zero")
+    return Path("/dev/zero"), None
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [(_fifo, "named pipe"), (_fifo_via_symlink, "named pipe"), (_socket, "socket"),
+     (_device, "device")],
+    ids=["fifo", "fifo-via-symlink", "socket", "dev-zero"],
+)
+def test_what_is_not_a_regular_file_is_refused_before_it_is_opened(
+    tmp_path: Path, make, kind: str
+) -> None:
+    path, pipe = make(tmp_path)
+
+    message = load_error_without_waiting(path, pipe)
+
+    assert "\n" not in message and str(path) in message and kind in message, message
+
+
+def test_a_pipe_put_in_place_after_the_check_is_refused_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = save_weights(seeded_net(), tmp_path / "net.pt")
+    checked = engine.model._check_regular_file
+
+    def check_then_swap(checked_path: Path) -> None:
+        checked(checked_path)
+        checked_path.unlink()
+        os.mkfifo(checked_path)
+
+    monkeypatch.setattr(engine.model, "_check_regular_file", check_then_swap)
+
+    message = load_error_without_waiting(path, path)
+
+    assert "\n" not in message and "net.pt" in message and "named pipe" in message, message
+
+
+def load_error_without_waiting(path: Path, pipe: Path | None, seconds: float = 10) -> str:
+    """The message of the CheckpointError that ``load_weights(path)`` raises at once.
+
+    Opening a pipe to read waits for a writer: if the loader is still busy after
+    ``seconds``, this becomes a writer that closes at once, so the loader sees end of
+    file and the test fails instead of hanging.
+    """
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_weights(path)
+        except Exception as err:
+            outcome.append(err)
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    loader.join(timeout=seconds)
+    if loader.is_alive():
+        if pipe is not None:
+            os.close(os.open(pipe, os.O_WRONLY))
+        loader.join(timeout=seconds)
+        pytest.fail(f"load_weights({path}) waited for a writer")
+    assert len(outcome) == 1 and isinstance(outcome[0], CheckpointError), outcome
+    return str(outcome[0])
 
 
 def test_garbage_bytes_are_not_a_checkpoint(tmp_path: Path) -> None:
