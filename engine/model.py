@@ -415,8 +415,10 @@ def load_weights(path: str | Path, layer_order: str | None = None) -> TitanicMLP
 
     try:
         with _open_regular_file(path) as stream, warnings.catch_warnings():
-            # torch warns about the pickle protocol before refusing the file anyway.
+            # torch warns about the pickle protocol before refusing the file anyway, and
+            # that sparse support is in beta: sparse weights are refused just below.
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            warnings.filterwarnings("ignore", message="Sparse .* support is in beta")
             payload = torch.load(stream, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
@@ -426,6 +428,7 @@ def load_weights(path: str | Path, layer_order: str | None = None) -> TitanicMLP
     state_dict, stored_order = _unpack(payload, path)
     net = TitanicMLP(layer_order or stored_order)
     _check_state_dict(state_dict, net, path)
+    _check_weight_kinds(state_dict, path)
     net.load_state_dict(state_dict)
     # A diverged training run saves nan weights without complaint; say so here, before
     # they turn every output into nan and the rows get the blame.
@@ -539,6 +542,37 @@ def _check_state_dict(state_dict: Mapping[str, object], net: TitanicMLP, path: P
             problems.append(f"{name} has shape {tuple(value.shape)}, expected {shape}")
     if problems:
         raise CheckpointError(f"{path}: checkpoint does not fit the network: {'; '.join(problems)}")
+
+
+def _check_weight_kinds(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse tensors that ``load_state_dict`` cannot copy into the network's weights.
+
+    It fails on sparse and meta tensors with a page of text that names neither the
+    file nor the fix.
+    """
+    sparse = _grouped(state_dict, lambda value: (
+        None if value.layout == torch.strided else str(value.layout).removeprefix("torch.")
+    ))
+    if sparse:
+        raise CheckpointError(
+            f"{path}: checkpoint weights must be dense (strided) tensors: {sparse}"
+        )
+    empty = _grouped(state_dict, lambda value: "meta tensors" if value.is_meta else None)
+    if empty:
+        raise CheckpointError(f"{path}: checkpoint weights were saved without values: {empty}")
+
+
+def _grouped(tensors: Mapping[str, torch.Tensor], describe) -> str:
+    """``"a, b are X; c is Y"`` for the tensors ``describe`` finds fault with, or ``""``."""
+    names_by_fault: dict[str, list[str]] = {}
+    for name, value in tensors.items():
+        fault = describe(value)
+        if fault is not None:
+            names_by_fault.setdefault(fault, []).append(name)
+    return "; ".join(
+        f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} {fault}"
+        for fault, names in names_by_fault.items()
+    )
 
 
 def _load_reason(err: BaseException) -> str:

@@ -539,6 +539,20 @@ def test_a_named_pipe_as_checkpoint_is_refused_instead_of_waited_on(tmp_path, ti
     assert_refused(completed.returncode, completed.stderr, tmp_path, "model.pt", "named pipe")
 
 
+def test_sparse_weights_are_one_line_exit_two(tmp_path, titanic_csv):
+    # Loading CSR tensors makes torch warn that their support is in beta, on stderr too.
+    state_dict = TitanicMLP().state_dict()
+    state_dict["l2.weight"] = state_dict["l2.weight"].to_sparse_csr()
+    path = tmp_path / "sparse.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "layer_order": "article",
+                "state_dict": state_dict}, path)
+
+    completed = explain_in_subprocess(tmp_path, path, titanic_csv)
+
+    assert_refused(completed.returncode, completed.stderr, tmp_path, "sparse.pt",
+                   "l2.weight is sparse_csr", "dense (strided)")
+
+
 @pytest.mark.parametrize("keep", [0, 100, 0.5], ids=["empty", "100-bytes", "half"])
 def test_cut_checkpoint_is_one_line_checkpoint_error(tmp_path, keep):
     whole = save_weights(TitanicMLP(), tmp_path / "whole.pt").read_bytes()

@@ -324,6 +324,55 @@ def test_non_finite_weights_are_named(tmp_path: Path) -> None:
                     "parameter out.bias: 1 of 1 values")
 
 
+def save_state_dict(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
+    torch.save({"format": CHECKPOINT_FORMAT, "layer_order": "article",
+                "state_dict": state_dict}, path)
+    return path
+
+
+SPARSE_LAYOUTS = {
+    "sparse_coo": torch.Tensor.to_sparse,
+    "sparse_csr": torch.Tensor.to_sparse_csr,
+    "sparse_csc": torch.Tensor.to_sparse_csc,
+    "sparse_bsr": lambda weight: weight.to_sparse_bsr((1, 1)),
+    "sparse_bsc": lambda weight: weight.to_sparse_bsc((1, 1)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("layout", SPARSE_LAYOUTS)
+def test_sparse_weights_are_refused_by_name(tmp_path: Path, layout: str) -> None:
+    # The compressed layouts need two dimensions: the matrices go sparse, the biases stay.
+    state_dict = {name: SPARSE_LAYOUTS[layout](value) if value.ndim == 2 else value
+                  for name, value in seeded_net().state_dict().items()}
+    path = save_state_dict(state_dict, tmp_path / "sparse.pt")
+
+    with pytest.raises(CheckpointError) as err:
+        load_weights(path)
+    assert_one_line(err, "sparse.pt", "dense (strided)",
+                    f"l1.weight, l2.weight, out.weight are {layout}")
+    assert "bias" not in str(err.value)
+
+
+def test_one_sparse_weight_is_named_alone(tmp_path: Path) -> None:
+    state_dict = seeded_net().state_dict()
+    state_dict["l2.bias"] = state_dict["l2.bias"].to_sparse()
+    path = save_state_dict(state_dict, tmp_path / "sparse.pt")
+
+    with pytest.raises(CheckpointError) as err:
+        load_weights(path)
+    assert_one_line(err, "sparse.pt", "dense (strided)", "l2.bias is sparse_coo")
+
+
+def test_weights_saved_without_their_values_are_refused(tmp_path: Path) -> None:
+    state_dict = {name: value.to("meta") for name, value in seeded_net().state_dict().items()}
+    path = save_state_dict(state_dict, tmp_path / "meta.pt")
+
+    with pytest.raises(CheckpointError) as err:
+        load_weights(path)
+    assert_one_line(err, "meta.pt", f"{', '.join(state_dict)} are meta tensors")
+
+
 def test_unknown_stored_order_is_a_checkpoint_error(tmp_path: Path) -> None:
     torch.save({"format": CHECKPOINT_FORMAT, "layer_order": "sideways",
                 "state_dict": seeded_net().state_dict()}, tmp_path / "order.pt")
