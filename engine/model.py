@@ -10,7 +10,7 @@ import re
 import stat
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -386,6 +386,8 @@ def load_weights(path: str | Path, layer_order: str | None = None) -> TitanicMLP
     Loading uses ``torch.load(weights_only=True)``: a file that would run code
     when unpickled is refused, not executed. A bare state dict (a mapping of
     parameter names to tensors) is accepted too and gets the article order.
+    Weights in another real floating dtype (float16, bfloat16, float64) are
+    converted to the network's float32.
 
     Parameters
     ----------
@@ -404,7 +406,8 @@ def load_weights(path: str | Path, layer_order: str | None = None) -> TitanicMLP
     CheckpointError
         If the file is missing, is not a regular file (a named pipe, device or
         socket, also through a symbolic link), is not a checkpoint, its keys or
-        shapes do not match the network, or a weight is nan or inf.
+        shapes do not match the network, a weight is sparse, has no values, is not
+        real floating point or lies beyond float32, or a weight is nan or inf.
     ArgumentError
         If ``layer_order`` is given and unknown.
     """
@@ -416,9 +419,12 @@ def load_weights(path: str | Path, layer_order: str | None = None) -> TitanicMLP
     try:
         with _open_regular_file(path) as stream, warnings.catch_warnings():
             # torch warns about the pickle protocol before refusing the file anyway, and
-            # that sparse support is in beta: sparse weights are refused just below.
+            # that sparse support is in beta or quantized tensors deprecated: such
+            # weights are refused just below.
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
             warnings.filterwarnings("ignore", message="Sparse .* support is in beta")
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation .*deprecated")
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
             payload = torch.load(stream, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
@@ -429,6 +435,7 @@ def load_weights(path: str | Path, layer_order: str | None = None) -> TitanicMLP
     net = TitanicMLP(layer_order or stored_order)
     _check_state_dict(state_dict, net, path)
     _check_weight_kinds(state_dict, path)
+    _check_weight_dtypes(state_dict, path)
     net.load_state_dict(state_dict)
     # A diverged training run saves nan weights without complaint; say so here, before
     # they turn every output into nan and the rows get the blame.
@@ -562,7 +569,42 @@ def _check_weight_kinds(state_dict: Mapping[str, torch.Tensor], path: Path) -> N
         raise CheckpointError(f"{path}: checkpoint weights were saved without values: {empty}")
 
 
-def _grouped(tensors: Mapping[str, torch.Tensor], describe) -> str:
+def _check_weight_dtypes(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights that would change meaning on the way into the float32 network.
+
+    ``load_state_dict`` casts complex weights to real, dropping the imaginary part
+    with nothing but a warning, and takes integer, bool and quantized ones as plain
+    numbers, without the scale that gave them their meaning. Other floating dtypes
+    convert as they always did: float16, bfloat16 and float8 exactly, float64 to the
+    nearest float32, except values beyond float32's range, which would become inf
+    and be blamed on training.
+    """
+    typed = _grouped(state_dict, lambda value: (
+        None if value.dtype.is_floating_point else str(value.dtype).removeprefix("torch.")
+    ))
+    if typed:
+        raise CheckpointError(
+            f"{path}: checkpoint weights must be real floating point (float32; float16,"
+            f" bfloat16 and float64 are converted): {typed}"
+        )
+
+    float32_max = torch.finfo(torch.float32).max
+    too_wide = [
+        f"{name} holds {value[beyond][0].item():.3g}"
+        for name, value in state_dict.items()
+        if torch.finfo(value.dtype).max > float32_max
+        and (beyond := value.isfinite() & value.float().isinf()).any()
+    ]
+    if too_wide:
+        raise CheckpointError(
+            f"{path}: checkpoint weights lie beyond float32, the network's dtype:"
+            f" {'; '.join(too_wide)}"
+        )
+
+
+def _grouped(
+    tensors: Mapping[str, torch.Tensor], describe: Callable[[torch.Tensor], str | None]
+) -> str:
     """``"a, b are X; c is Y"`` for the tensors ``describe`` finds fault with, or ``""``."""
     names_by_fault: dict[str, list[str]] = {}
     for name, value in tensors.items():

@@ -66,7 +66,8 @@ def explain_in_subprocess(
     """``--checkpoint`` from a shell: what torch warns while loading reaches stderr here."""
     return subprocess.run(
         [sys.executable, "-m", "engine.attribute", "--data", str(data), "--checkpoint",
-         str(checkpoint), "--out", str(folder / "results"), "--device", "cpu"],
+         str(checkpoint), "--reference", str(data), "--out", str(folder / "results"),
+         "--device", "cpu"],
         capture_output=True, text=True, cwd=folder, timeout=120, env=os.environ.copy(),
     )
 
@@ -551,6 +552,30 @@ def test_sparse_weights_are_one_line_exit_two(tmp_path, titanic_csv):
 
     assert_refused(completed.returncode, completed.stderr, tmp_path, "sparse.pt",
                    "l2.weight is sparse_csr", "dense (strided)")
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+@pytest.mark.parametrize(
+    ("convert", "dtype"),
+    [(lambda value: value.to(torch.complex64), "complex64"),
+     (lambda value: torch.quantize_per_tensor(value, 0.01, 0, torch.qint8), "qint8")],
+    ids=["complex", "quantized"],
+)
+def test_weights_that_are_not_real_floating_point_are_one_line_exit_two(
+    tmp_path, titanic_csv, convert, dtype
+):
+    # Complex weights were cast to real with only torch's warning; loading quantized
+    # ones makes torch warn that they are deprecated.
+    state_dict = TitanicMLP().state_dict()
+    state_dict["l1.weight"] = convert(state_dict["l1.weight"])
+    path = tmp_path / "typed.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "layer_order": "article",
+                "state_dict": state_dict}, path)
+
+    completed = explain_in_subprocess(tmp_path, path, titanic_csv)
+
+    assert_refused(completed.returncode, completed.stderr, tmp_path, "typed.pt",
+                   f"l1.weight is {dtype}", "real floating point")
 
 
 @pytest.mark.parametrize("keep", [0, 100, 0.5], ids=["empty", "100-bytes", "half"])

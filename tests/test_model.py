@@ -373,6 +373,59 @@ def test_weights_saved_without_their_values_are_refused(tmp_path: Path) -> None:
     assert_one_line(err, "meta.pt", f"{', '.join(state_dict)} are meta tensors")
 
 
+def _quantized(value: torch.Tensor) -> torch.Tensor:
+    return torch.quantize_per_tensor(value, scale=0.01, zero_point=0, dtype=torch.qint8)
+
+
+# Each would change meaning on the way into float32: the imaginary part dropped, an
+# integer or quantized value read without its scale, a bool turned into 0.0 or 1.0.
+REFUSED_DTYPES = {
+    "complex64": lambda value: value.to(torch.complex64),
+    "complex128": lambda value: value.to(torch.complex128),
+    "int64": lambda value: value.to(torch.int64),
+    "int8": lambda value: value.to(torch.int8),
+    "uint8": lambda value: value.to(torch.uint8),
+    "bool": lambda value: value.to(torch.bool),
+    "qint8": _quantized,
+}
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+@pytest.mark.parametrize("dtype", REFUSED_DTYPES)
+def test_weights_that_are_not_real_floating_point_are_refused(tmp_path: Path, dtype: str) -> None:
+    state_dict = {name: REFUSED_DTYPES[dtype](value)
+                  for name, value in seeded_net().state_dict().items()}
+    path = save_state_dict(state_dict, tmp_path / "typed.pt")
+
+    with pytest.raises(CheckpointError) as err:
+        load_weights(path)
+    assert_one_line(err, "typed.pt", "real floating point", f"{', '.join(state_dict)} are {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64,
+                                   torch.float8_e4m3fn])
+def test_other_floating_point_weights_load_as_float32(tmp_path: Path, dtype: torch.dtype) -> None:
+    # float16, bfloat16 and float8 values are all float32 values, and these float64 ones
+    # came from float32: each loads exactly as saved.
+    state_dict = {name: value.to(dtype) for name, value in seeded_net().state_dict().items()}
+    loaded = load_weights(save_state_dict(state_dict, tmp_path / "typed.pt"))
+
+    for name, value in loaded.state_dict().items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, state_dict[name].float(), rtol=0, atol=0)
+
+
+def test_float64_weights_beyond_float32_are_refused_by_name(tmp_path: Path) -> None:
+    state_dict = {name: value.double() for name, value in seeded_net().state_dict().items()}
+    state_dict["l2.bias"][7] = -1e300
+    path = save_state_dict(state_dict, tmp_path / "wide.pt")
+
+    with pytest.raises(CheckpointError) as err:
+        load_weights(path)
+    assert_one_line(err, "wide.pt", "float32", "l2.bias holds -1e+300")
+    assert "nan or inf" not in str(err.value)
+
+
 def test_unknown_stored_order_is_a_checkpoint_error(tmp_path: Path) -> None:
     torch.save({"format": CHECKPOINT_FORMAT, "layer_order": "sideways",
                 "state_dict": seeded_net().state_dict()}, tmp_path / "order.pt")
