@@ -13,6 +13,7 @@ import http.client
 import io
 import logging
 import os
+import stat
 import tempfile
 import urllib.error
 import urllib.request
@@ -83,6 +84,15 @@ CSV_BLANKS = frozenset({
 # min-max scaled, or scales to inf against another file's range.
 MAX_VALUES = {"Age": 150.0, "SibSp": 100.0, "Fare": 10_000.0}
 
+# What a path named as data may be instead of a regular file, as messages name it.
+FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a device"),
+    (stat.S_ISBLK, "a device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
 CACHE_NAME = "titanic.csv"
 REPO_DATA = Path("data/train.csv")
 
@@ -149,15 +159,13 @@ def locate_titanic_csv(
     Raises
     ------
     DataError
-        If ``path`` is missing or a folder, or if no copy exists and the
-        download fails or does not look like Kaggle's file.
+        If ``path`` is missing or not a regular file (a folder, a named pipe, a
+        device), or if no copy exists and the download fails or does not look
+        like Kaggle's file.
     """
     if path is not None:
         explicit = Path(path)
-        if not explicit.exists():
-            raise DataError(f"{explicit}: no such file")
-        if explicit.is_dir():
-            raise DataError(f"{explicit}: is a directory, expected a CSV file")
+        _check_regular_file(explicit, str(explicit))
         return explicit
 
     repo_data = Path(repo_data)
@@ -246,18 +254,13 @@ def _load(path: Path, *, label: str) -> pd.DataFrame:
 def read_csv_table(path: Path, *, label: str) -> pd.DataFrame:
     """Read a CSV table as pandas does, refusing what pandas would take silently.
 
-    A device, a line over ``MAX_LINE_BYTES``, bytes that are not UTF-8, a record with
-    fewer fields than the header (pandas fills them with NaN) and a column the rows use
-    named twice in the header (pandas reads the second as ``Age.1``) are a ``DataError``
-    naming ``label`` (a path or a URL) and the line.
+    Anything but a regular file (a device, a named pipe), a line over ``MAX_LINE_BYTES``,
+    bytes that are not UTF-8, a record with fewer fields than the header (pandas fills
+    them with NaN) and a column the rows use named twice in the header (pandas reads the
+    second as ``Age.1``) are a ``DataError`` naming ``label`` (a path or a URL) and the
+    line.
     """
-    if not path.exists():
-        raise DataError(f"{label}: no such file")
-    if path.is_dir():
-        raise DataError(f"{label}: is a directory, expected a CSV file")
-    if path.is_char_device() or path.is_block_device() or path.is_socket():
-        # /dev/zero would be read until memory runs out.
-        raise DataError(f"{label}: is a device or socket, expected a CSV file")
+    _check_regular_file(path, label)
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -273,6 +276,24 @@ def read_csv_table(path: Path, *, label: str) -> pd.DataFrame:
         raise DataError(f"{label}: not a readable CSV ({_one_line(err)})") from err
     _check_field_counts(text, label)
     return frame
+
+
+def _check_regular_file(path: Path, label: str) -> None:
+    """Refuse anything but a regular file (links followed) before it is opened.
+
+    Opening a named pipe waits for a writer, so the run would hang; a device such as
+    /dev/zero would be read until memory runs out.
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise DataError(f"{label}: no such file") from None
+    except OSError as err:
+        raise DataError(f"{label}: cannot read ({_one_line(err.strerror or err)})") from err
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for is_kind, name in FILE_KINDS if is_kind(mode)), "not a regular file")
+    raise DataError(f"{label}: is {kind}, expected a CSV file")
 
 
 def _check_field_counts(text: str, label: str) -> None:

@@ -209,6 +209,12 @@ def test_a_device_as_data_is_refused_instead_of_read_forever(tmp_path, capsys):
     assert_refused(status, err, tmp_path, "/dev/zero", "device")
 
 
+def test_a_named_pipe_as_data_is_refused_instead_of_waited_on(tmp_path, capsys, named_pipe):
+    status, err = run_main(capsys, "--data", str(named_pipe), "--out", str(tmp_path / "results"))
+
+    assert_refused(status, err, tmp_path, f"{named_pipe}: is a named pipe, expected a CSV file")
+
+
 def test_huge_line_message_stays_short(tmp_path):
     huge = with_field(ROWS[1], "Ticket", "x" * (MAX_LINE_BYTES + 1))
     (tmp_path / "t.csv").write_bytes(csv_text(ROWS[0], huge, ROWS[2]))

@@ -258,6 +258,12 @@ def test_explicit_directory_is_an_error(workdir: Path, tmp_path: Path) -> None:
     assert_one_line(err, str(tmp_path), "directory")
 
 
+def test_explicit_named_pipe_is_an_error(workdir: Path, named_pipe: Path) -> None:
+    with pytest.raises(DataError) as err:
+        locate_titanic_csv(named_pipe)
+    assert_one_line(err, str(named_pipe), "is a named pipe, expected a CSV file")
+
+
 def test_repository_copy_comes_before_the_cache(
     workdir: Path, tmp_path: Path, titanic_csv: Path
 ) -> None:
@@ -352,6 +358,24 @@ def test_directory(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         load_titanic(tmp_path)
     assert_one_line(err, str(tmp_path), "directory")
+
+
+@pytest.mark.parametrize("mode", ["--all", "--checkpoint"])
+@pytest.mark.parametrize("through", ["the pipe", "a link to it"])
+def test_a_named_pipe_is_refused_before_it_is_opened(
+    tmp_path: Path, named_pipe: Path, mode: str, through: str
+) -> None:
+    # Opening a pipe waits for a writer: the check has to come before any open.
+    from engine.distributed import read_rows
+
+    path = named_pipe
+    if through == "a link to it":
+        path = tmp_path / "link.csv"
+        path.symlink_to(named_pipe)
+    read = load_titanic if mode == "--all" else read_rows
+    with pytest.raises(DataError) as err:
+        read(path)
+    assert_one_line(err, f"{path}: is a named pipe, expected a CSV file")
 
 
 def test_empty_file(tmp_path: Path) -> None:

@@ -479,6 +479,22 @@ def test_explaining_into_the_folder_of_an_all_run_is_refused_removing_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
 
 
+@pytest.mark.parametrize("flag", ["--data", "--reference"])
+def test_a_named_pipe_to_explain_or_to_scale_by_is_refused(
+    tmp_path, capsys, named_pipe, rows_csv, checkpoint, titanic_csv, flag
+):
+    out = tmp_path / "results"
+    arguments = flags(rows_csv, checkpoint, titanic_csv, out)
+    arguments[arguments.index(flag) + 1] = str(named_pipe)
+
+    status = main(arguments)
+
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert f"{named_pipe}: is a named pipe, expected a CSV file" in err
+    assert not out.exists()
+
+
 def test_a_missing_checkpoint_is_one_line_exit_two(tmp_path, capsys, rows_csv, titanic_csv):
     missing = tmp_path / "nowhere.pt"
 
