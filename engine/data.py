@@ -360,17 +360,27 @@ def _checked(frame: pd.DataFrame, label: str) -> pd.DataFrame:
             f" found {_listed(frame.columns)}"
         )
 
-    frame = frame.copy()
-    for column in NUMERIC_COLUMNS:
-        frame[column] = _numeric(frame[column], column, label)
-        if frame[column].isna().all():
-            raise DataError(f"{label}: column {column} has no values at all")
+    frame = numeric_columns(frame, NUMERIC_COLUMNS, label)
     _check_sex(frame["Sex"], label)
     _check_target(frame[TARGET], label)
     _check_ids(frame["PassengerId"], label)
     check_feature_ranges(frame, label)
     frame[TARGET] = frame[TARGET].astype("int64")
     frame["PassengerId"] = frame["PassengerId"].astype("int64")
+    return frame
+
+
+def numeric_columns(frame: pd.DataFrame, columns: tuple[str, ...], label: str) -> pd.DataFrame:
+    """A copy of ``frame`` with ``columns`` as float64, refusing a column with no values.
+
+    A blank is filled with its column's median later; a column without a single value
+    has no median of its own, and filling it from another file would invent every value.
+    """
+    frame = frame.copy()
+    for column in columns:
+        frame[column] = _numeric(frame[column], column, label)
+        if frame[column].isna().all():
+            raise DataError(f"{label}: column {column} has no values at all")
     return frame
 
 

@@ -39,10 +39,10 @@ from engine.data import (
     SEX_CODES,
     _check_ids,
     _check_sex,
-    _numeric,
     _shown,
     _where,
     check_feature_ranges,
+    numeric_columns,
     read_csv_table,
 )
 from engine.errors import ArgumentError, DataError
@@ -188,9 +188,8 @@ def read_rows(path: str | Path) -> pd.DataFrame:
             f"{path}: missing required column(s) {', '.join(missing)};"
             f" found {', '.join(map(str, frame.columns))}"
         )
-    frame = frame.copy()
-    for column in ("PassengerId", "Pclass", "Age", "SibSp", "Fare"):
-        frame[column] = _numeric(frame[column], column, str(path))
+    # A column with no values would be all the reference's median: refused, as in --all.
+    frame = numeric_columns(frame, ("PassengerId", "Pclass", "Age", "SibSp", "Fare"), str(path))
     _check_sex(frame["Sex"], str(path))
     _check_ids(frame["PassengerId"], str(path))
     check_feature_ranges(frame, str(path))

@@ -116,6 +116,7 @@ def test_a_missing_feature_column_is_named(tmp_path, rows_csv):
     ("long line", r"line 3 is 2,097,1\d\d bytes long, more than 1,048,576"),
     ("Age twice", r"column Age appears 2 times in the header"),
     ("blank Sex", r"column Sex, row 2 \(line 3\): blank"),
+    ("blank Age", r"column Age has no values at all"),
 ])
 def test_the_rows_to_explain_are_read_as_strictly_as_the_training_file(
     tmp_path, titanic_csv, damage, message
@@ -133,8 +134,12 @@ def test_the_rows_to_explain_are_read_as_strictly_as_the_training_file(
         frame["Age2"] = 99
         frame.rename(columns={"Age2": "Age"}).to_csv(tmp_path / "bad.csv", index=False)
         text = (tmp_path / "bad.csv").read_text().splitlines()
-    else:
+    elif damage == "blank Sex":
         frame.loc[1, "Sex"] = None
+        frame.to_csv(tmp_path / "bad.csv", index=False)
+        text = (tmp_path / "bad.csv").read_text().splitlines()
+    else:
+        frame["Age"] = np.nan
         frame.to_csv(tmp_path / "bad.csv", index=False)
         text = (tmp_path / "bad.csv").read_text().splitlines()
     (tmp_path / "bad.csv").write_text("\n".join(text) + "\n")
@@ -477,6 +482,24 @@ def test_explaining_into_the_folder_of_an_all_run_is_refused_removing_nothing(
     assert "holds the results of a --all run" in err
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_a_column_with_no_values_to_explain_is_refused_not_filled(
+    tmp_path, capsys, rows_csv, checkpoint, titanic_csv
+):
+    # Every Age would become the reference's median: attributions of made-up ages.
+    rows = pd.read_csv(rows_csv).iloc[:20]
+    rows["Age"] = np.nan
+    no_age = tmp_path / "no_age.csv"
+    rows.to_csv(no_age, index=False)
+    out = tmp_path / "results"
+
+    status = main(flags(no_age, checkpoint, titanic_csv, out))
+
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert f"{no_age}: column Age has no values at all" in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("flag", ["--data", "--reference"])
