@@ -248,17 +248,42 @@ def load_titanic(path: str | Path) -> pd.DataFrame:
 
 def _load(path: Path, *, label: str) -> pd.DataFrame:
     """Read and check ``path``; messages name ``label`` (a path or a URL)."""
-    return _checked(read_csv_table(path, label=label), label)
+    frame, lines = read_csv_table(path, label=label)
+    return _checked(frame, label, lines=lines)
 
 
-def read_csv_table(path: Path, *, label: str) -> pd.DataFrame:
+@dataclass(frozen=True, eq=False)
+class RowLines:
+    """The lines of a CSV file each data row was read from, 1-based.
+
+    A record takes more than one line when a quoted field holds a line break, and
+    pandas skips blank lines, so row ``i`` is on line ``i + 2`` only in the plainest
+    file. Messages name these lines.
+
+    Attributes
+    ----------
+    first, last
+        ``(rows,)`` int64, the first and the last line of each row's record.
+    """
+
+    first: np.ndarray
+    last: np.ndarray
+
+
+def read_csv_table(path: Path, *, label: str) -> tuple[pd.DataFrame, RowLines | None]:
     """Read a CSV table as pandas does, refusing what pandas would take silently.
 
     Anything but a regular file (a device, a named pipe), a line over ``MAX_LINE_BYTES``,
-    bytes that are not UTF-8, a record with fewer fields than the header (pandas fills
-    them with NaN) and a column the rows use named twice in the header (pandas reads the
-    second as ``Age.1``) are a ``DataError`` naming ``label`` (a path or a URL) and the
-    line.
+    bytes that are not UTF-8, a record with more or fewer fields than the header (pandas
+    fills missing ones with NaN, and takes one extra field in every record for an index)
+    and a column the rows use named twice in the header (pandas reads the second as
+    ``Age.1``) are a ``DataError`` naming ``label`` (a path or a URL) and the line.
+
+    Returns
+    -------
+    tuple
+        The table, and the lines of the file its rows are on (None in the unlikely
+        case that pandas and the csv module split the file into different rows).
     """
     _check_regular_file(path, label)
     try:
@@ -270,12 +295,18 @@ def read_csv_table(path: Path, *, label: str) -> pd.DataFrame:
 
     _check_line_lengths(raw, label)
     text = _decode(raw, label)
+    # Before pandas: its own complaint about a long record counts records, not lines.
+    lines = _check_records(text, label)
     try:
         frame = pd.read_csv(io.StringIO(text))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
         raise DataError(f"{label}: not a readable CSV ({_one_line(err)})") from err
-    _check_field_counts(text, label)
-    return frame
+    if len(lines.first) != len(frame):
+        # A quoting corner the two readers take differently: a wrong line is worse than none.
+        logger.debug("%s: %d rows, %d records: lines not named", label, len(frame),
+                     len(lines.first))
+        return frame, None
+    return frame, lines
 
 
 def _check_regular_file(path: Path, label: str) -> None:
@@ -296,29 +327,58 @@ def _check_regular_file(path: Path, label: str) -> None:
     raise DataError(f"{label}: is {kind}, expected a CSV file")
 
 
-def _check_field_counts(text: str, label: str) -> None:
-    """Refuse records with fewer fields than the header: pandas would fill them with NaN,
-    and the median fill would then invent a passenger."""
+def _check_records(text: str, label: str) -> RowLines:
+    """Find the lines of each data row, refusing a column named twice in the header and a
+    record whose field count is not the header's.
+
+    A record with fewer fields would be filled with NaN by pandas, and the median fill
+    would then invent a passenger. A record with more fields pandas refuses naming a
+    "line" that counts records, not lines; more fields in every record it takes for an
+    index, shifting every column by one.
+    """
     # newline="": the csv module reads \r, \n and \r\n line ends itself, as pandas does.
-    records = csv.reader(io.StringIO(text, newline=""))
+    # The lines, kept, show which records are blank lines that pandas skips.
+    physical = io.StringIO(text, newline="").readlines()
+    records = csv.reader(physical)
+    header, first, last, widths = None, [], [], []
+    end = 0
     try:
-        header = next(records, [])
-        for name in ("PassengerId", TARGET, *FEATURES):
-            places = [i + 1 for i, column in enumerate(header) if column == name]
-            if len(places) > 1:
-                raise DataError(
-                    f"{label}: column {name} appears {len(places)} times in the header (columns"
-                    f" {', '.join(map(str, places))}): keep one"
-                )
-        for record_number, record in enumerate(records, start=1):
-            # A line of spaces only is a blank line to pandas too.
-            if any(field.strip() for field in record) and len(record) < len(header):
-                raise DataError(
-                    f"{label}: row {record_number} (line {records.line_num}) has "
-                    f"{len(record)} fields, the header has {len(header)}"
-                )
+        for record in records:
+            start, end = end + 1, records.line_num
+            # Only spaces and tabs on one line: a blank line to pandas, not a row.
+            if start == end and not physical[start - 1].strip(" \t\r\n"):
+                continue
+            if header is None:
+                header = record
+                continue
+            first.append(start)
+            last.append(end)
+            widths.append(len(record))
     except csv.Error as err:
         raise DataError(f"{label}: not a readable CSV ({_one_line(err)})") from err
+
+    header = header or []
+    _check_header(header, label)
+    lines = RowLines(np.array(first, dtype=np.int64), np.array(last, dtype=np.int64))
+    wrong = np.flatnonzero(np.array(widths, dtype=np.int64) != len(header))
+    if len(wrong):
+        row = int(wrong[0])
+        raise DataError(
+            f"{label}: {_where(row, lines)} has {widths[row]} fields,"
+            f" the header has {len(header)}"
+        )
+    return lines
+
+
+def _check_header(header: list[str], label: str) -> None:
+    """Refuse a column the job uses named twice: pandas would read the second as Age.1."""
+    for name in ("PassengerId", TARGET, *FEATURES):
+        places = [i + 1 for i, column in enumerate(header) if column == name]
+        if len(places) > 1:
+            raise DataError(
+                f"{label}: column {name} appears {len(places)} times in the header (columns"
+                f" {', '.join(map(str, places))}): keep one"
+            )
 
 
 def _check_line_lengths(raw: bytes, label: str) -> None:
@@ -329,11 +389,20 @@ def _check_line_lengths(raw: bytes, label: str) -> None:
     lengths = np.concatenate((breaks, [len(raw)])) - starts
     longest = int(lengths.argmax())
     if lengths[longest] > MAX_LINE_BYTES:
-        line = raw.count(b"\n", 0, int(starts[longest])) + 1
+        line = _line_at(raw, int(starts[longest]))
         raise DataError(
             f"{label}: line {line} is {int(lengths[longest]):,} bytes long, more than"
             f" {MAX_LINE_BYTES:,}: expected a CSV table with one passenger per line"
         )
+
+
+def _line_at(raw: bytes, offset: int) -> int:
+    """The 1-based line of byte ``offset``, counting line ends as the csv module does.
+
+    \r\n, \r and \n each end a line, so old Mac files are not one long line.
+    """
+    before = raw[:offset]
+    return before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
 
 
 def _decode(raw: bytes, label: str) -> str:
@@ -341,7 +410,7 @@ def _decode(raw: bytes, label: str) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
+        line = _line_at(raw, err.start)
         bad = raw[err.start:err.end]
         raise DataError(
             f"{label}: line {line} is not UTF-8 (byte {bad!r} at offset {err.start});"
@@ -349,8 +418,13 @@ def _decode(raw: bytes, label: str) -> str:
         ) from err
 
 
-def _checked(frame: pd.DataFrame, label: str) -> pd.DataFrame:
-    """Return a copy of ``frame`` with numeric columns as numbers, or raise DataError."""
+def _checked(
+    frame: pd.DataFrame, label: str, *, lines: RowLines | None = None
+) -> pd.DataFrame:
+    """Return a copy of ``frame`` with numeric columns as numbers, or raise DataError.
+
+    ``lines`` (from :func:`read_csv_table`) lets messages name the file's lines.
+    """
     if len(frame.columns) and len(frame) == 0:
         raise DataError(f"{label}: has a header but no data rows")
     missing = [name for name in REQUIRED_COLUMNS if name not in frame.columns]
@@ -360,17 +434,20 @@ def _checked(frame: pd.DataFrame, label: str) -> pd.DataFrame:
             f" found {_listed(frame.columns)}"
         )
 
-    frame = numeric_columns(frame, NUMERIC_COLUMNS, label)
-    _check_sex(frame["Sex"], label)
-    _check_target(frame[TARGET], label)
-    _check_ids(frame["PassengerId"], label)
-    check_feature_ranges(frame, label)
+    frame = numeric_columns(frame, NUMERIC_COLUMNS, label, lines=lines)
+    _check_sex(frame["Sex"], label, lines=lines)
+    _check_target(frame[TARGET], label, lines=lines)
+    _check_ids(frame["PassengerId"], label, lines=lines)
+    check_feature_ranges(frame, label, lines=lines)
     frame[TARGET] = frame[TARGET].astype("int64")
     frame["PassengerId"] = frame["PassengerId"].astype("int64")
     return frame
 
 
-def numeric_columns(frame: pd.DataFrame, columns: tuple[str, ...], label: str) -> pd.DataFrame:
+def numeric_columns(
+    frame: pd.DataFrame, columns: tuple[str, ...], label: str, *,
+    lines: RowLines | None = None,
+) -> pd.DataFrame:
     """A copy of ``frame`` with ``columns`` as float64, refusing a column with no values.
 
     A blank is filled with its column's median later; a column without a single value
@@ -378,13 +455,15 @@ def numeric_columns(frame: pd.DataFrame, columns: tuple[str, ...], label: str) -
     """
     frame = frame.copy()
     for column in columns:
-        frame[column] = _numeric(frame[column], column, label)
+        frame[column] = _numeric(frame[column], column, label, lines=lines)
         if frame[column].isna().all():
             raise DataError(f"{label}: column {column} has no values at all")
     return frame
 
 
-def _numeric(values: pd.Series, column: str, label: str) -> pd.Series:
+def _numeric(
+    values: pd.Series, column: str, label: str, *, lines: RowLines | None = None
+) -> pd.Series:
     """Convert a column to float, naming the first text or infinite value."""
     if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
         # read_csv reads True/False as booleans, which to_numeric would take as 1/0.
@@ -392,7 +471,7 @@ def _numeric(values: pd.Series, column: str, label: str) -> pd.Series:
         if booleans.any():
             row = int(np.flatnonzero(booleans.to_numpy(dtype=bool))[0])
             raise DataError(
-                f"{label}: column {column}, {_where(row)}: expected a number,"
+                f"{label}: column {column}, {_where(row, lines)}: expected a number,"
                 f" got {bool(values.iloc[row])}"
             )
         # A column read as text (an integer too large for int64 makes read_csv give up on
@@ -405,7 +484,7 @@ def _numeric(values: pd.Series, column: str, label: str) -> pd.Series:
     if text.any():
         row = int(np.flatnonzero(text.to_numpy())[0])
         raise DataError(
-            f"{label}: column {column}, {_where(row)}: expected a number,"
+            f"{label}: column {column}, {_where(row, lines)}: expected a number,"
             f" got {_shown(values.iloc[row])}"
         )
     numbers = numbers.astype("float64")
@@ -413,13 +492,13 @@ def _numeric(values: pd.Series, column: str, label: str) -> pd.Series:
     if infinite.any():
         row = int(np.flatnonzero(infinite)[0])
         raise DataError(
-            f"{label}: column {column}, {_where(row)}: expected a finite number,"
+            f"{label}: column {column}, {_where(row, lines)}: expected a finite number,"
             f" got {_shown(values.iloc[row])}"
         )
     return numbers
 
 
-def _check_sex(values: pd.Series, label: str) -> None:
+def _check_sex(values: pd.Series, label: str, *, lines: RowLines | None = None) -> None:
     """Only the labels male and female may appear, in every row.
 
     A blank would be filled with the median code like the other columns, which is 0.5
@@ -431,7 +510,7 @@ def _check_sex(values: pd.Series, label: str) -> None:
     if blank.any():
         row = int(np.flatnonzero(blank)[0])
         raise DataError(
-            f"{label}: column Sex, {_where(row)}: blank, expected 'male' or 'female'"
+            f"{label}: column Sex, {_where(row, lines)}: blank, expected 'male' or 'female'"
             f" ({int(blank.sum()):,} blank row(s))"
         )
     present = values.dropna()
@@ -439,23 +518,23 @@ def _check_sex(values: pd.Series, label: str) -> None:
     if unknown:
         row = int(np.flatnonzero(values.map(lambda v: str(v) in unknown).to_numpy())[0])
         raise DataError(
-            f"{label}: column Sex, {_where(row)}: unknown label {_shown(values.iloc[row])},"
+            f"{label}: column Sex, {_where(row, lines)}: unknown label {_shown(values.iloc[row])},"
             f" expected 'male' or 'female' (unknown labels: {_listed(unknown, quote=True)})"
         )
 
 
-def _check_target(values: pd.Series, label: str) -> None:
+def _check_target(values: pd.Series, label: str, *, lines: RowLines | None = None) -> None:
     """Survived is the label: every row needs a 0 or a 1."""
     wrong = ~values.isin((0.0, 1.0))
     if wrong.any():
         row = int(np.flatnonzero(wrong.to_numpy())[0])
         raise DataError(
-            f"{label}: column {TARGET}, {_where(row)}: expected 0 or 1,"
+            f"{label}: column {TARGET}, {_where(row, lines)}: expected 0 or 1,"
             f" got {_shown(values.iloc[row])}"
         )
 
 
-def _check_ids(values: pd.Series, label: str) -> None:
+def _check_ids(values: pd.Series, label: str, *, lines: RowLines | None = None) -> None:
     """PassengerId names rows in every table downstream: whole numbers, none blank, unique."""
     too_large = (values.abs() >= MAX_PASSENGER_ID).to_numpy()
     wrong = (values.isna() | (values != np.floor(values))).to_numpy() | too_large
@@ -464,7 +543,7 @@ def _check_ids(values: pd.Series, label: str) -> None:
         expected = "a whole number below 2**53 (larger ids are not exact as numbers)" \
             if too_large[row] else "a whole number"
         raise DataError(
-            f"{label}: column PassengerId, {_where(row)}: expected {expected},"
+            f"{label}: column PassengerId, {_where(row, lines)}: expected {expected},"
             f" got {_shown(values.iloc[row])}"
         )
     repeated = values.duplicated().to_numpy()
@@ -472,12 +551,14 @@ def _check_ids(values: pd.Series, label: str) -> None:
         row = int(np.flatnonzero(repeated)[0])
         first = int(np.flatnonzero((values == values.iloc[row]).to_numpy())[0])
         raise DataError(
-            f"{label}: column PassengerId, {_where(row)}: id {int(values.iloc[row])} is"
-            f" also on {_where(first)}; every passenger needs an id of their own"
+            f"{label}: column PassengerId, {_where(row, lines)}: id {int(values.iloc[row])} is"
+            f" also on {_where(first, lines)}; every passenger needs an id of their own"
         )
 
 
-def check_feature_ranges(frame: pd.DataFrame, label: str) -> None:
+def check_feature_ranges(
+    frame: pd.DataFrame, label: str, *, lines: RowLines | None = None
+) -> None:
     """Pclass is 1, 2 or 3; Age, SibSp and Fare are from 0 to ``MAX_VALUES``; SibSp counts
     people.
 
@@ -487,7 +568,7 @@ def check_feature_ranges(frame: pd.DataFrame, label: str) -> None:
     if wrong_class.any():
         row = int(np.flatnonzero(wrong_class.to_numpy())[0])
         raise DataError(
-            f"{label}: column Pclass, {_where(row)}: expected 1, 2 or 3,"
+            f"{label}: column Pclass, {_where(row, lines)}: expected 1, 2 or 3,"
             f" got {_shown(frame['Pclass'].iloc[row])}"
         )
     for column in ("Age", "SibSp", "Fare"):
@@ -495,32 +576,37 @@ def check_feature_ranges(frame: pd.DataFrame, label: str) -> None:
         if negative.any():
             row = int(np.flatnonzero(negative)[0])
             raise DataError(
-                f"{label}: column {column}, {_where(row)}: expected a number >= 0,"
+                f"{label}: column {column}, {_where(row, lines)}: expected a number >= 0,"
                 f" got {_shown(frame[column].iloc[row])}"
             )
         implausible = (frame[column] > MAX_VALUES[column]).to_numpy()
         if implausible.any():
             row = int(np.flatnonzero(implausible)[0])
             raise DataError(
-                f"{label}: column {column}, {_where(row)}: expected at most"
+                f"{label}: column {column}, {_where(row, lines)}: expected at most"
                 f" {MAX_VALUES[column]:,.0f}, got {_shown(frame[column].iloc[row])}"
             )
     fractional = (frame["SibSp"] % 1 != 0).to_numpy() & frame["SibSp"].notna().to_numpy()
     if fractional.any():
         row = int(np.flatnonzero(fractional)[0])
         raise DataError(
-            f"{label}: column SibSp, {_where(row)}: expected a whole number of siblings and"
+            f"{label}: column SibSp, {_where(row, lines)}: expected a whole number of siblings and"
             f" spouses, got {_shown(frame['SibSp'].iloc[row])}"
         )
 
 
-def _where(row: int) -> str:
-    """Name a 0-based row as a 1-based data row and its line in the file.
+def _where(row: int, lines: RowLines | None = None) -> str:
+    """Name a 0-based row as a 1-based data row and the lines of the file it is on.
 
-    The line assumes one line per record (true of Kaggle's file, whose quoted
-    names hold no line breaks) and a header on line 1.
+    A record over several lines names them all ("lines 3-4"): its bad value is on one
+    of them. Without ``lines`` (a table not read from a file, or one that pandas and the
+    csv module split into rows differently) only the row is named.
     """
-    return f"row {row + 1} (line {row + 2})"
+    if lines is None:
+        return f"row {row + 1}"
+    first, last = int(lines.first[row]), int(lines.last[row])
+    on = f"line {first}" if first == last else f"lines {first}-{last}"
+    return f"row {row + 1} ({on})"
 
 
 def _shown(value: object) -> str:

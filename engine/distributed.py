@@ -37,6 +37,7 @@ from engine.core import integrated_gradients
 from engine.data import (
     FEATURES,
     SEX_CODES,
+    RowLines,
     _check_ids,
     _check_sex,
     _shown,
@@ -177,9 +178,13 @@ def read_rows(path: str | Path) -> pd.DataFrame:
     DataError
         With one line naming the file, and the column and row at fault.
     """
-    path = Path(path)
+    return _read_rows(Path(path))[0]
+
+
+def _read_rows(path: Path) -> tuple[pd.DataFrame, RowLines | None]:
+    """:func:`read_rows`, and the lines of the file each row is on, for later messages."""
     # The same reading and refusals as --all's training file.
-    frame = read_csv_table(path, label=str(path))
+    frame, lines = read_csv_table(path, label=str(path))
     if len(frame) == 0:
         raise DataError(f"{path}: has a header but no data rows")
     missing = [name for name in ("PassengerId", *FEATURES) if name not in frame.columns]
@@ -189,16 +194,19 @@ def read_rows(path: str | Path) -> pd.DataFrame:
             f" found {', '.join(map(str, frame.columns))}"
         )
     # A column with no values would be all the reference's median: refused, as in --all.
-    frame = numeric_columns(frame, ("PassengerId", "Pclass", "Age", "SibSp", "Fare"), str(path))
-    _check_sex(frame["Sex"], str(path))
-    _check_ids(frame["PassengerId"], str(path))
-    check_feature_ranges(frame, str(path))
+    label = str(path)
+    frame = numeric_columns(frame, ("PassengerId", "Pclass", "Age", "SibSp", "Fare"), label,
+                            lines=lines)
+    _check_sex(frame["Sex"], label, lines=lines)
+    _check_ids(frame["PassengerId"], label, lines=lines)
+    check_feature_ranges(frame, label, lines=lines)
     frame["PassengerId"] = frame["PassengerId"].astype("int64")
-    return frame
+    return frame, lines
 
 
 def _check_scaled(
-    features: torch.Tensor, frame: pd.DataFrame, scaling: FeatureScaling, path: Path
+    features: torch.Tensor, frame: pd.DataFrame, scaling: FeatureScaling, path: Path, *,
+    lines: RowLines | None = None,
 ) -> None:
     """Refuse a value that the training file's range scales past float32.
 
@@ -216,8 +224,9 @@ def _check_scaled(
         other = np.flatnonzero(~np.isnan(table[:, column]) & (table[:, column] != low))
         if len(other):
             row = int(other[0])
+            value = _shown(frame[name].iloc[row])
             raise DataError(
-                f"{path}: column {name}, {_where(row)}: {_shown(frame[name].iloc[row])}, but "
+                f"{path}: column {name}, {_where(row, lines)}: {value}, but "
                 f"every row of the reference has {name} {_shown(frame_value(name, low))}: the "
                 f"model saw no other value and min-max scaling has no range to map this one "
                 "with; pass the model's training file as --reference"
@@ -227,8 +236,9 @@ def _check_scaled(
         return
     row, column = (int(index) for index in bad[0])
     name = FEATURES[column]
+    value = _shown(frame[name].iloc[row])
     raise DataError(
-        f"{path}: column {name}, {_where(row)}: {_shown(frame[name].iloc[row])} scales to "
+        f"{path}: column {name}, {_where(row, lines)}: {value} scales to "
         f"{float(features[row, column])} against the reference's {name} range "
         f"{scaling.low[column]:g} to {scaling.high[column]:g}: use a reference whose "
         f"{name} values spread wider"
@@ -464,9 +474,9 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
         _check_pyarrow()
     # As --all does, before any work: the chunks go into --out too.
     check_output_folder(job.out, "checkpoint")
-    frame = read_rows(job.data)
+    frame, lines = _read_rows(Path(job.data))
     features = job.scaling.apply(frame)
-    _check_scaled(features, frame, job.scaling, job.data)
+    _check_scaled(features, frame, job.scaling, job.data, lines=lines)
     passenger_ids = frame["PassengerId"].to_numpy().astype(np.int64)
     baselines = make_baselines(BASELINE_KINDS, job.scaling.mean_baseline(), seed=job.seed)
 

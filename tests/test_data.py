@@ -23,6 +23,7 @@ from engine.data import (
     load_titanic,
     locate_titanic_csv,
     prepare_titanic,
+    read_csv_table,
 )
 from engine.errors import ArgumentError, DataError
 
@@ -527,8 +528,106 @@ def test_column_with_no_values_at_all(tmp_path: Path) -> None:
     assert_one_line(err, "t.csv", "Age", "no values")
 
 
+# ---------------------------------------------------------------------------
+# Lines named in messages: the file's own, whatever a record spans
+
+# A quoted line break: the record is on lines 3 and 4, and every row after it is on
+# line row + 2.
+TWO_LINE_ROW = '2,1,1,"Cumings,\nMrs. John Bradley",female,38,1,0,PC 17599,71.2833,C85,C'
+
+
+def rows_after_a_two_line_name() -> list[str]:
+    """Six rows whose row 2 spans two lines, so row 6 is on line 8."""
+    more = [with_field(ROWS[2], "PassengerId", str(id_)) for id_ in (4, 5, 6)]
+    return [ROWS[0], TWO_LINE_ROW, ROWS[2], *more]
+
+
+@pytest.mark.parametrize("column, value, complaint", [
+    ("Age", "bad", "expected a number, got 'bad'"),
+    ("Fare", "inf", "expected a finite number"),
+    ("Age", "151", "expected at most 150"),
+    ("Pclass", "4", "expected 1, 2 or 3"),
+    ("SibSp", "0.5", "expected a whole number"),
+    ("Survived", "2", "expected 0 or 1"),
+    ("Sex", "unknown", "unknown label 'unknown'"),
+    ("Sex", "", "blank"),
+    ("PassengerId", "1", "id 1 is also on row 1 (line 2)"),
+])
+def test_a_row_after_a_two_line_record_is_named_by_its_line_in_the_file(
+    tmp_path: Path, column: str, value: str, complaint: str
+) -> None:
+    rows = rows_after_a_two_line_name()
+    rows[5] = with_field(rows[5], column, value)
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, [HEADER, *rows]))
+    assert_one_line(err, f"t.csv: column {column}, row 6 (line 8): {complaint}")
+
+
+def test_a_bad_value_in_a_two_line_record_names_both_lines(tmp_path: Path) -> None:
+    rows = rows_after_a_two_line_name()
+    rows[1] = with_field(rows[1], "Age", "bad")
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, [HEADER, *rows]))
+    assert_one_line(err, "t.csv: column Age, row 2 (lines 3-4): expected a number, got 'bad'")
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("short", "row 6 (line 8) has 3 fields, the header has 12"),
+    ("long", "row 6 (line 8) has 13 fields, the header has 12"),
+    ("short over two lines", "row 6 (lines 8-9) has 4 fields, the header has 12"),
+])
+def test_a_record_with_the_wrong_field_count_is_named_by_its_lines(
+    tmp_path: Path, fault: str, message: str
+) -> None:
+    rows = rows_after_a_two_line_name()
+    rows[5] = {"short": "6,0,3", "long": rows[5] + ",extra",
+               "short over two lines": '6,0,3,"Two,\nLines"'}[fault]
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, [HEADER, *rows]))
+    assert_one_line(err, f"t.csv: {message}")
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("Age", "column Age, row 3 (line 6): expected a number, got 'bad'"),
+    ("short", "row 3 (line 6) has 3 fields, the header has 12"),
+])
+def test_blank_lines_pandas_skips_count_as_lines_not_rows(
+    tmp_path: Path, fault: str, message: str
+) -> None:
+    last = with_field(ROWS[2], "Age", "bad") if fault == "Age" else "3,1,3"
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, [HEADER, ROWS[0], ROWS[1], "", "   ", last]))
+    assert_one_line(err, f"t.csv: {message}")
+
+
+def test_blank_lines_before_the_header_do_not_hide_a_short_record(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, ["", HEADER, ROWS[0], "2,1,1", ROWS[2]]))
+    assert_one_line(err, "t.csv: row 2 (line 4) has 3 fields, the header has 12")
+
+
+def test_lines_ended_by_cr_alone_are_counted_as_lines(tmp_path: Path) -> None:
+    # Old Mac line ends: pandas and the csv module read them as line breaks.
+    path = tmp_path / "cr.csv"
+    text = "\r".join([HEADER, ROWS[0], ROWS[1].replace("Cumings", "Cumiñgs")]) + "\r"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        load_titanic(path)
+    assert_one_line(err, "cr.csv: line 3 is not UTF-8")
+
+
+def test_rows_the_two_readers_split_differently_are_named_without_lines(tmp_path: Path) -> None:
+    # pandas drops the record "," after a lone CR; the csv module keeps it. Lines counted
+    # by the one would misname the rows of the other, so none are claimed.
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"x,y\n1,2\n\r,\n3,4\n")
+    frame, lines = read_csv_table(path, label="t.csv")
+    assert frame["x"].tolist() == [1, 3]
+    assert lines is None
+
+
 def test_malformed_csv_is_a_data_error(tmp_path: Path) -> None:
-    rows = [ROWS[0], ROWS[1] + ",extra,fields", ROWS[2]]
+    rows = [ROWS[0], ROWS[1], ROWS[2][:-1] + '"S']  # a quote left open to the end
     with pytest.raises(DataError) as err:
         load_titanic(write_csv(tmp_path, [HEADER, *rows]))
     assert_one_line(err, "t.csv", "CSV")

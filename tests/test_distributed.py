@@ -117,6 +117,7 @@ def test_a_missing_feature_column_is_named(tmp_path, rows_csv):
     ("Age twice", r"column Age appears 2 times in the header"),
     ("blank Sex", r"column Sex, row 2 \(line 3\): blank"),
     ("blank Age", r"column Age has no values at all"),
+    ("two-line name", r"column Age, row 4 \(line 6\): expected a number, got 'bad'"),
 ])
 def test_the_rows_to_explain_are_read_as_strictly_as_the_training_file(
     tmp_path, titanic_csv, damage, message
@@ -138,8 +139,14 @@ def test_the_rows_to_explain_are_read_as_strictly_as_the_training_file(
         frame.loc[1, "Sex"] = None
         frame.to_csv(tmp_path / "bad.csv", index=False)
         text = (tmp_path / "bad.csv").read_text().splitlines()
-    else:
+    elif damage == "blank Age":
         frame["Age"] = np.nan
+        frame.to_csv(tmp_path / "bad.csv", index=False)
+        text = (tmp_path / "bad.csv").read_text().splitlines()
+    else:
+        frame["Age"] = frame["Age"].astype(object)
+        frame.loc[1, "Name"] = "Cumings,\nMrs. John Bradley"
+        frame.loc[3, "Age"] = "bad"
         frame.to_csv(tmp_path / "bad.csv", index=False)
         text = (tmp_path / "bad.csv").read_text().splitlines()
     (tmp_path / "bad.csv").write_text("\n".join(text) + "\n")
@@ -348,6 +355,26 @@ def test_a_value_the_reference_range_scales_past_float32_is_refused(
     assert f"{rows_csv.name}: column Fare, row 1 (line 2): 7.25 scales to inf" in err
     assert "range 0 to 1e-300" in err
     assert not out.exists()
+
+
+def test_a_value_scaled_past_float32_names_the_lines_of_its_record(
+    tmp_path, capsys, rows_csv, checkpoint, titanic_csv
+):
+    reference = pd.read_csv(titanic_csv)
+    reference["Fare"] = 0.0
+    reference.loc[0, "Fare"] = 1e-300
+    narrow = tmp_path / "narrow.csv"
+    reference.to_csv(narrow, index=False)
+    rows = pd.read_csv(rows_csv).iloc[:5]
+    rows.loc[0, "Name"] = "Braund,\nMr. Owen Harris"
+    two_line = tmp_path / "two_line.csv"
+    rows.to_csv(two_line, index=False)
+
+    status = main(flags(two_line, checkpoint, narrow, tmp_path / "results"))
+
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1
+    assert "two_line.csv: column Fare, row 1 (lines 2-3): 7.25 scales to inf" in err
 
 
 def test_a_reference_without_spread_in_a_column_the_rows_vary_in_is_refused(
