@@ -35,6 +35,7 @@ __all__ = [
     "TitanicData",
     "TitanicDataModule",
     "check_kaggle_train",
+    "file_kind",
     "default_cache_dir",
     "load_titanic",
     "locate_titanic_csv",
@@ -84,14 +85,23 @@ CSV_BLANKS = frozenset({
 # min-max scaled, or scales to inf against another file's range.
 MAX_VALUES = {"Age": 150.0, "SibSp": 100.0, "Fare": 10_000.0}
 
-# What a path named as data may be instead of a regular file, as messages name it.
-FILE_KINDS = (
+# What a path may be instead of a regular file, as messages name it.
+_FILE_KINDS = (
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISFIFO, "a named pipe"),
     (stat.S_ISCHR, "a device"),
     (stat.S_ISBLK, "a device"),
     (stat.S_ISSOCK, "a socket"),
 )
+
+
+def file_kind(mode: int) -> str | None:
+    """What a file of this ``st_mode`` is in words (``"a named pipe"``), or None for a
+    regular file: data files and checkpoints are refused as anything else."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for is_kind, name in _FILE_KINDS if is_kind(mode)),
+                "not a regular file")
 
 CACHE_NAME = "titanic.csv"
 REPO_DATA = Path("data/train.csv")
@@ -321,10 +331,9 @@ def _check_regular_file(path: Path, label: str) -> None:
         raise DataError(f"{label}: no such file") from None
     except OSError as err:
         raise DataError(f"{label}: cannot read ({_one_line(err.strerror or err)})") from err
-    if stat.S_ISREG(mode):
-        return
-    kind = next((name for is_kind, name in FILE_KINDS if is_kind(mode)), "not a regular file")
-    raise DataError(f"{label}: is {kind}, expected a CSV file")
+    kind = file_kind(mode)
+    if kind is not None:
+        raise DataError(f"{label}: is {kind}, expected a CSV file")
 
 
 def _check_records(text: str, label: str) -> RowLines:

@@ -7,7 +7,6 @@ import logging
 import os
 import pickle
 import re
-import stat
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -18,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from engine.data import FEATURES, TitanicData, TitanicDataModule
+from engine.data import FEATURES, TitanicData, TitanicDataModule, file_kind
 from engine.errors import ArgumentError, CheckpointError
 from engine.io import atomic_path
 from engine.step import non_finite_weights
@@ -463,9 +462,9 @@ def _check_regular_file(path: Path) -> None:
         raise CheckpointError(
             f"{path}: cannot read ({err.strerror or type(err).__name__})"
         ) from err
-    kind = _not_regular(mode)
+    kind = file_kind(mode)
     if kind:
-        raise CheckpointError(f"{path}: is a {kind}, expected a checkpoint file")
+        raise CheckpointError(f"{path}: is {kind}, expected a checkpoint file")
 
 
 def _open_regular_file(path: Path) -> BinaryIO:
@@ -476,28 +475,13 @@ def _open_regular_file(path: Path) -> BinaryIO:
     """
     handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        kind = _not_regular(os.fstat(handle).st_mode)
+        kind = file_kind(os.fstat(handle).st_mode)
         if kind:
-            raise CheckpointError(f"{path}: is a {kind}, expected a checkpoint file")
+            raise CheckpointError(f"{path}: is {kind}, expected a checkpoint file")
         return os.fdopen(handle, "rb")
     except BaseException:
         os.close(handle)
         raise
-
-
-def _not_regular(mode: int) -> str | None:
-    """What a file of this ``st_mode`` is, unless it is a regular file."""
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISDIR(mode):
-        return "directory"
-    if stat.S_ISFIFO(mode):
-        return "named pipe (FIFO)"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "device"
-    return "special file"
 
 
 def _unpack(payload: object, path: Path) -> tuple[Mapping[str, torch.Tensor], str]:
