@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -51,6 +52,7 @@ from engine.io import (
     CHUNKS_FOLDER,
     OutputDir,
     check_output_folder,
+    stop_signals_held,
     tidy_attributions,
     tidy_deltas,
 )
@@ -518,7 +520,15 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
                 f"{missing[0].start}-{missing[0].stop - 1}: run the same command again to resume"
             )
         files = write_tables(store, job.out, FEATURES, job.output_format)
-        store.remove()
+        # The tables are in place: a stop now would leave half a chunk folder, which a
+        # rerun recomputes and an --all run refuses.
+        with stop_signals_held() as held:
+            store.remove()
+        if held:
+            log.warning("a stop signal came while the finished chunks were being removed; "
+                        "it waited for that, and the results are complete")
+            for number in held.stopping:
+                signal.raise_signal(number)
     return {
         "is_global_zero": trainer.is_global_zero,
         "n_rows": len(frame),

@@ -29,7 +29,7 @@ except ImportError:  # not POSIX: no lock (see exclusive_use)
 from engine.errors import ArgumentError
 
 __all__ = ["OutputDir", "atomic_path", "check_output_folder", "exclusive_use",
-           "refuse_overwriting_inputs", "tidy_attributions",
+           "refuse_overwriting_inputs", "stop_signals_held", "tidy_attributions",
            "tidy_deltas"]
 
 log = logging.getLogger(__name__)
@@ -114,10 +114,10 @@ def refuse_overwriting_inputs(out: Path, names: Iterable[str],
     ``out`` would replace or remove.
 
     ``inputs`` maps each flag to the file it named. A results file replaces the file of
-    its name, and a run removes the files its folder's listing says an earlier run wrote
-    and this one does not: an input there (a table of an earlier run read as data) would
-    be gone, with the run reporting success. Paths are compared resolved, so a symlink
-    to such a file counts as the file.
+    its name, a run removes the files its folder's listing says an earlier run wrote and
+    this one does not, and a --checkpoint run removes its chunk folder: an input there (a
+    table of an earlier run read as data) would be gone, with the run reporting success.
+    Paths are compared resolved, so a symlink to such a file counts as the file.
     """
     try:
         folder = out.resolve()
@@ -132,7 +132,9 @@ def refuse_overwriting_inputs(out: Path, names: Iterable[str],
             resolved = Path(path).resolve()
         except (OSError, RuntimeError):
             continue
-        if resolved.parent == folder and resolved.name in doomed:
+        # The chunk folder of a --checkpoint run goes whole once its tables are written.
+        if (resolved.parent == folder and resolved.name in doomed) \
+                or resolved.is_relative_to(folder / CHUNKS_FOLDER):
             raise ArgumentError(
                 f"{flag} {path} is {resolved}, a file this run would replace or remove in "
                 f"--out {out}: copy it elsewhere or choose another --out"
@@ -206,7 +208,7 @@ class OutputDir:
             f"{name}\n" for name in self.written if name != WRITTEN_FILE))
         published = []
         # A Ctrl-C between two renames would leave new files beside old ones: hold it.
-        with _sigint_held() as held:
+        with stop_signals_held() as held:
             for name in self.written:
                 target = self.path / name
                 os.replace(self.staging / name, target)
@@ -393,7 +395,7 @@ class _Held(list):
 
 
 @contextmanager
-def _sigint_held() -> Iterator[_Held]:
+def stop_signals_held() -> Iterator[_Held]:
     """Record SIGINT, SIGTERM and SIGHUP instead of acting on them while the block runs
     (main thread only). Those whose handler was the system's default are listed in
     ``stopping`` for the caller to deliver again once it is safe."""

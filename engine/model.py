@@ -548,7 +548,7 @@ def _check_weight_kinds(state_dict: Mapping[str, torch.Tensor], path: Path) -> N
         raise CheckpointError(
             f"{path}: checkpoint weights must be dense (strided) tensors: {sparse}"
         )
-    empty = _grouped(state_dict, lambda value: "meta tensors" if value.is_meta else None)
+    empty = _grouped(state_dict, lambda value: "meta" if value.is_meta else None)
     if empty:
         raise CheckpointError(f"{path}: checkpoint weights were saved without values: {empty}")
 

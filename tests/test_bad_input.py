@@ -708,3 +708,8 @@ def test_a_file_an_earlier_run_wrote_and_this_one_would_remove_is_protected(tmp_
         with pytest.raises(ArgumentError, match="would replace or remove"):
             outputs.commit()
     assert kept.read_text() == "earlier"
+    # A --checkpoint run removes its chunk folder once the tables are written.
+    (out / ".chunks").mkdir()
+    (out / ".chunks" / "d.csv").write_text("data")
+    with pytest.raises(ArgumentError, match="would replace or remove"):
+        refuse_overwriting_inputs(out, ["report.html"], {"--data": out / ".chunks" / "d.csv"})

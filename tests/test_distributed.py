@@ -726,3 +726,25 @@ def test_a_sigterm_during_the_last_chunk_stops_once_it_is_kept(
         "interrupted: stopped by SIGTERM; 2 finished chunk(s) are kept")
     assert len(calls) == 2
     assert sorted(p.name for p in out.iterdir()) == [".chunks"]
+
+
+def test_a_sigterm_while_the_chunks_are_removed_waits_and_the_run_finishes(
+    tmp_path, capsys, monkeypatch, rows_csv, checkpoint, titanic_csv
+):
+    # The tables are in place: stopping halfway through removing the chunk folder would
+    # leave part of it, which a rerun recomputes and an --all run refuses.
+    from engine.store import ChunkStore
+
+    out = tmp_path / "results"
+    real = ChunkStore.remove
+
+    def remove_after_sigterm(self):
+        _sigterm_to_self()
+        return real(self)
+
+    monkeypatch.setattr(ChunkStore, "remove", remove_after_sigterm)
+    status = main(flags(rows_csv, checkpoint, titanic_csv, out, "--chunk-rows", "1000"))
+
+    assert status == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".written", "convergence.csv", "interpretation_results.csv"]

@@ -370,7 +370,7 @@ def test_weights_saved_without_their_values_are_refused(tmp_path: Path) -> None:
 
     with pytest.raises(CheckpointError) as err:
         load_weights(path)
-    assert_one_line(err, "meta.pt", f"{', '.join(state_dict)} are meta tensors")
+    assert_one_line(err, "meta.pt", f"{', '.join(state_dict)} are meta")
 
 
 def _quantized(value: torch.Tensor) -> torch.Tensor:
