@@ -336,14 +336,21 @@ def test_an_implausible_fare_to_explain_is_refused_before_any_work(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]
 
 
-def test_a_value_the_reference_range_scales_past_float32_is_refused(
-    tmp_path, capsys, rows_csv, checkpoint, titanic_csv
-):
+def _narrow_fare_reference(tmp_path, titanic_csv):
+    """The training file with every Fare 0 but one of 1e-300: a range that scales any
+    real fare past float32."""
     reference = pd.read_csv(titanic_csv)
     reference["Fare"] = 0.0
     reference.loc[0, "Fare"] = 1e-300
     narrow = tmp_path / "narrow.csv"
     reference.to_csv(narrow, index=False)
+    return narrow
+
+
+def test_a_value_the_reference_range_scales_past_float32_is_refused(
+    tmp_path, capsys, rows_csv, checkpoint, titanic_csv
+):
+    narrow = _narrow_fare_reference(tmp_path, titanic_csv)
     out = tmp_path / "results"
 
     arguments = flags(rows_csv, checkpoint, titanic_csv, out)
@@ -360,11 +367,7 @@ def test_a_value_the_reference_range_scales_past_float32_is_refused(
 def test_a_value_scaled_past_float32_names_the_lines_of_its_record(
     tmp_path, capsys, rows_csv, checkpoint, titanic_csv
 ):
-    reference = pd.read_csv(titanic_csv)
-    reference["Fare"] = 0.0
-    reference.loc[0, "Fare"] = 1e-300
-    narrow = tmp_path / "narrow.csv"
-    reference.to_csv(narrow, index=False)
+    narrow = _narrow_fare_reference(tmp_path, titanic_csv)
     rows = pd.read_csv(rows_csv).iloc[:5]
     rows.loc[0, "Name"] = "Braund,\nMr. Owen Harris"
     two_line = tmp_path / "two_line.csv"
