@@ -348,6 +348,8 @@ def _run_all(config: JobConfig) -> dict[str, object]:
             net, inputs, baselines, data.feature_names, row=config.explain_row,
             feature=config.flip, passenger_ids=ids, n_steps=config.n_steps,
             method=config.method,
+            # Over the whole file, as scaling saw it: a single-valued column has none.
+            spread=(data.features.amax(dim=0) - data.features.amin(dim=0)).tolist(),
             **_passenger_in_file(frame, data.test_index[config.explain_row], data.feature_names),
         )
 

@@ -32,7 +32,9 @@ class FlippedPassenger:
 
     ``features`` and ``attributions`` hold the two versions in that order: ``(2, F)`` and
     ``(2, B, F)``; ``probabilities`` are the model's survival probabilities of both.
-    ``raw`` holds the passenger's values as the data file has them, when known.
+    ``raw`` holds the passenger's values as the data file has them, when known; ``spread``
+    is the flipped feature's range over the whole file after scaling (1, or 0 when every
+    passenger has the same value), when known.
     """
 
     row: int
@@ -44,35 +46,53 @@ class FlippedPassenger:
     probabilities: tuple[float, float]
     name: str | None = None
     raw: tuple[str, ...] | None = None
+    spread: float | None = None
 
     def labels(self) -> tuple[str, str]:
         """Legend labels of the two versions, naming the flipped feature's values."""
         before, after = self._values()
-        change = "unchanged" if self.unchanged else "flipped"
-        return f"as is ({before})", f"{self.feature} {change} ({after})"
+        return f"as is ({before})", f"{self.feature} {self.change} ({after})"
 
     @property
     def unchanged(self) -> bool:
         """True when flipping left the value as it was: in the middle of its range (0.5), or
-        a Sex that every passenger in the file shares."""
+        one that every passenger in the file shares."""
         index = self._feature_index()
         return bool(self.features[0, index] == self.features[1, index])
 
     @property
-    def only_men(self) -> bool:
-        """True when Sex was to be flipped in a file of men only: no value stands for a woman."""
-        index = self._feature_index()
-        return self.feature == "Sex" and _only_men(self._raw_sex(), self.features[0, index])
+    def change(self) -> str:
+        """What became of the feature, in one word: "flipped" or "unchanged"."""
+        return "unchanged" if self.unchanged else "flipped"
+
+    @property
+    def no_spread(self) -> bool:
+        """True when every passenger in the file has the same value of the feature, so it
+        was left as it is: scaling put it at 0 for all of them, and 1 was never seen."""
+        return _has_no_spread(self.spread, self._raw_sex(),
+                              float(self.features[0, self._feature_index()]))
+
+    @property
+    def reason(self) -> str | None:
+        """Why the feature is unchanged, in words; None when it was flipped."""
+        if self.no_spread:
+            value = self._file_value()
+            named = "" if value is None else f" ({value})"
+            return f"every passenger in the file has the same {self.feature}{named}"
+        if self.unchanged:
+            return f"this passenger's {self.feature} is in the middle of its range"
+        return None
 
     def _values(self) -> tuple[str, str]:
         index = self._feature_index()
         before, after = self.features[:, index]
-        if self.feature != "Sex":
+        sex = self._raw_sex()
+        if self.feature != "Sex" or (sex is None and self.no_spread):
             return f"{before:.3f}", f"{after:.3f}"
 
         # The file names the passenger's sex; the scaled value does only when the file
         # holds both sexes. Without the file's value, assume it does.
-        sex = self._raw_sex() or ("male" if before >= 0.5 else "female")
+        sex = sex or ("male" if before >= 0.5 else "female")
         return sex, sex if self.unchanged else _OTHER_SEX[sex]
 
     def _raw_sex(self) -> str | None:
@@ -81,6 +101,19 @@ class FlippedPassenger:
         sex = self.raw[self._feature_index()]
         return sex if sex in _OTHER_SEX else None
 
+    def _file_value(self) -> str | None:
+        """The passenger's value as the file writes it; None for a blank the median filled."""
+        if self.raw is None:
+            return None
+        value = self.raw[self._feature_index()]
+        if value in _OTHER_SEX:
+            return value
+        try:
+            float(value)
+        except ValueError:
+            return None
+        return value
+
     def _feature_index(self) -> int:
         return self.feature_names.index(self.feature)
 
@@ -88,9 +121,11 @@ class FlippedPassenger:
 _OTHER_SEX = {"male": "female", "female": "male"}
 
 
-def _only_men(sex: str | None, value: float) -> bool:
-    # Sex is 1 (male) / 0 (female) before min-max scaling, so a man is scaled to 0 only
-    # when no woman is in the file; 1 - 0 would then name neither sex.
+def _has_no_spread(spread: float | None, sex: str | None, value: float) -> bool:
+    if spread is not None:
+        return spread == 0.0
+    # Without the file's spread only a man shows it: Sex is 1 (male) / 0 (female) before
+    # min-max scaling, so a man is scaled to 0 only when no woman is in the file.
     return sex == "male" and value < 0.5
 
 
@@ -107,13 +142,16 @@ def explain_flipped(
     method: str = "gausslegendre",
     name: str | None = None,
     raw: Sequence[str] | None = None,
+    spread: Sequence[float] | None = None,
 ) -> FlippedPassenger:
     """Explain ``inputs[row]`` and a copy with ``feature`` flipped, in one engine call.
 
     Features are min-max normalised, so flipping maps a value ``v`` to ``1 - v``: Sex
     turns male (1) into female (0) and back; a graded feature is mirrored within its
-    range (Pclass 1st <-> 3rd). In a file of men only, which ``raw`` reveals, every man
-    is scaled to 0 and no value stands for a woman, so Sex is left as it is.
+    range (Pclass 1st <-> 3rd). A feature every passenger in the file shares is scaled to 0
+    for all of them, and 1 is a value the model never saw: it is left as it is. ``spread``
+    tells which features those are; without it, only a file of men only is recognised,
+    from ``raw``.
 
     Parameters
     ----------
@@ -138,11 +176,15 @@ def explain_flipped(
     raw
         ``F`` values as the file has them, if known: the report's table shows them, and
         the passenger's sex is named from them.
+    spread
+        ``F`` ranges (max - min) of the normalised features over the whole file, if known;
+        a feature whose range is 0 is left as it is.
 
     Raises
     ------
     ArgumentError
-        If ``row`` is outside ``inputs`` or ``feature`` is unknown.
+        If ``row`` is outside ``inputs``, ``feature`` is unknown or ``spread`` does not
+        have one value per feature.
     """
     n_rows = inputs.shape[0]
     if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < n_rows:
@@ -151,12 +193,17 @@ def explain_flipped(
         raise ArgumentError(
             f"--flip {feature!r}: expected one of {', '.join(feature_names)}"
         )
+    if spread is not None and len(spread) != len(feature_names):
+        raise ArgumentError(
+            f"spread: expected {len(feature_names)} values, one per feature, got {len(spread)}"
+        )
     index = list(feature_names).index(feature)
+    spread = None if spread is None else float(spread[index])
 
     original = inputs[row : row + 1]
     flipped = original.clone()
     sex = None if raw is None or feature != "Sex" else str(raw[index])
-    if not _only_men(sex, float(original[0, index])):
+    if not _has_no_spread(spread, sex, float(original[0, index])):
         flipped[0, index] = 1.0 - flipped[0, index]
     versions = torch.cat([original, flipped])  # (2, F)
 
@@ -174,6 +221,7 @@ def explain_flipped(
         probabilities=(float(probabilities[0]), float(probabilities[1])),
         name=name,
         raw=None if raw is None else tuple(map(str, raw)),
+        spread=spread,
     )
 
 
@@ -361,21 +409,29 @@ def _passenger_section(report: TitanicReport) -> str:
         f"with {html.escape(labels[1])}, every other feature unchanged. "
         "Flipping maps a normalised value v to 1 - v.</p>"
     )
-    if passenger.only_men:
-        text += ("<p><b>Note:</b> every passenger in the file is male, so scaling put Sex at 0 "
-                 "for all of them and no value stands for a woman: Sex is left as it is, "
-                 "and the model never saw it vary. Choose another feature.</p>")
+    feature = html.escape(passenger.feature)
+    if passenger.no_spread:
+        text += (f"<p><b>Note:</b> {html.escape(passenger.reason)}, so min-max scaling put it "
+                 "at 0 for all of them and the model never saw it vary: 1 - 0 would be a "
+                 f"value no passenger has. {feature} is left unchanged; choose another "
+                 "feature.</p>")
     elif passenger.unchanged:
-        text += (f"<p><b>Note:</b> this passenger's {html.escape(passenger.feature)} is in the "
-                 "middle of its range, so flipping leaves it unchanged; choose another row "
-                 "or feature.</p>")
+        text += (f"<p><b>Note:</b> this passenger's {feature} is in the middle of its range, "
+                 "so flipping leaves it unchanged; choose another row or feature.</p>")
     if passenger.feature == "Sex":
         text += ("<p>A feature equal to the baseline's value gets no attribution (IG "
                  "multiplies by x - baseline): against the zero baseline a Sex of 0 (a woman, "
                  "or anyone in a file of one sex) gets an attribution of 0.</p>")
+    return text + _passenger_table(passenger) + _figure(
+        report.passenger_figure,
+        f"Survival probability and attributions, as is and {passenger.change}",
+    )
+
+
+def _passenger_table(passenger: FlippedPassenger) -> str:
     raw = passenger.raw
     header = ("<tr><th>feature</th>" + ("<th>in the file</th>" if raw else "")
-              + "<th>as is</th><th>flipped</th></tr>")
+              + f"<th>as is</th><th>{passenger.change}</th></tr>")
     rows = "".join(
         ('<tr class="changed">' if name == passenger.feature else "<tr>")
         + f"<td>{html.escape(name)}</td>"
@@ -383,11 +439,10 @@ def _passenger_section(report: TitanicReport) -> str:
         + f"<td>{passenger.features[0, i]:.3f}</td><td>{passenger.features[1, i]:.3f}</td></tr>"
         for i, name in enumerate(passenger.feature_names)
     )
-    table = (f'<table class="numbers">{header}{rows}</table>'
-             "<p class=\"note\">as is and flipped: the model's inputs, min-max normalised</p>")
-    return text + table + _figure(
-        report.passenger_figure, "Survival probability and attributions, as is and flipped"
-    )
+    note = f"as is and {passenger.change}: the model's inputs, min-max normalised"
+    if passenger.reason is not None:
+        note += f"; {passenger.feature} is unchanged: {passenger.reason}"
+    return f'<table class="numbers">{header}{rows}</table><p class="note">{html.escape(note)}</p>'
 
 
 def _validation_section(report: TitanicReport) -> str:

@@ -244,13 +244,143 @@ def test_a_sex_every_passenger_shares_is_left_as_it_is(men_only, report):
                              passenger_ids=list(range(10)), raw=raw)
 
     np.testing.assert_array_equal(result.features[1], result.features[0])
-    assert result.unchanged
+    assert result.unchanged and result.no_spread
     assert result.labels() == ("as is (male)", "Sex unchanged (male)")
     page = render_report(dataclasses.replace(report, passenger=result))
-    assert "every passenger in the file is male" in page
+    assert "every passenger in the file has the same Sex (male)" in page
     assert "middle of its range" not in page
 
 
 def test_a_man_among_women_is_named_and_flipped_from_the_file(report):
     assert report.passenger.labels() == ("as is (male)", "Sex flipped (female)")
     assert "as is (male)" in render_report(report)
+
+
+# ---------------------------------------------------------------------------
+# A feature every passenger in the file shares: min-max scaling puts it at 0 for all of
+# them, and 1 - 0 is a value the model never saw, so it is left as it is.
+
+
+def no_spread(feature: str) -> list[float]:
+    """The spread (max - min) of each normalised feature over a file where only ``feature``
+    has a single value."""
+    return [0.0 if name == feature else 1.0 for name in FEATURES]
+
+
+def passenger_section(page: str) -> str:
+    return page.split("One passenger")[1].split("</section>")[0]
+
+
+def test_a_sex_every_woman_shares_is_left_as_it_is(net_rows_baselines, report):
+    net, rows, baselines = net_rows_baselines
+    rows[:, 1] = 0.0  # a file of women only scales every woman to 0, as it does every man
+    result = explain_flipped(net, rows, baselines, FEATURES, row=6, feature="Sex",
+                             passenger_ids=list(range(10)), raw=("1", "female", "30", "0", "80"),
+                             spread=no_spread("Sex"))
+
+    np.testing.assert_array_equal(result.features[1], result.features[0])
+    assert result.no_spread and result.unchanged
+    assert result.labels() == ("as is (female)", "Sex unchanged (female)")
+    section = passenger_section(render_report(dataclasses.replace(report, passenger=result)))
+    assert "every passenger in the file has the same Sex (female)" in section
+    assert not re.search(r"\bmale\b", section), section
+
+
+def test_a_class_every_passenger_shares_is_left_as_it_is(net_rows_baselines, report):
+    net, rows, baselines = net_rows_baselines
+    rows[:, 0] = 0.0  # every passenger 3rd class
+    result = explain_flipped(net, rows, baselines, FEATURES, row=6, feature="Pclass",
+                             passenger_ids=list(range(10)), raw=("3", "male", "30", "0", "8"),
+                             spread=no_spread("Pclass"))
+
+    np.testing.assert_array_equal(result.features[1], result.features[0])
+    assert result.labels() == ("as is (0.000)", "Pclass unchanged (0.000)")
+    section = passenger_section(render_report(dataclasses.replace(report, passenger=result)))
+    assert "every passenger in the file has the same Pclass (3)" in section
+    assert '<th>as is</th><th>unchanged</th>' in section
+    assert "flipping leaves it unchanged" not in section
+
+
+def test_a_feature_that_varies_in_the_file_is_flipped_even_at_zero(net_rows_baselines):
+    net, rows, baselines = net_rows_baselines
+    rows[6, 0] = 0.0  # 1st class in a file that holds other classes too
+    result = explain_flipped(net, rows, baselines, FEATURES, row=6, feature="Pclass",
+                             passenger_ids=list(range(10)), spread=no_spread("Fare"))
+
+    assert not result.no_spread and not result.unchanged
+    assert result.features[1, 0] == 1.0
+    assert result.labels() == ("as is (0.000)", "Pclass flipped (1.000)")
+
+
+def test_a_blank_the_median_filled_is_not_named_as_the_files_value(net_rows_baselines, report):
+    net, rows, baselines = net_rows_baselines
+    rows[:, 2] = 0.0
+    result = explain_flipped(net, rows, baselines, FEATURES, row=6, feature="Age",
+                             passenger_ids=list(range(10)),
+                             raw=("3", "male", "blank (median used)", "0", "8"),
+                             spread=no_spread("Age"))
+
+    assert result.reason == "every passenger in the file has the same Age"
+
+
+def test_a_spread_per_feature_is_required(net_rows_baselines):
+    net, rows, baselines = net_rows_baselines
+    with pytest.raises(ArgumentError, match="spread: expected 5 values"):
+        explain_flipped(net, rows, baselines, FEATURES, row=6, feature="Sex",
+                        passenger_ids=list(range(10)), spread=[0.0, 1.0])
+
+
+# The whole run, on small files with one value in a column: what the page and the figure say.
+
+
+@pytest.fixture(scope="module")
+def one_valued_runs(tmp_path_factory, titanic_csv):
+    """``--all`` on 120 women only (flipping Sex) and 120 passengers all in 3rd class
+    (flipping Pclass); each run's page and the title and legend of its passenger figure."""
+    import pandas as pd
+
+    import engine.plots
+    from engine.attribute import main
+
+    kaggle = pd.read_csv(titanic_csv)
+    files = {"Sex": kaggle[kaggle["Sex"] == "female"].head(120),
+             "Pclass": kaggle.head(120).assign(Pclass=3)}
+    drawn = {}
+    draw = engine.plots.passenger_comparison
+
+    def recorded(attributions, probabilities, labels, *args, title, **kwargs):
+        drawn[feature] = {"title": title, "labels": list(labels)}
+        draw(attributions, probabilities, labels, *args, title=title, **kwargs)
+
+    runs = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine.plots, "passenger_comparison", recorded)
+        for feature, frame in files.items():
+            folder = tmp_path_factory.mktemp(f"one_{feature}")
+            frame.to_csv(folder / "passengers.csv", index=False)
+            status = main(["--all", "--data", str(folder / "passengers.csv"),
+                           "--out", str(folder / "results"), "--epochs", "1",
+                           "--n-steps", "8", "--flip", feature])
+            assert status == 0
+            page = (folder / "results" / "report.html").read_text()
+            runs[feature] = {**drawn[feature], "section": passenger_section(page)}
+    return runs
+
+
+def test_a_women_only_file_keeps_sex_and_never_says_male(one_valued_runs):
+    run = one_valued_runs["Sex"]
+
+    assert run["labels"] == ["as is (female)", "Sex unchanged (female)"]
+    assert "every passenger in the file has the same Sex (female)" in run["section"]
+    assert not re.search(r"\bmale\b", run["section"])
+    assert re.search(r'<tr class="changed"><td>Sex</td><td>female</td>'
+                     r"<td>0\.000</td><td>0\.000</td></tr>", run["section"])
+
+
+def test_a_single_class_file_keeps_pclass_and_says_why(one_valued_runs):
+    run = one_valued_runs["Pclass"]
+
+    assert run["labels"] == ["as is (0.000)", "Pclass unchanged (0.000)"]
+    assert "every passenger in the file has the same Pclass (3)" in run["section"]
+    assert re.search(r'<tr class="changed"><td>Pclass</td><td>3</td>'
+                     r"<td>0\.000</td><td>0\.000</td></tr>", run["section"])
