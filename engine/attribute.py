@@ -431,9 +431,7 @@ def _draw_pictures(outputs, mean_attribution, by_epoch, passenger, feature_names
     passenger_figure = outputs.file("passenger_comparison.png")
     passenger_comparison(
         passenger.attributions, passenger.probabilities, passenger.labels(), kinds,
-        feature_names, passenger_figure,
-        title=f"Passenger {passenger.passenger_id} (test row {passenger.row}): "
-              f"{passenger.feature} flipped",
+        feature_names, passenger_figure, title=passenger.title(),
     )
     return {"heatmaps": heatmaps, "side_by_side": side_by_side, "animation": animation,
             "passenger_figure": passenger_figure}

@@ -53,6 +53,11 @@ class FlippedPassenger:
         before, after = self._values()
         return f"as is ({before})", f"{self.feature} {self.change} ({after})"
 
+    def title(self) -> str:
+        """The comparison's title: who, and what became of the feature, and why if nothing."""
+        title = f"Passenger {self.passenger_id} (test row {self.row}): {self.feature} {self.change}"
+        return title if self.reason is None else f"{title}\n{self.reason}"
+
     @property
     def unchanged(self) -> bool:
         """True when flipping left the value as it was: in the middle of its range (0.5), or

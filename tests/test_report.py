@@ -330,6 +330,23 @@ def test_a_spread_per_feature_is_required(net_rows_baselines):
                         passenger_ids=list(range(10)), spread=[0.0, 1.0])
 
 
+def test_the_figure_title_says_flipped_only_when_the_feature_changed(net_rows_baselines,
+                                                                     report, men_only):
+    assert report.passenger.title() == "Passenger 719 (test row 6): Sex flipped"
+
+    net, rows, baselines, raw = men_only
+    result = explain_flipped(net, rows, baselines, FEATURES, row=6, feature="Sex",
+                             passenger_ids=list(range(10)), raw=raw)
+    assert result.title() == ("Passenger 6 (test row 6): Sex unchanged\n"
+                              "every passenger in the file has the same Sex (male)")
+
+    rows[4, 0] = 0.5
+    middle = explain_flipped(net, rows, baselines, FEATURES, row=4, feature="Pclass",
+                             passenger_ids=list(range(10)))
+    assert middle.title() == ("Passenger 4 (test row 4): Pclass unchanged\n"
+                              "this passenger's Pclass is in the middle of its range")
+
+
 # The whole run, on small files with one value in a column: what the page and the figure say.
 
 
@@ -384,3 +401,12 @@ def test_a_single_class_file_keeps_pclass_and_says_why(one_valued_runs):
     assert "every passenger in the file has the same Pclass (3)" in run["section"]
     assert re.search(r'<tr class="changed"><td>Pclass</td><td>3</td>'
                      r"<td>0\.000</td><td>0\.000</td></tr>", run["section"])
+
+
+@pytest.mark.parametrize("feature", ["Sex", "Pclass"])
+def test_the_figure_title_says_unchanged_with_the_reason(one_valued_runs, feature):
+    title = one_valued_runs[feature]["title"]
+
+    assert f"{feature} unchanged" in title
+    assert f"every passenger in the file has the same {feature}" in title
+    assert "flipped" not in title
