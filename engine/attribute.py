@@ -543,8 +543,8 @@ def print_summary(summary: dict[str, object]) -> None:
     if passenger is not None:
         before, after = passenger.probabilities
         print(f"passenger {passenger.passenger_id} (test row {passenger.row}): survival "
-              f"{before:.2f} as is, {after:.2f} with {passenger.feature} flipped"
-              + (" (the flip left its value unchanged)" if passenger.unchanged else ""))
+              f"{before:.2f} as is, {after:.2f} with {passenger.feature} {passenger.change}"
+              + ("" if passenger.reason is None else f" ({passenger.reason})"))
     print(f"results in {summary['out']}/ (open report.html)")
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import io
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -375,12 +377,15 @@ def one_valued_runs(tmp_path_factory, titanic_csv):
         for feature, frame in files.items():
             folder = tmp_path_factory.mktemp(f"one_{feature}")
             frame.to_csv(folder / "passengers.csv", index=False)
-            status = main(["--all", "--data", str(folder / "passengers.csv"),
-                           "--out", str(folder / "results"), "--epochs", "1",
-                           "--n-steps", "8", "--flip", feature])
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                status = main(["--all", "--data", str(folder / "passengers.csv"),
+                               "--out", str(folder / "results"), "--epochs", "1",
+                               "--n-steps", "8", "--flip", feature])
             assert status == 0
             page = (folder / "results" / "report.html").read_text()
-            runs[feature] = {**drawn[feature], "section": passenger_section(page)}
+            runs[feature] = {**drawn[feature], "section": passenger_section(page),
+                             "printed": printed.getvalue()}
     return runs
 
 
@@ -410,3 +415,13 @@ def test_the_figure_title_says_unchanged_with_the_reason(one_valued_runs, featur
     assert f"{feature} unchanged" in title
     assert f"every passenger in the file has the same {feature}" in title
     assert "flipped" not in title
+
+
+@pytest.mark.parametrize("feature", ["Sex", "Pclass"])
+def test_the_printed_summary_says_unchanged_with_the_reason(one_valued_runs, feature):
+    line = next(line for line in one_valued_runs[feature]["printed"].splitlines()
+                if line.startswith("passenger "))
+
+    assert f"with {feature} unchanged (every passenger in the file has the same {feature}" \
+        in line
+    assert "flipped" not in line
