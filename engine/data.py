@@ -285,9 +285,10 @@ def read_csv_table(path: Path, *, label: str) -> tuple[pd.DataFrame, RowLines | 
 
     Anything but a regular file (a device, a named pipe), a line over ``MAX_LINE_BYTES``,
     bytes that are not UTF-8, a record with more or fewer fields than the header (pandas
-    fills missing ones with NaN, and takes one extra field in every record for an index)
-    and a column the rows use named twice in the header (pandas reads the second as
-    ``Age.1``) are a ``DataError`` naming ``label`` (a path or a URL) and the line.
+    fills missing ones with NaN, and takes one extra field in every record for an index),
+    a quoted field left open to the end of the file and a column the rows use named twice
+    in the header (pandas reads the second as ``Age.1``) are a ``DataError`` naming
+    ``label`` (a path or a URL) and the line.
 
     Returns
     -------
@@ -337,8 +338,8 @@ def _check_regular_file(path: Path, label: str) -> None:
 
 
 def _check_records(text: str, label: str) -> RowLines:
-    """Find the lines of each data row, refusing a column named twice in the header and a
-    record whose field count is not the header's.
+    """Find the lines of each data row, refusing a quote left open to the end of the file,
+    a column named twice in the header and a record whose field count is not the header's.
 
     A record with fewer fields would be filled with NaN by pandas, and the median fill
     would then invent a passenger. A record with more fields pandas refuses naming a
@@ -363,6 +364,8 @@ def _check_records(text: str, label: str) -> RowLines:
             first.append(start)
             last.append(end)
             widths.append(len(record))
+        if end:
+            _check_quotes_closed(physical[start - 1:], start, label)
     except csv.Error as err:
         raise DataError(f"{label}: not a readable CSV ({_one_line(err)})") from err
 
@@ -377,6 +380,34 @@ def _check_records(text: str, label: str) -> RowLines:
             f" the header has {len(header)}"
         )
     return lines
+
+
+def _check_quotes_closed(tail: list[str], start: int, label: str) -> None:
+    """Refuse a file that ends inside a quoted field, naming the line its quote opens.
+
+    ``tail`` holds the lines of the last record, which begins on line ``start``. The csv
+    module reads an open field to the end of the file without a word, leaving a record
+    that looks merely short (or right); pandas refuses it, counting records, not lines.
+    A line added after the file tells them apart: an open field takes it in, a closed
+    record leaves it a record of its own.
+    """
+    probe = "end"
+    records = list(csv.reader([*tail, probe]))
+    if len(records) > 1:
+        return
+    # The open field holds everything from its quote to the end of the file, every line
+    # break included (an escaped quote "" holds none): count back from the last line.
+    field = records[0][-1].removesuffix(probe)
+    line = start + _line_breaks("".join(tail)) - _line_breaks(field)
+    raise DataError(
+        f"{label}: the quoted field that starts on line {line} is never closed"
+        " (no closing quote before the end of the file)"
+    )
+
+
+def _line_breaks(text: str) -> int:
+    """How many lines ``text`` ends (CR LF, CR or LF each end one, as the csv module reads)."""
+    return text.count("\n") + text.count("\r") - text.count("\r\n")
 
 
 def _check_header(header: list[str], label: str) -> None:

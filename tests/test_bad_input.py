@@ -161,6 +161,14 @@ def _passenger_id(row: int, value: int):
     return make
 
 
+def _open_quote(tmp: Path) -> Path:
+    """Row 2's Name opens a quote nothing closes: the rest of the file would be its name."""
+    unquoted = ROWS[2].replace('"Heikkinen, Miss. Laina"', "Heikkinen Miss. Laina")
+    (tmp / "bad.csv").write_bytes(csv_text(ROWS[0], ROWS[1].replace('Bradley"', "Bradley"),
+                                           unquoted))
+    return tmp / "bad.csv"
+
+
 def _huge_line(tmp: Path) -> Path:
     huge = with_field(ROWS[1], "Ticket", "x" * (MAX_LINE_BYTES + 1))
     (tmp / "bad.csv").write_bytes(csv_text(ROWS[0], huge, ROWS[2]))
@@ -182,6 +190,7 @@ def _huge_line(tmp: Path) -> Path:
         (_implausible_fare, ["bad.csv", "Fare", "row 3", "1e+308"]),
         (_not_utf8, ["UTF-8", "line 4"]),
         (_huge_line, ["line 3", "bytes long"]),
+        (_open_quote, ["bad.csv", "starts on line 3 is never closed"]),
         (_blank_beside_an_integer_beyond_int64(""), ["Age", "row 3", "at most 150", "1e+20"]),
         (_passenger_id(1, 2**60), ["PassengerId", "row 2", "below 2**53"]),
         # 2**53 + 1 reads as 2**53 in float64.
@@ -191,8 +200,8 @@ def _huge_line(tmp: Path) -> Path:
     ],
     ids=["missing", "directory", "empty", "header-only", "missing-columns", "text-in-number",
          "unknown-sex", "all-missing-column", "inf", "implausible-fare", "not-utf8",
-         "huge-line", "integer-beyond-int64", "id-beyond-exact", "id-rounding-to-2**53",
-         "na-beside-integer-beyond-int64"],
+         "huge-line", "open-quote", "integer-beyond-int64", "id-beyond-exact",
+         "id-rounding-to-2**53", "na-beside-integer-beyond-int64"],
 )
 def test_bad_data_file_is_one_line_exit_two_and_no_files(tmp_path, capsys, make, names):
     data = make(tmp_path)
@@ -687,6 +696,18 @@ def test_a_checkpoint_runs_input_named_like_its_table_is_refused_and_kept(
     assert f"--reference {reference}" in err
     assert reference.read_bytes() == titanic_csv.read_bytes()
     assert sorted(p.name for p in out.iterdir()) == ["convergence.csv"]
+
+
+def test_a_reference_with_a_quote_left_open_is_one_line_exit_two(tmp_path, capsys,
+                                                                  titanic_csv):
+    checkpoint = save_weights(TitanicMLP(), tmp_path / "model.pt")
+    reference = _open_quote(tmp_path)
+
+    status = main(["--data", str(titanic_csv), "--checkpoint", str(checkpoint),
+                   "--reference", str(reference), "--out", str(tmp_path / "results")])
+
+    assert_refused(status, capsys.readouterr().err, tmp_path,
+                   f"{reference}: the quoted field that starts on line 3 is never closed")
 
 
 def test_a_file_an_earlier_run_wrote_and_this_one_would_remove_is_protected(tmp_path):

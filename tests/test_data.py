@@ -626,11 +626,42 @@ def test_rows_the_two_readers_split_differently_are_named_without_lines(tmp_path
     assert lines is None
 
 
-def test_malformed_csv_is_a_data_error(tmp_path: Path) -> None:
-    rows = [ROWS[0], ROWS[1], ROWS[2][:-1] + '"S']  # a quote left open to the end
+# A quote left open runs to the end of the file: the csv module takes the rest as one
+# field, pandas refuses the file counting records. Either way the line of the quote is
+# the one to look at. (A quote in a later row would close it.)
+UNQUOTED_ROW = "3,1,3,Heikkinen Miss. Laina,female,26,0,0,STON/O2. 3101282,7.925,,S"
+OPEN_QUOTES = {
+    # Every field there: only pandas noticed, naming "row 3" for line 4.
+    "in the last field": [ROWS[0], ROWS[1], ROWS[2][:-1] + '"S'],
+    # The rest of the file in Name leaves row 2 short: it read as a wrong field count.
+    "with rows after it": [ROWS[0], '2,1,1,"Cumings, Mrs. John Bradley', UNQUOTED_ROW],
+    "on the second line of a record": [ROWS[0], TWO_LINE_ROW[:-1] + '"C', UNQUOTED_ROW],
+}
+
+
+@pytest.mark.parametrize("rows, line", [
+    (OPEN_QUOTES["in the last field"], 4),
+    (OPEN_QUOTES["with rows after it"], 3),
+    (OPEN_QUOTES["on the second line of a record"], 4),
+], ids=list(OPEN_QUOTES))
+def test_a_quote_left_open_to_the_end_names_the_line_it_opens_on(
+    tmp_path: Path, rows: list[str], line: int
+) -> None:
     with pytest.raises(DataError) as err:
         load_titanic(write_csv(tmp_path, [HEADER, *rows]))
-    assert_one_line(err, "t.csv", "CSV")
+    assert_one_line(err, f"t.csv: the quoted field that starts on line {line} is never closed")
+
+
+@pytest.mark.parametrize("ending", ["\r\n", "\r"], ids=["crlf", "cr"])
+def test_a_quote_left_open_is_named_by_its_line_whatever_ends_the_lines(
+    tmp_path: Path, ending: str
+) -> None:
+    path = tmp_path / "t.csv"
+    text = ending.join([HEADER, *OPEN_QUOTES["with rows after it"], UNQUOTED_ROW]) + ending
+    path.write_bytes(text.encode())
+    with pytest.raises(DataError) as err:
+        load_titanic(path)
+    assert_one_line(err, "t.csv: the quoted field that starts on line 3 is never closed")
 
 
 def test_download_checks_reject_a_foreign_table(tmp_path: Path) -> None:
