@@ -623,11 +623,11 @@ def run_checkpoint(config: CheckpointConfig) -> dict[str, object]:
         AttributionJob,
         FeatureScaling,
         explain_rows,
-        file_sha256,
     )
-    from engine.model import load_weights
+    from engine.model import load_weights_with_sha256
 
-    net = load_weights(config.checkpoint)
+    # The digest names the weights loaded, not whatever the path holds by the time it is read.
+    net, checkpoint_sha256 = load_weights_with_sha256(config.checkpoint)
     # The model saw features scaled by its training file: a new file gets the same scaling.
     reference = locate_titanic_csv(config.reference, flag="--reference")
     # What the folder holds first (checked again once the lock is held), then the inputs.
@@ -639,7 +639,7 @@ def run_checkpoint(config: CheckpointConfig) -> dict[str, object]:
     scaling = FeatureScaling.from_reference(load_titanic(reference))
     job = AttributionJob(
         data=config.data, out=config.out, n_steps=config.n_steps, method=config.method,
-        seed=config.seed, scaling=scaling, checkpoint_sha256=file_sha256(config.checkpoint),
+        seed=config.seed, scaling=scaling, checkpoint_sha256=checkpoint_sha256,
         output_format=config.output_format, chunk_rows=config.chunk_rows,
         accelerator=config.accelerator, devices=config.devices, strategy=config.strategy,
         num_nodes=config.num_nodes,

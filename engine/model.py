@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import logging
 import os
 import pickle
@@ -28,6 +30,7 @@ __all__ = [
     "TitanicClassifier",
     "TitanicMLP",
     "load_weights",
+    "load_weights_with_sha256",
     "predict_proba",
     "save_weights",
     "train_titanic",
@@ -410,13 +413,32 @@ def load_weights(path: str | Path, layer_order: str | None = None) -> TitanicMLP
     ArgumentError
         If ``layer_order`` is given and unknown.
     """
+    net, _ = load_weights_with_sha256(path, layer_order)
+    return net
+
+
+def load_weights_with_sha256(
+    path: str | Path, layer_order: str | None = None
+) -> tuple[TitanicMLP, str]:
+    """:func:`load_weights`, and the SHA-256 of the bytes the network came from.
+
+    The file is read once, and those bytes are both loaded and hashed: hashing the file
+    by name afterwards could hash another one, put in its place meanwhile.
+
+    Returns
+    -------
+    tuple
+        The network, as :func:`load_weights` returns it, and the hex digest.
+    """
     path = Path(path)
     if layer_order is not None:
         layer_order = _checked_order(layer_order)
     _check_regular_file(path)
 
     try:
-        with _open_regular_file(path) as stream, warnings.catch_warnings():
+        with _open_regular_file(path) as stream:
+            contents = stream.read()
+        with warnings.catch_warnings():
             # torch warns about the pickle protocol before refusing the file anyway, and
             # that sparse support is in beta or quantized tensors deprecated: such
             # weights are refused just below.
@@ -424,7 +446,7 @@ def load_weights(path: str | Path, layer_order: str | None = None) -> TitanicMLP
             warnings.filterwarnings("ignore", message="Sparse .* support is in beta")
             warnings.filterwarnings("ignore", message=".*quantized tensor creation .*deprecated")
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-            payload = torch.load(stream, map_location="cpu", weights_only=True)
+            payload = torch.load(io.BytesIO(contents), map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except _UNREADABLE as err:
@@ -444,7 +466,7 @@ def load_weights(path: str | Path, layer_order: str | None = None) -> TitanicMLP
             f"{path}: the weights hold nan or inf ({culprits}): retrain the model or use "
             "another checkpoint"
         )
-    return net.eval()
+    return net.eval(), hashlib.sha256(contents).hexdigest()
 
 
 def _check_regular_file(path: Path) -> None:

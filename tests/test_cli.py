@@ -1,11 +1,14 @@
 """python -m engine.attribute --all, end to end on the real data, and its failures."""
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
+import torch
 
 from engine.attribute import all_run_files, main
 from engine.baselines import BASELINE_KINDS
@@ -301,3 +304,44 @@ def test_the_checkpoint_summary_shows_a_rate_only_when_chunks_were_computed(caps
                         if line.startswith("chunks:")]
     assert reused.endswith("0 computed in 0.01 s")
     assert computed.endswith("2 computed in 0.50 s (16 rows/s)")
+
+
+def test_the_checkpoint_digest_is_of_the_bytes_loaded_not_of_a_file_swapped_in_after(
+    tmp_path, monkeypatch, titanic_csv
+):
+    import engine.data
+    import engine.distributed
+    from engine.attribute import checkpoint_config, parse_args, run_checkpoint
+    from engine.model import TitanicMLP, save_weights
+
+    torch.manual_seed(0)
+    loaded = save_weights(TitanicMLP(), tmp_path / "model.pt")
+    loaded_bytes = loaded.read_bytes()
+    torch.manual_seed(1)
+    other = save_weights(TitanicMLP(), tmp_path / "other.pt")
+    other_bytes = other.read_bytes()
+    # Once the weights are loaded, the run looks for the reference: swap the file then.
+    locate = engine.data.locate_titanic_csv
+
+    def locate_then_swap(*args, **kwargs):
+        os.replace(other, loaded)
+        return locate(*args, **kwargs)
+
+    seen = {}
+
+    def explain_rows(job, net):
+        seen["job"], seen["net"] = job, net
+        return {}
+
+    monkeypatch.setattr(engine.data, "locate_titanic_csv", locate_then_swap)
+    monkeypatch.setattr(engine.distributed, "explain_rows", explain_rows)
+    run_checkpoint(checkpoint_config(parse_args([
+        "--data", str(titanic_csv), "--checkpoint", str(loaded),
+        "--reference", str(titanic_csv), "--out", str(tmp_path / "results"),
+    ])))
+
+    assert loaded.read_bytes() == other_bytes  # the swap happened
+    assert seen["job"].checkpoint_sha256 == hashlib.sha256(loaded_bytes).hexdigest()
+    torch.manual_seed(0)
+    for name, value in TitanicMLP().state_dict().items():
+        torch.testing.assert_close(seen["net"].state_dict()[name], value, rtol=0, atol=0)

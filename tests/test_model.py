@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import random
@@ -158,6 +159,17 @@ def test_bare_state_dict_loads_in_article_order(tmp_path: Path) -> None:
     loaded = load_weights(tmp_path / "bare.pt")
     assert loaded.layer_order == "article"
     torch.testing.assert_close(loaded(seeded_rows()), net(seeded_rows()), rtol=0, atol=0)
+
+
+def test_the_digest_is_of_the_checkpoints_bytes(tmp_path: Path) -> None:
+    from engine.model import load_weights_with_sha256
+
+    path = save_weights(seeded_net(), tmp_path / "net.pt")
+
+    net, digest = load_weights_with_sha256(path)
+
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    torch.testing.assert_close(net(seeded_rows()), seeded_net()(seeded_rows()), rtol=0, atol=0)
 
 
 def test_missing_checkpoint(tmp_path: Path) -> None:
