@@ -389,7 +389,8 @@ def load_weights(path: str | Path, layer_order: str | None = None) -> TitanicMLP
     when unpickled is refused, not executed. A bare state dict (a mapping of
     parameter names to tensors) is accepted too and gets the article order.
     Weights in another real floating dtype (float16, bfloat16, float64) are
-    converted to the network's float32.
+    converted to the network's float32; a warning names float64 weights whose
+    nonzero values are too small for float32 and became 0.
 
     Parameters
     ----------
@@ -466,6 +467,7 @@ def load_weights_with_sha256(
             f"{path}: the weights hold nan or inf ({culprits}): retrain the model or use "
             "another checkpoint"
         )
+    _warn_of_underflow(state_dict, path)
     return net.eval(), hashlib.sha256(contents).hexdigest()
 
 
@@ -606,6 +608,26 @@ def _check_weight_dtypes(state_dict: Mapping[str, torch.Tensor], path: Path) -> 
             f"{path}: checkpoint weights lie beyond float32, the network's dtype:"
             f" {'; '.join(too_wide)}"
         )
+
+
+def _warn_of_underflow(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Log the weights whose nonzero values became 0 on the way into float32.
+
+    Only float64 reaches below float32's smallest value (about 1.4e-45). Next to the
+    weights float32 can hold such a value is negligible, so the checkpoint is used; still,
+    the network is not exactly the file, and whoever loads it should know.
+    """
+    float32_tiny = torch.finfo(torch.float32).tiny
+    lost = []
+    for name, value in state_dict.items():
+        if torch.finfo(value.dtype).tiny >= float32_tiny:
+            continue
+        count = int(((value != 0) & (value.float() == 0)).sum())
+        if count:
+            lost.append(f"{name}: {count:,} of {value.numel():,} values")
+    if lost:
+        logger.warning("%s: float64 weights too small for float32 (under 1.4e-45) were "
+                       "loaded as 0: %s", path, "; ".join(lost))
 
 
 def _grouped(

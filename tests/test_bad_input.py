@@ -593,6 +593,23 @@ def test_weights_that_are_not_real_floating_point_are_one_line_exit_two(
                    f"l1.weight is {dtype}", "real floating point")
 
 
+def test_float64_weights_too_small_for_float32_are_a_warning_not_a_refusal(tmp_path,
+                                                                            titanic_csv):
+    state_dict = {name: value.double() for name, value in TitanicMLP().state_dict().items()}
+    state_dict["l2.bias"][7] = 1e-300  # float32 holds nothing below about 1.4e-45
+    path = tmp_path / "tiny.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "layer_order": "article",
+                "state_dict": state_dict}, path)
+
+    completed = explain_in_subprocess(tmp_path, path, titanic_csv)
+
+    assert completed.returncode == 0, completed.stderr
+    (warning,) = completed.stderr.strip().splitlines()
+    assert warning.startswith("WARNING engine.model: ") and "tiny.pt" in warning
+    assert "loaded as 0: l2.bias: 1 of 128 values" in warning
+    assert (tmp_path / "results" / "interpretation_results.csv").is_file()
+
+
 @pytest.mark.parametrize("keep", [0, 100, 0.5], ids=["empty", "100-bytes", "half"])
 def test_cut_checkpoint_is_one_line_checkpoint_error(tmp_path, keep):
     whole = save_weights(TitanicMLP(), tmp_path / "whole.pt").read_bytes()

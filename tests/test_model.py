@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pickle
 import random
@@ -436,6 +437,39 @@ def test_float64_weights_beyond_float32_are_refused_by_name(tmp_path: Path) -> N
         load_weights(path)
     assert_one_line(err, "wide.pt", "float32", "l2.bias holds -1e+300")
     assert "nan or inf" not in str(err.value)
+
+
+def test_float64_weights_that_become_zero_in_float32_are_named_in_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state_dict = {name: value.double() for name, value in seeded_net().state_dict().items()}
+    # float32's smallest value is about 1.4e-45; 1e-300 and -5e-46 round to zero.
+    state_dict["l2.bias"][7] = 1e-300
+    state_dict["out.weight"][0, :3] = torch.tensor([-5e-46, 1e-300, 1e-40], dtype=torch.float64)
+    path = save_state_dict(state_dict, tmp_path / "tiny.pt")
+
+    with caplog.at_level(logging.WARNING, logger="engine.model"):
+        net = load_weights(path)
+
+    assert net.l2.bias[7] == 0 and net.out.weight[0, 2] != 0  # 1e-40 is a float32 value
+    (record,) = [r for r in caplog.records if r.name == "engine.model"]
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert "tiny.pt" in message and "loaded as 0" in message
+    assert "l2.bias: 1 of 128 values; out.weight: 2 of 128 values" in message
+
+
+def test_float64_weights_that_fit_float32_load_without_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state_dict = {name: value.double() for name, value in seeded_net().state_dict().items()}
+    state_dict["l2.bias"][7] = 0.0
+    path = save_state_dict(state_dict, tmp_path / "plain.pt")
+
+    with caplog.at_level(logging.WARNING, logger="engine.model"):
+        load_weights(path)
+
+    assert not [r for r in caplog.records if r.name == "engine.model"]
 
 
 def test_unknown_stored_order_is_a_checkpoint_error(tmp_path: Path) -> None:
