@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import logging
@@ -12,7 +13,7 @@ import socket
 import stat
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -28,29 +29,62 @@ except ImportError:  # not POSIX: no lock (see exclusive_use)
 
 from engine.errors import ArgumentError
 
-__all__ = ["OutputDir", "atomic_path", "check_output_folder", "exclusive_use",
+__all__ = ["OutputDir", "WriteError", "atomic_path", "check_output_folder", "exclusive_use",
            "refuse_overwriting_inputs", "stop_signals_held", "tidy_attributions",
            "tidy_deltas"]
 
 log = logging.getLogger(__name__)
 
 
+class WriteError(OSError):
+    """A file could not be written (a full disk, a quota): ``filename`` names it.
+
+    The system's own message names no file when a write, rather than an open, fails.
+    """
+
+    def __str__(self) -> str:
+        return f"could not write {self.filename}: {self.strerror}"
+
+
+# What a write fails with when the storage has no room left: the disk, a quota, the
+# largest file allowed. Such an error names no file.
+_NO_ROOM = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG")
+                     if hasattr(errno, name))
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Raise an ``OSError`` from the block as a ``WriteError`` naming ``path``."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as error:
+        raise WriteError(error.errno, error.strerror or str(error), str(path)) from error
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    An ``OSError`` on the way (a full disk while the caller writes, say) becomes a
+    ``WriteError`` naming ``path``.
+    """
     path = Path(path)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    temp = Path(temp_name)
-    # mkstemp creates 0600; the finished file gets the mode a plain open() would give it.
-    umask = os.umask(0)
-    os.umask(umask)
-    temp.chmod(0o666 & ~umask)
-    try:
-        yield temp
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    with _writing(path):
+        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                             dir=path.parent)
+        os.close(handle)
+        temp = Path(temp_name)
+        # mkstemp creates 0600; the finished file gets the mode a plain open() would give it.
+        umask = os.umask(0)
+        os.umask(umask)
+        temp.chmod(0o666 & ~umask)
+        try:
+            yield temp
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
 
 
 # What wrote a results folder: the worked example (--all) or explaining a file
@@ -164,7 +198,12 @@ class OutputDir:
                 f"--out {self.path} is not writable: cannot create a folder in {parent}"
                 f" ({error.strerror or type(error).__name__})"
             ) from error
-        (self.staging / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        try:
+            with _writing(self.path):
+                (self.staging / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        except WriteError:
+            self.discard()
+            raise
         self.written: list[str] = []
         # The files the run read, by flag: never replaced or removed (see commit).
         self.inputs: dict[str, Path] = {}
@@ -176,13 +215,21 @@ class OutputDir:
         return self.staging / name
 
     def write_csv(self, name: str, frame: pd.DataFrame) -> None:
-        frame.to_csv(self.file(name), index=False)
+        self._write(name, lambda path: frame.to_csv(path, index=False))
 
     def write_json(self, name: str, payload: dict[str, Any]) -> None:
-        self.file(name).write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+        text = json.dumps(payload, indent=2, default=_jsonable) + "\n"
+        self._write(name, lambda path: path.write_text(text))
 
     def write_text(self, name: str, text: str) -> None:
-        self.file(name).write_text(text)
+        self._write(name, lambda path: path.write_text(text))
+
+    def _write(self, name: str, write: Callable[[Path], object]) -> None:
+        """Stage ``name`` with ``write``; an ``OSError`` names the file as it would be in
+        the folder (a WriteError)."""
+        staged = self.file(name)
+        with _writing(self.path / name):
+            write(staged)
 
     def commit(self) -> list[Path]:
         """Move every staged file into the folder; remove the files an earlier run wrote
@@ -239,6 +286,30 @@ class OutputDir:
     def __exit__(self, exc_type, exc, tb) -> None:
         # Reached without commit only on an error or interrupt: drop everything staged.
         self.discard()
+        if isinstance(exc, OSError):
+            named = self._write_error(exc)
+            if named is not None:
+                raise named from exc
+
+    def _write_error(self, error: OSError) -> WriteError | None:
+        """``error`` as a WriteError naming the file or folder it failed to write, or None
+        when it is not about this folder.
+
+        The callers write some files themselves (the pictures, the weights, the tables of
+        a --checkpoint run): a staged file is named by its place in the folder, and a full
+        disk that names no file, by the folder.
+        """
+        try:
+            staged = Path(error.filename).relative_to(self.staging)
+        except (TypeError, ValueError):  # no file named, or another one
+            staged = None
+        if staged is not None:
+            target = self.path / staged
+        elif error.filename is None and error.errno in _NO_ROOM:
+            target = self.path
+        else:
+            return None
+        return WriteError(error.errno, error.strerror or str(error), str(target))
 
 
 # Environment variables launchers set to a process's rank: a process whose rank is not 0

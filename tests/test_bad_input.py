@@ -8,6 +8,7 @@ problem, no traceback, and no results folder or staging leftovers beside it.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -446,18 +447,33 @@ def test_unexpected_error_is_its_first_line_and_type_with_status_one(
     assert "second line" not in err
 
 
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def test_failure_after_tables_are_staged_leaves_no_files(
     tmp_path, capsys, monkeypatch, titanic_csv
 ):
-    # The pictures come after the tables and the weights: by then those are staged.
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr("engine.plots.attribution_heatmap", disk_full)
+    # The pictures come after the tables and the weights: by then those are staged. The
+    # picture's own write names no file: the folder is named.
+    monkeypatch.setattr("engine.plots.attribution_heatmap", _disk_full)
     status, err = run_main(capsys, "--data", str(titanic_csv), "--out",
                            str(tmp_path / "results"), "--epochs", "1")
 
-    assert_failed_late(status, err, tmp_path, "OSError", "No space left")
+    assert_failed_late(status, err, tmp_path,
+                       f"could not write {tmp_path / 'results'}: No space left on device")
+
+
+def test_a_full_disk_names_the_result_file_it_could_not_write(
+    tmp_path, capsys, monkeypatch, titanic_csv
+):
+    monkeypatch.setattr("pandas.DataFrame.to_csv", _disk_full)
+    status, err = run_main(capsys, "--data", str(titanic_csv), "--out",
+                           str(tmp_path / "results"), "--epochs", "1")
+
+    table = tmp_path / "results" / "interpretation_results.csv"
+    assert_failed_late(status, err, tmp_path,
+                       f"could not write {table}: No space left on device")
 
 
 def test_engine_disagreeing_with_captum_is_status_one_and_no_files(

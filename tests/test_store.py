@@ -1,6 +1,7 @@
 """The resumable chunk store: row ranges, atomic chunk files, and the manifest's guard."""
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -325,6 +326,92 @@ def test_a_listing_cannot_name_files_outside_the_folder(tmp_path):
 
     assert outside.read_text() == "keep"
     assert sorted(p.name for p in folder.iterdir()) == [".written", "b.csv"]
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _write_csv(outputs):
+    outputs.write_csv("table.csv", pd.DataFrame({"a": [1, 2]}))
+
+
+def _write_json(outputs):
+    outputs.write_json("validation.json", {"passed": True})
+
+
+def _save_weights(outputs):
+    from engine.model import TitanicMLP, save_weights
+
+    save_weights(TitanicMLP(), outputs.file("model.pt"))
+
+
+def _draw(outputs):
+    # A picture library writing its own file: the error names no file at all.
+    with open(outputs.file("heatmap.png"), "wb") as stream:
+        stream.write(b"\x89PNG")
+        _disk_full()
+
+
+# Each result written with its low-level write failing for want of space, and what the
+# error names: the file as it would be in the folder, or the folder when nothing says.
+@pytest.mark.parametrize("write, low_level, named", [
+    (_write_csv, "pandas.DataFrame.to_csv", "table.csv"),
+    (_write_json, "pathlib.Path.write_text", "validation.json"),
+    (_save_weights, "torch.save", "model.pt"),
+    (_draw, None, ""),
+], ids=["csv", "json", "weights", "caller-own-file"])
+def test_a_full_disk_names_what_could_not_be_written_and_keeps_the_folder(
+    tmp_path, monkeypatch, write, low_level, named
+):
+    from engine.io import OutputDir
+
+    folder = tmp_path / "results"
+    _publish(folder, ["report.html"])
+
+    with pytest.raises(OSError) as err, OutputDir(folder) as outputs:
+        outputs.write_text("report.html", "this run")
+        if low_level is not None:
+            monkeypatch.setattr(low_level, _disk_full)
+        write(outputs)
+        outputs.commit()
+
+    target = folder / named if named else folder
+    assert str(err.value) == f"could not write {target}: {os.strerror(errno.ENOSPC)}"
+    assert err.value.errno == errno.ENOSPC
+    assert (folder / "report.html").read_text() == "report.html of this run"
+    assert sorted(p.name for p in folder.iterdir()) == [".written", "report.html"]
+    assert not list(tmp_path.glob(".results.partial-*"))
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_a_full_disk_before_the_first_result_names_the_folder_and_leaves_nothing(
+    tmp_path, monkeypatch
+):
+    from engine.io import OutputDir
+
+    monkeypatch.setattr("pathlib.Path.write_text", _disk_full)
+
+    with pytest.raises(OSError) as err:
+        OutputDir(tmp_path / "results")
+
+    folder = tmp_path / "results"
+    assert str(err.value) == f"could not write {folder}: {os.strerror(errno.ENOSPC)}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_chunk_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    store = make_store(tmp_path / "chunks")
+    store.open()
+    monkeypatch.setattr("engine.store.np.savez", _disk_full)
+
+    with pytest.raises(OSError) as err:
+        store.write(store.chunks[0], chunk_arrays(store.chunks[0],
+                                                  torch.Generator().manual_seed(0)))
+
+    assert str(err.value) == (f"could not write {store.path(store.chunks[0])}: "
+                              f"{os.strerror(errno.ENOSPC)}")
+    assert store.done() == set()
 
 
 @pytest.mark.parametrize("earlier, later", [("all", "checkpoint"), ("checkpoint", "all")])
