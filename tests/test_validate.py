@@ -61,3 +61,53 @@ def test_an_engine_that_is_off_still_fails(job):
     assert report.engine_vs_float64 == pytest.approx(1e-3, rel=1e-2)
     assert report.captum_vs_float64 <= 1e-6
     assert not report.passed
+
+
+def test_the_engines_rounding_is_settled_by_computing_again_in_float64(job):
+    model, x, baselines, attributions = job
+    calls = []
+
+    def in_float64(model64, inputs64, baselines64):
+        calls.append((next(model64.parameters()).dtype, inputs64.dtype, baselines64.dtype))
+        return integrated_gradients(model64, inputs64, baselines64, n_steps=20)
+
+    report = compare_with_captum(model, x, baselines, attributions * (1 + 1e-3), 0.01,
+                                 n_steps=20, recompute=in_float64)
+
+    assert calls == [(torch.float64,) * 3]
+    assert report.engine_vs_float64 == pytest.approx(1e-3, rel=1e-2)
+    assert report.recomputed
+    # Captum rounds its nodes and weights to float32; the engine keeps them in float64.
+    assert report.recomputed_vs_float64 <= 1e-7
+    assert report.passed
+    assert report.as_dict()["recomputed_vs_float64"] == report.recomputed_vs_float64
+    # The model the engine ran is left in float32.
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_an_engine_that_is_off_in_float64_too_still_fails(job):
+    model, x, baselines, attributions = job
+
+    report = compare_with_captum(
+        model, x, baselines, attributions * (1 + 1e-3), 0.01, n_steps=20,
+        recompute=lambda *args: integrated_gradients(*args, n_steps=20) * (1 + 1e-3),
+    )
+
+    assert report.recomputed_vs_float64 == pytest.approx(1e-3, rel=1e-2)
+    assert not report.passed
+
+
+@pytest.mark.parametrize("case", ["agreement", "captums rounding"])
+def test_nothing_is_computed_again_unless_the_engine_is_off(job, request, case):
+    model, x, baselines, attributions = job
+    if case == "captums rounding":
+        request.getfixturevalue("rounded_captum")
+
+    def in_float64(*args):
+        raise AssertionError("computed again")
+
+    report = compare_with_captum(model, x, baselines, attributions, 0.01, n_steps=20,
+                                 recompute=in_float64)
+
+    assert not report.recomputed
+    assert report.passed
