@@ -109,6 +109,12 @@ def check_output_folder(path: Path, kind: str | None = None) -> None:
 
 
 def _check_output_folder(path: Path, kind: str | None) -> None:
+    if path.is_symlink() and not path.exists():
+        # Nothing can be made in its place, and the folder it names would surprise.
+        raise ArgumentError(
+            f"--out {path} is a broken symbolic link (to {os.readlink(path)}): create the "
+            "folder it points to, or choose another --out"
+        )
     if path.exists() and not path.is_dir():
         raise ArgumentError(f"--out {path} exists and is not a directory")
     if kind is not None and path.is_dir():
