@@ -488,11 +488,15 @@ def _as_in_file(value: object) -> str:
 
 
 def _one_line(error: Exception, *, debug: bool) -> str:
-    """The first line of the message; an unexpected error also names its type."""
+    """The engine's message, or the first line of an unexpected error's with its type.
+
+    The engine's messages are one line, but may quote a path or a value with a line break
+    in it: the break is shown escaped, rather than cutting the message short.
+    """
+    if isinstance(error, EngineError):
+        return str(error).strip().replace("\r", "\\r").replace("\n", "\\n")
     lines = str(error).strip().splitlines()
     text = lines[0].strip() if lines else ""
-    if isinstance(error, EngineError):
-        return text
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     return text if debug else f"{text} (run with --debug for the traceback)"
 
