@@ -767,3 +767,42 @@ def test_a_file_an_earlier_run_wrote_and_this_one_would_remove_is_protected(tmp_
     (out / ".chunks" / "d.csv").write_text("data")
     with pytest.raises(ArgumentError, match="would replace or remove"):
         refuse_overwriting_inputs(out, ["report.html"], {"--data": out / ".chunks" / "d.csv"})
+
+
+@pytest.mark.parametrize("mode", ["--all", "--checkpoint"])
+def test_out_as_a_broken_symlink_is_refused_before_any_work(tmp_path, capsys, titanic_csv,
+                                                            monkeypatch, mode):
+    import engine.attribute
+
+    out = tmp_path / "results"
+    out.symlink_to(tmp_path / "elsewhere")
+    monkeypatch.setattr(engine.attribute, "integrated_gradients",
+                        lambda *args, **kwargs: pytest.fail("work started"))
+    flags = ["--data", str(titanic_csv), "--out", str(out)]
+    if mode == "--checkpoint":
+        checkpoint = save_weights(TitanicMLP(), tmp_path / "model.pt")
+        flags += ["--checkpoint", str(checkpoint), "--reference", str(titanic_csv)]
+    else:
+        flags = ["--all", *flags]
+
+    status = main(flags)
+
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--out {out} is a broken symbolic link (to {tmp_path / 'elsewhere'})" in err
+    assert "Traceback" not in err
+    assert out.is_symlink() and not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("flag", ["--data", "--out"])
+def test_a_line_break_in_a_path_is_shown_escaped_not_cut(tmp_path, capsys, titanic_csv, flag):
+    odd = tmp_path / "no\nsuch" / "x.csv"
+    flags = {"--data": str(titanic_csv), "--out": str(tmp_path / "results"), flag: str(odd)}
+
+    status, err = run_main(capsys, *[item for pair in flags.items() for item in pair])
+
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    escaped = str(odd).replace("\n", "\\n")
+    assert escaped in err
+    reason = "no such file" if flag == "--data" else "does not exist"
+    assert reason in err
