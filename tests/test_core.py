@@ -356,3 +356,16 @@ def test_an_output_without_a_row_per_point_names_the_batch_of_points():
     with pytest.raises(ModelError, match=r"^the model returned shape \(1,\) for a batch of "
                                          r"\d+ path points: expected one output row per "):
         integrated_gradients(Pooled().eval(), torch.rand(4, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_delta_is_float64_and_the_attributions_keep_the_inputs_dtype(dtype):
+    torch.manual_seed(0)
+    model = mlp(4, 8, 1, dtype=dtype).eval()
+    x = torch.randn(3, 4, dtype=dtype)
+
+    attributions, delta = integrated_gradients(model, x, torch.zeros(1, 4, dtype=dtype),
+                                               n_steps=8, return_convergence_delta=True)
+
+    assert delta.dtype == torch.float64
+    assert attributions.dtype == dtype
