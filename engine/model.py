@@ -387,7 +387,8 @@ def load_weights(path: str | Path, layer_order: str | None = None) -> TitanicMLP
 
     Loading uses ``torch.load(weights_only=True)``: a file that would run code
     when unpickled is refused, not executed. A bare state dict (a mapping of
-    parameter names to tensors) is accepted too and gets the article order.
+    parameter names to tensors) is accepted too; it stores no call order, so unless
+    ``layer_order`` is given it gets the article order, with a logged warning.
     Weights in another real floating dtype (float16, bfloat16, float64) are
     converted to the network's float32; a warning names float64 weights whose
     nonzero values are too small for float32 and became 0.
@@ -454,7 +455,13 @@ def load_weights_with_sha256(
         raise CheckpointError(f"{path}: not a loadable checkpoint ({_load_reason(err)})") from err
 
     state_dict, stored_order = _unpack(payload, path)
-    net = TitanicMLP(layer_order or stored_order)
+    if stored_order is None and layer_order is None:
+        # Both orders have the same parameters: nothing in the file tells them apart.
+        logger.warning("%s is a bare state dict, which does not store the order the layers "
+                       "are called in: read in the article's order (%s); save it with "
+                       "engine.model.save_weights to store its order", path,
+                       " -> ".join(LAYER_ORDERS["article"]))
+    net = TitanicMLP(layer_order or stored_order or "article")
     _check_state_dict(state_dict, net, path)
     _check_weight_kinds(state_dict, path)
     _check_weight_dtypes(state_dict, path)
@@ -508,8 +515,9 @@ def _open_regular_file(path: Path) -> BinaryIO:
         raise
 
 
-def _unpack(payload: object, path: Path) -> tuple[Mapping[str, torch.Tensor], str]:
-    """Split a loaded file into its state dict and stored call order."""
+def _unpack(payload: object, path: Path) -> tuple[Mapping[str, torch.Tensor], str | None]:
+    """Split a loaded file into its state dict and stored call order (None for a bare
+    state dict, which stores none)."""
     if isinstance(payload, Mapping) and "format" in payload:
         if payload["format"] != CHECKPOINT_FORMAT:
             raise CheckpointError(
@@ -529,7 +537,7 @@ def _unpack(payload: object, path: Path) -> tuple[Mapping[str, torch.Tensor], st
     if isinstance(payload, Mapping) and payload and all(
         isinstance(value, torch.Tensor) for value in payload.values()
     ):
-        return payload, "article"
+        return payload, None
     raise CheckpointError(
         f"{path}: not an engine checkpoint (holds a {type(payload).__name__},"
         f" expected a dict with format {CHECKPOINT_FORMAT!r})"

@@ -538,3 +538,25 @@ def test_a_damaged_checkpoint_says_so(tmp_path: Path, damage: str) -> None:
     with pytest.raises(CheckpointError, match="truncated or corrupted") as err:
         load_weights(path)
     assert_one_line(err, "damaged.pt")
+
+
+@pytest.mark.parametrize("given", [None, "article", "conventional"])
+def test_a_bare_state_dict_says_it_stores_no_layer_order(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, given: str | None
+) -> None:
+    # Both orders have the same parameters, so a conventional network's bare state dict
+    # loads without complaint as the article's: a different function.
+    path = tmp_path / "bare.pt"
+    torch.save(TitanicMLP("conventional").state_dict(), path)
+
+    with caplog.at_level(logging.WARNING, logger="engine.model"):
+        net = load_weights(path, layer_order=given)
+
+    warned = [r.getMessage() for r in caplog.records if r.name == "engine.model"]
+    assert net.layer_order == (given or "article")
+    if given is None:
+        (message,) = warned
+        assert "bare.pt is a bare state dict" in message
+        assert "l1 -> l2 -> r1 -> out -> r2" in message
+    else:
+        assert warned == []
