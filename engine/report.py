@@ -465,9 +465,10 @@ def _validation_section(report: TitanicReport) -> str:
         *([("computed again in float64",
             f"{validation.recomputed_vs_float64:.2e} from Captum in float64: a path point "
             "within rounding of a ReLU-like kink took the other slope in the engine's "
-            "float32 run, so the attributions on this page and in the tables are the "
-            "float64 ones (the run fails when these are above "
-            f"{validation.tolerance_text} too)")]
+            "float32 run, so the heatmaps, interpretation_results and convergence are "
+            "the float64 ones (the run fails when these are above "
+            f"{validation.tolerance_text} too); the snapshots over epochs are the "
+            "callback's float32 ones")]
           if validation.recomputed else []),
         ("max |convergence delta|", f"{report.max_abs_delta:.2e} (sum of attributions minus "
                                     "F(x) - F(baseline): the quadrature error, which the "
