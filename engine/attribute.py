@@ -331,10 +331,17 @@ def _run_all(config: JobConfig) -> dict[str, object]:
 
         def in_float64(model: torch.nn.Module, inputs: torch.Tensor,
                        baselines: torch.Tensor) -> torch.Tensor:
-            recomputed["attributions"], recomputed["delta"] = integrated_gradients(
-                model, inputs, baselines, n_steps=config.n_steps, method=config.method,
-                return_convergence_delta=True,
-            )
+            try:
+                recomputed["attributions"], recomputed["delta"] = integrated_gradients(
+                    model, inputs, baselines, n_steps=config.n_steps, method=config.method,
+                    return_convergence_delta=True,
+                )
+            except Exception as error:  # noqa: BLE001 - said once, with what was running
+                raise ModelError(
+                    "computing the attributions again in float64 (the engine's float32 "
+                    "result was too far from float64 Captum) failed: "
+                    f"{_one_line(error, debug=True)}"
+                ) from error
             return recomputed["attributions"]
 
         validation = compare_with_captum(

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from engine.callbacks import EpochCost
 from engine.core import integrated_gradients
 from engine.errors import ArgumentError
-from engine.validate import ValidationReport
+from engine.validate import KINK_ROUNDING_LIMIT, ValidationReport
 
 __all__ = ["FlippedPassenger", "TitanicReport", "explain_flipped", "render_report"]
 
@@ -283,7 +283,8 @@ def render_report(report: TitanicReport) -> str:
         _section("Baseline choice changes the story", _baselines_section(report)),
         _section("One heatmap per baseline", _heatmaps_section(report)),
         _section("Attribution during training", _training_section(report)),
-        _section("One passenger, one feature flipped", _passenger_section(report)),
+        _section(f"One passenger, one feature {report.passenger.change}",
+                 _passenger_section(report)),
         _section("Validation against Captum", _validation_section(report)),
     ]
     return _PAGE.format(
@@ -455,20 +456,22 @@ def _validation_section(report: TitanicReport) -> str:
     rows = [
         ("job", f"{validation.n_rows} rows x {validation.n_baselines} baselines x "
                 f"{validation.n_steps} steps ({validation.method}, {validation.dtype})"),
-        ("max relative error", f"{validation.max_rel_error:.2e} (the run fails above "
-                               f"{validation.tolerance_text})"),
+        ("max relative error", f"{validation.max_rel_error:.2e} (above "
+                               f"{validation.tolerance_text} both are compared with Captum "
+                               "in float64)"),
         *([("against Captum in float64",
             f"engine {validation.engine_vs_float64:.2e}, Captum "
-            f"{validation.captum_vs_float64:.2e} (above {validation.tolerance_text} the "
-            "engine computes the attributions again in float64)")]
+            f"{validation.captum_vs_float64:.2e} (the run fails when the engine's is above "
+            f"{validation.tolerance_text}, unless it is within {KINK_ROUNDING_LIMIT:g}, a "
+            "kink's rounding: then the engine computes the attributions again in float64)")]
           if validation.engine_vs_float64 is not None else []),
         *([("computed again in float64",
             f"{validation.recomputed_vs_float64:.2e} from Captum in float64: a path point "
             "within rounding of a ReLU-like kink took the other slope in the engine's "
             "float32 run, so the heatmaps, interpretation_results and convergence are "
             "the float64 ones (the run fails when these are above "
-            f"{validation.tolerance_text} too); the snapshots over epochs are the "
-            "callback's float32 ones")]
+            f"{validation.tolerance_text} too); the snapshots over epochs and the passenger "
+            "comparison are float32")]
           if validation.recomputed else []),
         ("max |convergence delta|", f"{report.max_abs_delta:.2e} (sum of attributions minus "
                                     "F(x) - F(baseline): the quadrature error, which the "

@@ -12,10 +12,17 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import Tensor, nn
 
-__all__ = ["ValidationReport", "captum_attributions", "compare_with_captum", "relative_error",
-           "synchronize"]
+__all__ = ["KINK_ROUNDING_LIMIT", "ValidationReport", "captum_attributions",
+           "compare_with_captum", "relative_error", "synchronize"]
 
 log = logging.getLogger(__name__)
+
+
+# How far from float64 Captum the engine's float32 result may be for a kink to explain it,
+# and so for computing it again in float64 to be the remedy. A path point taking the other
+# slope moves a few values: 8e-5 in the one case seen on the Titanic network. Further off
+# is an error in the engine, which no recomputation should hide.
+KINK_ROUNDING_LIMIT = 1e-3
 
 
 @dataclass(frozen=True)
@@ -27,8 +34,9 @@ class ValidationReport:
     tolerance, both are measured against Captum run in float64 (``engine_vs_float64``,
     ``captum_vs_float64``): a path point within rounding of a ReLU-like kink can take the
     other slope in either float32 run, and the float64 run tells whose rounding it was.
-    When it was the engine's, and the caller gave a way to compute the attributions again
-    in float64, ``recomputed_vs_float64`` is how far those are from float64 Captum.
+    When it was the engine's, by no more than ``KINK_ROUNDING_LIMIT``, and the caller
+    gave a way to compute the attributions again in float64, ``recomputed_vs_float64`` is
+    how far those are from float64 Captum.
     """
 
     max_rel_error: float
@@ -116,10 +124,11 @@ def compare_with_captum(
 
     Above ``tolerance``, and for a float32 (or half) ``nn.Module``, both results are also
     compared with Captum on a float64 copy of the model. When the engine's result is the
-    one further than ``tolerance`` from it, ``recompute(model, inputs, baselines)`` (if
-    given) is called with the float64 copy and float64 tensors, and what it returns is
-    compared with float64 Captum too: a caller that keeps those attributions keeps
-    results within rounding of float64 instead of failing.
+    one further than ``tolerance`` from it, but within ``KINK_ROUNDING_LIMIT`` (a kink's
+    rounding, not an error), ``recompute(model, inputs, baselines)`` (if given) is called
+    with the float64 copy and float64 tensors, and what it returns is compared with
+    float64 Captum too: a caller that keeps those attributions keeps results within
+    rounding of float64 instead of failing.
     """
     synchronize(inputs.device)
     started = time.perf_counter()
@@ -141,7 +150,7 @@ def compare_with_captum(
         captum_vs_float64 = relative_error(reference, exact)
         log.info("engine vs float64 Captum: %.2e; Captum vs float64 Captum: %.2e",
                  engine_vs_float64, captum_vs_float64)
-        if engine_vs_float64 > tolerance and recompute is not None:
+        if tolerance < engine_vs_float64 <= KINK_ROUNDING_LIMIT and recompute is not None:
             recomputed_vs_float64 = relative_error(
                 recompute(copy.deepcopy(forward_func).double(), inputs.double(),
                           baselines.double()),

@@ -71,11 +71,11 @@ def test_the_engines_rounding_is_settled_by_computing_again_in_float64(job):
         calls.append((next(model64.parameters()).dtype, inputs64.dtype, baselines64.dtype))
         return integrated_gradients(model64, inputs64, baselines64, n_steps=20)
 
-    report = compare_with_captum(model, x, baselines, attributions * (1 + 1e-3), 0.01,
+    report = compare_with_captum(model, x, baselines, attributions * (1 + 1e-4), 0.01,
                                  n_steps=20, recompute=in_float64)
 
     assert calls == [(torch.float64,) * 3]
-    assert report.engine_vs_float64 == pytest.approx(1e-3, rel=1e-2)
+    assert report.engine_vs_float64 == pytest.approx(1e-4, rel=1e-2)
     assert report.recomputed
     # Captum rounds its nodes and weights to float32; the engine keeps them in float64.
     assert report.recomputed_vs_float64 <= 1e-7
@@ -89,11 +89,28 @@ def test_an_engine_that_is_off_in_float64_too_still_fails(job):
     model, x, baselines, attributions = job
 
     report = compare_with_captum(
-        model, x, baselines, attributions * (1 + 1e-3), 0.01, n_steps=20,
-        recompute=lambda *args: integrated_gradients(*args, n_steps=20) * (1 + 1e-3),
+        model, x, baselines, attributions * (1 + 1e-4), 0.01, n_steps=20,
+        recompute=lambda *args: integrated_gradients(*args, n_steps=20) * (1 + 1e-4),
     )
 
-    assert report.recomputed_vs_float64 == pytest.approx(1e-3, rel=1e-2)
+    assert report.recomputed_vs_float64 == pytest.approx(1e-4, rel=1e-2)
+    assert not report.passed
+
+
+@pytest.mark.parametrize("how", ["1e-2 off", "negated", "zero"])
+def test_an_engine_further_off_than_a_kinks_rounding_is_not_computed_again(job, how):
+    model, x, baselines, attributions = job
+    wrong = {"1e-2 off": attributions * (1 + 1e-2), "negated": -attributions,
+             "zero": torch.zeros_like(attributions)}[how]
+
+    def in_float64(*args):
+        raise AssertionError("computed again")
+
+    report = compare_with_captum(model, x, baselines, wrong, 0.01, n_steps=20,
+                                 recompute=in_float64)
+
+    assert report.engine_vs_float64 > engine.validate.KINK_ROUNDING_LIMIT
+    assert not report.recomputed
     assert not report.passed
 
 
