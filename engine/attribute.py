@@ -49,6 +49,7 @@ from engine.core import integrated_gradients
 from engine.errors import ArgumentError, EngineError, ModelError
 from engine.io import (
     OutputDir,
+    WriteError,
     check_output_folder,
     exclusive_use,
     refuse_overwriting_inputs,
@@ -497,10 +498,11 @@ def _as_in_file(value: object) -> str:
 def _one_line(error: Exception, *, debug: bool) -> str:
     """The engine's message, or the first line of an unexpected error's with its type.
 
-    The engine's messages are one line, but may quote a path or a value with a line break
-    in it: the break is shown escaped, rather than cutting the message short.
+    The engine's messages, and a failed write's, are one line, but may quote a path or a
+    value with a line break in it: the break is shown escaped, rather than cutting the
+    message short.
     """
-    if isinstance(error, EngineError):
+    if isinstance(error, (EngineError, WriteError)):
         return str(error).strip().replace("\r", "\\r").replace("\n", "\\n")
     lines = str(error).strip().splitlines()
     text = lines[0].strip() if lines else ""

@@ -55,6 +55,7 @@ from engine.io import (
     stop_signals_held,
     tidy_attributions,
     tidy_deltas,
+    writing,
 )
 from engine.model import TitanicMLP, quiet_lightning
 from engine.quadrature import check_method
@@ -692,6 +693,11 @@ class _TableWriter:
         self.parquet = None
 
     def write(self, frame: pd.DataFrame) -> None:
+        # A full disk names no file: name this one (OutputDir names it by its final place).
+        with writing(self.path):
+            self._write(frame)
+
+    def _write(self, frame: pd.DataFrame) -> None:
         if self.output_format == "csv":
             first = self.stream is None
             if first:
@@ -710,7 +716,8 @@ class _TableWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self.stream is not None:
-            self.stream.close()
-        if self.parquet is not None:
-            self.parquet.close()
+        with writing(self.path):
+            if self.stream is not None:
+                self.stream.close()
+            if self.parquet is not None:
+                self.parquet.close()

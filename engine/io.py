@@ -30,8 +30,8 @@ except ImportError:  # not POSIX: no lock (see exclusive_use)
 from engine.errors import ArgumentError
 
 __all__ = ["OutputDir", "WriteError", "atomic_path", "check_output_folder", "exclusive_use",
-           "refuse_overwriting_inputs", "stop_signals_held", "tidy_attributions",
-           "tidy_deltas"]
+           "os_error_behind", "refuse_overwriting_inputs", "stop_signals_held",
+           "tidy_attributions", "tidy_deltas", "writing"]
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,30 @@ _NO_ROOM = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBI
 
 
 @contextmanager
-def _writing(path: Path) -> Iterator[None]:
+def writing(path: Path) -> Iterator[None]:
     """Raise an ``OSError`` from the block as a ``WriteError`` naming ``path``."""
     try:
         yield
     except WriteError:
         raise
-    except OSError as error:
-        raise WriteError(error.errno, error.strerror or str(error), str(path)) from error
+    except (OSError, RuntimeError) as error:
+        cause = os_error_behind(error)
+        if cause is None:
+            raise
+        raise WriteError(cause.errno, cause.strerror or str(cause), str(path)) from error
+
+
+def os_error_behind(error: BaseException) -> OSError | None:
+    """``error`` if it is an ``OSError``; for a ``RuntimeError``, the ``OSError`` it was
+    raised from or while handling, if any (torch.save's zip writer turns a full disk into
+    a RuntimeError about file positions); else None."""
+    for _ in range(8):
+        if isinstance(error, OSError):
+            return error
+        if not isinstance(error, RuntimeError):
+            return None
+        error = error.__cause__ or error.__context__
+    return None
 
 
 @contextmanager
@@ -71,7 +87,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     ``WriteError`` naming ``path``.
     """
     path = Path(path)
-    with _writing(path):
+    with writing(path):
         handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
                                              dir=path.parent)
         os.close(handle)
@@ -205,7 +221,7 @@ class OutputDir:
                 f" ({error.strerror or type(error).__name__})"
             ) from error
         try:
-            with _writing(self.path):
+            with writing(self.path):
                 (self.staging / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         except WriteError:
             self.discard()
@@ -234,7 +250,7 @@ class OutputDir:
         """Stage ``name`` with ``write``; an ``OSError`` names the file as it would be in
         the folder (a WriteError)."""
         staged = self.file(name)
-        with _writing(self.path / name):
+        with writing(self.path / name):
             write(staged)
 
     def commit(self) -> list[Path]:
@@ -292,8 +308,9 @@ class OutputDir:
     def __exit__(self, exc_type, exc, tb) -> None:
         # Reached without commit only on an error or interrupt: drop everything staged.
         self.discard()
-        if isinstance(exc, OSError):
-            named = self._write_error(exc)
+        cause = os_error_behind(exc) if exc is not None else None
+        if cause is not None:
+            named = self._write_error(cause)
             if named is not None:
                 raise named from exc
 

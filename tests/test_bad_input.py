@@ -476,6 +476,39 @@ def test_a_full_disk_names_the_result_file_it_could_not_write(
                        f"could not write {table}: No space left on device")
 
 
+def test_a_full_disk_under_an_out_with_a_line_break_is_named_whole(
+    tmp_path, capsys, monkeypatch, titanic_csv
+):
+    out = tmp_path / "new\nline" / "results"
+    out.parent.mkdir()
+    monkeypatch.setattr("pandas.DataFrame.to_csv", _disk_full)
+    status, err = run_main(capsys, "--data", str(titanic_csv), "--out", str(out),
+                           "--epochs", "1")
+
+    last = err.strip().splitlines()[-1]
+    table = str(out / "interpretation_results.csv").replace("\n", "\\n")
+    assert status == 1
+    assert last == f"error: could not write {table}: No space left on device"
+    assert not out.exists()
+
+
+def test_a_full_disk_while_a_checkpoint_run_writes_its_tables_names_the_table(
+    tmp_path, capsys, monkeypatch, titanic_csv
+):
+    checkpoint = save_weights(TitanicMLP(), tmp_path / "model.pt")
+    out = tmp_path / "results"
+    monkeypatch.setattr("pandas.DataFrame.to_csv", _disk_full)
+
+    status = main(["--data", str(titanic_csv), "--checkpoint", str(checkpoint),
+                   "--reference", str(titanic_csv), "--out", str(out), "--device", "cpu"])
+
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert status == 1
+    assert last == (f"error: could not write {out / 'interpretation_results.csv'}: "
+                    "No space left on device")
+    assert not (out / "interpretation_results.csv").exists()
+
+
 def test_engine_disagreeing_with_captum_is_status_one_and_no_files(
     tmp_path, capsys, monkeypatch, titanic_csv
 ):

@@ -346,6 +346,25 @@ def _save_weights(outputs):
     save_weights(TitanicMLP(), outputs.file("model.pt"))
 
 
+def _save_weights_zip_writer(outputs, monkeypatch):
+    # torch.save's zip writer meets a full disk as an OSError, and raises a RuntimeError
+    # about file positions while handling it.
+    import torch
+
+    from engine.model import TitanicMLP, save_weights
+
+    def zip_writer_full(payload, stream):
+        try:
+            stream.write(b"PK")
+            _disk_full()
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                               "4608 vs 4500") from None
+
+    monkeypatch.setattr(torch, "save", zip_writer_full)
+    save_weights(TitanicMLP(), outputs.file("model.pt"))
+
+
 def _draw(outputs):
     # A picture library writing its own file: the error names no file at all.
     with open(outputs.file("heatmap.png"), "wb") as stream:
@@ -360,7 +379,8 @@ def _draw(outputs):
     (_write_json, "pathlib.Path.write_text", "validation.json"),
     (_save_weights, "torch.save", "model.pt"),
     (_draw, None, ""),
-], ids=["csv", "json", "weights", "caller-own-file"])
+    (_save_weights_zip_writer, "monkeypatch", "model.pt"),
+], ids=["csv", "json", "weights", "caller-own-file", "weights-zip-writer"])
 def test_a_full_disk_names_what_could_not_be_written_and_keeps_the_folder(
     tmp_path, monkeypatch, write, low_level, named
 ):
@@ -371,9 +391,12 @@ def test_a_full_disk_names_what_could_not_be_written_and_keeps_the_folder(
 
     with pytest.raises(OSError) as err, OutputDir(folder) as outputs:
         outputs.write_text("report.html", "this run")
-        if low_level is not None:
-            monkeypatch.setattr(low_level, _disk_full)
-        write(outputs)
+        if low_level == "monkeypatch":
+            write(outputs, monkeypatch)
+        else:
+            if low_level is not None:
+                monkeypatch.setattr(low_level, _disk_full)
+            write(outputs)
         outputs.commit()
 
     target = folder / named if named else folder
