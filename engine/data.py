@@ -367,6 +367,19 @@ def _check_records(text: str, label: str) -> RowLines:
         if end:
             _check_quotes_closed(physical[start - 1:], start, label)
     except csv.Error as err:
+        if "field larger than field limit" in str(err):
+            limit, opened = csv.field_size_limit(), end + 1
+            if records.line_num > opened:
+                # A quoted field this long over several lines is almost always a quote
+                # that is never closed.
+                raise DataError(
+                    f"{label}: a quoted field in the record that starts on line {opened} "
+                    f"runs past {limit:,} characters, over lines {opened}-{records.line_num}:"
+                    " a quote left open?"
+                ) from err
+            raise DataError(
+                f"{label}: line {opened} has a field longer than {limit:,} characters"
+            ) from err
         raise DataError(f"{label}: not a readable CSV ({_one_line(err)})") from err
 
     header = header or []

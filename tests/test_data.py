@@ -664,6 +664,22 @@ def test_a_quote_left_open_is_named_by_its_line_whatever_ends_the_lines(
     assert_one_line(err, "t.csv: the quoted field that starts on line 3 is never closed")
 
 
+def test_a_quote_left_open_early_in_a_long_file_is_named_by_its_line(tmp_path: Path) -> None:
+    # Past the csv module's field limit (131,072 characters) it stops before the end.
+    rows = [ROWS[0], '2,1,1,"Cumings, Mrs. John Bradley', *[UNQUOTED_ROW] * 3000]
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, [HEADER, *rows]))
+    assert_one_line(err, "t.csv: a quoted field in the record that starts on line 3 runs "
+                         "past 131,072 characters", "a quote left open?")
+
+
+def test_a_field_too_long_on_one_line_is_named_by_its_line(tmp_path: Path) -> None:
+    rows = [ROWS[0], ROWS[1].replace("C85", "C" * 140_000)]
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, [HEADER, *rows]))
+    assert_one_line(err, "t.csv: line 3 has a field longer than 131,072 characters")
+
+
 def test_download_checks_reject_a_foreign_table(tmp_path: Path) -> None:
     frame = load_titanic(write_csv(tmp_path, [HEADER, *ROWS]))
     with pytest.raises(DataError) as err:
