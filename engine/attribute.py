@@ -491,7 +491,8 @@ def _passenger_in_file(frame, position: int, feature_names: Sequence[str]) -> di
 
 def _as_in_file(value: object) -> str:
     if isinstance(value, float):
-        return "blank (median used)" if value != value else f"{value:g}"
+        # Up to 15 digits: a float prints as the file wrote it (512.3292, not 512.329).
+        return "blank (median used)" if value != value else f"{value:.15g}"
     return str(value)
 
 

@@ -425,3 +425,16 @@ def test_the_printed_summary_says_unchanged_with_the_reason(one_valued_runs, fea
     assert f"with {feature} unchanged (every passenger in the file has the same {feature}" \
         in line
     assert "flipped" not in line
+
+
+def test_a_passengers_values_in_the_report_are_as_the_file_wrote_them():
+    import pandas as pd
+
+    from engine.attribute import _passenger_in_file
+
+    frame = pd.DataFrame({"Name": ["A"], "Pclass": [3], "Sex": ["male"], "Age": [22.0],
+                          "SibSp": [0], "Fare": [512.3292]})
+
+    found = _passenger_in_file(frame, 0, ["Pclass", "Sex", "Age", "SibSp", "Fare"])
+
+    assert found["raw"] == ["3", "male", "22", "0", "512.3292"]
