@@ -27,7 +27,7 @@ try:
 except ImportError:  # not POSIX: no lock (see exclusive_use)
     fcntl = None
 
-from engine.errors import ArgumentError
+from engine.errors import ArgumentError, EngineError
 
 __all__ = ["OutputDir", "WriteError", "atomic_path", "check_output_folder", "exclusive_use",
            "os_error_behind", "refuse_overwriting_inputs", "stop_signals_held",
@@ -67,15 +67,27 @@ def writing(path: Path) -> Iterator[None]:
 
 
 def os_error_behind(error: BaseException) -> OSError | None:
-    """``error`` if it is an ``OSError``; for a ``RuntimeError``, the ``OSError`` it was
-    raised from or while handling, if any (torch.save's zip writer turns a full disk into
-    a RuntimeError about file positions); else None."""
+    """``error`` if it is an ``OSError``; for a library's ``RuntimeError``, the full disk
+    it was raised from or while handling (torch.save's zip writer turns one into a
+    RuntimeError about file positions); else None.
+
+    Only a full disk (or quota, or file size limit) is followed through a RuntimeError:
+    any other OSError it met on the way may have nothing to do with writing. The engine's
+    own errors keep their message.
+    """
+    if isinstance(error, OSError):
+        return error
     for _ in range(8):
-        if isinstance(error, OSError):
-            return error
-        if not isinstance(error, RuntimeError):
+        if not isinstance(error, RuntimeError) or isinstance(error, EngineError):
             return None
-        error = error.__cause__ or error.__context__
+        if error.__cause__ is not None:
+            error = error.__cause__
+        elif error.__suppress_context__:
+            return None
+        else:
+            error = error.__context__
+        if isinstance(error, OSError):
+            return error if error.errno in _NO_ROOM else None
     return None
 
 

@@ -357,9 +357,10 @@ def _save_weights_zip_writer(outputs, monkeypatch):
         try:
             stream.write(b"PK")
             _disk_full()
-        except OSError:
+        finally:
+            # Closing the archive, while the OSError propagates: it becomes the context.
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
-                               "4608 vs 4500") from None
+                               "4608 vs 4500")  # noqa: B012
 
     monkeypatch.setattr(torch, "save", zip_writer_full)
     save_weights(TitanicMLP(), outputs.file("model.pt"))
@@ -597,3 +598,49 @@ def test_the_chunks_of_an_unfinished_checkpoint_run_keep_other_runs_out(tmp_path
                                             r"--checkpoint run .*run that command again"):
         OutputDir(folder, "all")
     check_output_folder(folder, "checkpoint")  # its own run resumes
+
+
+def _library_bug_during_missing_file():
+    try:
+        os.stat("/nonexistent/probe")
+    except OSError:
+        raise RuntimeError("a library's own bug")  # noqa: B904 - the context is the point
+
+
+def _library_bug_hiding_a_full_disk():
+    try:
+        _disk_full()
+    except OSError:
+        raise RuntimeError("a library's own bug") from None
+
+
+def _engine_error_from_a_full_disk():
+    from engine.errors import ModelError
+
+    try:
+        _disk_full()
+    except OSError as error:
+        raise ModelError("computing again failed: no room in the cache") from error
+
+
+# Errors that are not a failed write of a result, though an OSError is somewhere near:
+# they keep their own type and message.
+@pytest.mark.parametrize("raise_it, kind, message", [
+    (_library_bug_during_missing_file, RuntimeError, "a library's own bug"),
+    (_library_bug_hiding_a_full_disk, RuntimeError, "a library's own bug"),
+    (_engine_error_from_a_full_disk, RuntimeError, "computing again failed"),
+], ids=["runtime-error-while-a-file-was-missing", "context-suppressed", "engine-error"])
+def test_errors_that_are_not_failed_writes_keep_their_message(tmp_path, raise_it, kind,
+                                                                message):
+    from engine.io import OutputDir, WriteError
+
+    folder = tmp_path / "results"
+    _publish(folder, ["report.html"])
+
+    with pytest.raises(kind) as err, OutputDir(folder) as outputs:
+        outputs.write_text("report.html", "this run")
+        outputs._write("table.csv", lambda path: raise_it())
+
+    assert not isinstance(err.value, WriteError)
+    assert str(err.value).startswith(message)
+    assert (folder / "report.html").read_text() == "report.html of this run"
