@@ -353,8 +353,11 @@ def _run_all(config: JobConfig) -> dict[str, object]:
             detail = "" if validation.engine_vs_float64 is None else (
                 f" (against Captum in float64: engine {validation.engine_vs_float64:.2e}, "
                 f"Captum {validation.captum_vs_float64:.2e}"
-                + ("" if not validation.recomputed else
-                   f", the engine in float64 {validation.recomputed_vs_float64:.2e}") + ")")
+                + (f", the engine in float64 {validation.recomputed_vs_float64:.2e}"
+                   if validation.recomputed else
+                   f"; {validation.pairs_off} of {validation.n_rows * validation.n_baselines}"
+                   f" row-baseline pairs off, more than the {validation.kink_pairs} a "
+                   "kink's rounding explains") + ")")
             raise ModelError(
                 f"engine and Captum disagree: max relative error {validation.max_rel_error:.2e} "
                 f"exceeds {validation.tolerance_text}{detail}"

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from engine.callbacks import EpochCost
 from engine.core import integrated_gradients
 from engine.errors import ArgumentError
-from engine.validate import KINK_ROUNDING_LIMIT, ValidationReport
+from engine.validate import ValidationReport
 
 __all__ = ["FlippedPassenger", "TitanicReport", "explain_flipped", "render_report"]
 
@@ -461,9 +461,11 @@ def _validation_section(report: TitanicReport) -> str:
                                "in float64)"),
         *([("against Captum in float64",
             f"engine {validation.engine_vs_float64:.2e}, Captum "
-            f"{validation.captum_vs_float64:.2e} (the run fails when the engine's is above "
-            f"{validation.tolerance_text}, unless it is within {KINK_ROUNDING_LIMIT:g}, a "
-            "kink's rounding: then the engine computes the attributions again in float64)")]
+            f"{validation.captum_vs_float64:.2e}; the engine off in {validation.pairs_off} of "
+            f"{validation.n_rows * validation.n_baselines} row-baseline pairs (the run fails "
+            f"when the engine's is above {validation.tolerance_text}, unless at most "
+            f"{validation.kink_pairs} pairs are off, a kink's rounding: then the engine "
+            "computes the attributions again in float64)")]
           if validation.engine_vs_float64 is not None else []),
         *([("computed again in float64",
             f"{validation.recomputed_vs_float64:.2e} from Captum in float64: a path point "

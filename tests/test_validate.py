@@ -5,7 +5,7 @@ import torch
 
 import engine.validate
 from engine import integrated_gradients
-from engine.validate import compare_with_captum
+from engine.validate import compare_with_captum, pairs_beyond
 from tests.test_core import mlp
 
 
@@ -16,6 +16,14 @@ def job():
     x = torch.randn(12, 4)
     baselines = torch.stack([torch.zeros(4), x.mean(0)])
     return model, x, baselines, integrated_gradients(model, x, baselines, n_steps=20)
+
+
+def one_pair_off(attributions, row=3):
+    """The attributions with one (baseline, row) pair moved by half of itself, as a path
+    point taking the other slope at a kink moves the pair it lies on."""
+    moved = attributions.clone()
+    moved[1, row] *= 1.5
+    return moved
 
 
 @pytest.fixture()
@@ -71,11 +79,12 @@ def test_the_engines_rounding_is_settled_by_computing_again_in_float64(job):
         calls.append((next(model64.parameters()).dtype, inputs64.dtype, baselines64.dtype))
         return integrated_gradients(model64, inputs64, baselines64, n_steps=20)
 
-    report = compare_with_captum(model, x, baselines, attributions * (1 + 1e-4), 0.01,
+    report = compare_with_captum(model, x, baselines, one_pair_off(attributions), 0.01,
                                  n_steps=20, recompute=in_float64)
 
     assert calls == [(torch.float64,) * 3]
-    assert report.engine_vs_float64 == pytest.approx(1e-4, rel=1e-2)
+    assert report.engine_vs_float64 > 1e-2
+    assert report.pairs_off == 1
     assert report.recomputed
     # Captum rounds its nodes and weights to float32; the engine keeps them in float64.
     assert report.recomputed_vs_float64 <= 1e-7
@@ -89,7 +98,7 @@ def test_an_engine_that_is_off_in_float64_too_still_fails(job):
     model, x, baselines, attributions = job
 
     report = compare_with_captum(
-        model, x, baselines, attributions * (1 + 1e-4), 0.01, n_steps=20,
+        model, x, baselines, one_pair_off(attributions), 0.01, n_steps=20,
         recompute=lambda *args: integrated_gradients(*args, n_steps=20) * (1 + 1e-4),
     )
 
@@ -97,11 +106,12 @@ def test_an_engine_that_is_off_in_float64_too_still_fails(job):
     assert not report.passed
 
 
-@pytest.mark.parametrize("how", ["1e-2 off", "negated", "zero"])
-def test_an_engine_further_off_than_a_kinks_rounding_is_not_computed_again(job, how):
+@pytest.mark.parametrize("how", ["two pairs", "1e-4 off", "1e-2 off", "negated", "zero"])
+def test_an_engine_off_in_more_pairs_than_a_kink_moves_is_not_computed_again(job, how):
     model, x, baselines, attributions = job
-    wrong = {"1e-2 off": attributions * (1 + 1e-2), "negated": -attributions,
-             "zero": torch.zeros_like(attributions)}[how]
+    wrong = {"two pairs": one_pair_off(one_pair_off(attributions), row=7),
+             "1e-4 off": attributions * (1 + 1e-4), "1e-2 off": attributions * (1 + 1e-2),
+             "negated": -attributions, "zero": torch.zeros_like(attributions)}[how]
 
     def in_float64(*args):
         raise AssertionError("computed again")
@@ -109,9 +119,21 @@ def test_an_engine_further_off_than_a_kinks_rounding_is_not_computed_again(job, 
     report = compare_with_captum(model, x, baselines, wrong, 0.01, n_steps=20,
                                  recompute=in_float64)
 
-    assert report.engine_vs_float64 > engine.validate.KINK_ROUNDING_LIMIT
+    assert report.kink_pairs == 1  # 24 pairs
+    assert report.pairs_off == (2 if how == "two pairs" else 24)
     assert not report.recomputed
     assert not report.passed
+
+
+def test_a_row_equal_to_its_baseline_is_not_counted_off_for_rounding():
+    expected = torch.ones(1, 3, 4, dtype=torch.float64)
+    expected[0, 1] = 0.0  # the row is the baseline: no attributions
+    actual = expected.clone()
+    actual[0, 1] = 1e-12  # float32 rounding of a zero
+
+    assert pairs_beyond(actual, expected, 1e-5) == 0
+    actual[0, 2, 0] += 1e-3
+    assert pairs_beyond(actual, expected, 1e-5) == 1
 
 
 @pytest.mark.parametrize("case", ["agreement", "captums rounding"])
