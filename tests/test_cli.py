@@ -349,29 +349,39 @@ def test_the_checkpoint_digest_is_of_the_bytes_loaded_not_of_a_file_swapped_in_a
         torch.testing.assert_close(seen["net"].state_dict()[name], value, rtol=0, atol=0)
 
 
+def run_with_float32_results(monkeypatch, out, titanic_csv, change, float64=None):
+    """``--all`` (one epoch, 8 steps) with ``change`` applied to the engine's float32
+    attributions; ``float64(result)`` sees (or replaces) each float64 call's result."""
+    import engine.attribute
+
+    exact = engine.attribute.integrated_gradients
+
+    def changed(model, inputs, *args, **kwargs):
+        result = exact(model, inputs, *args, **kwargs)
+        if inputs.dtype == torch.float64:
+            return result if float64 is None else float64(result)
+        return (change(result[0]), *result[1:]) if isinstance(result, tuple) \
+            else change(result)
+
+    monkeypatch.setattr(engine.attribute, "integrated_gradients", changed)
+    return main(["--all", "--data", str(titanic_csv), "--out", str(out), "--epochs", "1",
+                 "--n-steps", "8"])
+
+
 def test_a_float32_result_off_at_a_kink_is_computed_again_in_float64(
     tmp_path, titanic_csv, monkeypatch, capsys
 ):
     # A path point within rounding of a kink can take the other slope in the engine's
     # float32 run (seen once on a valid file: 8e-5 from float64 Captum). Moving one
     # (baseline, row) pair of every float32 result by half of itself stands in for it.
-    import engine.attribute
-
-    exact = engine.attribute.integrated_gradients
     float64_results = []
 
-    def rounded(model, inputs, *args, **kwargs):
-        result = exact(model, inputs, *args, **kwargs)
-        if inputs.dtype == torch.float64:
-            float64_results.append(result)
-            return result
-        return (one_pair_off(result[0]), *result[1:]) if isinstance(result, tuple) \
-            else one_pair_off(result)
+    def seen(result):
+        float64_results.append(result)
+        return result
 
-    monkeypatch.setattr(engine.attribute, "integrated_gradients", rounded)
     out = tmp_path / "results"
-    status = main(["--all", "--data", str(titanic_csv), "--out", str(out), "--epochs", "1",
-                   "--n-steps", "8"])
+    status = run_with_float32_results(monkeypatch, out, titanic_csv, one_pair_off, seen)
 
     assert status == 0
     printed = capsys.readouterr()
@@ -393,20 +403,11 @@ def test_a_float32_result_off_at_a_kink_is_computed_again_in_float64(
 def test_a_float32_result_that_is_wrong_fails_and_is_not_computed_again(
     tmp_path, titanic_csv, monkeypatch, capsys
 ):
-    import engine.attribute
+    def not_again(result):
+        pytest.fail("computed again in float64")
 
-    exact = engine.attribute.integrated_gradients
-
-    def negated(model, inputs, *args, **kwargs):
-        if inputs.dtype == torch.float64:
-            pytest.fail("computed again in float64")
-        result = exact(model, inputs, *args, **kwargs)
-        return (-result[0], *result[1:]) if isinstance(result, tuple) else -result
-
-    monkeypatch.setattr(engine.attribute, "integrated_gradients", negated)
     out = tmp_path / "results"
-    status = main(["--all", "--data", str(titanic_csv), "--out", str(out), "--epochs", "1",
-                   "--n-steps", "8"])
+    status = run_with_float32_results(monkeypatch, out, titanic_csv, torch.neg, not_again)
 
     err = capsys.readouterr().err
     assert status == 1
@@ -418,21 +419,11 @@ def test_a_float32_result_that_is_wrong_fails_and_is_not_computed_again(
 
 def test_a_failed_float64_recomputation_says_what_failed(tmp_path, titanic_csv, monkeypatch,
                                                         capsys):
-    import engine.attribute
+    def failing(result):
+        raise RuntimeError("out of memory")
 
-    exact = engine.attribute.integrated_gradients
-
-    def off_then_failing(model, inputs, *args, **kwargs):
-        if inputs.dtype == torch.float64:
-            raise RuntimeError("out of memory")
-        result = exact(model, inputs, *args, **kwargs)
-        return (one_pair_off(result[0]), *result[1:]) if isinstance(result, tuple) \
-            else one_pair_off(result)
-
-    monkeypatch.setattr(engine.attribute, "integrated_gradients", off_then_failing)
     out = tmp_path / "results"
-    status = main(["--all", "--data", str(titanic_csv), "--out", str(out), "--epochs", "1",
-                   "--n-steps", "8"])
+    status = run_with_float32_results(monkeypatch, out, titanic_csv, one_pair_off, failing)
 
     err = capsys.readouterr().err
     assert status == 1
