@@ -287,14 +287,10 @@ class OutputDir:
         listing = self.file(WRITTEN_FILE)
         listing.write_text(f"{_KIND_LINE}{self.kind}\n" + "".join(
             f"{name}\n" for name in self.written if name != WRITTEN_FILE))
-        published = []
         # A Ctrl-C between two renames would leave new files beside old ones: hold it.
         with stop_signals_held() as held:
-            for name in self.written:
-                target = self.path / name
-                os.replace(self.staging / name, target)
-                if name != WRITTEN_FILE:
-                    published.append(target)
+            published = [target for target in self._move_into_place()
+                         if target.name != WRITTEN_FILE]
             for name in sorted(earlier - set(self.written)):
                 stale = self.path / name
                 if stale.is_file() and not stale.is_symlink():
@@ -310,6 +306,38 @@ class OutputDir:
                 signal.raise_signal(number)
         log.info("wrote %d files to %s", len(published), self.path)
         return published
+
+    def _move_into_place(self) -> list[Path]:
+        """Rename every staged file onto its place in the folder. If one rename fails (an
+        I/O error), the files already moved are taken back out and the earlier ones put
+        back, so the folder is as it was, and the error is raised.
+
+        Each earlier file is first linked (or, where links fail, copied) into the staging
+        folder: a rename replaces a file in one step, and so does putting it back.
+        """
+        kept = self.staging / ".kept"
+        kept.mkdir()
+        moved: list[tuple[Path, Path | None]] = []  # (place, earlier file kept, if any)
+        try:
+            for index, name in enumerate(self.written):
+                target = self.path / name
+                earlier = None
+                if target.is_file() or target.is_symlink():
+                    earlier = kept / str(index)
+                    _keep_copy(target, earlier)
+                os.replace(self.staging / name, target)
+                moved.append((target, earlier))
+        except BaseException:
+            for target, earlier in reversed(moved):
+                try:
+                    if earlier is None:
+                        target.unlink()
+                    else:
+                        os.replace(earlier, target)
+                except OSError as error:
+                    log.warning("could not put back %s as it was: %s", target, error)
+            raise
+        return [target for target, _ in moved]
 
     def discard(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -526,6 +554,15 @@ def stop_signals_held() -> Iterator[_Held]:
             signal.signal(number, handler)
             if handler is signal.SIG_DFL and number in held:
                 held.stopping.append(number)
+
+
+def _keep_copy(path: Path, copy: Path) -> None:
+    """A hard link to ``path`` (a link itself, not what it points to) at ``copy``; a copy
+    where the file system has no hard links or ``path`` is on another one."""
+    try:
+        os.link(path, copy, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(path, copy, follow_symlinks=False)
 
 
 def _jsonable(value: Any) -> Any:

@@ -644,3 +644,32 @@ def test_errors_that_are_not_failed_writes_keep_their_message(tmp_path, raise_it
     assert not isinstance(err.value, WriteError)
     assert str(err.value).startswith(message)
     assert (folder / "report.html").read_text() == "report.html of this run"
+
+
+@pytest.mark.parametrize("failing", [1, 2, 3, 4])
+def test_a_rename_failing_halfway_leaves_the_folder_as_it_was(tmp_path, monkeypatch, failing):
+    import engine.io
+    from engine.io import OutputDir
+
+    folder = tmp_path / "results"
+    _publish(folder, ["report.html", "a.csv", "old.png"])
+    (folder / "notes.txt").write_text("the user's own file")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    renames = []
+    replace = os.replace
+
+    def flaky(source, target):
+        renames.append(target)
+        if len(renames) == failing:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(source))
+        replace(source, target)
+
+    with pytest.raises(OSError) as err, OutputDir(folder) as outputs:
+        for name in ("report.html", "a.csv", "new.csv"):
+            outputs.write_text(name, f"{name} of the second run")
+        monkeypatch.setattr(engine.io.os, "replace", flaky)
+        outputs.commit()
+
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert str(err.value).startswith("could not write")
+    assert not list(tmp_path.glob(".results.partial-*"))
