@@ -9,6 +9,7 @@ position (which shares one row between train and test).
 from __future__ import annotations
 
 import csv
+import hashlib
 import http.client
 import io
 import logging
@@ -294,7 +295,9 @@ def read_csv_table(path: Path, *, label: str) -> tuple[pd.DataFrame, RowLines | 
     -------
     tuple
         The table, and the lines of the file its rows are on (None in the unlikely
-        case that pandas and the csv module split the file into different rows).
+        case that pandas and the csv module split the file into different rows). The
+        table's ``attrs["sha256"]`` is the digest of the bytes read: hashing the file by
+        name afterwards could hash another one, put in its place meanwhile.
     """
     _check_regular_file(path, label)
     try:
@@ -312,6 +315,7 @@ def read_csv_table(path: Path, *, label: str) -> tuple[pd.DataFrame, RowLines | 
         frame = pd.read_csv(io.StringIO(text))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
         raise DataError(f"{label}: not a readable CSV ({_one_line(err)})") from err
+    frame.attrs["sha256"] = hashlib.sha256(raw).hexdigest()
     if len(lines.first) != len(frame):
         # A quoting corner the two readers take differently: a wrong line is worse than none.
         logger.debug("%s: %d rows, %d records: lines not named", label, len(frame),

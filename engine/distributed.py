@@ -184,10 +184,12 @@ def read_rows(path: str | Path) -> pd.DataFrame:
     return _read_rows(Path(path))[0]
 
 
-def _read_rows(path: Path) -> tuple[pd.DataFrame, RowLines | None]:
-    """:func:`read_rows`, and the lines of the file each row is on, for later messages."""
+def _read_rows(path: Path) -> tuple[pd.DataFrame, RowLines | None, str]:
+    """:func:`read_rows`, the lines of the file each row is on, for later messages, and
+    the SHA-256 of the bytes read."""
     # The same reading and refusals as --all's training file.
     frame, lines = read_csv_table(path, label=str(path))
+    digest = frame.attrs["sha256"]
     if len(frame) == 0:
         raise DataError(f"{path}: has a header but no data rows")
     missing = [name for name in ("PassengerId", *FEATURES) if name not in frame.columns]
@@ -204,7 +206,7 @@ def _read_rows(path: Path) -> tuple[pd.DataFrame, RowLines | None]:
     _check_ids(frame["PassengerId"], label, lines=lines)
     check_feature_ranges(frame, label, lines=lines)
     frame["PassengerId"] = frame["PassengerId"].astype("int64")
-    return frame, lines
+    return frame, lines, digest
 
 
 def _check_scaled(
@@ -425,10 +427,15 @@ class AttributionJob:
     strategy: str = "auto"
     num_nodes: int = 1
 
-    def store_config(self, n_rows: int, layer_order: str, baselines: torch.Tensor) -> dict:
-        """The settings the chunks' numbers depend on (not the devices, not the format)."""
+    def store_config(self, n_rows: int, layer_order: str, baselines: torch.Tensor,
+                     data_sha256: str | None = None) -> dict:
+        """The settings the chunks' numbers depend on (not the devices, not the format).
+
+        ``data_sha256`` is the digest of the data as it was read; without it the file is
+        read again to hash it.
+        """
         return {
-            "data_sha256": file_sha256(self.data),
+            "data_sha256": data_sha256 or file_sha256(self.data),
             "checkpoint_sha256": self.checkpoint_sha256,
             "layer_order": layer_order,
             "scaling": asdict(self.scaling),
@@ -477,7 +484,7 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
         _check_pyarrow()
     # As --all does, before any work: the chunks go into --out too.
     check_output_folder(job.out, "checkpoint")
-    frame, lines = _read_rows(Path(job.data))
+    frame, lines, data_sha256 = _read_rows(Path(job.data))
     features = job.scaling.apply(frame)
     _check_scaled(features, frame, job.scaling, job.data, lines=lines)
     passenger_ids = frame["PassengerId"].to_numpy().astype(np.int64)
@@ -485,7 +492,7 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
 
     # Lightning checks the strategy and devices here: before anything touches --out.
     trainer = _trainer(job)
-    config = job.store_config(len(frame), net.layer_order, baselines)
+    config = job.store_config(len(frame), net.layer_order, baselines, data_sha256)
     store = ChunkStore(job.out / STORE_NAME, config, plan_chunks(len(frame), job.chunk_rows),
                        BASELINE_KINDS)
     store.open()

@@ -751,3 +751,43 @@ def test_a_sigterm_while_the_chunks_are_removed_waits_and_the_run_finishes(
     assert status == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [
         ".written", "convergence.csv", "interpretation_results.csv"]
+
+
+def test_the_data_digest_is_of_the_bytes_read_not_of_a_file_swapped_in_after(
+    tmp_path, monkeypatch, rows_csv, checkpoint, titanic_csv
+):
+    import hashlib
+
+    import engine.distributed
+
+    data = tmp_path / "rows.csv"
+    data.write_bytes(rows_csv.read_bytes())
+    read_bytes = data.read_bytes()
+    read = engine.distributed.read_csv_table
+
+    def read_then_swap(path, **kwargs):
+        table = read(path, **kwargs)
+        data.write_bytes(titanic_csv.read_bytes())
+        return table
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def store(path, config, *args, **kwargs):
+        seen["config"] = config
+        raise Stop
+
+    monkeypatch.setattr(engine.distributed, "read_csv_table", read_then_swap)
+    monkeypatch.setattr(engine.distributed, "ChunkStore", store)
+    with pytest.raises(Stop):
+        engine.distributed.explain_rows(
+            engine.distributed.AttributionJob(
+                data=data, out=tmp_path / "results", n_steps=8, method="gausslegendre",
+                seed=404, scaling=FeatureScaling.from_reference(load_titanic(titanic_csv)),
+                checkpoint_sha256="0" * 64, accelerator="cpu"),
+            TitanicMLP())
+
+    assert data.read_bytes() == titanic_csv.read_bytes()  # the swap happened
+    assert seen["config"]["data_sha256"] == hashlib.sha256(read_bytes).hexdigest()
