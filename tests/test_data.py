@@ -455,13 +455,20 @@ def test_infinite_fare_is_named(tmp_path: Path) -> None:
     assert_one_line(err, "t.csv", "Fare", "row 1", "inf")
 
 
-def test_non_utf8_bytes_name_the_line(tmp_path: Path) -> None:
-    path = tmp_path / "latin.csv"
-    text = "\n".join([HEADER, ROWS[0], ROWS[1].replace("Cumings", "Cumiñgs")]) + "\n"
+# Old Mac line ends (CR alone): pandas and the csv module read them as line breaks too.
+@pytest.mark.parametrize("name, ending, expected", [
+    ("latin.csv", "\n", ("latin.csv", "UTF-8", "line 3")),
+    ("cr.csv", "\r", ("cr.csv: line 3 is not UTF-8",)),
+], ids=["lf", "cr"])
+def test_non_utf8_bytes_name_the_line_whatever_ends_the_lines(
+    tmp_path: Path, name: str, ending: str, expected: tuple[str, ...]
+) -> None:
+    path = tmp_path / name
+    text = ending.join([HEADER, ROWS[0], ROWS[1].replace("Cumings", "Cumiñgs")]) + ending
     path.write_bytes(text.encode("latin-1"))
     with pytest.raises(DataError) as err:
         load_titanic(path)
-    assert_one_line(err, "latin.csv", "UTF-8", "line 3")
+    assert_one_line(err, *expected)
 
 
 def test_survived_other_than_zero_or_one(tmp_path: Path) -> None:
@@ -604,16 +611,6 @@ def test_blank_lines_before_the_header_do_not_hide_a_short_record(tmp_path: Path
     with pytest.raises(DataError) as err:
         load_titanic(write_csv(tmp_path, ["", HEADER, ROWS[0], "2,1,1", ROWS[2]]))
     assert_one_line(err, "t.csv: row 2 (line 4) has 3 fields, the header has 12")
-
-
-def test_lines_ended_by_cr_alone_are_counted_as_lines(tmp_path: Path) -> None:
-    # Old Mac line ends: pandas and the csv module read them as line breaks.
-    path = tmp_path / "cr.csv"
-    text = "\r".join([HEADER, ROWS[0], ROWS[1].replace("Cumings", "Cumiñgs")]) + "\r"
-    path.write_bytes(text.encode("latin-1"))
-    with pytest.raises(DataError) as err:
-        load_titanic(path)
-    assert_one_line(err, "cr.csv: line 3 is not UTF-8")
 
 
 def test_rows_the_two_readers_split_differently_are_named_without_lines(tmp_path: Path) -> None:
