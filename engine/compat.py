@@ -14,14 +14,21 @@ as ``NoiseTunnel`` (it is a Captum ``GradientAttribution``). The differences:
   to about 1e-7 relative, not to the last bit.
 - An input the model does not use gets zero attributions; Captum raises autograd's
   error.
+
+As in Captum, integer inputs are explained in floating point (the path points between an
+integer row and its baseline are not integers), and an ``internal_batch_size`` below 1
+warns and runs one step of every row per batch.
 """
 
 from __future__ import annotations
 
 import functools
+import numbers
+import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from captum.attr import GradientAttribution
 from torch import Tensor
 
@@ -104,6 +111,9 @@ class IntegratedGradients(GradientAttribution):
         is_tuple = isinstance(inputs, tuple)
         input_tuple = inputs if is_tuple else (inputs,)
         engine_baselines = _engine_baselines(baselines, input_tuple)
+        input_tuple, engine_baselines = _floating(input_tuple, engine_baselines, is_tuple)
+        inputs = input_tuple if is_tuple else input_tuple[0]
+        internal_batch_size = _captum_batch_size(internal_batch_size, input_tuple)
 
         # Half-precision inputs get float32 attributions and delta, as from Captum.
         with float32_results_for_half_inputs():
@@ -172,3 +182,52 @@ def _one_kind(base: Any, x: Any, name: str) -> Any:
         f"{name} has shape {tuple(base.shape)}: expected {tuple(x.shape)} (one per row), "
         f"(1, {', '.join(map(str, features))}) or a number"
     )
+
+
+def _floating(
+    inputs: tuple[Any, ...], baselines: Any, many: bool
+) -> tuple[tuple[Any, ...], Any]:
+    """Integer inputs (and their integer baselines) in the dtype Captum's path points get.
+
+    Captum computes ``baseline + alpha * (input - baseline)`` with a Python float alpha:
+    an integer row becomes the default floating dtype, or the baseline's when it is a
+    floating tensor. Everything else passes unchanged for the engine to check.
+    """
+    if not any(_is_integer(x) for x in inputs):
+        return inputs, baselines
+    base_tuple = baselines if many else (baselines,)
+    if baselines is None:
+        base_tuple = (None,) * len(inputs)
+    new_inputs, new_bases = [], []
+    for x, base in zip(inputs, base_tuple):
+        if _is_integer(x):
+            dtype = base.dtype if isinstance(base, Tensor) and base.is_floating_point() \
+                else torch.get_default_dtype()
+            x = x.to(dtype)
+            if _is_integer(base):
+                base = base.to(dtype)
+        new_inputs.append(x)
+        new_bases.append(base)
+    if baselines is None:
+        return tuple(new_inputs), None
+    return tuple(new_inputs), (tuple(new_bases) if many else new_bases[0])
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, Tensor) and not value.is_floating_point() \
+        and not value.is_complex() and value.dtype != torch.bool
+
+
+def _captum_batch_size(internal_batch_size: Any, inputs: tuple[Any, ...]) -> Any:
+    """Captum's reading of an ``internal_batch_size`` below 1: one step of every row."""
+    if isinstance(internal_batch_size, bool) \
+            or not isinstance(internal_batch_size, numbers.Integral) or internal_batch_size >= 1:
+        return internal_batch_size  # the engine checks the rest
+    first = inputs[0] if inputs else None
+    rows = first.shape[0] if isinstance(first, Tensor) and first.dim() > 0 else 1
+    warnings.warn(
+        f"internal_batch_size={internal_batch_size} is below 1: running {max(rows, 1)} path "
+        "points (one step of every row) per batch, as Captum does",
+        stacklevel=4,  # the caller of attribute, past the wrapper
+    )
+    return max(rows, 1)

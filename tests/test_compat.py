@@ -213,6 +213,53 @@ def test_internal_batch_size_does_not_change_captums_answer(internal_batch_size)
     assert_same(ours, theirs, 1e-5)
 
 
+@pytest.mark.parametrize("internal_batch_size", [0, -3])
+def test_internal_batch_size_below_one_warns_and_runs_like_captum(internal_batch_size):
+    model = BasicModel_MultiLayer()
+    x = torch.tensor([[1.5, 2.0, 1.3], [0.5, 0.1, 2.3], [1.5, 2.0, 1.3]])
+
+    with pytest.warns(UserWarning, match="one step of every row") as caught:
+        ours = IntegratedGradients(model).attribute(x, target=0,
+                                                    internal_batch_size=internal_batch_size)
+    theirs = CaptumIG(model).attribute(x, target=0)
+
+    assert_same(ours, theirs, 1e-5)
+    assert caught[0].filename == __file__
+
+
+@pytest.mark.parametrize(("baselines", "dtype"), [
+    (None, torch.float32),
+    (1, torch.float32),
+    (torch.tensor([[1, 0, 2]]), torch.float32),
+    (torch.tensor([[0.5, 0.0, 1.0]], dtype=torch.float64), torch.float64),
+])
+def test_integer_inputs_are_explained_in_captums_floating_dtype(baselines, dtype):
+    model = BasicModel_MultiLayer().to(dtype)
+    x = torch.tensor([[3, 2, 1], [0, 1, 4], [2, 2, 2]])
+
+    theirs, ours = run_both(lambda explainer: explainer.attribute(x, baselines, target=0),
+                            lambda cls: cls(model))
+    # Captum runs the model on the integer rows themselves for the delta, and fails there.
+    _, delta = IntegratedGradients(model).attribute(x, baselines, target=0,
+                                                    return_convergence_delta=True)
+
+    assert ours.dtype == dtype
+    assert_same(ours, theirs, 1e-5)
+    assert float(delta.abs().max()) < 1e-3
+    assert x.dtype == torch.int64  # the caller's tensor is left as it was
+
+
+def test_integer_inputs_in_a_tuple_beside_floating_ones():
+    model = BasicModel6_MultiTensor()
+    inputs = (torch.tensor([[3, 1], [0, 2]]), torch.tensor([[0.5, 1.5], [2.0, 0.1]]))
+
+    theirs, ours = run_both(lambda explainer: explainer.attribute(inputs),
+                            lambda cls: cls(model))
+
+    assert_same(ours, theirs, 1e-5)
+    assert ours[0].dtype == torch.float32
+
+
 @pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq", "vargrad"])
 @pytest.mark.parametrize("nt_samples_batch_size", [None, 1, 2, 3])
 def test_noise_tunnel_wraps_ours_like_captums(nt_type, nt_samples_batch_size):
