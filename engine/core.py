@@ -541,12 +541,14 @@ def _integrated_sums(
     if split is not None:
         try:
             return (_integrate_hoisted(split, problem, rule, chunk_points, options),)
-        except ModelError as error:
+        except (ModelError, RuntimeError) as error:
             if not _wrote_leaf_in_place(error):
                 raise
-            # hoist.py copies the prefix output for the in-place writes it can see in the
-            # traced graph; anything else lands here and runs unhoisted.
-            log.info("the model writes its affine prefix's output in place: running it "
+            # hoist.py copies the prefix's (and the closed form's Linear's) output for the
+            # in-place writes it can see in the traced graph; anything else lands here,
+            # raised by a model call or by the tail's memory measurement, and runs
+            # unhoisted.
+            log.info("the model writes a hoisted layer's output in place: running it "
                      "without hoisting")
     if chunk_points is None:
         chunk_points = _planned_chunk_points(forward_func, problem, rule, options)

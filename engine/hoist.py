@@ -206,6 +206,11 @@ def _split(model: nn.Module) -> AffineSplit | None:
         _copy_input(suffix_module, hidden)
     kink = split_kink(suffix_module)
     if kink is not None:
+        # The tail's input (the Linear's output) is a leaf in the closed form, as the
+        # suffix's is: an in-place op on it (nn.ReLU(inplace=True) next) gets a copy too.
+        mixed = next(n for n in kink.tail.graph.nodes if n.op == "placeholder")
+        if _modified_in_place(kink.tail, mixed):
+            _copy_input(kink.tail, mixed)
         _substitute_kernels(kink.tail)
     _substitute_kernels(suffix_module)
     layers = tuple(str(n.target) for n in prefix_nodes)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import engine.core
+import engine.hoist
 import engine.kink_loops
 import engine.kinks
 from engine import integrated_gradients
@@ -171,6 +172,60 @@ def test_relu_family_with_several_outputs_and_per_row_targets(activation, kink_c
     assert kink_calls
     assert relative_error(kinked, affine) <= 1e-12
     assert relative_error(kinked, plain) <= 1e-12
+
+
+class TailWritesInPlace(nn.Module):
+    """The closed form's Linear output written in place by the next operation."""
+
+    def __init__(self, write: str) -> None:
+        super().__init__()
+        self.write = write
+        self.l1 = nn.Linear(5, 16)
+        self.l2 = nn.Linear(16, 4)
+        self.act = nn.ReLU(inplace=True)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        mixed = self.l2(torch.relu(self.l1(x)))
+        if self.write == "module":
+            mixed = self.act(mixed)
+        elif self.write == "method":
+            mixed = mixed.mul_(2.0)
+        elif self.write == "operator":
+            mixed += 1.0
+        else:
+            mixed = nn.functional.leaky_relu(mixed, 0.1, inplace=True)
+        return self.out(mixed)
+
+
+@either_way
+@pytest.mark.parametrize("write", ["module", "method", "operator", "functional"])
+def test_an_in_place_write_after_the_kink_gets_a_copy(write, kink_calls):
+    torch.manual_seed(8)
+    model = TailWritesInPlace(write).double().eval()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    baselines = torch.randn(2, 5, dtype=torch.float64)
+
+    kinked, affine, plain = three_ways(model, x, baselines, target=1, n_steps=13)
+
+    assert kink_calls
+    assert relative_error(kinked, plain) <= 1e-12
+    assert relative_error(affine, plain) <= 1e-12
+
+
+def test_an_in_place_write_the_graph_scan_misses_runs_unhoisted(monkeypatch, caplog):
+    torch.manual_seed(9)
+    model = TailWritesInPlace("module").double().eval()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    baselines = torch.randn(2, 5, dtype=torch.float64)
+    plain = integrated_gradients(model, x, baselines, target=1, n_steps=13, hoist=False)
+    monkeypatch.setattr(engine.hoist, "_modified_in_place", lambda *args: False)
+
+    with caplog.at_level(logging.INFO, logger="engine.core"):
+        hoisted = integrated_gradients(model, x, baselines, target=1, n_steps=13)
+
+    assert relative_error(hoisted, plain) <= 1e-12
+    assert "output in place: running it without hoisting" in caplog.text
 
 
 class Functional(nn.Module):
