@@ -190,14 +190,19 @@ def memo(forward_func: object, key: object, compute: Callable[[], object]) -> ob
 def layout(module: nn.Module) -> tuple[object, ...]:
     """Which submodules ``module`` has, their train/eval modes and what runs around them.
 
-    Hooks of every kind (by handle, so removing one and adding another changes it), a
-    ``forward`` replaced on an instance, and the global module hooks.
+    Each submodule's class, hooks of every kind (by handle, so removing one and adding
+    another changes it), a ``forward`` replaced on an instance, which tensor objects its
+    parameters and buffers are, and the global module hooks. A trace holds the tensors a
+    module reads itself (a threshold buffer, ``self.scale``): a buffer or parameter
+    replaced by another tensor (assigned, ``load_state_dict(assign=True)``, a buffer
+    after ``.double()``) calls for a new trace. Changes in place are read live.
     """
     hooks = nn.modules.module
     return (
         tuple(
-            (id(m), m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
-             tuple(m._backward_hooks), tuple(m._backward_pre_hooks), "forward" in vars(m))
+            (id(m), type(m), m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
+             tuple(m._backward_hooks), tuple(m._backward_pre_hooks), "forward" in vars(m),
+             tuple(map(id, m._parameters.values())), tuple(map(id, m._buffers.values())))
             for m in module.modules()
         ),
         tuple(hooks._global_forward_hooks), tuple(hooks._global_forward_pre_hooks),
