@@ -26,9 +26,13 @@ with:
   reference where the object allows one, so that a guard neither keeps a model alive nor
   mistakes a new object at a freed address for the old one.
 
+A method ``forward`` runs through (a helper, a block's ``forward``, the model's own) is
+guarded by its function: identity, code and default arguments.
+
 What no guard sees: module-level globals and closures read in ``forward``, values a
-custom ``__getattr__`` serves from elsewhere, and contents beyond those bounds changed in
-place.
+custom ``__getattr__`` serves from elsewhere, values read past attribute access
+(``vars(self)``, ``self.__dict__``, ``object.__getattribute__``), and contents beyond those
+bounds changed in place.
 """
 
 from __future__ import annotations
@@ -200,6 +204,12 @@ def _summary(value: object, budget: list[int]) -> object:
                 return _IDENTITY  # too many values: the container by identity
             parts.append(part)
         return (type(value), tuple(parts))
+    if isinstance(value, types.FunctionType):
+        # Its code and defaults too: either may be swapped or edited in place.
+        defaults = _summary((value.__defaults__, value.__kwdefaults__), budget)
+        parts = (_Same(value), _Same(value.__code__))
+        return (types.FunctionType, *parts, defaults if defaults is not _IDENTITY
+                else _Same(value.__defaults__))
     if isinstance(value, np.ndarray):
         if value.dtype.hasobject or value.size > budget[0]:
             return _IDENTITY
@@ -261,7 +271,7 @@ def _recording_getattribute(self: nn.Module, name: str) -> Any:
     value = super(nn.Module, self).__getattribute__(name)
     reads = getattr(_local, "reads", None)
     if reads is not None and (id(self), name) not in reads and _recordable(self, name, value):
-        reads[id(self), name] = (self, name, _fingerprint(value))
+        reads[id(self), name] = (self, name, _fingerprint(_read(self, name)))
     return value
 
 
@@ -271,10 +281,21 @@ def _recordable(module: nn.Module, name: str, value: object) -> bool:
         return False
     if isinstance(value, fx.Proxy):
         return False  # computed inside this forward (self.features = ...), not state
+    found = _read(module, name)
+    if isinstance(value, types.MethodType) and value.__self__ is module:
+        # A method the trace ran through (a helper, a submodule's forward): guarded by
+        # its function, so that one set on the instance or the class later is seen. Not
+        # the frameworks' own (the tracer calls named_modules and the like).
+        return value.__func__ is found and not _framework_function(found)
     # A value of the module's own (a function it calls included) or of its class; not a
-    # method or a property's result, whose own reads are recorded, nor a submodule or a
-    # parameter, which are not attributes of the instance.
-    return _read(module, name) is value
+    # property's result, whose own reads are recorded, nor a submodule or a parameter,
+    # which are not attributes of the instance.
+    return found is value
+
+
+def _framework_function(function: object) -> bool:
+    module = getattr(function, "__module__", None) or ""
+    return module.split(".")[0] in _FRAMEWORKS
 
 
 def _contents(tensor: torch.Tensor) -> object:
@@ -399,7 +420,10 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, Guards]:
         graph = tracer.trace(model)
     # A tensor made inside forward and gone now is no setting.
     kept = tuple(t for t in (ref() for ref in numbers.tensors.values()) if t is not None)
-    guards = Guards(tuple(reads.values()), _class_constants(model, reads), kept)
+    # The tracer takes the model's forward from its class, not through the instance.
+    forward = _read(model, "forward")
+    own = () if _framework_function(forward) else ((model, "forward", _fingerprint(forward)),)
+    guards = Guards((*own, *reads.values()), _class_constants(model, reads), kept)
     before = {(klass, name): seen for klass, name, seen in constants_before}
     counters = [f"{klass.__name__}.{name}" for klass, name, seen in guards.constants
                 if (klass, name) in before and before[klass, name] != seen]

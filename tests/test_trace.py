@@ -200,7 +200,7 @@ def test_guards_compare_plain_values_by_value_and_the_rest_by_identity():
 
     reader = Reader(model)
     _, guards = trace(reader)
-    assert set(guards.names) == {"cap", "table", "flag", "weights"}
+    assert set(guards.names) == {"forward", "cap", "table", "flag", "weights"}
     assert guards.hold()  # nan equals nan here
     model.table = [1, (2, "a")]  # an equal list
     assert guards.hold()
@@ -410,6 +410,21 @@ class _CapBuffer(_Kinked):
         return torch.clamp(self.hidden(x), max=float(self.cap))
 
 
+class _CapAsTensor(_Kinked):
+    """The cap is a buffer the trace holds as a tensor (a JumpReLU-style threshold)."""
+
+    def __init__(self, parameter=False):
+        super().__init__()
+        cap = torch.tensor(10.0)
+        if parameter:
+            self.cap = nn.Parameter(cap, requires_grad=False)
+        else:
+            self.register_buffer("cap", cap)
+
+    def forward(self, x):
+        return torch.minimum(self.hidden(x), self.cap)
+
+
 class _Clip:
     def __init__(self, cap):
         self.cap = cap
@@ -453,6 +468,20 @@ def _changes():
     def set_cap(model):
         model.helper.cap = 0.0
 
+    def tensor_assigned(model):
+        model.cap = torch.tensor(0.0, dtype=torch.float64)
+
+    def tensor_loaded_by_assignment(model):
+        model.load_state_dict({**model.state_dict(), "cap": torch.tensor(0.0).double()},
+                              assign=True)
+
+    def parameter_replaced(model):
+        model.cap = nn.Parameter(torch.tensor(0.0).double(), requires_grad=False)
+
+    def converted_and_back_then_filled(model):
+        model.float().double()  # new buffer tensors
+        model.cap.fill_(0.0)
+
     def partial_edited(model):
         model.helper.keywords["max"] = 0.0
 
@@ -462,6 +491,11 @@ def _changes():
     return {
         "buffer filled": (_CapBuffer, buffer_filled),
         "buffer loaded": (_CapBuffer, buffer_loaded),
+        "tensor buffer assigned": (_CapAsTensor, tensor_assigned),
+        "tensor buffer loaded with assign": (_CapAsTensor, tensor_loaded_by_assignment),
+        "tensor parameter replaced": (lambda: _CapAsTensor(parameter=True),
+                                      parameter_replaced),
+        "tensor buffer converted and back": (_CapAsTensor, converted_and_back_then_filled),
         "callable helper": (lambda: _Helped(_Clip(10.0)), set_cap),
         "partial": (lambda: _Helped(functools.partial(torch.clamp, max=10.0)), partial_edited),
         "slotted config": (lambda: _Helped(_Slotted(10.0)), set_cap),
@@ -504,3 +538,97 @@ def test_a_class_level_counter_is_not_a_reason_to_trace_every_call(monkeypatch):
     assert len(traced) <= 2
     torch.testing.assert_close(results[-1], _float64_reference(model, X, BASE, 20),
                                rtol=1e-9, atol=1e-12)
+
+
+class _CapMethod(_Kinked):
+    def cap(self, h):
+        return torch.clamp(h, max=10.0)
+
+    def forward(self, x):
+        return self.cap(self.hidden(x))
+
+
+def _capped_at_zero(self, h):
+    return torch.clamp(h, max=0.0)
+
+
+class _CapBlock(nn.Module):
+    def forward(self, h):
+        return torch.clamp(h, max=10.0)
+
+
+class _WithBlock(_Kinked):
+    def __init__(self):
+        super().__init__()
+        self.block = _CapBlock()
+
+    def forward(self, x):
+        return self.block(self.hidden(x))
+
+
+def _method_changes():
+    def on_instance(model):
+        model.cap = types.MethodType(_capped_at_zero, model)
+
+    def on_class(model):
+        type(model).cap = _capped_at_zero
+
+    def code_swapped(model):
+        type(model).cap.__code__ = _capped_at_zero.__code__
+
+    def class_reassigned(model):
+        model.__class__ = type("Zeroed", (type(model),), {"cap": _capped_at_zero})
+
+    def block_forward(model):
+        type(model.block).forward = _capped_at_zero
+
+    def default_edited(model):
+        type(model).forward.__defaults__[0][0] = 0.0
+
+    # A fresh class (and function) per model: the changes write on them.
+    def fresh(base):
+        return lambda: type(base.__name__, (base,), {})()
+
+    return {
+        "helper set on the instance": (fresh(_CapMethod), on_instance),
+        "helper set on the class": (fresh(_CapMethod), on_class),
+        "helper's code swapped": (_swappable, code_swapped),
+        "instance's class reassigned": (fresh(_CapMethod), class_reassigned),
+        "a block's forward replaced on its class": (_fresh_block_model, block_forward),
+        "forward's default edited": (_defaulted, default_edited),
+    }
+
+
+def _swappable():
+    def cap(self, h):
+        return torch.clamp(h, max=10.0)
+
+    return type("Swapped", (_CapMethod,), {"cap": cap})()
+
+
+def _defaulted():
+    def forward(self, x, limits=[10.0]):  # noqa: B006 - the edited default is the point
+        return torch.clamp(self.hidden(x), max=limits[0])
+
+    return type("Defaulted", (_Kinked,), {"forward": forward})()
+
+
+def _fresh_block_model():
+    model = _WithBlock()
+    model.block = type("Block", (_CapBlock,), {})()
+    return model
+
+
+@pytest.mark.parametrize("case", list(_method_changes()))
+def test_methods_forward_runs_through_are_guarded(case):
+    make, change = _method_changes()[case]
+    for hoist in (True, False):
+        model = make().double().eval()
+        before = integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)[0]
+        change(model)
+
+        got = integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)[0]
+
+        torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
+                                   atol=1e-12)
+        assert float((got - before).abs().max()) > 0.01
