@@ -136,8 +136,10 @@ class IntegratedGradients(GradientAttribution):
         )
         if delta is None:
             return attributions
-        first = attributions[0] if is_tuple else attributions
-        return attributions, delta[0].to(first.dtype)
+        # Captum's delta has the dtype the attributions' sum promotes to.
+        dtype = functools.reduce(torch.promote_types,
+                                 (a.dtype for a in (attributions if is_tuple else (attributions,))))
+        return attributions, delta[0].to(dtype)
 
     def has_convergence_delta(self) -> bool:
         return True

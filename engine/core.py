@@ -1908,8 +1908,8 @@ def _check_baseline_dtype(base: Tensor, x: Tensor, name: str, input_name: str) -
 
 def _as_targets(target: TargetArg, n_rows: int, device: torch.device) -> Any:
     """None, a tuple index for every row, or a (N, k) long tensor: one index per row."""
-    if target is None:
-        return None
+    if target is None or (isinstance(target, tuple) and not target):
+        return None  # Captum reads () as no index: the output itself, as for None
     if isinstance(target, (bool, str, bytes, float)):
         raise ArgumentError(f"target must be an int, a tuple or one int per row, got {target!r}")
     if isinstance(target, int):

@@ -260,6 +260,35 @@ def test_integer_inputs_in_a_tuple_beside_floating_ones():
     assert ours[0].dtype == torch.float32
 
 
+class _MixedDtypes(torch.nn.Module):
+    def forward(self, first, second):
+        return first.sum(1) + 2.0 * second.double().sum(1)
+
+
+def test_delta_of_mixed_dtype_inputs_has_the_promoted_dtype_like_captums():
+    inputs = (torch.tensor([[0.5, 1.0], [2.0, 0.3]]),
+              torch.tensor([[1.5, 0.1], [0.2, 0.4]], dtype=torch.float64))
+
+    theirs, ours = run_both(
+        lambda explainer: explainer.attribute(inputs, return_convergence_delta=True),
+        lambda cls: cls(_MixedDtypes()),
+    )
+
+    assert ours[1].dtype == theirs[1].dtype == torch.float64
+    assert_same(ours[0], theirs[0], 1e-6)
+
+
+def test_an_empty_tuple_target_is_no_index_as_in_captum():
+    torch.manual_seed(23)
+    linear = torch.nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+
+    theirs, ours = run_both(lambda explainer: explainer.attribute(x, target=()),
+                            lambda cls: cls(lambda rows: linear(rows).squeeze(1)))
+
+    assert_same(ours, theirs, 1e-6)
+
+
 @pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq", "vargrad"])
 @pytest.mark.parametrize("nt_samples_batch_size", [None, 1, 2, 3])
 def test_noise_tunnel_wraps_ours_like_captums(nt_type, nt_samples_batch_size):
