@@ -282,7 +282,7 @@ def _recordable(module: nn.Module, name: str, value: object) -> bool:
     if isinstance(value, fx.Proxy):
         return False  # computed inside this forward (self.features = ...), not state
     found = _read(module, name)
-    if isinstance(value, types.MethodType) and value.__self__ is module:
+    if isinstance(value, types.MethodType) and value.__self__ is module and found is not value:
         # A method the trace ran through (a helper, a submodule's forward): guarded by
         # its function, so that one set on the instance or the class later is seen. Not
         # the frameworks' own (the tracer calls named_modules and the like).

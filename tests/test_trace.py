@@ -552,6 +552,20 @@ def _capped_at_zero(self, h):
     return torch.clamp(h, max=0.0)
 
 
+class _KeptMethod(_CapMethod):
+    """A bound method kept as an attribute, chosen at construction."""
+
+    def __init__(self):
+        super().__init__()
+        self.chosen = self.cap
+
+    def at_zero(self, h):
+        return torch.clamp(h, max=0.0)
+
+    def forward(self, x):
+        return self.chosen(self.hidden(x))
+
+
 class _CapBlock(nn.Module):
     def forward(self, h):
         return torch.clamp(h, max=10.0)
@@ -582,6 +596,9 @@ def _method_changes():
     def block_forward(model):
         type(model.block).forward = _capped_at_zero
 
+    def method_kept_swapped(model):
+        model.chosen = model.at_zero
+
     def default_edited(model):
         type(model).forward.__defaults__[0][0] = 0.0
 
@@ -596,6 +613,7 @@ def _method_changes():
         "instance's class reassigned": (fresh(_CapMethod), class_reassigned),
         "a block's forward replaced on its class": (_fresh_block_model, block_forward),
         "forward's default edited": (_defaulted, default_edited),
+        "a bound method kept as an attribute swapped": (_KeptMethod, method_kept_swapped),
     }
 
 
