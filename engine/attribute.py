@@ -53,6 +53,7 @@ from engine.io import (
     check_output_folder,
     exclusive_use,
     refuse_overwriting_inputs,
+    stops_watched,
     tidy_attributions,
     tidy_deltas,
 )
@@ -516,34 +517,40 @@ def _one_line(error: Exception, *, debug: bool) -> str:
 
 @contextmanager
 def _noticed_interrupts(
-    *extra: signal.Signals, defer: Callable[[int], bool] | None = None
+    *extra: signal.Signals, defer: Callable[[int], bool] | None = None,
+    received: list[int] | None = None,
 ) -> Iterator[list[int]]:
     """Record each SIGINT, and each of the ``extra`` signals, and raise KeyboardInterrupt
     while the job runs, so that its staged results are dropped on the way out; a signal
     for which ``defer(signum)`` is true is only recorded (the job stops at a point of its
     choosing).
 
-    Yields the list of signals received; the handlers in place before are restored after.
-    A signal that is ignored stays ignored.
+    Yields the list of signals received (``received``, when given, which then holds a
+    signal that came while the handlers were being set); the handlers in place before
+    are restored after. A signal that is ignored stays ignored.
     """
-    received: list[int] = []
+    received = [] if received is None else received
     if threading.current_thread() is not threading.main_thread():
         # Only the main thread may set handlers.
         yield received
         return
 
+    stops: list[int] = []  # the signals acted on: no results are committed after one
+
     def note_and_raise(signum: int, frame: object) -> None:
         received.append(signum)
         if defer is not None and defer(signum):
             return
+        stops.append(signum)
         raise KeyboardInterrupt
 
     previous = {}
-    for signum in (signal.SIGINT, *extra):
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            previous[signum] = signal.signal(signum, note_and_raise)
     try:
-        yield received
+        with stops_watched(stops):
+            for signum in (signal.SIGINT, *extra):
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    previous[signum] = signal.signal(signum, note_and_raise)
+            yield received
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -758,8 +765,9 @@ def _run(args: argparse.Namespace) -> int:
     defer = None
     if args.checkpoint is not None:
         defer = _defer_sigterm
+    interrupts: list[int] = []
     try:
-        with _noticed_interrupts(*_STOP_SIGNALS, defer=defer) as interrupts:
+        with _noticed_interrupts(*_STOP_SIGNALS, defer=defer, received=interrupts):
             if args.checkpoint is not None:
                 summary = run_checkpoint(checkpoint_config(args))
             else:

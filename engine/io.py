@@ -289,6 +289,10 @@ class OutputDir:
             f"{name}\n" for name in self.written if name != WRITTEN_FILE))
         # A Ctrl-C between two renames would leave new files beside old ones: hold it.
         with stop_signals_held() as held:
+            if _stop_noted():
+                # A stop whose KeyboardInterrupt was swallowed on the way: drop the results
+                # as the interrupt would have.
+                raise KeyboardInterrupt
             published = [target for target in self._move_into_place()
                          if target.name != WRITTEN_FILE]
             for name in sorted(earlier - set(self.written)):
@@ -526,6 +530,31 @@ class _Held(list):
     """Signals received while held; ``stopping``: those whose own action ends the process."""
 
     stopping: list[int]
+
+
+# The stop signals a caller's handler acted on while ``stops_watched`` runs (see
+# engine.attribute): a results folder is not committed after one.
+_stops_noted: list[list[int]] = []
+
+
+@contextmanager
+def stops_watched(noted: list[int]) -> Iterator[None]:
+    """While the block runs, ``commit`` refuses to publish once ``noted`` holds a signal.
+
+    A handler that raises KeyboardInterrupt to stop the run can have its exception
+    swallowed: raised inside a callback (an import lock's, a ctypes one), Python reports
+    "Exception ignored" and goes on. The run would then finish and replace the results
+    it was told to drop; the list the handler also appends to is what commit reads.
+    """
+    _stops_noted.append(noted)
+    try:
+        yield
+    finally:
+        _stops_noted.remove(noted)
+
+
+def _stop_noted() -> bool:
+    return any(_stops_noted)
 
 
 @contextmanager

@@ -148,6 +148,37 @@ def test_a_stop_signal_the_command_handles_is_held_during_the_renames_too(
     assert "stop signal" in caplog.text
 
 
+def test_a_stop_whose_interrupt_was_swallowed_still_drops_the_results(tmp_path):
+    from engine import io
+    from engine.attribute import _noticed_interrupts
+
+    results = tmp_path / "results"
+    earlier = io.OutputDir(results)
+    earlier.write_text("a.txt", "earlier")
+    earlier.commit()
+    outputs = io.OutputDir(results)
+    outputs.write_text("a.txt", "new")
+
+    with _noticed_interrupts(signal.SIGTERM) as received:
+        # Python drops an exception raised inside some callbacks ("Exception ignored"):
+        # the handler ran, and the run went on.
+        try:
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        except KeyboardInterrupt:
+            pass
+        with pytest.raises(KeyboardInterrupt), outputs:
+            outputs.commit()
+
+    assert received == [signal.SIGTERM]
+    assert (results / "a.txt").read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+    # Outside the handlers' block a commit publishes again.
+    later = io.OutputDir(results)
+    later.write_text("a.txt", "later")
+    later.commit()
+    assert (results / "a.txt").read_text() == "later"
+
+
 def test_staging_left_by_a_killed_run_is_removed_by_the_next_one(tmp_path):
     import socket
 
