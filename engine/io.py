@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -164,16 +165,31 @@ def _check_output_folder(path: Path, kind: str | None) -> None:
         raise ArgumentError(f"--out {path}: {parent} is a file, not a folder")
     if not parent.is_dir():
         raise ArgumentError(f"--out {path}: parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    # An existing folder is written from inside (see work_folder): its parent may be
+    # read-only, or another file system (a mounted volume).
+    work = work_folder(path)
+    if not os.access(work, os.W_OK):
         raise ArgumentError(f"--out {path} is not writable")
     # os.access cannot see everything (root, read-only mounts, /proc): trying can.
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{_short(path.name)}.check-", dir=parent))
+        os.rmdir(tempfile.mkdtemp(prefix=f".{_short(path.name)}.check-", dir=work))
     except OSError as error:
         raise ArgumentError(
-            f"--out {path} is not writable: cannot create a folder in {parent}"
+            f"--out {path} is not writable: cannot create a folder in {work}"
             f" ({error.strerror or type(error).__name__})"
         ) from error
+
+
+def work_folder(path: Path) -> Path:
+    """Where a run into ``path`` stages its files: inside it when it is a folder already,
+    else beside it (in the parent, where it will be made).
+
+    A rename works within one file system only. Staged inside an existing folder, the
+    files move into place even when the folder is a mount point (a container's volume, a
+    network share), and its parent need not be writable.
+    """
+    resolved = path.resolve()
+    return resolved if resolved.is_dir() else resolved.parent
 
 
 def refuse_overwriting_inputs(out: Path, names: Iterable[str],
@@ -212,24 +228,25 @@ def refuse_overwriting_inputs(out: Path, names: Iterable[str],
 class OutputDir:
     """A results folder whose files appear together, or not at all.
 
-    Files are written into a hidden staging folder beside the target; ``commit`` moves
-    each into place with an atomic rename. A run that fails or is interrupted before
-    ``commit`` leaves the target folder as it was.
+    Files are written into a hidden staging folder (inside the target when it exists,
+    else beside it: see ``work_folder``); ``commit`` moves each into place with an
+    atomic rename. A run that fails or is interrupted before ``commit`` leaves the
+    target folder as it was.
     """
 
     def __init__(self, path: str | Path, kind: str = "all") -> None:
         self.path = Path(path)
         self.kind = kind
         check_output_folder(self.path, kind)
-        parent = self.path.resolve().parent
+        work = work_folder(self.path)
         try:
             self.staging = Path(
-                tempfile.mkdtemp(prefix=_staging_prefix(self.path.name), dir=parent)
+                tempfile.mkdtemp(prefix=_staging_prefix(self.path.name), dir=work)
             )
         except OSError as error:
             # os.access cannot see everything (root, read-only mounts, /proc): trying can.
             raise ArgumentError(
-                f"--out {self.path} is not writable: cannot create a folder in {parent}"
+                f"--out {self.path} is not writable: cannot create a folder in {work}"
                 f" ({error.strerror or type(error).__name__})"
             ) from error
         try:
@@ -241,7 +258,10 @@ class OutputDir:
         self.written: list[str] = []
         # The files the run read, by flag: never replaced or removed (see commit).
         self.inputs: dict[str, Path] = {}
-        _remove_abandoned(parent, self.path.name)
+        _remove_abandoned(work, self.path.name)
+        if work != self.path.resolve().parent:
+            # Left beside the folder by a run that began before the folder existed.
+            _remove_abandoned(self.path.resolve().parent, self.path.name)
 
     def file(self, name: str) -> Path:
         """The staging path for ``name``; the caller writes it, ``commit`` publishes it."""
@@ -401,8 +421,15 @@ def exclusive_use(path: Path) -> Iterator[None]:
         yield
         return
     resolved = path.resolve()
-    lock = resolved.parent / f".{_short(resolved.name)}.lock"
-    handle = _locked(lock, path)
+    lock = resolved.parent / f".{_unique_short(resolved.name)}.lock"
+    try:
+        handle = _locked(lock, path)
+    except _NoLockFile:
+        if not resolved.is_dir():
+            raise
+        # A folder in a read-only parent: its runs can only ever lock from inside it.
+        lock = resolved / INNER_LOCK_FILE
+        handle = _locked(lock, path)
     with suppress(OSError):  # not writable when another user's file is reused
         os.ftruncate(handle, 0)
         os.write(handle, f"{socket.gethostname()} {os.getpid()}\n".encode())
@@ -426,7 +453,9 @@ def _locked(lock: Path, path: Path) -> int:
                 # Another user's lock file: flock works on a descriptor opened to read.
                 handle = os.open(lock, os.O_RDONLY | flags)
         except OSError as error:
-            raise ArgumentError(
+            no_file = _NoLockFile if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS) \
+                else ArgumentError
+            raise no_file(
                 f"--out {path}: cannot use the lock file {lock} "
                 f"({error.strerror or type(error).__name__})"
             ) from error
@@ -454,6 +483,23 @@ def _locked(lock: Path, path: Path) -> int:
             return handle
         # The run that held it finished and removed the file meanwhile: open it again.
         os.close(handle)
+
+
+class _NoLockFile(ArgumentError):
+    """The lock file cannot be made where it goes (a read-only folder)."""
+
+
+# The lock inside a results folder whose parent is read-only.
+INNER_LOCK_FILE = ".engine-attribute.lock"
+
+
+def _unique_short(name: str) -> str:
+    """``_short(name)``, with a digest of the whole name when that cuts it: two long
+    names alike in their first bytes get two locks."""
+    short = _short(name)
+    if short == name:
+        return short
+    return f"{short}~{hashlib.sha256(name.encode()).hexdigest()[:12]}"
 
 
 def _short(name: str) -> str:

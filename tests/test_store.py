@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -673,3 +674,82 @@ def test_a_rename_failing_halfway_leaves_the_folder_as_it_was(tmp_path, monkeypa
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert str(err.value).startswith("could not write")
     assert not list(tmp_path.glob(".results.partial-*"))
+
+
+def test_two_long_folder_names_alike_in_their_first_bytes_get_two_locks(tmp_path):
+    from engine.io import exclusive_use
+
+    first, second = tmp_path / ("q" * 240 + "A"), tmp_path / ("q" * 240 + "B")
+
+    with exclusive_use(first), exclusive_use(second):
+        locks = sorted(p.name for p in tmp_path.iterdir())
+
+    assert len(locks) == 2 and all(name.endswith(".lock") for name in locks)
+    assert all(len(name.encode()) < 256 for name in locks)
+
+
+def test_an_existing_folder_on_another_file_system_takes_its_results(tmp_path, monkeypatch):
+    from engine import io
+
+    results = tmp_path / "mounted"
+    results.mkdir()
+    (results / "a.txt").write_text("earlier")
+    real_replace = io.os.replace
+
+    def within_one_file_system(source, target):
+        # The folder is a mount point: a rename from outside it crosses devices.
+        if results not in Path(source).parents or results not in Path(target).parents:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(source, target)
+
+    monkeypatch.setattr(io.os, "replace", within_one_file_system)
+    outputs = io.OutputDir(results)
+    outputs.write_text("a.txt", "new")
+    outputs.write_text("b.txt", "new")
+    outputs.commit()
+
+    assert (results / "a.txt").read_text() == (results / "b.txt").read_text() == "new"
+    assert sorted(p.name for p in results.iterdir()) == [".written", "a.txt", "b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mounted"]
+
+
+READ_ONLY_PARENT_RUN = """
+import sys
+from pathlib import Path
+from engine.io import OutputDir, exclusive_use
+out = Path(sys.argv[1])
+with exclusive_use(out), OutputDir(out) as outputs:
+    outputs.write_text("a.txt", "new")
+    outputs.commit()
+print(sorted(p.name for p in out.iterdir()))
+"""
+
+
+def test_a_writable_folder_in_a_read_only_parent_takes_its_results(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    parent = tmp_path / "read-only"
+    results = parent / "results"
+    results.mkdir(parents=True)
+    parent.chmod(0o555)
+    command = [sys.executable, "-c", READ_ONLY_PARENT_RUN, str(results)]
+    if os.geteuid() == 0:
+        # Permission bits do not stop root: drop the capabilities that override them.
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv to run without root's permission override")
+        caps = "-dac_override,-dac_read_search,-fowner"
+        command = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", *command]
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True,
+                                   cwd=Path(__file__).resolve().parents[1])
+        probe = subprocess.run([*command[:-2], "-c", f"open({str(parent / 'x')!r}, 'w')"],
+                               capture_output=True, text=True)
+    finally:
+        parent.chmod(0o755)
+
+    assert probe.returncode != 0, "the parent folder was writable after all"
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "['.written', 'a.txt']"
+    assert sorted(p.name for p in parent.iterdir()) == ["results"]
