@@ -155,8 +155,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _same_kinds(given: str, default: str) -> bool:
+    """Whether ``given`` names the default baselines in their order, spelled another way
+    (long names, spaces): a --checkpoint run writes that order, and would ignore another."""
     try:
-        return set(_baseline_kinds(given)) == set(_baseline_kinds(default))
+        return _baseline_kinds(given) == _baseline_kinds(default)
     except UsageError:
         return False
 

@@ -595,6 +595,22 @@ def test_checkpoint_for_another_input_width_names_the_tensor(tmp_path):
         load_weights(path)
 
 
+@pytest.mark.parametrize("baselines", ["one,zero,random,mean", "random-base,mean,zero,one",
+                                       "mean"])
+def test_baselines_other_than_the_default_order_are_refused_with_checkpoint(
+    tmp_path, capsys, titanic_csv, baselines
+):
+    # A --checkpoint run always writes mean, random, zero, one: another order or another
+    # set would be ignored without a word.
+    checkpoint = save_weights(TitanicMLP(), tmp_path / "model.pt")
+
+    status = main(["--data", str(titanic_csv), "--checkpoint", str(checkpoint),
+                   "--baselines", baselines, "--out", str(tmp_path / "results")])
+
+    assert_refused(status, capsys.readouterr().err, tmp_path,
+                   "--baselines does not apply to --checkpoint")
+
+
 def test_a_named_pipe_as_checkpoint_is_refused_instead_of_waited_on(tmp_path, titanic_csv):
     os.mkfifo(tmp_path / "pipe")
     (tmp_path / "model.pt").symlink_to(tmp_path / "pipe")

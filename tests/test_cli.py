@@ -293,6 +293,16 @@ def test_the_run_sees_the_imported_libraries_frozen_and_leaves_them_unfrozen(mon
     assert gc.get_freeze_count() == 0
 
 
+def test_the_default_baselines_in_their_order_with_long_names_pass_with_checkpoint():
+    from engine.attribute import checkpoint_config, parse_args
+
+    args = parse_args(["--data", "rows.csv", "--checkpoint", "model.pt", "--baselines",
+                       "mean-base, random, zero-base, one"])
+
+    assert "baselines" not in args.changed
+    checkpoint_config(args)  # no UsageError
+
+
 def test_the_checkpoint_summary_shows_a_rate_only_when_chunks_were_computed(capsys):
     from engine.attribute import print_checkpoint_summary
 
