@@ -86,6 +86,10 @@ CSV_BLANKS = frozenset({
 # min-max scaled, or scales to inf against another file's range.
 MAX_VALUES = {"Age": 150.0, "SibSp": 100.0, "Fare": 10_000.0}
 
+# Separators a table may use instead of commas, as messages name them. Such a file's
+# header reads as one field; its rows as one field too, or two where a name holds a comma.
+_OTHER_SEPARATORS = {";": "semicolons", "\t": "tabs"}
+
 # What a path may be instead of a regular file, as messages name it.
 _FILE_KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -285,11 +289,12 @@ def read_csv_table(path: Path, *, label: str) -> tuple[pd.DataFrame, RowLines | 
     """Read a CSV table as pandas does, refusing what pandas would take silently.
 
     Anything but a regular file (a device, a named pipe), a line over ``MAX_LINE_BYTES``,
-    bytes that are not UTF-8, a record with more or fewer fields than the header (pandas
-    fills missing ones with NaN, and takes one extra field in every record for an index),
-    a quoted field left open to the end of the file and a column the rows use named twice
-    in the header (pandas reads the second as ``Age.1``) are a ``DataError`` naming
-    ``label`` (a path or a URL) and the line.
+    bytes that are not UTF-8, a file separated by semicolons or tabs rather than commas,
+    a record with more or fewer fields than the header (pandas fills missing ones with
+    NaN, and takes one extra field in every record for an index), a quoted field left
+    open to the end of the file and a column the rows use named twice in the header
+    (pandas reads the second as ``Age.1``) are a ``DataError`` naming ``label`` (a path
+    or a URL) and the line.
 
     Returns
     -------
@@ -343,7 +348,8 @@ def _check_regular_file(path: Path, label: str) -> None:
 
 def _check_records(text: str, label: str) -> RowLines:
     """Find the lines of each data row, refusing a quote left open to the end of the file,
-    a column named twice in the header and a record whose field count is not the header's.
+    a file separated by semicolons or tabs, a column named twice in the header and a
+    record whose field count is not the header's.
 
     A record with fewer fields would be filled with NaN by pandas, and the median fill
     would then invent a passenger. A record with more fields pandas refuses naming a
@@ -354,7 +360,7 @@ def _check_records(text: str, label: str) -> RowLines:
     # The lines, kept, show which records are blank lines that pandas skips.
     physical = io.StringIO(text, newline="").readlines()
     records = csv.reader(physical)
-    header, first, last, widths = None, [], [], []
+    header, first, last, widths, first_row = None, [], [], [], []
     end = 0
     try:
         for record in records:
@@ -365,6 +371,8 @@ def _check_records(text: str, label: str) -> RowLines:
             if header is None:
                 header = record
                 continue
+            if not first:
+                first_row = record
             first.append(start)
             last.append(end)
             widths.append(len(record))
@@ -387,6 +395,7 @@ def _check_records(text: str, label: str) -> RowLines:
         raise DataError(f"{label}: not a readable CSV ({_one_line(err)})") from err
 
     header = header or []
+    _check_separator(header, first_row, label)
     _check_header(header, label)
     lines = RowLines(np.array(first, dtype=np.int64), np.array(last, dtype=np.int64))
     wrong = np.flatnonzero(np.array(widths, dtype=np.int64) != len(header))
@@ -425,6 +434,27 @@ def _check_quotes_closed(tail: list[str], start: int, label: str) -> None:
 def _line_breaks(text: str) -> int:
     """How many lines ``text`` ends (CR LF, CR or LF each end one, as the csv module reads)."""
     return text.count("\n") + text.count("\r") - text.count("\r\n")
+
+
+def _check_separator(header: list[str], first_row: list[str], label: str) -> None:
+    """Refuse a file separated by semicolons or tabs, which a one-field header gives away:
+    its rows would otherwise be named for their field counts, with no word on why.
+
+    The header is looked at first, then the first row (a title line above the table).
+    """
+    if len(header) != 1:
+        return
+    for where, fields in (("the header is one field holding", header),
+                          ("the header is one field, and row 1 holds", first_row)):
+        text = ",".join(fields)
+        counts = {separator: text.count(separator) for separator in _OTHER_SEPARATORS}
+        separator = max(counts, key=counts.__getitem__)
+        if counts[separator]:
+            name = _OTHER_SEPARATORS[separator]
+            raise DataError(
+                f"{label}: seems to be separated by {name} ({where} {counts[separator]}"
+                f" {name}): expected a comma-separated file"
+            )
 
 
 def _check_header(header: list[str], label: str) -> None:

@@ -136,6 +136,11 @@ def _not_utf8(tmp: Path) -> Path:
     return tmp / "bad.csv"
 
 
+def _semicolons(tmp: Path) -> Path:
+    (tmp / "bad.csv").write_bytes(csv_text(*ROWS).replace(b",", b";").replace(b"; ", b", "))
+    return tmp / "bad.csv"
+
+
 def _blank_beside_an_integer_beyond_int64(blank: str):
     """Whole numbers, one past int64, then a fraction: read_csv gives up on the column and
     keeps row 1's blank Age (``blank``) as text."""
@@ -190,6 +195,7 @@ def _huge_line(tmp: Path) -> Path:
         (_infinite, ["Age", "row 2", "inf"]),
         (_implausible_fare, ["bad.csv", "Fare", "row 3", "1e+308"]),
         (_not_utf8, ["UTF-8", "line 4"]),
+        (_semicolons, ["bad.csv", "separated by semicolons", "comma-separated"]),
         (_huge_line, ["line 3", "bytes long"]),
         (_open_quote, ["bad.csv", "starts on line 3 is never closed"]),
         (_blank_beside_an_integer_beyond_int64(""), ["Age", "row 3", "at most 150", "1e+20"]),
@@ -201,6 +207,7 @@ def _huge_line(tmp: Path) -> Path:
     ],
     ids=["missing", "directory", "empty", "header-only", "missing-columns", "text-in-number",
          "unknown-sex", "all-missing-column", "inf", "implausible-fare", "not-utf8",
+         "semicolons",
          "huge-line", "open-quote", "integer-beyond-int64", "id-beyond-exact",
          "id-rounding-to-2**53", "na-beside-integer-beyond-int64"],
 )

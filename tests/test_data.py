@@ -471,6 +471,23 @@ def test_non_utf8_bytes_name_the_line_whatever_ends_the_lines(
     assert_one_line(err, *expected)
 
 
+@pytest.mark.parametrize("separator, name", [(";", "semicolons"), ("\t", "tabs")],
+                         ids=["semicolons", "tabs"])
+@pytest.mark.parametrize("title", [False, True], ids=["header", "title-above"])
+def test_a_file_separated_by_semicolons_or_tabs_says_so(
+    tmp_path: Path, separator: str, name: str, title: bool
+) -> None:
+    # As a spreadsheet saves it: the quoted names keep their commas, so each row reads as
+    # two fields against a header of one, which alone says nothing about the cause.
+    lines = [line.replace(",", separator).replace(f"{separator} ", ", ")
+             for line in [HEADER, *ROWS]]
+    lines = ["Titanic passengers", *lines] if title else lines
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, lines))
+    assert_one_line(err, f"t.csv: seems to be separated by {name}", "11",
+                    "expected a comma-separated file")
+
+
 def test_survived_other_than_zero_or_one(tmp_path: Path) -> None:
     rows = [ROWS[0], with_field(ROWS[1], "Survived", "2"), ROWS[2]]
     with pytest.raises(DataError) as err:
