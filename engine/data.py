@@ -86,6 +86,11 @@ CSV_BLANKS = frozenset({
 # min-max scaled, or scales to inf against another file's range.
 MAX_VALUES = {"Age": 150.0, "SibSp": 100.0, "Fare": 10_000.0}
 
+# The first bytes of a compressed file, which would otherwise read as bytes that are not
+# UTF-8 (gzip's second byte is 0x8b): a saved download or an attachment, still packed.
+# An Excel workbook (.xlsx) is a zip file too.
+_COMPRESSED_STARTS = ((b"\x1f\x8b", "gzip"), (b"PK\x03\x04", "zip"))
+
 # Separators a table may use instead of commas, as messages name them. Such a file's
 # header reads as one field; its rows as one field too, or two where a name holds a comma.
 _OTHER_SEPARATORS = {";": "semicolons", "\t": "tabs"}
@@ -288,13 +293,13 @@ class RowLines:
 def read_csv_table(path: Path, *, label: str) -> tuple[pd.DataFrame, RowLines | None]:
     """Read a CSV table as pandas does, refusing what pandas would take silently.
 
-    Anything but a regular file (a device, a named pipe), a line over ``MAX_LINE_BYTES``,
-    bytes that are not UTF-8, a file separated by semicolons or tabs rather than commas,
-    a record with more or fewer fields than the header (pandas fills missing ones with
-    NaN, and takes one extra field in every record for an index), a quoted field left
-    open to the end of the file and a column the rows use named twice in the header
-    (pandas reads the second as ``Age.1``) are a ``DataError`` naming ``label`` (a path
-    or a URL) and the line.
+    Anything but a regular file (a device, a named pipe), a gzip or zip file, a line over
+    ``MAX_LINE_BYTES``, bytes that are not UTF-8, a file separated by semicolons or tabs
+    rather than commas, a record with more or fewer fields than the header (pandas fills
+    missing ones with NaN, and takes one extra field in every record for an index), a
+    quoted field left open to the end of the file and a column the rows use named twice
+    in the header (pandas reads the second as ``Age.1``) are a ``DataError`` naming
+    ``label`` (a path or a URL) and the line.
 
     Returns
     -------
@@ -312,6 +317,7 @@ def read_csv_table(path: Path, *, label: str) -> tuple[pd.DataFrame, RowLines | 
     if not raw.strip():
         raise DataError(f"{label}: file is empty, expected a CSV with a header and rows")
 
+    _check_not_compressed(raw, label)
     _check_line_lengths(raw, label)
     text = _decode(raw, label)
     # Before pandas: its own complaint about a long record counts records, not lines.
@@ -465,6 +471,16 @@ def _check_header(header: list[str], label: str) -> None:
             raise DataError(
                 f"{label}: column {name} appears {len(places)} times in the header (columns"
                 f" {', '.join(map(str, places))}): keep one"
+            )
+
+
+def _check_not_compressed(raw: bytes, label: str) -> None:
+    """Refuse a gzip or zip file by its first bytes, before they are read as text."""
+    for start, kind in _COMPRESSED_STARTS:
+        if raw.startswith(start):
+            raise DataError(
+                f"{label}: is {kind}-compressed, expected a plain CSV file: decompress it"
+                " first"
             )
 
 

@@ -141,6 +141,13 @@ def _semicolons(tmp: Path) -> Path:
     return tmp / "bad.csv"
 
 
+def _gzipped(tmp: Path) -> Path:
+    import gzip
+
+    (tmp / "bad.csv.gz").write_bytes(gzip.compress(csv_text(*ROWS)))
+    return tmp / "bad.csv.gz"
+
+
 def _blank_beside_an_integer_beyond_int64(blank: str):
     """Whole numbers, one past int64, then a fraction: read_csv gives up on the column and
     keeps row 1's blank Age (``blank``) as text."""
@@ -196,6 +203,7 @@ def _huge_line(tmp: Path) -> Path:
         (_implausible_fare, ["bad.csv", "Fare", "row 3", "1e+308"]),
         (_not_utf8, ["UTF-8", "line 4"]),
         (_semicolons, ["bad.csv", "separated by semicolons", "comma-separated"]),
+        (_gzipped, ["bad.csv.gz", "gzip-compressed", "decompress it first"]),
         (_huge_line, ["line 3", "bytes long"]),
         (_open_quote, ["bad.csv", "starts on line 3 is never closed"]),
         (_blank_beside_an_integer_beyond_int64(""), ["Age", "row 3", "at most 150", "1e+20"]),
@@ -207,9 +215,8 @@ def _huge_line(tmp: Path) -> Path:
     ],
     ids=["missing", "directory", "empty", "header-only", "missing-columns", "text-in-number",
          "unknown-sex", "all-missing-column", "inf", "implausible-fare", "not-utf8",
-         "semicolons",
-         "huge-line", "open-quote", "integer-beyond-int64", "id-beyond-exact",
-         "id-rounding-to-2**53", "na-beside-integer-beyond-int64"],
+         "semicolons", "gzipped", "huge-line", "open-quote", "integer-beyond-int64",
+         "id-beyond-exact", "id-rounding-to-2**53", "na-beside-integer-beyond-int64"],
 )
 def test_bad_data_file_is_one_line_exit_two_and_no_files(tmp_path, capsys, make, names):
     data = make(tmp_path)

@@ -488,6 +488,27 @@ def test_a_file_separated_by_semicolons_or_tabs_says_so(
                     "expected a comma-separated file")
 
 
+@pytest.mark.parametrize("start, kind", [(b"\x1f\x8b", "gzip"), (b"PK\x03\x04", "zip")],
+                         ids=["gzip", "zip"])
+def test_a_compressed_file_says_to_decompress_it(tmp_path: Path, start: bytes,
+                                                kind: str) -> None:
+    # Its bytes would otherwise be named as not UTF-8 (gzip's second byte is 0x8b).
+    import gzip
+    import zipfile
+
+    text = ("\n".join([HEADER, *ROWS]) + "\n").encode()
+    path = tmp_path / ("t.csv.gz" if kind == "gzip" else "t.zip")
+    if kind == "gzip":
+        path.write_bytes(gzip.compress(text))
+    else:
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as packed:
+            packed.writestr("t.csv", text)
+    assert path.read_bytes().startswith(start)
+    with pytest.raises(DataError) as err:
+        load_titanic(path)
+    assert_one_line(err, f"{path}: is {kind}-compressed", "decompress it first")
+
+
 def test_survived_other_than_zero_or_one(tmp_path: Path) -> None:
     rows = [ROWS[0], with_field(ROWS[1], "Survived", "2"), ROWS[2]]
     with pytest.raises(DataError) as err:
