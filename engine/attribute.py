@@ -139,8 +139,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="explain the test set after every N-th epoch during training "
                              "(default 1: every epoch; the last epoch always)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the engine's chunks: compiles once (seconds), "
-                             "then every call is faster")
+                        help="torch.compile the engine's chunks: compiles once (seconds); "
+                             "on a CPU the Titanic job's calls are then slower, not faster "
+                             "(see README: Speed)")
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks and debug logs")
     _add_checkpoint_flags(parser)

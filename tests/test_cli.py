@@ -303,6 +303,17 @@ def test_the_default_baselines_in_their_order_with_long_names_pass_with_checkpoi
     checkpoint_config(args)  # no UsageError
 
 
+def test_the_compile_help_says_a_cpu_runs_the_titanic_job_slower(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag
+    with pytest.raises(SystemExit):
+        main(["--help"])
+
+    line, = [line for line in capsys.readouterr().out.splitlines()
+             if line.strip().startswith("--compile")]
+    assert "on a CPU the Titanic job's calls are then slower, not faster" in line
+    assert "every call is faster" not in line
+
+
 def test_the_checkpoint_summary_shows_a_rate_only_when_chunks_were_computed(capsys):
     from engine.attribute import print_checkpoint_summary
 
