@@ -314,6 +314,39 @@ def test_the_compile_help_says_a_cpu_runs_the_titanic_job_slower(monkeypatch, ca
     assert "every call is faster" not in line
 
 
+def test_a_one_row_file_is_counted_in_the_singular(tmp_path, monkeypatch, capsys, titanic_csv):
+    import engine.validate
+    from engine.errors import ArgumentError
+
+    one_row = tmp_path / "one.csv"
+    one_row.write_text("".join(titanic_csv.read_text().splitlines(keepends=True)[:2]))
+
+    def stop(*args, **kwargs):
+        raise ArgumentError("stopped once the job was described")
+
+    monkeypatch.setattr(engine.validate, "compare_with_captum", stop)
+    status = main(["--all", "--data", str(one_row), "--out", str(tmp_path / "r"),
+                   "--epochs", "1", "--explain-row", "0", "--baselines", "zero",
+                   "--n-steps", "1"])
+
+    err = capsys.readouterr().err
+    assert status == 2
+    assert f"data: {one_row} (1 passenger, 1 train, 1 test)" in err
+    assert "training 1 epoch on" in err
+    assert "explaining 1 row x 1 baseline x 1 step in one batched pass" in err
+
+
+def test_the_checkpoint_summary_counts_one_row_and_one_step_in_the_singular(capsys):
+    from engine.attribute import print_checkpoint_summary
+
+    print_checkpoint_summary({"is_global_zero": True, "n_rows": 1, "n_chunks": 1,
+                              "reused": 0, "computed": 1, "seconds": 0.01,
+                              "reference": "train.csv", "n_steps": 1, "world_size": 1,
+                              "files": []})
+
+    assert "explained 1 row x 4 baselines x 1 step in 1 process(es)" in capsys.readouterr().out
+
+
 def test_the_checkpoint_summary_shows_a_rate_only_when_chunks_were_computed(capsys):
     from engine.attribute import print_checkpoint_summary
 
