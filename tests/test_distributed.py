@@ -449,7 +449,7 @@ def test_the_default_baselines_spelled_out_are_not_refused_with_checkpoint():
     from engine.attribute import checkpoint_config, parse_args
 
     args = parse_args(["--data", "rows.csv", "--checkpoint", "model.pt", "--baselines",
-                       "one-base,zero,random-base,mean"])
+                       "mean-base, random,zero-base ,one"])
 
     assert "baselines" not in args.changed
     checkpoint_config(args)  # no UsageError
@@ -464,6 +464,8 @@ def test_the_default_baselines_spelled_out_are_not_refused_with_checkpoint():
         (["--layer-order", "conventional"], "--layer-order does not apply"),
         (["--epochs", "3"], "--epochs does not apply to --checkpoint"),
         (["--baselines", "zero"], "--baselines does not apply to --checkpoint"),
+        # The default kinds in another order: a --checkpoint run writes its own order.
+        (["--baselines", "one,zero,random,mean"], "--baselines does not apply to --checkpoint"),
         (["--explain-row", "2"], "--explain-row does not apply to --checkpoint"),
         (["--compile"], "--compile does not apply to --checkpoint"),
     ],
