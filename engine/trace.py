@@ -27,7 +27,9 @@ with:
   mistakes a new object at a freed address for the old one.
 
 A method ``forward`` runs through (a helper, a block's ``forward``, the model's own) is
-guarded by its function: identity, code and default arguments.
+guarded by its function: identity, code and default arguments; so are staticmethods,
+classmethods, properties and partialmethods, every method and descriptor of the model's
+own classes, and the methods of a plain helper object's class.
 
 What no guard sees: module-level globals and closures read in ``forward``, values a
 custom ``__getattr__`` serves from elsewhere, values read past attribute access
@@ -204,6 +206,16 @@ def _summary(value: object, budget: list[int]) -> object:
                 return _IDENTITY  # too many values: the container by identity
             parts.append(part)
         return (type(value), tuple(parts))
+    if isinstance(value, _METHOD_LIKE):
+        # The functions inside, each by identity, code and defaults.
+        if isinstance(value, property):
+            inner = (value.fget, value.fset, value.fdel)
+        elif isinstance(value, functools.partialmethod):
+            inner = (value.func, value.args, value.keywords)
+        else:
+            inner = value.__func__
+        summary = _summary(inner, budget)
+        return _IDENTITY if summary is _IDENTITY else (type(value), _Same(value), summary)
     if isinstance(value, types.FunctionType):
         # Its code and defaults too: either may be swapped or edited in place.
         defaults = _summary((value.__defaults__, value.__kwdefaults__), budget)
@@ -250,8 +262,9 @@ def _plain_state(value: object) -> dict[str, object] | None:
         if base is object or base.__module__.split(".")[0] in _FRAMEWORKS + ("builtins",):
             continue
         for name, default in vars(base).items():
-            if name not in state and not name.startswith("__") and not callable(default) \
-                    and not hasattr(type(default), "__get__"):
+            # Its class's defaults, and its methods (a helper's __call__ included), which
+            # may be replaced on the class.
+            if name not in state and (not name.startswith("__") or name == "__call__"):
                 state[name] = default
     return state
 
@@ -287,10 +300,32 @@ def _recordable(module: nn.Module, name: str, value: object) -> bool:
         # its function, so that one set on the instance or the class later is seen. Not
         # the frameworks' own (the tracer calls named_modules and the like).
         return value.__func__ is found and not _framework_function(found)
+    if found is not value and _is_descriptor(found):
+        # A staticmethod, classmethod, property or partialmethod (or a descriptor of the
+        # user's own) hands out something other than itself: guarded as the class holds it.
+        return not _framework_function(_descriptor_function(found))
     # A value of the module's own (a function it calls included) or of its class; not a
-    # property's result, whose own reads are recorded, nor a submodule or a parameter,
-    # which are not attributes of the instance.
+    # submodule or a parameter, which are not attributes of the instance.
     return found is value
+
+
+_METHOD_LIKE = (staticmethod, classmethod, property, functools.partialmethod)
+
+
+def _is_descriptor(value: object) -> bool:
+    return value is not _MISSING and not isinstance(value, types.FunctionType) \
+        and hasattr(type(value), "__get__")
+
+
+def _descriptor_function(descriptor: object) -> object:
+    """The function a method-like descriptor runs (a property's getter), else itself."""
+    if isinstance(descriptor, (staticmethod, classmethod)):
+        return descriptor.__func__
+    if isinstance(descriptor, property):
+        return descriptor.fget
+    if isinstance(descriptor, functools.partialmethod):
+        return descriptor.func
+    return descriptor
 
 
 def _framework_function(function: object) -> bool:
@@ -392,10 +427,11 @@ def _class_constants(model: nn.Module, reads: dict[tuple[int, str], tuple[nn.Mod
         for base in klass.__mro__:
             if base is object or base.__module__.split(".")[0] in _FRAMEWORKS:
                 continue
-            for name, value in vars(base).items():
-                if (klass, name) in constants or name.startswith("__") or callable(value) \
-                        or hasattr(type(value), "__get__"):
-                    continue  # methods, properties, descriptors and the class machinery
+            for name in vars(base):
+                if (klass, name) in constants or name.startswith("__"):
+                    continue  # the class machinery
+                # Plain values, and the methods and descriptors forward may reach through
+                # the class (type(self).helper, Net.scale) or an instance.
                 constants[klass, name] = (klass, name, _fingerprint(_class_value(klass, name)))
     return tuple(constants.values())
 

@@ -580,6 +580,51 @@ class _WithBlock(_Kinked):
         return self.block(self.hidden(x))
 
 
+def _described(kind):
+    """A model whose cap comes from a class-level staticmethod, classmethod, property or
+    partialmethod, or from a helper object's ``__call__``; a fresh class per model."""
+    import functools
+
+    def cap(h, limit=10.0):
+        return torch.clamp(h, max=limit)
+
+    if kind == "helper":
+        helper = type("Helper", (), {"__call__": lambda self, h: cap(h)})
+        namespace = {"forward": lambda self, x: self.act(self.hidden(x))}
+        model = type("Helped", (_Kinked,), namespace)()
+        model.act = helper()
+        return model
+    attribute = {
+        "staticmethod": staticmethod(cap),
+        "classmethod": classmethod(lambda cls, h: cap(h)),
+        "property": property(lambda self: 10.0),
+        "partialmethod": functools.partialmethod(lambda self, limit, h: cap(h, limit), 10.0),
+    }[kind]
+
+    def forward(self, x):
+        h = self.hidden(x)
+        return torch.clamp(h, max=self.capping) if kind == "property" else self.capping(h)
+
+    return type("Described", (_Kinked,), {"capping": attribute, "forward": forward})()
+
+
+def _described_changed(model):
+    import functools
+
+    klass = type(model)
+    if "act" in vars(model):
+        type(model.act).__call__ = lambda self, h: torch.clamp(h, max=0.0)
+        return
+    current = vars(klass)["capping"]
+    klass.capping = {
+        staticmethod: lambda: staticmethod(lambda h: torch.clamp(h, max=0.0)),
+        classmethod: lambda: classmethod(lambda cls, h: torch.clamp(h, max=0.0)),
+        property: lambda: property(lambda self: 0.0),
+        functools.partialmethod: lambda: functools.partialmethod(
+            lambda self, limit, h: torch.clamp(h, max=limit), 0.0),
+    }[type(current)]()
+
+
 def _method_changes():
     def on_instance(model):
         model.cap = types.MethodType(_capped_at_zero, model)
@@ -614,6 +659,11 @@ def _method_changes():
         "a block's forward replaced on its class": (_fresh_block_model, block_forward),
         "forward's default edited": (_defaulted, default_edited),
         "a bound method kept as an attribute swapped": (_KeptMethod, method_kept_swapped),
+        **{f"a {kind} replaced on the class": (lambda kind=kind: _described(kind),
+                                               _described_changed)
+           for kind in ("staticmethod", "classmethod", "property", "partialmethod")},
+        "a helper object's __call__ replaced on its class": (lambda: _described("helper"),
+                                                             _described_changed),
     }
 
 
