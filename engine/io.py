@@ -410,7 +410,8 @@ def exclusive_use(path: Path) -> Iterator[None]:
     """Hold ``path`` (a results folder) for this run: a second run into it is refused.
 
     The lock is a file beside the folder, ``.<name>.lock`` after the folder's resolved
-    name (so ``out``, a symlink to it and ``sub/..`` are one lock), held with ``flock``:
+    name (so ``out``, a symlink to it and ``sub/..`` are one lock), and one inside it
+    (``INNER_LOCK_FILE``) when the folder exists, each held with ``flock``:
     the system releases it when its process ends, however it ends, so a lock left by a
     killed run is no obstacle. The file names the host and process, for the message a
     second run gets. The processes a launcher starts for the same run (a rank other
@@ -421,25 +422,32 @@ def exclusive_use(path: Path) -> Iterator[None]:
         yield
         return
     resolved = path.resolve()
-    lock = resolved.parent / f".{_unique_short(resolved.name)}.lock"
+    held: list[tuple[Path, int]] = []
     try:
-        handle = _locked(lock, path)
-    except _NoLockFile:
-        if not resolved.is_dir():
-            raise
-        # A folder in a read-only parent: its runs can only ever lock from inside it.
-        lock = resolved / INNER_LOCK_FILE
-        handle = _locked(lock, path)
-    with suppress(OSError):  # not writable when another user's file is reused
-        os.ftruncate(handle, 0)
-        os.write(handle, f"{socket.gethostname()} {os.getpid()}\n".encode())
-    try:
+        beside = resolved.parent / f".{_unique_short(resolved.name)}.lock"
+        try:
+            held.append((beside, _locked(beside, path)))
+        except _NoLockFile:
+            if not resolved.is_dir():
+                raise
+        if resolved.is_dir():
+            # An existing folder is locked from inside too: a run that cannot write the
+            # parent (a read-only one, for it) can only lock there, and must meet any
+            # other run into the folder.
+            inner = resolved / INNER_LOCK_FILE
+            held.append((inner, _locked(inner, path)))
+        for _, handle in held:
+            with suppress(OSError):  # not writable when another user's file is reused
+                os.ftruncate(handle, 0)
+                os.write(handle, f"{socket.gethostname()} {os.getpid()}\n".encode())
         yield
     finally:
-        # Removed while still held: a run waiting on this file finds it gone and retries.
-        with suppress(OSError):
-            os.unlink(lock)
-        os.close(handle)
+        for lock, handle in reversed(held):
+            # Removed while still held: a run waiting on this file finds it gone and
+            # retries.
+            with suppress(OSError):
+                os.unlink(lock)
+            os.close(handle)
 
 
 def _locked(lock: Path, path: Path) -> int:
@@ -489,7 +497,7 @@ class _NoLockFile(ArgumentError):
     """The lock file cannot be made where it goes (a read-only folder)."""
 
 
-# The lock inside a results folder whose parent is read-only.
+# The lock inside an existing results folder (see exclusive_use).
 INNER_LOCK_FILE = ".engine-attribute.lock"
 
 

@@ -753,3 +753,21 @@ def test_a_writable_folder_in_a_read_only_parent_takes_its_results(tmp_path):
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "['.written', 'a.txt']"
     assert sorted(p.name for p in parent.iterdir()) == ["results"]
+
+
+def test_a_run_locked_inside_the_folder_keeps_a_run_locking_beside_it_out(tmp_path):
+    from engine.io import INNER_LOCK_FILE, exclusive_use
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    # A run that cannot write the parent (read-only for it) holds the lock inside.
+    with holding(folder / INNER_LOCK_FILE):
+        with pytest.raises(ArgumentError, match=r"is in use by another run"):
+            with exclusive_use(folder):
+                pass
+        assert not (tmp_path / ".results.lock").exists()
+
+    with exclusive_use(folder):
+        assert (folder / INNER_LOCK_FILE).exists() and (tmp_path / ".results.lock").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+    assert list(folder.iterdir()) == []
