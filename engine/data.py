@@ -446,20 +446,17 @@ def _check_separator(header: list[str], first_row: list[str], label: str) -> Non
     """Refuse a file separated by semicolons or tabs, which a one-field header gives away:
     its rows would otherwise be named for their field counts, with no word on why.
 
-    The header is looked at first, then the first row (a title line above the table).
+    The first row must hold the separator too (when there is one): a title line above a
+    comma table, or a one-column file of names, can hold a semicolon by chance.
     """
     if len(header) != 1:
         return
-    for where, fields in (("the header is one field holding", header),
-                          ("the header is one field, and row 1 holds", first_row)):
-        text = ",".join(fields)
-        counts = {separator: text.count(separator) for separator in _OTHER_SEPARATORS}
-        separator = max(counts, key=counts.__getitem__)
-        if counts[separator]:
-            name = _OTHER_SEPARATORS[separator]
+    lines = [header[0], ",".join(first_row)] if first_row else [header[0]]
+    for separator, name in _OTHER_SEPARATORS.items():
+        if all(separator in line for line in lines):
             raise DataError(
-                f"{label}: seems to be separated by {name} ({where} {counts[separator]}"
-                f" {name}): expected a comma-separated file"
+                f"{label}: seems to be separated by {name}, not commas: expected a"
+                " comma-separated file"
             )
 
 

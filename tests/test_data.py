@@ -481,11 +481,33 @@ def test_a_file_separated_by_semicolons_or_tabs_says_so(
     # two fields against a header of one, which alone says nothing about the cause.
     lines = [line.replace(",", separator).replace(f"{separator} ", ", ")
              for line in [HEADER, *ROWS]]
-    lines = ["Titanic passengers", *lines] if title else lines
+    lines = [f"Titanic passengers{separator} exported 2024", *lines] if title else lines
     with pytest.raises(DataError) as err:
         load_titanic(write_csv(tmp_path, lines))
-    assert_one_line(err, f"t.csv: seems to be separated by {name}", "11",
+    assert_one_line(err, f"t.csv: seems to be separated by {name}, not commas:",
                     "expected a comma-separated file")
+
+
+def test_a_title_line_with_a_semicolon_above_a_comma_table_is_not_called_semicolons(
+    tmp_path: Path,
+) -> None:
+    # The title is a one-field "header" holding a semicolon, but the real header below it
+    # holds none: the rows disagree, so the file is named for its field counts.
+    lines = ["Titanic passengers; exported 2024", HEADER, *ROWS]
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, lines))
+    assert "separated by" not in str(err.value)
+    assert_one_line(err, "t.csv", "has 12 fields, the header has 1")
+
+
+def test_a_one_column_file_with_a_semicolon_in_a_name_is_not_called_semicolons(
+    tmp_path: Path,
+) -> None:
+    lines = ["Name", '"Braund; Mr. Owen Harris"', "Heikkinen, Miss. Laina"]
+    with pytest.raises(DataError) as err:
+        load_titanic(write_csv(tmp_path, lines))
+    assert "separated by" not in str(err.value)
+    assert_one_line(err, "t.csv")
 
 
 @pytest.mark.parametrize("start, kind", [(b"\x1f\x8b", "gzip"), (b"PK\x03\x04", "zip")],
