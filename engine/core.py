@@ -1914,6 +1914,10 @@ def _as_targets(target: TargetArg, n_rows: int, device: torch.device) -> Any:
         raise ArgumentError(f"target must be an int, a tuple or one int per row, got {target!r}")
     if isinstance(target, int):
         return (target,)
+    if isinstance(target, list) and not target:
+        # torch reads [] as an empty float tensor, whose dtype would be named instead.
+        raise ArgumentError("target is an empty list: expected an int, a tuple, or one target"
+                            " per row")
     if isinstance(target, tuple) and all(_is_index(t) for t in target) and len(target) > 0:
         return tuple(int(t) for t in target)
     if isinstance(target, list) and target and all(isinstance(t, tuple) for t in target):

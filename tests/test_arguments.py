@@ -232,6 +232,12 @@ def test_float_targets_are_refused():
         integrated_gradients(nn.Linear(3, 4), torch.randn(2, 3), target=torch.tensor([0.0, 1.0]))
 
 
+def test_an_empty_target_list_is_refused_by_name():
+    # An empty list reads as a float tensor, whose dtype alone says nothing of the cause.
+    with pytest.raises(ArgumentError, match="target is an empty list"):
+        integrated_gradients(nn.Linear(3, 4), torch.randn(2, 3), target=[])
+
+
 def test_target_list_of_wrong_length_is_refused():
     with pytest.raises(ArgumentError, match=r"target has shape \(3,\).*2 targets"):
         integrated_gradients(nn.Linear(3, 4), torch.randn(2, 3), target=[0, 1, 2])
