@@ -418,6 +418,16 @@ def test_out_in_a_missing_folder_is_refused(tmp_path, capsys, titanic_csv):
     assert_refused(status, err, tmp_path, "does not exist")
 
 
+def test_out_through_a_missing_folder_and_back_is_refused_before_any_work(tmp_path, capsys,
+                                                                          titanic_csv):
+    # Resolved, missing/../results is a folder beside missing; made, it is not.
+    out = f"{tmp_path}/missing/../results"
+
+    status, err = run_main(capsys, "--data", str(titanic_csv), "--out", out)
+
+    assert_refused(status, err, tmp_path, f"folder {tmp_path}/missing/.. does not exist")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible here")
 def test_device_cuda_without_a_gpu_is_one_line_exit_two(tmp_path, capsys):
     status, err = run_main(capsys, "--device", "cuda", "--out", str(tmp_path / "results"))
