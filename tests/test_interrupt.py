@@ -286,3 +286,26 @@ def test_an_unhandled_sigterm_between_the_renames_ends_the_process_after_them(tm
     assert "not reached" not in completed.stdout
     assert [(folder / name).read_text() for name in ("a.txt", "b.txt")] == ["new", "new"]
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+_SIGNAL_AFTER_THE_RUN = """
+import os, signal, sys, time
+from engine.attribute import finish_quietly
+print("results in place", flush=True)
+finish_quietly(0)
+os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+time.sleep(5)  # the interpreter's shutdown, where the signal lands
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_stop_signal_after_the_run_keeps_its_status_and_says_nothing(name):
+    completed = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AFTER_THE_RUN, name], capture_output=True, text=True,
+        cwd=Path(__file__).resolve().parents[1], timeout=60,
+    )
+
+    assert completed.returncode == 0
+    assert completed.stdout == "results in place\n"
+    assert completed.stderr == ""
