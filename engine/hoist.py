@@ -231,6 +231,17 @@ _VIEW_METHODS = frozenset({"view", "view_as", "reshape", "flatten", "unflatten",
                            "narrow", "select", "t", "contiguous", "__getitem__"})
 _IN_PLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul,
                                  operator.itruediv, operator.ipow, operator.setitem})
+# Functions and attributes that give a view of their first argument, and method names of
+# views beyond _VIEW_METHODS.
+_VIEW_FUNCTIONS = frozenset({torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim,
+                             torch.moveaxis, torch.flatten, torch.unflatten, torch.narrow,
+                             torch.select, torch.as_strided, torch.reshape, torch.squeeze,
+                             torch.unsqueeze, torch.permute, torch.t, torch.diagonal,
+                             torch.split, torch.chunk, torch.unbind})
+_VIEW_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "real"})
+_MORE_VIEW_METHODS = frozenset({"swapaxes", "swapdims", "movedim", "moveaxis", "as_strided",
+                                "unflatten", "diagonal", "unfold", "split", "chunk",
+                                "unbind"})
 
 
 def _modified_in_place(graph_module: fx.GraphModule, node: fx.Node) -> bool:
@@ -252,13 +263,23 @@ def _modified_in_place(graph_module: fx.GraphModule, node: fx.Node) -> bool:
             if user.args and user.args[0] is node:
                 if name.endswith("_") and not name.startswith("_"):
                     return True
-                if name in _VIEW_METHODS and _modified_in_place(graph_module, user):
+                # Called by name: h.__iadd__(1), h.__setitem__(i, v).
+                if name == "__setitem__" or (name.startswith("__i") and name.endswith("__")):
+                    return True
+                if name in _VIEW_METHODS | _MORE_VIEW_METHODS \
+                        and _modified_in_place(graph_module, user):
                     return True
         elif user.op == "call_function":
             target = user.target
-            if target in _IN_PLACE_OPERATORS and user.args and user.args[0] is node:
+            first = bool(user.args) and user.args[0] is node
+            if target in _IN_PLACE_OPERATORS and first:
                 return True
             if target is operator.getitem and _modified_in_place(graph_module, user):
+                return True
+            if first and (target in _VIEW_FUNCTIONS or (
+                    target is getattr and len(user.args) > 1
+                    and user.args[1] in _VIEW_ATTRIBUTES)) \
+                    and _modified_in_place(graph_module, user):
                 return True
             name = getattr(target, "__name__", "")
             if name.endswith("_") and not name.startswith("_"):
