@@ -146,9 +146,6 @@ def _check_output_folder(path: Path, kind: str | None) -> None:
         )
     if path.exists() and not path.is_dir():
         raise ArgumentError(f"--out {path} exists and is not a directory")
-    if not path.exists() and not path.parent.is_dir():
-        # Resolving takes nonexist/.. for the folder it names; making the folder does not.
-        raise ArgumentError(f"--out {path}: folder {path.parent} does not exist")
     if kind is not None and path.is_dir():
         earlier, _ = _written_before(path)
         if earlier is not None and earlier != kind:
@@ -168,6 +165,9 @@ def _check_output_folder(path: Path, kind: str | None) -> None:
         raise ArgumentError(f"--out {path}: {parent} is a file, not a folder")
     if not parent.is_dir():
         raise ArgumentError(f"--out {path}: parent folder {parent} does not exist")
+    if not path.exists() and not path.parent.is_dir():
+        # Resolving takes missing/.. for the folder it names; making the folder does not.
+        raise ArgumentError(f"--out {path}: folder {path.parent} does not exist")
     # An existing folder is written from inside (see work_folder): its parent may be
     # read-only, or another file system (a mounted volume).
     work = work_folder(path)
