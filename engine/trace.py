@@ -456,10 +456,9 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, Guards]:
         graph = tracer.trace(model)
     # A tensor made inside forward and gone now is no setting.
     kept = tuple(t for t in (ref() for ref in numbers.tensors.values()) if t is not None)
-    # The tracer takes the model's forward from its class, not through the instance.
-    forward = _read(model, "forward")
-    own = () if _framework_function(forward) else ((model, "forward", _fingerprint(forward)),)
-    guards = Guards((*own, *reads.values()), _class_constants(model, reads), kept)
+    # The tracer takes the model's forward from its class, not through the instance: the
+    # class constants guard it, with the classes' other methods.
+    guards = Guards(tuple(reads.values()), _class_constants(model, reads), kept)
     before = {(klass, name): seen for klass, name, seen in constants_before}
     counters = [f"{klass.__name__}.{name}" for klass, name, seen in guards.constants
                 if (klass, name) in before and before[klass, name] != seen]
