@@ -228,20 +228,18 @@ def _split(model: nn.Module) -> AffineSplit | None:
 # Methods that return a view of their tensor: an in-place op on the view writes the tensor.
 _VIEW_METHODS = frozenset({"view", "view_as", "reshape", "flatten", "unflatten", "squeeze",
                            "unsqueeze", "transpose", "permute", "expand", "expand_as",
-                           "narrow", "select", "t", "contiguous", "__getitem__"})
+                           "narrow", "select", "t", "contiguous", "__getitem__",
+                           "swapaxes", "swapdims", "movedim", "moveaxis", "as_strided",
+                           "diagonal", "unfold", "split", "chunk", "unbind"})
 _IN_PLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul,
                                  operator.itruediv, operator.ipow, operator.setitem})
-# Functions and attributes that give a view of their first argument, and method names of
-# views beyond _VIEW_METHODS.
+# Functions and attributes that give a view of their first argument.
 _VIEW_FUNCTIONS = frozenset({torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim,
                              torch.moveaxis, torch.flatten, torch.unflatten, torch.narrow,
                              torch.select, torch.as_strided, torch.reshape, torch.squeeze,
                              torch.unsqueeze, torch.permute, torch.t, torch.diagonal,
                              torch.split, torch.chunk, torch.unbind})
 _VIEW_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "real"})
-_MORE_VIEW_METHODS = frozenset({"swapaxes", "swapdims", "movedim", "moveaxis", "as_strided",
-                                "unflatten", "diagonal", "unfold", "split", "chunk",
-                                "unbind"})
 
 
 def _modified_in_place(graph_module: fx.GraphModule, node: fx.Node) -> bool:
@@ -266,8 +264,7 @@ def _modified_in_place(graph_module: fx.GraphModule, node: fx.Node) -> bool:
                 # Called by name: h.__iadd__(1), h.__setitem__(i, v).
                 if name == "__setitem__" or (name.startswith("__i") and name.endswith("__")):
                     return True
-                if name in _VIEW_METHODS | _MORE_VIEW_METHODS \
-                        and _modified_in_place(graph_module, user):
+                if name in _VIEW_METHODS and _modified_in_place(graph_module, user):
                     return True
         elif user.op == "call_function":
             target = user.target

@@ -259,7 +259,7 @@ def _plain_state(value: object) -> dict[str, object] | None:
     if not state and not isinstance(own, dict):
         return None  # a value of a built-in or compiled type: by identity
     for base in klass.__mro__:
-        if base is object or base.__module__.split(".")[0] in _FRAMEWORKS + ("builtins",):
+        if base is object or base.__module__ == "builtins" or _framework_function(base):
             continue
         for name, default in vars(base).items():
             # Its class's defaults, and its methods (a helper's __call__ included), which
@@ -300,10 +300,6 @@ def _recordable(module: nn.Module, name: str, value: object) -> bool:
         # its function, so that one set on the instance or the class later is seen. Not
         # the frameworks' own (the tracer calls named_modules and the like).
         return value.__func__ is found and not _framework_function(found)
-    if found is not value and _is_descriptor(found):
-        # A staticmethod, classmethod, property or partialmethod (or a descriptor of the
-        # user's own) hands out something other than itself: guarded as the class holds it.
-        return not _framework_function(_descriptor_function(found))
     # A value of the module's own (a function it calls included) or of its class; not a
     # submodule or a parameter, which are not attributes of the instance.
     return found is value
@@ -312,23 +308,8 @@ def _recordable(module: nn.Module, name: str, value: object) -> bool:
 _METHOD_LIKE = (staticmethod, classmethod, property, functools.partialmethod)
 
 
-def _is_descriptor(value: object) -> bool:
-    return value is not _MISSING and not isinstance(value, types.FunctionType) \
-        and hasattr(type(value), "__get__")
-
-
-def _descriptor_function(descriptor: object) -> object:
-    """The function a method-like descriptor runs (a property's getter), else itself."""
-    if isinstance(descriptor, (staticmethod, classmethod)):
-        return descriptor.__func__
-    if isinstance(descriptor, property):
-        return descriptor.fget
-    if isinstance(descriptor, functools.partialmethod):
-        return descriptor.func
-    return descriptor
-
-
 def _framework_function(function: object) -> bool:
+    """Whether ``function`` (or a class) is torch's or Lightning's own."""
     module = getattr(function, "__module__", None) or ""
     return module.split(".")[0] in _FRAMEWORKS
 
@@ -425,7 +406,7 @@ def _class_constants(model: nn.Module, reads: dict[tuple[int, str], tuple[nn.Mod
     constants = {}
     for klass in {type(module) for module in modules.values()}:
         for base in klass.__mro__:
-            if base is object or base.__module__.split(".")[0] in _FRAMEWORKS:
+            if base is object or _framework_function(base):
                 continue
             for name in vars(base):
                 if (klass, name) in constants or name.startswith("__"):
