@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from engine.core import integrated_gradients
 from engine.errors import ArgumentError
+from engine.io import signless_zeros
 from engine.step import owns_precision
 
 __all__ = ["AttributionCallback", "EpochCost"]
@@ -265,7 +266,7 @@ class AttributionCallback(pl.Callback):
             columns["passenger_id"] = self.row_ids[row.ravel()]
         columns["base-type"] = np.asarray(self.baseline_names)[kind.ravel()]
         columns["feature"] = np.asarray(self.feature_names)[feature.ravel()]
-        columns["value"] = stacked.double().numpy().ravel()
+        columns["value"] = signless_zeros(stacked.double().numpy().ravel())
         return pd.DataFrame(columns)
 
 

@@ -31,7 +31,7 @@ except ImportError:  # not POSIX: no lock (see exclusive_use)
 from engine.errors import ArgumentError, EngineError
 
 __all__ = ["OutputDir", "WriteError", "atomic_path", "check_output_folder", "exclusive_use",
-           "os_error_behind", "refuse_overwriting_inputs", "stop_signals_held",
+           "os_error_behind", "refuse_overwriting_inputs", "signless_zeros", "stop_signals_held",
            "tidy_attributions", "tidy_deltas", "writing"]
 
 log = logging.getLogger(__name__)
@@ -659,6 +659,15 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
+def signless_zeros(values: np.ndarray) -> np.ndarray:
+    """``values`` with -0.0 made 0.0, so that tables never show "-0.0".
+
+    A feature whose input equals its baseline gets 0 times a gradient, which is -0.0 when
+    the gradient is negative; adding 0.0 turns it into 0.0 and leaves everything else as is.
+    """
+    return values + 0.0
+
+
 def tidy_attributions(
     attributions: torch.Tensor,
     passenger_ids: Sequence[int],
@@ -676,7 +685,7 @@ def tidy_attributions(
             "passenger_id": np.asarray(passenger_ids)[row.ravel()],
             "base-type": np.asarray(baseline_names)[kind.ravel()],
             "feature": np.asarray(feature_names)[feature.ravel()],
-            "value": attributions.detach().double().cpu().numpy().ravel(),
+            "value": signless_zeros(attributions.detach().double().cpu().numpy().ravel()),
         }
     )
 
@@ -692,6 +701,6 @@ def tidy_deltas(
             "row": row.ravel(),
             "passenger_id": np.asarray(passenger_ids)[row.ravel()],
             "base-type": np.asarray(baseline_names)[kind.ravel()],
-            "delta": delta.detach().double().cpu().numpy().ravel(),
+            "delta": signless_zeros(delta.detach().double().cpu().numpy().ravel()),
         }
     )

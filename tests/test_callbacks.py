@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -62,6 +63,17 @@ def test_table_has_a_row_for_every_epoch_row_baseline_and_feature(watched, data)
     assert sorted(table["epoch"].unique()) == list(range(EPOCHS + 1))
     assert set(table["passenger_id"]) == set(data.test_passenger_ids)
     assert table["value"].notna().all()
+
+
+def test_table_writes_zero_attributions_without_a_sign(watched):
+    callback, _, _ = watched
+    # A feature equal to its baseline gets 0 times a gradient: -0.0 where that is negative.
+    raw = callback.attributions
+    assert torch.signbit(raw[raw == 0]).any()
+
+    values = callback.table()["value"].to_numpy()
+    assert (values == 0).sum() == (raw == 0).sum()
+    assert not np.signbit(values[values == 0]).any()
 
 
 def test_last_epoch_equals_a_direct_engine_call_on_the_trained_model(watched, data, baselines):

@@ -771,3 +771,16 @@ def test_a_run_locked_inside_the_folder_keeps_a_run_locking_beside_it_out(tmp_pa
         assert (folder / INNER_LOCK_FILE).exists() and (tmp_path / ".results.lock").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
     assert list(folder.iterdir()) == []
+
+
+def test_tables_write_zeros_without_a_sign():
+    attributions = torch.tensor([[[0.0, -0.0, -1.5]], [[-0.0, 2.0, 0.0]]])
+    delta = torch.tensor([[-0.0], [0.25]], dtype=torch.float64)
+
+    table = tidy_attributions(attributions, [7], KINDS, FEATURES)
+    deltas = tidy_deltas(delta, [7], KINDS)
+
+    assert table["value"].tolist() == [0.0, 0.0, -1.5, 0.0, 2.0, 0.0]
+    assert not np.signbit(table["value"].to_numpy()[[0, 1, 3, 5]]).any()
+    assert not np.signbit(deltas["delta"].to_numpy()[0])
+    assert "-0.0" not in table.to_csv(index=False) + deltas.to_csv(index=False)
