@@ -131,3 +131,48 @@ def test_a_layer_tied_to_one_batch_size_is_refused():
     with pytest.raises(ModelError, match="failed on path points"):
         integrated_gradients(RowsNormalised().eval(), torch.randn(1, 2), torch.zeros(1, 2),
                              n_steps=4, internal_batch_size=rows)
+
+
+class CentredHidden(nn.Module):
+    """Centres its hidden layer on the batch mean (or normalises it with the batch's
+    statistics through the functional batch_norm, which no layer name shows)."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.functional = functional
+        self.inner, self.out = nn.Linear(5, 16), nn.Linear(16, 1)
+
+    def forward(self, x):
+        hidden = self.inner(x)
+        if self.functional:
+            hidden = nn.functional.batch_norm(hidden, None, None, training=True)
+        else:
+            hidden = hidden - hidden.mean(0, keepdim=True)
+        return self.out(torch.tanh(hidden))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["mean", "batch_norm"])
+@pytest.mark.parametrize("n_rows", [64, 1024, 4096])
+def test_batch_statistics_are_refused_however_many_rows(functional, n_rows):
+    # Among a few thousand rows one point more or less moves a batch mean by less than
+    # the probe's rounding tolerance; the probe must still see the rows interact.
+    torch.manual_seed(0)
+    model = CentredHidden(functional).eval()
+
+    with pytest.raises(ModelError, match="rows interact"):
+        integrated_gradients(model, torch.randn(n_rows, 5), torch.zeros(1, 5), n_steps=8)
+
+
+def test_a_float32_network_returning_float64_is_not_refused():
+    # The probe compares rows at the rounding of the float32 arithmetic, not of float64.
+    net = nn.Sequential(nn.Linear(5, 32), nn.Tanh(), nn.Linear(32, 1)).eval()
+
+    refused = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        x = torch.randn(3 + seed, 5)
+        try:
+            integrated_gradients(lambda v: net(v).double(), x, 0.0, n_steps=8)
+        except ModelError:
+            refused += 1
+    assert refused == 0
