@@ -540,7 +540,13 @@ def _integrated_sums(
     split = _usable_split(forward_func, problem, options, sample)
     if split is not None:
         try:
-            return (_integrate_hoisted(split, problem, rule, chunk_points, options),)
+            hoisted = _integrate_hoisted(split, problem, rule, chunk_points, options)
+        except _NonFiniteOutputs:
+            # The hoisted path takes h_x - h_b in the prefix's output dtype, which can
+            # overflow where every point the model sees is finite (hidden values of
+            # opposite signs beyond half the dtype's range). Unhoisted, the model's own
+            # non-finite outputs, if any, are found again and named.
+            log.info("non-finite values on the hoisted path: running without hoisting")
         except (ModelError, RuntimeError) as error:
             if not _wrote_leaf_in_place(error):
                 raise
@@ -550,6 +556,10 @@ def _integrated_sums(
             # unhoisted.
             log.info("the model writes a hoisted layer's output in place: running it "
                      "without hoisting")
+        else:
+            if all_finite(hoisted):
+                return (hoisted,)
+            log.info("non-finite gradient sums on the hoisted path: running without hoisting")
     if chunk_points is None:
         chunk_points = _planned_chunk_points(forward_func, problem, rule, options)
     return _integrate_points(_fast(forward_func, problem, sample), problem, rule,

@@ -369,3 +369,25 @@ def test_the_delta_is_float64_and_the_attributions_keep_the_inputs_dtype(dtype):
 
     assert delta.dtype == torch.float64
     assert attributions.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float16, 100.0), (torch.float32, 5e35)],
+                         ids=["float16", "float32"])
+@pytest.mark.parametrize("hoist", [True, "affine"])
+def test_hoisted_difference_that_overflows_falls_back_to_the_plain_path(dtype, scale, hoist):
+    # The prefix maps the row and its baseline to hidden values of opposite signs beyond
+    # half the dtype's range, so h_x - h_b overflows; every point the model sees is finite.
+    first = nn.Linear(2, 2, bias=False)
+    last = nn.Linear(2, 1)
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[400.0, 0.0], [0.0, 1.0]]))
+        last.weight.fill_(0.01)
+    model = nn.Sequential(first, nn.ReLU(), last).to(dtype).eval()
+    x = torch.tensor([[scale, 1.0]], dtype=dtype)
+    base = torch.tensor([[-scale, 0.5]], dtype=dtype)
+
+    got = integrated_gradients(model, x, base.unsqueeze(0), n_steps=8, hoist=hoist)
+
+    expected = IntegratedGradients(model).attribute(x, base, n_steps=8)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[0].to(expected.dtype), expected)
