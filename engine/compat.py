@@ -16,8 +16,9 @@ as ``NoiseTunnel`` (it is a Captum ``GradientAttribution``). The differences:
   error.
 
 As in Captum, integer inputs are explained in floating point (the path points between an
-integer row and its baseline are not integers), and an ``internal_batch_size`` below 1
-warns and runs one step of every row per batch.
+integer row and its baseline are not integers), a row and a baseline of two floating
+dtypes are explained in the wider one, ``n_steps`` may be a 0-d integer tensor, and an
+``internal_batch_size`` below 1 warns and runs one step of every row per batch.
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ class IntegratedGradients(GradientAttribution):
         input_tuple, engine_baselines = _floating(input_tuple, engine_baselines, is_tuple)
         inputs = input_tuple if is_tuple else input_tuple[0]
         internal_batch_size = _captum_batch_size(internal_batch_size, input_tuple)
+        if isinstance(n_steps, Tensor) and n_steps.dim() == 0 and _is_integer(n_steps):
+            n_steps = int(n_steps)  # Captum takes a 0-d integer tensor too
 
         # Half-precision inputs get float32 attributions and delta, as from Captum.
         with float32_results_for_half_inputs():
@@ -189,17 +192,20 @@ def _one_kind(base: Any, x: Any, name: str) -> Any:
 def _floating(
     inputs: tuple[Any, ...], baselines: Any, many: bool
 ) -> tuple[tuple[Any, ...], Any]:
-    """Integer inputs (and their integer baselines) in the dtype Captum's path points get.
+    """Inputs and baselines in the dtype Captum's path points get.
 
     Captum computes ``baseline + alpha * (input - baseline)`` with a Python float alpha:
     an integer row becomes the default floating dtype, or the baseline's when it is a
-    floating tensor. Everything else passes unchanged for the engine to check.
+    floating tensor, and a row and a baseline of two floating dtypes go to the wider one
+    (exactly: the narrower converts without rounding). Everything else passes unchanged
+    for the engine to check.
     """
-    if not any(_is_integer(x) for x in inputs):
-        return inputs, baselines
     base_tuple = baselines if many else (baselines,)
     if baselines is None:
         base_tuple = (None,) * len(inputs)
+    if not any(_is_integer(x) or _other_floating(x, base)
+               for x, base in zip(inputs, base_tuple)):
+        return inputs, baselines
     new_inputs, new_bases = [], []
     for x, base in zip(inputs, base_tuple):
         if _is_integer(x):
@@ -208,11 +214,20 @@ def _floating(
             x = x.to(dtype)
             if _is_integer(base):
                 base = base.to(dtype)
+        elif _other_floating(x, base):
+            dtype = torch.promote_types(x.dtype, base.dtype)
+            x, base = x.to(dtype), base.to(dtype)
         new_inputs.append(x)
         new_bases.append(base)
     if baselines is None:
         return tuple(new_inputs), None
     return tuple(new_inputs), (tuple(new_bases) if many else new_bases[0])
+
+
+def _other_floating(x: Any, base: Any) -> bool:
+    """Whether ``x`` and ``base`` are floating tensors of two different dtypes."""
+    return isinstance(x, Tensor) and isinstance(base, Tensor) and x.is_floating_point() \
+        and base.is_floating_point() and x.dtype != base.dtype
 
 
 def _is_integer(value: Any) -> bool:

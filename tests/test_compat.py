@@ -278,6 +278,43 @@ def test_delta_of_mixed_dtype_inputs_has_the_promoted_dtype_like_captums():
     assert_same(ours[0], theirs[0], 1e-6)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["per-row", "shared"])
+def test_a_narrower_floating_baseline_is_widened_like_captums_path(shared):
+    torch.manual_seed(31)
+    model = BasicModel_MultiLayer().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    base = torch.randn(1 if shared else 4, 3)  # float32
+
+    theirs, ours = run_both(lambda explainer: explainer.attribute(x, base, target=0),
+                            lambda cls: cls(model))
+    # Captum runs the model on the float32 baselines for the delta, and fails there; ours
+    # is the delta of the same baselines given in float64.
+    _, delta = IntegratedGradients(model).attribute(x, base, target=0,
+                                                    return_convergence_delta=True)
+    _, widened = IntegratedGradients(model).attribute(x, base.double(), target=0,
+                                                      return_convergence_delta=True)
+
+    assert ours.dtype == theirs.dtype == torch.float64
+    assert_same(ours, theirs, 1e-6)
+    assert torch.equal(delta, widened)
+    assert base.dtype == torch.float32  # the caller's tensor is left as it was
+
+
+def test_n_steps_as_a_zero_dimensional_tensor_like_captum():
+    torch.manual_seed(32)
+    model = BasicModel_MultiLayer()
+    x = torch.randn(3, 3)
+
+    theirs, ours = run_both(
+        lambda explainer: explainer.attribute(x, target=1, n_steps=torch.tensor(10)),
+        lambda cls: cls(model),
+    )
+
+    assert_same(ours, theirs, 1e-5)
+    with pytest.raises(ArgumentError, match="n_steps"):
+        IntegratedGradients(model).attribute(x, target=1, n_steps=torch.tensor([10]))
+
+
 def test_an_empty_tuple_target_is_no_index_as_in_captum():
     torch.manual_seed(23)
     linear = torch.nn.Linear(3, 1)
