@@ -10,6 +10,7 @@ run without it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import numbers
 import time
@@ -23,8 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from engine.core import integrated_gradients
-from engine.errors import ArgumentError
+from engine.errors import ArgumentError, EngineError, NonFiniteError
 from engine.io import signless_zeros
+from engine.plan import run_options
+from engine.quadrature import check_method
 from engine.step import owns_precision
 
 __all__ = ["AttributionCallback", "EpochCost"]
@@ -56,7 +59,12 @@ class AttributionCallback(pl.Callback):
     """Integrated Gradients of chosen rows against chosen baselines at every epoch.
 
     Snapshots are labelled by the number of finished epochs: ``epoch 0`` is the model
-    before training, ``epoch k`` the model after ``k`` epochs.
+    before training, ``epoch k`` the model after ``k`` epochs. A fit resumed from a
+    checkpoint starts at the checkpoint's epoch, and gets the snapshots before it back
+    from the checkpoint (see :meth:`state_dict`); a later fit that starts at an epoch
+    already held replaces the snapshots from there on. A snapshot of a model whose
+    outputs or gradients are nan or inf (training diverged) holds nan and is logged as a
+    warning; training goes on.
 
     Parameters
     ----------
@@ -111,9 +119,12 @@ class AttributionCallback(pl.Callback):
         every_n_epochs: int = 1,
     ) -> None:
         super().__init__()
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) \
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, numbers.Integral) \
                 or every_n_epochs < 1:
             raise ArgumentError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
+        # The engine would check these at the first snapshot, once training has started.
+        check_method(method, n_steps)
+        run_options(compile=compile, precision=precision)
         if not isinstance(inputs, Tensor) or inputs.dim() != 2:
             raise ArgumentError(f"inputs must be a (N, F) tensor, got {_describe(inputs)}")
         if not isinstance(baselines, Tensor) or baselines.shape[1:] != inputs.shape[1:]:
@@ -130,6 +141,12 @@ class AttributionCallback(pl.Callback):
             )
         if row_ids is not None and len(row_ids) != inputs.shape[0]:
             raise ArgumentError(f"got {len(row_ids)} row ids for {inputs.shape[0]} rows")
+        for kind, names in (("baseline", baseline_names), ("feature", feature_names)):
+            repeated = sorted({str(name) for name in names if list(names).count(name) > 1})
+            if repeated:
+                raise ArgumentError(
+                    f"{kind} names must differ, got {', '.join(map(repr, repeated))} more than once"
+                )
 
         self.inputs = inputs.detach()
         self.baselines = baselines.detach()
@@ -142,7 +159,7 @@ class AttributionCallback(pl.Callback):
         self.internal_batch_size = internal_batch_size
         self.compile = compile
         self.precision = precision
-        self.every_n_epochs = every_n_epochs
+        self.every_n_epochs = int(every_n_epochs)
 
         self.epochs: list[int] = []
         self.costs: list[EpochCost] = []
@@ -155,7 +172,8 @@ class AttributionCallback(pl.Callback):
     # -- Lightning hooks ------------------------------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._snapshot(pl_module, epoch=0, epoch_seconds=None)
+        # A fit resumed from a checkpoint starts after the epochs it had finished.
+        self._snapshot(pl_module, epoch=trainer.current_epoch, epoch_seconds=None)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_started = time.perf_counter()
@@ -180,6 +198,48 @@ class AttributionCallback(pl.Callback):
 
     # -- The work -------------------------------------------------------------------------
 
+    @property
+    def state_key(self) -> str:
+        # Callbacks explaining other rows, baselines or features keep their snapshots
+        # apart in a checkpoint (Lightning refuses two callbacks with one key).
+        target = self.target.tolist() if isinstance(self.target, Tensor) else self.target
+        return self._generate_state_key(
+            rows=int(self.inputs.shape[0]), baselines=self.baseline_names,
+            features=self.feature_names, n_steps=self.n_steps, method=self.method,
+            target=target, compile=self.compile, precision=self.precision,
+            every_n_epochs=self.every_n_epochs,
+        )
+
+    def state_dict(self) -> dict[str, object]:
+        """The snapshots so far, for Lightning's checkpoints: a fit resumed from one
+        keeps the epochs before it."""
+        return {
+            "layout": self._layout(),
+            "epochs": list(self.epochs),
+            "snapshots": list(self._snapshots),
+            "outputs": list(self._outputs),
+            "costs": [(c.epoch, c.attribution_seconds, c.epoch_seconds) for c in self.costs],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, object]) -> None:
+        """Take back the snapshots of :meth:`state_dict`, if they explain the same rows
+        against the same baselines and features; otherwise keep none of them."""
+        if state_dict.get("layout") != self._layout():
+            log.warning("the checkpoint's attribution snapshots explain other rows, baselines "
+                        "or features: they are not kept")
+            return
+        self.epochs = [int(e) for e in state_dict["epochs"]]
+        self._snapshots = list(state_dict["snapshots"])
+        self._outputs = list(state_dict["outputs"])
+        self.costs = [EpochCost(*cost) for cost in state_dict["costs"]]
+
+    def _layout(self) -> tuple[object, ...]:
+        values = hashlib.sha256()
+        for tensor in (self.inputs, self.baselines):
+            values.update(tensor.detach().cpu().contiguous().double().numpy().tobytes())
+        return (tuple(self.inputs.shape), self.baseline_names, self.feature_names,
+                self.n_steps, self.method, values.hexdigest())
+
     @owns_precision
     def explain(self, model: nn.Module) -> tuple[Tensor, Tensor]:
         """Attributions ``(B, N, F)`` and outputs ``(N,)`` of ``model``, leaving it untouched.
@@ -188,11 +248,13 @@ class AttributionCallback(pl.Callback):
         back afterwards; the random number generators are restored; parameter gradients
         are never written (the engine differentiates with respect to the inputs only).
         A caller's autocast is off for the call, outputs included (see
-        ``engine.step.owns_precision``); ``precision`` decides.
+        ``engine.step.owns_precision``); ``precision`` decides. The rows and baselines go
+        to the model's device and floating dtype (a Trainer with ``precision="64-true"``
+        or ``"bf16-true"`` converts the model).
         """
-        device = _device_of(model, self.inputs.device)
-        inputs = self.inputs.to(device)
-        baselines = self.baselines.to(device)
+        device, dtype = _device_and_dtype(model, self.inputs)
+        inputs = self.inputs.to(device=device, dtype=dtype)
+        baselines = self.baselines.to(device=device, dtype=dtype)
         target = self.target.to(device) if isinstance(self.target, Tensor) else self.target
 
         with _eval_mode(model), _kept_rng(device):
@@ -212,8 +274,24 @@ class AttributionCallback(pl.Callback):
         return attributions.detach(), outputs.detach().reshape(inputs.shape[0])
 
     def _snapshot(self, model: nn.Module, *, epoch: int, epoch_seconds: float | None) -> None:
+        self._forget_from(epoch)
         started = time.perf_counter()
-        attributions, outputs = self.explain(model)
+        try:
+            attributions, outputs = self.explain(model)
+        except NonFiniteError as error:
+            # Training that diverged goes on as it would without the callback.
+            log.warning("attribution after epoch %d: %s; its attributions are nan", epoch,
+                        error)
+            attributions, outputs = self._nan_snapshot(model)
+        except EngineError as error:
+            raise type(error)(f"{self._when(epoch, epoch_seconds)}: {error}") from error
+        except Exception as error:
+            # The model's own error (a forward that takes no (N, F) tensor, say): as it is,
+            # with a note on where it came from.
+            if hasattr(error, "add_note"):  # Python 3.11 on
+                error.add_note(f"{self._when(epoch, epoch_seconds)}: the callback calls the "
+                               f"model on ({self.inputs.shape[0]}, {self.inputs.shape[1]}) rows")
+            raise
         attributions, outputs = attributions.cpu(), outputs.cpu()
         seconds = time.perf_counter() - started
 
@@ -229,6 +307,31 @@ class AttributionCallback(pl.Callback):
                 "attribution after epoch %d: %.1f ms, %.0f%% of the epoch's %.1f ms",
                 epoch, seconds * 1e3, 100 * cost.fraction, epoch_seconds * 1e3,
             )
+
+    @staticmethod
+    def _when(epoch: int, epoch_seconds: float | None) -> str:
+        when = "before training" if epoch_seconds is None else f"after epoch {epoch}"
+        return f"attribution callback, {when}"
+
+    def _forget_from(self, epoch: int) -> None:
+        """Drop the snapshots from ``epoch`` on: training went back there (a fit resumed
+        from an earlier checkpoint, or a new fit), and the new ones replace them."""
+        kept = [i for i, e in enumerate(self.epochs) if e < epoch]
+        if len(kept) == len(self.epochs):
+            return
+        log.info("attribution snapshots from epoch %d on are replaced: training starts "
+                 "again there", epoch)
+        self.epochs = [self.epochs[i] for i in kept]
+        self._snapshots = [self._snapshots[i] for i in kept]
+        self._outputs = [self._outputs[i] for i in kept]
+        self.costs = [self.costs[i] for i in kept]
+
+    def _nan_snapshot(self, model: nn.Module) -> tuple[Tensor, Tensor]:
+        _, dtype = _device_and_dtype(model, self.inputs)
+        n_rows = self.inputs.shape[0]
+        return (torch.full((self.baselines.shape[0], *self.inputs.shape), float("nan"),
+                           dtype=dtype),
+                torch.full((n_rows,), float("nan"), dtype=dtype))
 
     # -- Results --------------------------------------------------------------------------
 
@@ -301,9 +404,17 @@ def _describe(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
-def _device_of(model: nn.Module, fallback: torch.device) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return fallback if parameter is None else parameter.device
+def _device_and_dtype(model: nn.Module, rows: Tensor) -> tuple[torch.device, torch.dtype]:
+    """The device of the model's first parameter and the dtype of its first floating one;
+    the rows' own for a model without them."""
+    device, dtype = None, None
+    for parameter in model.parameters():
+        device = parameter.device if device is None else device
+        if parameter.is_floating_point():
+            dtype = parameter.dtype
+            break
+    return (rows.device if device is None else device,
+            rows.dtype if dtype is None else dtype)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from engine import kink_loops
-from engine.errors import ArgumentError, ModelError
+from engine.errors import ArgumentError, ModelError, NonFiniteError
 from engine.fused import compiled_whole_paths
 from engine.hoist import (
     AffineSplit,
@@ -588,7 +588,7 @@ def _refuse_non_finite_gradients(sums: tuple[Tensor, ...]) -> None:
     if bad is None:
         return
     shown = shown_rows(torch.unique(bad.nonzero()[:, 1]).tolist())
-    raise ModelError(
+    raise NonFiniteError(
         f"the model's gradient is nan or inf on the path of row(s) {shown}, where its "
         "outputs are finite: a function with an infinite slope at a point the path reaches "
         "(sqrt or log at 0; at the path's ends only under a Riemann rule that evaluates "
@@ -1417,7 +1417,7 @@ def _forward(forward_func: Callable[..., Tensor], points: tuple[Tensor, ...], ar
     return output
 
 
-class _NonFiniteOutputs(ModelError):
+class _NonFiniteOutputs(NonFiniteError):
     """Outputs on some paths are nan or inf; ``weights_blamed`` may know why."""
 
 
@@ -1445,7 +1445,7 @@ def weights_blamed(forward_func: Callable[..., Tensor]) -> Iterator[None]:
         culprits = non_finite_weights(module_of(forward_func))
         if not culprits:
             raise
-        raise ModelError(
+        raise NonFiniteError(
             f"the model's weights hold nan or inf ({culprits}), which makes its outputs "
             "non-finite: retrain the model or load other weights"
         ) from error

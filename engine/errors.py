@@ -19,3 +19,8 @@ class CheckpointError(EngineError, ValueError):
 
 class ModelError(EngineError, RuntimeError):
     """The model misbehaves: non-finite outputs, rows that interact, bad output shape."""
+
+
+class NonFiniteError(ModelError):
+    """The model gives nan or inf outputs or gradients where its inputs are finite (often
+    because its weights hold nan or inf)."""

@@ -15,7 +15,7 @@ from engine import integrated_gradients
 from engine.baselines import BASELINE_KINDS, make_baselines
 from engine.callbacks import AttributionCallback
 from engine.data import load_titanic, prepare_titanic
-from engine.errors import ArgumentError
+from engine.errors import ArgumentError, ModelError
 from engine.model import TitanicClassifier, train_titanic
 
 EPOCHS = 3
@@ -451,3 +451,167 @@ def test_other_target_forms_the_engine_takes_work_too(data, baselines, target):
     callback, model = _watched_two_classes(data, baselines, given, epochs=1)
 
     _assert_last_snapshot_explains(callback, model, data, baselines, per_row)
+
+
+# ---------------------------------------------------------------------------
+# Trainer precision, resumed and repeated fits, diverging training
+
+
+class _Small(pl.LightningModule):
+    """A small regression model; ``diverge_at`` fills a weight with nan in that epoch."""
+
+    def __init__(self, diverge_at: int | None = None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.diverge_at = diverge_at
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, _):
+        features, labels = batch
+        if self.current_epoch == self.diverge_at:
+            with torch.no_grad():
+                self.net[2].weight.fill_(float("nan"))
+        return ((self(features).squeeze(-1) - labels) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def _small_fit(callback, model, epochs, ckpt_path=None, **trainer_args):
+    torch.manual_seed(3)
+    x = torch.rand(64, 5)
+    rows = torch.utils.data.TensorDataset(x, x[:, 0])
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback], **trainer_args)
+    trainer.fit(model, torch.utils.data.DataLoader(rows, batch_size=32), ckpt_path=ckpt_path)
+    return trainer
+
+
+def _small_callback(**kwargs):
+    torch.manual_seed(4)
+    return AttributionCallback(torch.rand(6, 5), torch.zeros(2, 5), ("zero", "other"),
+                               tuple("abcde"), n_steps=N_STEPS, **kwargs)
+
+
+@pytest.mark.parametrize("precision,dtype", [("64-true", torch.float64),
+                                             ("bf16-true", torch.bfloat16)])
+def test_a_trainer_that_converts_the_model_gets_rows_in_its_dtype(precision, dtype):
+    callback = _small_callback()
+    model = _Small()
+
+    _small_fit(callback, model, epochs=1, precision=precision)
+
+    assert callback.epochs == [0, 1]
+    assert callback.attributions.dtype == dtype
+    expected = integrated_gradients(model.eval(), callback.inputs.to(dtype),
+                                    callback.baselines.to(dtype), n_steps=N_STEPS)
+    torch.testing.assert_close(callback.attributions[-1], expected)
+
+
+def test_a_resumed_fit_continues_the_epochs_of_its_checkpoint(tmp_path):
+    first = _small_callback()
+    trainer = _small_fit(first, _Small(), epochs=2)
+    checkpoint = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    resumed = _small_callback()
+    _small_fit(resumed, _Small(), epochs=4, ckpt_path=str(checkpoint))
+
+    assert resumed.epochs == [0, 1, 2, 3, 4]
+    # The checkpoint's snapshots came back, and epoch 2 is the checkpoint's model.
+    torch.testing.assert_close(resumed.attributions[:3], first.attributions)
+    table = resumed.table()
+    assert not table.duplicated(["epoch", "row", "base-type", "feature"]).any()
+
+
+def test_a_checkpoint_of_other_rows_brings_no_snapshots_back(tmp_path, caplog):
+    first = _small_callback()
+    trainer = _small_fit(first, _Small(), epochs=1)
+    checkpoint = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    other = AttributionCallback(torch.rand(6, 5) + 1, torch.zeros(2, 5), ("zero", "other"),
+                                tuple("abcde"), n_steps=N_STEPS)
+
+    with caplog.at_level(logging.WARNING, logger="engine.callbacks"):
+        _small_fit(other, _Small(), epochs=2, ckpt_path=str(checkpoint))
+
+    assert other.epochs == [1, 2]
+    assert "not kept" in caplog.text
+
+
+def test_a_second_fit_replaces_the_snapshots_of_the_first(caplog):
+    callback = _small_callback()
+    model = _Small()
+    _small_fit(callback, model, epochs=2)
+    before = callback.attributions
+
+    with caplog.at_level(logging.INFO, logger="engine.callbacks"):
+        _small_fit(callback, model, epochs=1)
+
+    assert callback.epochs == [0, 1]
+    # Its epoch 0 is the model the first fit trained.
+    torch.testing.assert_close(callback.attributions[0], before[-1])
+    assert not callback.table().duplicated(["epoch", "row", "base-type", "feature"]).any()
+    assert "replaced" in caplog.text
+
+
+def test_training_that_diverges_to_nan_goes_on_with_nan_snapshots(caplog):
+    callback = _small_callback()
+
+    with caplog.at_level(logging.WARNING, logger="engine.callbacks"):
+        trainer = _small_fit(callback, _Small(diverge_at=1), epochs=3)
+
+    assert trainer.current_epoch == 3
+    assert callback.epochs == [0, 1, 2, 3]
+    values = callback.attributions
+    assert torch.isfinite(values[:2]).all() and values[2:].isnan().all()
+    assert callback.outputs[2:].isnan().all()
+    assert "attribution after epoch 2" in caplog.text and "weights hold nan" in caplog.text
+
+
+def test_a_failing_snapshot_says_it_comes_from_the_callback():
+    class TakesADict(_Small):
+        def forward(self, batch):
+            return self.net(batch["x"])
+
+        def training_step(self, batch, _):
+            features, labels = batch
+            return ((self({"x": features}).squeeze(-1) - labels) ** 2).mean()
+
+    with pytest.raises(TypeError) as error:
+        _small_fit(_small_callback(), TakesADict(), epochs=1)
+    if sys.version_info < (3, 11):
+        pytest.skip("exception notes need Python 3.11")
+    assert "attribution callback, before training: the callback calls the model on (6, 5) " \
+        "rows" in error.value.__notes__
+
+
+def test_an_engine_error_of_a_snapshot_names_the_callback_and_the_epoch():
+    class Coupled(_Small):
+        def forward(self, x):
+            hidden = self.net[0](x)
+            return self.net[2](torch.tanh(hidden - hidden.mean(0)))
+
+    with pytest.raises(ModelError, match=r"^attribution callback, before training: the "
+                                         r"model's output for a row changed"):
+        _small_fit(_small_callback(), Coupled(), epochs=1)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"n_steps": 0}, "n_steps=0 is too small"),
+    ({"method": "simpson"}, "unknown method 'simpson'"),
+    ({"precision": "fp8"}, "precision must be one of"),
+    ({"baseline_names": ("zero", "zero")}, "baseline names must differ, got 'zero'"),
+])
+def test_bad_settings_are_refused_when_the_callback_is_made(change, message):
+    arguments = {"baseline_names": ("zero", "other"), **change}
+    with pytest.raises(ArgumentError, match=message):
+        AttributionCallback(torch.rand(6, 5), torch.zeros(2, 5), arguments.pop("baseline_names"),
+                            tuple("abcde"), **arguments)
+
+
+def test_every_n_epochs_takes_a_numpy_integer():
+    assert _small_callback(every_n_epochs=np.int64(2)).every_n_epochs == 2
