@@ -31,8 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+# The exit status of main() once the job's outcome is final (results in place, or the
+# failure said): a Ctrl-C after that keeps it, silently.
+_outcome: list[int] = []
+
 
 def _interrupted_while_starting(signum: int, frame: object) -> NoReturn:
+    if _outcome:
+        raise SystemExit(_outcome[0])
     print("interrupted: no results were written", file=sys.stderr, flush=True)
     raise SystemExit(128 + signum)
 
@@ -801,10 +807,13 @@ def _run(args: argparse.Namespace) -> int:
         usage = isinstance(error, EngineError) and not isinstance(error, ModelError)
         return EXIT_USAGE if usage else EXIT_FAILURE
     try:
-        if args.checkpoint is not None:
-            print_checkpoint_summary(summary)
-        else:
-            print_summary(summary)
+        # The handlers from before the job are back; a Ctrl-C while a slow terminal takes
+        # the summary must still say that the results are complete.
+        with _noticed_interrupts():
+            if args.checkpoint is not None:
+                print_checkpoint_summary(summary)
+            else:
+                print_summary(summary)
     except KeyboardInterrupt:
         print(f"interrupted: the results in {summary['out']} are complete", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -828,5 +837,6 @@ def finish_quietly(status: int) -> None:
 
 if __name__ == "__main__":
     exit_status = main()
+    _outcome.append(exit_status)
     finish_quietly(exit_status)
     sys.exit(exit_status)

@@ -309,3 +309,37 @@ def test_a_stop_signal_after_the_run_keeps_its_status_and_says_nothing(name):
     assert completed.returncode == 0
     assert completed.stdout == "results in place\n"
     assert completed.stderr == ""
+
+
+_CTRL_C_DURING_THE_SUMMARY = """
+import os, signal, sys, time
+import engine.attribute as attribute
+
+# As `python -m engine.attribute` does at import; the job itself is stood in for.
+signal.signal(signal.SIGINT, attribute._interrupted_while_starting)
+attribute.job_config = lambda args: None
+attribute.run_all = lambda config: {"out": "the-results"}
+
+def slow_summary(summary):  # a terminal that takes its time
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+    print("not reached")
+
+attribute.print_summary = slow_summary
+status = attribute.main(["--all"])
+attribute._outcome.append(status)
+attribute.finish_quietly(status)
+sys.exit(status)
+"""
+
+
+def test_ctrl_c_while_the_summary_prints_says_the_results_are_complete():
+    completed = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_DURING_THE_SUMMARY], capture_output=True, text=True,
+        cwd=Path(__file__).resolve().parents[1], timeout=60, preexec_fn=_default_sigint,
+    )
+
+    assert completed.returncode == 130, completed.stderr
+    assert completed.stderr.strip().splitlines() == [
+        "interrupted: the results in the-results are complete"]
+    assert "not reached" not in completed.stdout
