@@ -21,6 +21,7 @@ import gc
 import logging
 import os
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -598,7 +599,7 @@ def print_summary(summary: dict[str, object]) -> None:
           f"{validation.captum_seconds * 1e3:.1f} ms ({validation.speedup:.1f}x)")
     costs = summary.get("epoch_costs")
     if costs:
-        per_epoch = sorted(cost.attribution_seconds for cost in costs)[len(costs) // 2]
+        per_epoch = statistics.median(cost.attribution_seconds for cost in costs)
         print(f"attribution during training: {_counted(len(costs), 'snapshot')}, median "
               f"{per_epoch * 1e3:.1f} ms each")
     passenger = summary.get("passenger")

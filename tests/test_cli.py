@@ -484,3 +484,23 @@ def test_a_failed_float64_recomputation_says_what_failed(tmp_path, titanic_csv, 
     assert "error: computing the attributions again in float64" in err
     assert "RuntimeError: out of memory" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("seconds,median", [((0.4228, 0.2541), "338.5"),
+                                            ((0.3, 0.1, 0.2), "200.0")])
+def test_summary_gives_the_median_snapshot_time(capsys, seconds, median):
+    from types import SimpleNamespace
+
+    from engine.attribute import print_summary
+    from engine.callbacks import EpochCost
+
+    validation = SimpleNamespace(max_rel_error=1e-7, recomputed=False, engine_seconds=0.002,
+                                 captum_seconds=0.3, speedup=150.0)
+    print_summary({
+        "validation": validation, "classification_report": "", "accuracy": 0.8,
+        "top_features": {}, "max_abs_delta": 1e-3, "out": "results",
+        "epoch_costs": [EpochCost(i, s, None if i == 0 else 0.01)
+                        for i, s in enumerate(seconds)],
+    })
+
+    assert f"{len(seconds)} snapshots, median {median} ms each" in capsys.readouterr().out
