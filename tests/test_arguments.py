@@ -207,14 +207,15 @@ def test_target_out_of_range_names_target_and_output_count(target):
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_a_bad_target_fails_on_the_first_forwards(compile):
-    # The row-coupling probe's two forwards select the target; nothing is integrated.
+    # The row-coupling probe's forwards select the target; nothing is integrated.
     model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 4))
     calls = []
     model.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
 
     with pytest.raises(ArgumentError, match="target 4 is out of range"):
         integrated_gradients(model, torch.randn(5, 3), target=4, compile=compile)
-    assert calls == [6, 7]  # five rows and a baseline; a midpoint, a baseline, five rows
+    # Five rows and a baseline; a midpoint, a baseline and the last row; four rows.
+    assert calls == [6, 3, 4]
 
 
 def test_too_many_target_indices_are_refused():
@@ -446,8 +447,9 @@ def test_the_probe_runs_up_to_1024_rows_and_fewer_wide_ones(shape, probed):
     with pytest.raises(ArgumentError, match="target 3 is out of range"):
         integrated_gradients(model, torch.randn(*shape), target=3)
 
-    # The probed rows and a baseline; a midpoint, a baseline and the rows.
-    assert calls == [probed + 1, probed + 2]
+    # The probed rows and a baseline; a midpoint, a baseline and the last probed row; the
+    # other probed rows.
+    assert calls == [probed + 1, 3, probed - 1]
 
 
 def test_training_mode_rrelu_is_refused_by_name():
