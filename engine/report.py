@@ -291,9 +291,9 @@ def render_report(report: TitanicReport) -> str:
         style=_STYLE,
         title="Integrated Gradients on the Titanic test set",
         lede=html.escape(
-            f"{report.n_test} test passengers explained against {len(report.baseline_names)} "
-            f"baselines with {report.n_steps}-step {report.method} quadrature, every path "
-            "point in one batched pass."
+            f"{_counted(report.n_test, 'test passenger')} explained against "
+            f"{_counted(len(report.baseline_names), 'baseline')} with {report.n_steps}-step "
+            f"{report.method} quadrature, every path point in one batched pass."
         ),
         body="\n".join(sections),
     )
@@ -319,8 +319,8 @@ def _data_section(report: TitanicReport) -> str:
 def _model_section(report: TitanicReport) -> str:
     rows = [
         ("network", f"5-128-128-1 MLP, PReLU, sigmoid; {report.layer_order} layer order"),
-        ("training", f"{report.epochs} epochs, Adam lr 0.01, batch 512, seed {report.seed}, "
-                     f"on {report.device}"),
+        ("training", f"{_counted(report.epochs, 'epoch')}, Adam lr 0.01, batch 512, "
+                     f"seed {report.seed}, on {report.device}"),
         ("test accuracy", f"{report.accuracy:.3f}"),
     ]
     return (_key_values(rows)
@@ -454,18 +454,21 @@ def _passenger_table(passenger: FlippedPassenger) -> str:
 def _validation_section(report: TitanicReport) -> str:
     validation = report.validation
     rows = [
-        ("job", f"{validation.n_rows} rows x {validation.n_baselines} baselines x "
-                f"{validation.n_steps} steps ({validation.method}, {validation.dtype})"),
+        ("job", f"{_counted(validation.n_rows, 'row')} x "
+                f"{_counted(validation.n_baselines, 'baseline')} x "
+                f"{_counted(validation.n_steps, 'step')} "
+                f"({validation.method}, {validation.dtype})"),
         ("max relative error", f"{validation.max_rel_error:.2e} (above "
                                f"{validation.tolerance_text} both are compared with Captum "
                                "in float64)"),
         *([("against Captum in float64",
             f"engine {validation.engine_vs_float64:.2e}, Captum "
             f"{validation.captum_vs_float64:.2e}; the engine off in {validation.pairs_off} of "
-            f"{validation.n_rows * validation.n_baselines} row-baseline pairs (the run fails "
-            f"when the engine's is above {validation.tolerance_text}, unless at most "
-            f"{validation.kink_pairs} pairs are off, a kink's rounding: then the engine "
-            "computes the attributions again in float64)")]
+            f"{_counted(validation.n_rows * validation.n_baselines, 'row-baseline pair')} "
+            f"(the run fails when the engine's is above {validation.tolerance_text}, unless "
+            f"at most {_counted(validation.kink_pairs, 'pair')} "
+            f"{'is' if validation.kink_pairs == 1 else 'are'} off, a kink's rounding: then "
+            "the engine computes the attributions again in float64)")]
           if validation.engine_vs_float64 is not None else []),
         *([("computed again in float64",
             f"{validation.recomputed_vs_float64:.2e} from Captum in float64: a path point "
@@ -490,6 +493,11 @@ def _validation_section(report: TitanicReport) -> str:
 
 # ---------------------------------------------------------------------------
 # HTML pieces
+
+
+def _counted(count: int, noun: str) -> str:
+    """``1 baseline``, ``4 baselines``: a count with its noun in the number it takes."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _section(title: str, body: str) -> str:

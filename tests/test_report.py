@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import html
 import io
 import re
 from html.parser import HTMLParser
@@ -148,6 +149,44 @@ def test_a_missing_picture_is_named(report, tmp_path):
     report.side_by_side.unlink()
     with pytest.raises(ArgumentError, match="side.png"):
         render_report(report)
+
+
+def visible_text(page: str) -> str:
+    """The page's words as a reader sees them: no tags, no style, spaces collapsed."""
+    page = re.sub(r"<style>.*?</style>", " ", page, flags=re.S)
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page)))
+
+
+@pytest.fixture
+def one_of_everything(report) -> TitanicReport:
+    """One test passenger, one baseline, one epoch: every count on the page is 1."""
+    validation = dataclasses.replace(report.validation, n_rows=1, n_baselines=1, n_steps=1,
+                                     max_rel_error=2e-5, engine_vs_float64=3e-6,
+                                     captum_vs_float64=2e-5, pairs_off=0)
+    return dataclasses.replace(
+        report, n_test=1, baseline_names=("mean-base",), epochs=1, n_steps=1,
+        top_features={"mean-base": "Sex"}, validation=validation,
+        epoch_costs=[EpochCost(0, 0.3, None), EpochCost(1, 0.06, 0.02)],
+    )
+
+
+def test_a_count_of_one_takes_the_singular(one_of_everything):
+    text = visible_text(render_report(one_of_everything))
+
+    assert "1 test passenger explained against 1 baseline with" in text
+    assert "1 epoch, Adam" in text
+    assert "1 row x 1 baseline x 1 step (" in text
+    assert "off in 0 of 1 row-baseline pair (" in text
+    assert "unless at most 1 pair is off" in text
+    assert not re.search(r"\b1 (passengers|baselines|epochs|rows|steps|pairs)\b", text), text
+
+
+def test_counts_above_one_take_the_plural(report):
+    text = visible_text(render_report(report))
+
+    assert "179 test passengers explained against 4 baselines with" in text
+    assert "2 epochs, Adam" in text
+    assert "179 rows x 4 baselines x 50 steps (" in text
 
 
 # ---------------------------------------------------------------------------
