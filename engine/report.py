@@ -353,18 +353,25 @@ def _heatmaps_section(report: TitanicReport) -> str:
     return note + f'<div class="grid">{cells}</div>'
 
 
-def _cadence(costs: Sequence[EpochCost]) -> str:
+def _snapshot_times(costs: Sequence[EpochCost]) -> str:
+    """When the snapshots were taken, as a reader would say it: "before training and after
+    each epoch", "... after epoch 3", "... after epochs 5, 10, 12"."""
     epochs = [cost.epoch for cost in costs if cost.epoch > 0]
+    if not epochs:
+        return "before training"
+    if len(epochs) == 1:
+        return f"before training and after epoch {epochs[0]}"
     if epochs == list(range(1, len(epochs) + 1)):
-        return "each epoch"
-    return "epochs " + ", ".join(str(epoch) for epoch in epochs)
+        return "before training and after each epoch"
+    return "before training and after epochs " + ", ".join(str(epoch) for epoch in epochs)
 
 
 def _training_section(report: TitanicReport) -> str:
+    against = "the baseline" if len(report.baseline_names) == 1 else "every baseline"
     text = (
-        "<p>The test set was explained against every baseline before training and after "
-        f"{_cadence(report.epoch_costs)}, with one batched engine call per snapshot. The "
-        "colour scale is fixed over all frames.</p>"
+        f"<p>The test set was explained against {against} "
+        f"{_snapshot_times(report.epoch_costs)}, with one batched engine call per snapshot. "
+        "The colour scale is fixed over all frames.</p>"
     )
     return text + _figure(report.animation, "Mean attribution per baseline, epoch by epoch") \
         + _cost_table(report.epoch_costs)

@@ -175,6 +175,7 @@ def test_a_count_of_one_takes_the_singular(one_of_everything):
 
     assert "1 test passenger explained against 1 baseline with" in text
     assert "1 epoch, Adam" in text
+    assert "explained against the baseline before training and after epoch 1," in text
     assert "1 row x 1 baseline x 1 step (" in text
     assert "off in 0 of 1 row-baseline pair (" in text
     assert "unless at most 1 pair is off" in text
@@ -187,6 +188,21 @@ def test_counts_above_one_take_the_plural(report):
     assert "179 test passengers explained against 4 baselines with" in text
     assert "2 epochs, Adam" in text
     assert "179 rows x 4 baselines x 50 steps (" in text
+
+
+@pytest.mark.parametrize(("epochs", "said"), [
+    ([1, 2], "before training and after each epoch,"),
+    ([1], "before training and after epoch 1,"),
+    ([3], "before training and after epoch 3,"),
+    ([5, 7], "before training and after epochs 5, 7,"),
+    ([5, 10, 12], "before training and after epochs 5, 10, 12,"),
+    ([], "before training,"),
+])
+def test_the_snapshot_epochs_are_named_as_a_reader_would(report, epochs, said):
+    costs = [EpochCost(0, 0.3, None), *(EpochCost(epoch, 0.06, 0.02) for epoch in epochs)]
+    text = visible_text(render_report(dataclasses.replace(report, epoch_costs=costs)))
+
+    assert f"explained against every baseline {said} with one batched" in text
 
 
 # ---------------------------------------------------------------------------
