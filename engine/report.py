@@ -431,7 +431,7 @@ def _passenger_section(report: TitanicReport) -> str:
     elif passenger.unchanged:
         text += (f"<p><b>Note:</b> this passenger's {feature} is in the middle of its range, "
                  "so flipping leaves it unchanged; choose another row or feature.</p>")
-    if passenger.feature == "Sex":
+    if passenger.feature == "Sex" and "zero-base" in report.baseline_names:
         text += ("<p>A feature equal to the baseline's value gets no attribution (IG "
                  "multiplies by x - baseline): against the zero baseline a Sex of 0 (a woman, "
                  "or anyone in a file of one sex) gets an attribution of 0.</p>")

@@ -308,6 +308,27 @@ def test_a_sex_every_passenger_shares_is_left_as_it_is(men_only, report):
     assert "middle of its range" not in page
 
 
+ZERO_BASELINE_NOTE = "against the zero baseline a Sex of 0"
+
+
+def test_the_zero_baseline_note_shows_when_the_zero_baseline_was_chosen(report):
+    assert ZERO_BASELINE_NOTE in passenger_section(render_report(report))
+
+
+@pytest.mark.parametrize("baselines", [("mean-base",), ("mean-base", "random-base", "one-base")])
+def test_the_zero_baseline_note_is_left_out_without_the_zero_baseline(report, baselines):
+    page = render_report(dataclasses.replace(report, baseline_names=baselines))
+
+    assert ZERO_BASELINE_NOTE not in passenger_section(page)
+
+
+def test_the_zero_baseline_note_is_left_out_for_another_feature(report):
+    passenger = dataclasses.replace(report.passenger, feature="Pclass")
+    page = render_report(dataclasses.replace(report, passenger=passenger))
+
+    assert ZERO_BASELINE_NOTE not in passenger_section(page)
+
+
 def test_a_man_among_women_is_named_and_flipped_from_the_file(report):
     assert report.passenger.labels() == ("as is (male)", "Sex flipped (female)")
     assert "as is (male)" in render_report(report)
