@@ -58,6 +58,7 @@ def attribution_heatmap(
     """
     values = np.asarray(mean_attribution, dtype=float).reshape(-1, 1)
     _check_names(values.shape[0], feature_names, "feature")
+    _refuse_empty("mean_attribution", values.shape[:1], ("features",))
 
     figure, axes = plt.subplots(figsize=(3.6, 3.8), layout="constrained")
     image = _matrix(axes, values, feature_names, ["mean attribution"], _limit(values))
@@ -133,6 +134,7 @@ def attribution_gif(
             f"mean_by_epoch must be (epochs, baselines, features) with {len(epochs)} epochs, "
             f"got shape {stacked.shape}"
         )
+    _refuse_empty("mean_by_epoch", stacked.shape, ("epochs", "baselines", "features"))
     for frame in stacked:
         _checked_matrix(frame, baseline_names, feature_names)
 
@@ -195,6 +197,7 @@ def passenger_comparison(
             f"label per version, got shape {values.shape}, {len(probabilities)} probabilities "
             f"and {len(labels)} labels"
         )
+    _refuse_empty("attributions", values.shape, ("versions", "baselines", "features"))
     for version in values:
         _checked_matrix(version, baseline_names, feature_names)
 
@@ -306,7 +309,15 @@ def _checked_matrix(
             f"attributions must have shape (baselines, features) = {expected}, "
             f"got {matrix.shape}"
         )
+    _refuse_empty("attributions", matrix.shape, ("baselines", "features"))
     return matrix
+
+
+def _refuse_empty(name: str, shape: tuple[int, ...], dimensions: Sequence[str]) -> None:
+    """Name the first of ``dimensions`` (one per axis of ``shape``) that holds nothing."""
+    for size, dimension in zip(shape, dimensions):
+        if size == 0:
+            raise ArgumentError(f"nothing to draw: {name} of shape {shape} has no {dimension}")
 
 
 def _check_names(count: int, names: Sequence[str], what: str) -> None:

@@ -101,3 +101,31 @@ def test_comparison_with_the_wrong_shape_names_both_shapes(tmp_path):
     with pytest.raises(ArgumentError) as err:
         baseline_comparison(seeded(5, 4), BASELINES, FEATURES, tmp_path / "s.png", title="t")
     assert "(4, 5)" in str(err.value) and "(5, 4)" in str(err.value)
+
+
+@pytest.mark.parametrize(("draw", "nothing"), [
+    (lambda path: attribution_heatmap(np.zeros(0), [], path, title="t"), "no features"),
+    (lambda path: baseline_comparison(np.zeros((0, 5)), [], FEATURES, path, title="t"),
+     "no baselines"),
+    (lambda path: baseline_comparison(np.zeros((4, 0)), BASELINES, [], path, title="t"),
+     "no features"),
+    (lambda path: attribution_gif(np.zeros((0, 4, 5)), [], BASELINES, FEATURES, path),
+     "no epochs"),
+    (lambda path: attribution_gif(np.zeros((2, 0, 5)), [0, 1], [], FEATURES, path),
+     "no baselines"),
+    (lambda path: attribution_gif(np.zeros((2, 4, 0)), [0, 1], BASELINES, [], path),
+     "no features"),
+    (lambda path: passenger_comparison(np.zeros((0, 4, 5)), [], [], BASELINES, FEATURES, path,
+                                       title="t"), "no versions"),
+    (lambda path: passenger_comparison(np.zeros((2, 0, 5)), [0.3, 0.4], ["a", "b"], [],
+                                       FEATURES, path, title="t"), "no baselines"),
+    (lambda path: passenger_comparison(np.zeros((2, 4, 0)), [0.3, 0.4], ["a", "b"], BASELINES,
+                                       [], path, title="t"), "no features"),
+], ids=["heatmap-features", "comparison-baselines", "comparison-features", "gif-epochs",
+        "gif-baselines", "gif-features", "passenger-versions", "passenger-baselines",
+        "passenger-features"])
+def test_nothing_to_draw_is_refused_by_name(tmp_path, draw, nothing):
+    path = tmp_path / "empty.png"
+    with pytest.raises(ArgumentError, match=f"nothing to draw: .* has {nothing}"):
+        draw(path)
+    assert not path.exists()
