@@ -3,13 +3,15 @@ training epochs, and one passenger's attributions with a feature flipped.
 
 Every colour scale is red (pushes survival down) to green (pushes it up), centred on
 zero, and symmetric so that equal magnitudes get equal intensity whatever their sign.
+Names and titles are drawn as written: a "$" is a dollar sign, never mathtext.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -36,6 +38,19 @@ DIVERGING = "RdYlGn"
 DPI = 110
 
 
+def _literal_text(draw: Callable) -> Callable:
+    """Draw every name and title as written: a "$" in a feature's name is a dollar sign,
+    not the start of matplotlib's mathtext (which fails on an unmatched one)."""
+
+    @functools.wraps(draw)
+    def literal(*args, **kwargs):
+        with plt.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return literal
+
+
+@_literal_text
 def attribution_heatmap(
     mean_attribution: np.ndarray,
     feature_names: Sequence[str],
@@ -68,6 +83,7 @@ def attribution_heatmap(
     plt.close(figure)
 
 
+@_literal_text
 def baseline_comparison(
     mean_attribution: np.ndarray,
     baseline_names: Sequence[str],
@@ -95,6 +111,7 @@ def baseline_comparison(
     plt.close(figure)
 
 
+@_literal_text
 def attribution_gif(
     mean_by_epoch: np.ndarray,
     epochs: Sequence[int],
@@ -160,6 +177,7 @@ def attribution_gif(
     return len(frames)
 
 
+@_literal_text
 def passenger_comparison(
     attributions: np.ndarray,
     probabilities: Sequence[float],

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from matplotlib.text import Text
 from PIL import Image
 
+import engine.plots
 from engine.errors import ArgumentError
 from engine.plots import (
     attribution_gif,
@@ -20,6 +23,24 @@ BASELINES = ("mean-base", "random-base", "zero-base", "one-base")
 
 def seeded(*shape: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(scale=0.1, size=shape)
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> list:
+    """Every figure the plots draw, kept as they close it, to read what it shows."""
+    figures = []
+    close = plt.close
+
+    def keep(figure=None):
+        figures.append(figure)
+        close(figure)
+
+    monkeypatch.setattr(engine.plots.plt, "close", keep)
+    return figures
+
+
+def texts(figure) -> list[Text]:
+    return [text for text in figure.findobj(Text) if text.get_text()]
 
 
 def test_heatmap_is_a_valid_png(tmp_path):
@@ -129,3 +150,22 @@ def test_nothing_to_draw_is_refused_by_name(tmp_path, draw, nothing):
     with pytest.raises(ArgumentError, match=f"nothing to draw: .* has {nothing}"):
         draw(path)
     assert not path.exists()
+
+
+NAMES_WITH_DOLLARS = ("cost $x^$", "$\\frac$", "$x$", "fare in $")
+
+
+def test_names_and_titles_with_dollar_signs_are_shown_as_written(tmp_path, drawn):
+    features = (*NAMES_WITH_DOLLARS, "Age")
+    attribution_heatmap(seeded(5), features, tmp_path / "h.png", title="$x$ mean")
+    baseline_comparison(seeded(4, 5), NAMES_WITH_DOLLARS, features, tmp_path / "c.png",
+                        title="$\\frac$")
+    attribution_gif(seeded(2, 4, 5), [0, 1], NAMES_WITH_DOLLARS, features, tmp_path / "g.gif")
+    passenger_comparison(seeded(2, 4, 5), [0.1, 0.6], ["$x$", "cost $x^$"],
+                         NAMES_WITH_DOLLARS, features, tmp_path / "p.png", title="$5")
+
+    assert len(drawn) == 5
+    shown = [text for figure in drawn for text in texts(figure)]
+    assert set(NAMES_WITH_DOLLARS) <= {text.get_text() for text in shown}
+    mathtext = [text.get_text() for text in shown if text.get_parse_math()]
+    assert mathtext == []
