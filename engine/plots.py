@@ -3,6 +3,7 @@ training epochs, and one passenger's attributions with a feature flipped.
 
 Every colour scale is red (pushes survival down) to green (pushes it up), centred on
 zero, and symmetric so that equal magnitudes get equal intensity whatever their sign.
+The finite values set it; a nan cell is grey and reads "nan".
 Names and titles are drawn as written: a "$" is a dollar sign, never mathtext.
 """
 
@@ -33,8 +34,10 @@ __all__ = [
     "passenger_comparison",
 ]
 
-# Red for features that push the prediction down, green for those that push it up.
+# Red for features that push the prediction down, green for those that push it up; a nan
+# cell is grey, outside the scale.
 DIVERGING = "RdYlGn"
+NAN_GREY = "0.75"
 DPI = 110
 
 
@@ -266,8 +269,10 @@ def passenger_comparison(
 
 
 def _limit(values: np.ndarray) -> float:
-    # Symmetric limits keep zero at the neutral colour whatever the signs present.
-    return max(float(np.abs(values).max()), 1e-12)
+    # Symmetric limits keep zero at the neutral colour whatever the signs present. Only
+    # finite values set them: a nan is drawn grey and an inf at the end of the scale.
+    magnitudes = np.abs(values[np.isfinite(values)])
+    return max(float(magnitudes.max(initial=0.0)), 1e-12)
 
 
 def _matrix(
@@ -279,11 +284,13 @@ def _matrix(
 ):
     """An annotated (rows, columns) heatmap on ``axes``; returns the image for a colorbar."""
     norm = TwoSlopeNorm(0.0, -limit, limit)
-    image = axes.imshow(values, cmap=DIVERGING, norm=norm, aspect="auto")
+    colours = plt.get_cmap(DIVERGING).with_extremes(bad=NAN_GREY)
+    image = axes.imshow(values, cmap=colours, norm=norm, aspect="auto")
     for (row, column), value in np.ndenumerate(values):
         # Dark text on the pale middle of the scale, white on its saturated ends.
         strong = abs(value) > 0.6 * limit
-        axes.text(column, row, f"{value:+.3f}", ha="center", va="center", fontsize=10,
+        text = "nan" if np.isnan(value) else f"{value:+.3f}"
+        axes.text(column, row, text, ha="center", va="center", fontsize=10,
                   color="white" if strong else "black")
     axes.set_yticks(range(len(row_labels)), labels=list(row_labels))
     axes.set_xticks(range(len(column_labels)), labels=list(column_labels))

@@ -169,3 +169,41 @@ def test_names_and_titles_with_dollar_signs_are_shown_as_written(tmp_path, drawn
     assert set(NAMES_WITH_DOLLARS) <= {text.get_text() for text in shown}
     mathtext = [text.get_text() for text in shown if text.get_parse_math()]
     assert mathtext == []
+
+
+FINITE = np.array([[0.1, -0.2, 0.0, 0.05, 0.3], [0.2, 0.1, -0.1, 0.0, -0.3]])  # (B, F)
+
+
+def test_nan_and_inf_leave_the_colour_scale_to_the_finite_values(tmp_path, drawn):
+    odd = FINITE.copy()
+    odd[0, 1], odd[1, 2] = np.nan, np.inf
+    attribution_gif(np.stack([FINITE, odd]), [0, 1], BASELINES[:2], FEATURES,
+                    tmp_path / "nan.gif")
+
+    assert len(drawn) == 2
+    for figure in drawn:  # the frame without nan is drawn on the same scale as the other
+        norm = figure.axes[0].images[0].norm
+        assert (norm.vmin, norm.vmax) == pytest.approx((-0.3, 0.3))
+
+
+def test_a_nan_cell_is_grey_and_reads_nan(tmp_path, drawn):
+    values = FINITE.copy()
+    values[1, 3] = np.nan
+    baseline_comparison(values, BASELINES[:2], FEATURES, tmp_path / "nan.png", title="t")
+
+    axes = drawn[0].axes[0]
+    cells = [text.get_text() for text in axes.texts]
+    assert cells.count("nan") == 1
+    assert np.isfinite([float(cell) for cell in cells if cell != "nan"]).all()
+    red, green, blue, alpha = axes.images[0].to_rgba(np.array([[np.nan]]))[0, 0]
+    assert red == green == blue and alpha == 1.0  # opaque grey, no colour of the scale
+
+
+def test_a_nan_bar_leaves_the_passengers_axes_to_the_finite_values(tmp_path, drawn):
+    versions = np.stack([FINITE, FINITE / 2])
+    versions[1, 0, 4] = np.nan
+    passenger_comparison(versions, [0.2, 0.7], ["a", "b"], BASELINES[:2], FEATURES,
+                         tmp_path / "nan.png", title="t")
+
+    for panel in drawn[0].axes[1:]:
+        assert panel.get_xlim() == pytest.approx((-0.3 * 1.15, 0.3 * 1.15))
