@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import io
 import textwrap
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -128,7 +129,8 @@ def attribution_gif(
     """An animated GIF of the side-by-side heatmaps, one frame per snapshot.
 
     The colour scale is fixed over all frames so that a colour means the same value in
-    every frame; epoch 0 is titled "before training".
+    every frame; epoch 0 is titled "before training", and an epoch with more than one
+    snapshot names the snapshot too, so that every snapshot keeps its frame.
 
     Parameters
     ----------
@@ -159,13 +161,9 @@ def attribution_gif(
         _checked_matrix(frame, baseline_names, feature_names)
 
     limit = _limit(stacked)
-    last = max(epochs)
     frames = []
-    for epoch, values in zip(epochs, stacked):
-        when = "before training" if epoch == 0 else f"after epoch {epoch} of {last}"
-        figure = _comparison_figure(
-            values, baseline_names, feature_names, limit, f"Mean attribution, {when}"
-        )
+    for title, values in zip(_frame_titles(epochs), stacked):
+        figure = _comparison_figure(values, baseline_names, feature_names, limit, title)
         frames.append(_to_image(figure))
         plt.close(figure)
 
@@ -314,6 +312,19 @@ def _comparison_figure(
     axes.set_title(title, fontsize=11)
     figure.colorbar(image, ax=axes, shrink=0.85, label="mean attribution")
     return figure
+
+
+def _frame_titles(epochs: Sequence[int]) -> list[str]:
+    """A title per snapshot, each different from the others: the GIF writer merges
+    identical frames, so two snapshots of one epoch also name the snapshot."""
+    last, snapshots = max(epochs), Counter(epochs)
+    titles = []
+    for snapshot, epoch in enumerate(epochs, start=1):
+        when = "before training" if epoch == 0 else f"after epoch {epoch} of {last}"
+        if snapshots[epoch] > 1:
+            when += f" (snapshot {snapshot} of {len(epochs)})"
+        titles.append(f"Mean attribution, {when}")
+    return titles
 
 
 def _to_image(figure) -> Image.Image:

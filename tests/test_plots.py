@@ -97,6 +97,19 @@ def test_gif_keeps_frames_whose_attributions_do_not_change(tmp_path):
         assert image.n_frames == 3
 
 
+def test_gif_keeps_a_frame_per_snapshot_when_an_epoch_repeats(tmp_path, drawn):
+    # Two snapshots of one epoch with the same numbers would be identical pictures, which
+    # the GIF writer merges into one frame.
+    path = tmp_path / "repeated.gif"
+    written = attribution_gif(np.repeat(seeded(1, 4, 5), 3, axis=0), [1, 1, 2], BASELINES,
+                              FEATURES, path)
+
+    with Image.open(path) as image:
+        assert written == image.n_frames == 3
+    titles = [figure.get_suptitle() or figure.axes[0].get_title() for figure in drawn]
+    assert len(set(titles)) == 3, titles
+
+
 def test_gif_with_mismatched_epochs_is_refused(tmp_path):
     with pytest.raises(ArgumentError, match="3 epochs"):
         attribution_gif(seeded(4, 4, 5), [0, 1, 2], BASELINES, FEATURES, tmp_path / "x.gif")
