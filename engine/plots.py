@@ -24,6 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.font_manager import FontProperties  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from engine.errors import ArgumentError  # noqa: E402
@@ -40,6 +42,7 @@ __all__ = [
 DIVERGING = "RdYlGn"
 NAN_GREY = "0.75"
 DPI = 110
+TITLE_MARGIN = 0.15  # inches of white left and right of the widest title
 
 
 def _literal_text(draw: Callable) -> Callable:
@@ -81,7 +84,7 @@ def attribution_heatmap(
 
     figure, axes = plt.subplots(figsize=(3.6, 3.8), layout="constrained")
     image = _matrix(axes, values, feature_names, ["mean attribution"], _limit(values))
-    axes.set_title(title, fontsize=10)
+    _title(figure, title, fontsize=10)
     figure.colorbar(image, ax=axes, shrink=0.8)
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
@@ -160,10 +163,12 @@ def attribution_gif(
     for frame in stacked:
         _checked_matrix(frame, baseline_names, feature_names)
 
-    limit = _limit(stacked)
+    limit, titles = _limit(stacked), _frame_titles(epochs)
     frames = []
-    for title, values in zip(_frame_titles(epochs), stacked):
-        figure = _comparison_figure(values, baseline_names, feature_names, limit, title)
+    for title, values in zip(titles, stacked):
+        # Every frame is as wide as the widest title needs: a GIF has one size.
+        figure = _comparison_figure(values, baseline_names, feature_names, limit, title,
+                                    fit=titles)
         frames.append(_to_image(figure))
         plt.close(figure)
 
@@ -257,7 +262,7 @@ def passenger_comparison(
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[i]) for i in range(n_versions)]
     figure.legend(handles, list(labels), loc="outside lower center", ncols=n_versions, fontsize=9,
                   frameon=False)
-    figure.suptitle(title, fontsize=11)
+    _title(figure, title, fontsize=11)
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
 
@@ -302,16 +307,31 @@ def _comparison_figure(
     feature_names: Sequence[str],
     limit: float,
     title: str,
-):
+    fit: Sequence[str] = (),
+) -> Figure:
     # (B, F) -> features down, baselines across, as the article's tables read.
     figure, axes = plt.subplots(
         figsize=(1.6 + 1.35 * len(baseline_names), 3.8), layout="constrained"
     )
     image = _matrix(axes, values.T, feature_names, baseline_names, limit)
     axes.xaxis.tick_top()
-    axes.set_title(title, fontsize=11)
+    _title(figure, title, fontsize=11, fit=fit)
     figure.colorbar(image, ax=axes, shrink=0.85, label="mean attribution")
     return figure
+
+
+def _title(figure: Figure, title: str, *, fontsize: float, fit: Sequence[str] = ()) -> None:
+    """Title the whole figure, widening it where the title, or any text of ``fit`` (the
+    other frames' titles), would not fit: a narrow figure (one baseline) clips its title
+    at both edges."""
+    renderer = figure.canvas.get_renderer()
+    font = FontProperties(size=fontsize)
+    lines = [line for text in (title, *fit) for line in text.split("\n")]
+    widest = max(renderer.get_text_width_height_descent(line, font, ismath=False)[0]
+                 for line in lines)  # pixels at the figure's dpi
+    needed = widest / figure.dpi + 2 * TITLE_MARGIN
+    figure.set_figwidth(max(figure.get_figwidth(), needed))
+    figure.suptitle(title, fontsize=fontsize)
 
 
 def _frame_titles(epochs: Sequence[int]) -> list[str]:

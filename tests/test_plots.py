@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from matplotlib.text import Text
-from PIL import Image
+from PIL import Image, ImageSequence
 
 import engine.plots
 from engine.errors import ArgumentError
@@ -220,3 +220,36 @@ def test_a_nan_bar_leaves_the_passengers_axes_to_the_finite_values(tmp_path, dra
 
     for panel in drawn[0].axes[1:]:
         assert panel.get_xlim() == pytest.approx((-0.3 * 1.15, 0.3 * 1.15))
+
+
+def sides_are_blank(path) -> bool:
+    """True when, in every frame, the outermost pixel columns are all background: nothing
+    drawn runs off the picture's left or right edge."""
+    with Image.open(path) as image:
+        for frame in ImageSequence.Iterator(image):
+            pixels = np.asarray(frame.convert("RGB"))
+            if pixels[:, [0, -1]].min() < 250:
+                return False
+    return True
+
+
+def test_titles_fit_a_single_baseline_comparison_and_every_gif_frame(tmp_path):
+    one = BASELINES[:1]
+    side, gif = tmp_path / "side.png", tmp_path / "epochs.gif"
+    baseline_comparison(seeded(1, 5), one, FEATURES, side,
+                        title="Mean attribution per baseline, epoch 20")
+    attribution_gif(seeded(3, 1, 5), [0, 1, 20], one, FEATURES, gif)
+
+    assert sides_are_blank(side)
+    assert sides_are_blank(gif)
+
+
+def test_a_long_title_widens_the_heatmap_and_the_passenger_figure(tmp_path):
+    title = "Mean attribution of every passenger in the test set, one-base, epoch 100"
+    heatmap, passenger = tmp_path / "heatmap.png", tmp_path / "passenger.png"
+    attribution_heatmap(seeded(5), FEATURES, heatmap, title=title)
+    passenger_comparison(seeded(2, 1, 5), [0.1, 0.6], ["as is", "flipped"], BASELINES[:1],
+                         FEATURES, passenger, title=f"{title}\n{title}")
+
+    assert sides_are_blank(heatmap)
+    assert sides_are_blank(passenger)
