@@ -3,7 +3,9 @@ training epochs, and one passenger's attributions with a feature flipped.
 
 Every colour scale is red (pushes survival down) to green (pushes it up), centred on
 zero, and symmetric so that equal magnitudes get equal intensity whatever their sign.
-The finite values set it; a nan cell is grey and reads "nan".
+The finite values set it; a nan cell is grey and reads "nan". Cells are written with
+three decimals; when the largest magnitude is below 0.01 (or from 1000 up) they are
+written in units of a power of ten, which the colour bar names and reads in too.
 Names and titles are drawn as written: a "$" is a dollar sign, never mathtext.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import textwrap
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -26,6 +29,8 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.font_manager import FontProperties  # noqa: E402
+from matplotlib.image import AxesImage  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from engine.errors import ArgumentError  # noqa: E402
@@ -43,6 +48,7 @@ DIVERGING = "RdYlGn"
 NAN_GREY = "0.75"
 DPI = 110
 TITLE_MARGIN = 0.15  # inches of white left and right of the widest title
+SMALLEST_LIMIT = 1e-12  # colour limit of all-zero values: a scale must not divide by 0
 
 
 def _literal_text(draw: Callable) -> Callable:
@@ -85,7 +91,7 @@ def attribution_heatmap(
     figure, axes = plt.subplots(figsize=(3.6, 3.8), layout="constrained")
     image = _matrix(axes, values, feature_names, ["mean attribution"], _limit(values))
     _title(figure, title, fontsize=10)
-    figure.colorbar(image, ax=axes, shrink=0.8)
+    _colour_bar(figure, image, axes, label="", shrink=0.8)
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
 
@@ -275,7 +281,24 @@ def _limit(values: np.ndarray) -> float:
     # Symmetric limits keep zero at the neutral colour whatever the signs present. Only
     # finite values set them: a nan is drawn grey and an inf at the end of the scale.
     magnitudes = np.abs(values[np.isfinite(values)])
-    return max(float(magnitudes.max(initial=0.0)), 1e-12)
+    return max(float(magnitudes.max(initial=0.0)), SMALLEST_LIMIT)
+
+
+def _unit_exponent(limit: float) -> int:
+    """The power of ten the cells are written in: 0 (the values as they are) when the
+    largest magnitude ``limit`` is from 0.01 to 1000, where three decimals show it with two
+    significant digits or more; else its own power, so that the cells read up to 9.99."""
+    if limit <= SMALLEST_LIMIT or 0.01 <= limit < 1000:
+        return 0
+    return math.floor(math.log10(limit))
+
+
+def _cell_text(value: float, exponent: int) -> str:
+    if np.isnan(value):
+        return "nan"
+    if exponent == 0:
+        return f"{value:+.3f}"
+    return f"{value / 10.0**exponent:+.2f}"
 
 
 def _matrix(
@@ -287,14 +310,14 @@ def _matrix(
 ):
     """An annotated (rows, columns) heatmap on ``axes``; returns the image for a colorbar."""
     norm = TwoSlopeNorm(0.0, -limit, limit)
+    exponent = _unit_exponent(limit)
     colours = plt.get_cmap(DIVERGING).with_extremes(bad=NAN_GREY)
     image = axes.imshow(values, cmap=colours, norm=norm, aspect="auto")
     for (row, column), value in np.ndenumerate(values):
         # Dark text on the pale middle of the scale, white on its saturated ends.
         strong = abs(value) > 0.6 * limit
-        text = "nan" if np.isnan(value) else f"{value:+.3f}"
-        axes.text(column, row, text, ha="center", va="center", fontsize=10,
-                  color="white" if strong else "black")
+        axes.text(column, row, _cell_text(value, exponent), ha="center", va="center",
+                  fontsize=10, color="white" if strong else "black")
     axes.set_yticks(range(len(row_labels)), labels=list(row_labels))
     axes.set_xticks(range(len(column_labels)), labels=list(column_labels))
     axes.tick_params(length=0)
@@ -316,8 +339,22 @@ def _comparison_figure(
     image = _matrix(axes, values.T, feature_names, baseline_names, limit)
     axes.xaxis.tick_top()
     _title(figure, title, fontsize=11, fit=fit)
-    figure.colorbar(image, ax=axes, shrink=0.85, label="mean attribution")
+    _colour_bar(figure, image, axes, label="mean attribution", shrink=0.85)
     return figure
+
+
+def _colour_bar(figure: Figure, image: AxesImage, axes: Axes, *, label: str,
+                shrink: float) -> None:
+    """The colour bar of a :func:`_matrix` image, in the unit its cells are written in."""
+    exponent = _unit_exponent(image.norm.vmax)
+    if exponent == 0:
+        figure.colorbar(image, ax=axes, shrink=shrink, label=label)
+        return
+
+    unit = 10.0**exponent
+    in_unit = FuncFormatter(lambda tick, _: f"{tick / unit:g}".replace("-", "\N{MINUS SIGN}"))
+    label = ", ".join(part for part in (label, f"in units of 1e{exponent}") if part)
+    figure.colorbar(image, ax=axes, shrink=shrink, label=label, format=in_unit)
 
 
 def _title(figure: Figure, title: str, *, fontsize: float, fit: Sequence[str] = ()) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -253,3 +255,37 @@ def test_a_long_title_widens_the_heatmap_and_the_passenger_figure(tmp_path):
 
     assert sides_are_blank(heatmap)
     assert sides_are_blank(passenger)
+
+
+def test_small_attributions_are_written_in_a_unit_that_shows_them(tmp_path, drawn):
+    # After one epoch against the mean baseline every mean is below 0.0005: "+0.000".
+    values = np.array([[3.2e-4, -8.4e-5, 2.5e-4, 5.3e-5, -3.1e-5]])  # (B, F)
+    baseline_comparison(values, BASELINES[:1], FEATURES, tmp_path / "small.png", title="t")
+
+    heatmap, colour_bar = drawn[0].axes
+    label = re.fullmatch(r"mean attribution, in units of (1e-\d+)", colour_bar.get_ylabel())
+    assert label, colour_bar.get_ylabel()
+    unit = float(label.group(1))
+    cells = np.array([float(text.get_text()) for text in heatmap.texts]) * unit
+    # Two decimals in the unit: each cell within half of its last digit.
+    np.testing.assert_allclose(cells, values[0], rtol=0, atol=0.005 * unit)
+    for tick in colour_bar.get_yticklabels():  # the colour bar reads in the same unit
+        shown = float(tick.get_text().replace("\N{MINUS SIGN}", "-")) * unit
+        assert shown == pytest.approx(tick.get_position()[1], abs=1e-3 * unit)
+
+
+def test_a_single_heatmap_names_the_unit_of_small_attributions(tmp_path, drawn):
+    attribution_heatmap(seeded(5) * 1e-3, FEATURES, tmp_path / "small.png", title="t")
+
+    heatmap, colour_bar = drawn[0].axes
+    assert re.fullmatch(r"in units of 1e-\d+", colour_bar.get_ylabel())
+    assert not any(text.get_text() in ("+0.000", "-0.000") for text in heatmap.texts)
+
+
+def test_usual_attributions_are_written_as_they_are_with_three_decimals(tmp_path, drawn):
+    baseline_comparison(FINITE, BASELINES[:2], FEATURES, tmp_path / "usual.png", title="t")
+
+    heatmap, colour_bar = drawn[0].axes
+    assert colour_bar.get_ylabel() == "mean attribution"
+    cells = [text.get_text() for text in heatmap.texts]
+    assert cells == [f"{value:+.3f}" for value in FINITE.T.ravel()]
