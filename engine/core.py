@@ -18,8 +18,8 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import itertools
 import logging
-import math
 import numbers
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -1542,19 +1542,23 @@ PROBE_ELEMENTS = 1 << 16
 PROBE_MIN_ROWS = 4
 # Baselines of row 0 in the probe's first batch, so that the trace check sees them too.
 PROBE_KINDS = 64
-# (pairs, alphas, rows, where each row is in the second batch) per (device, rows,
+# Where the probe's point between row 0 and its first baseline lies on their path: not the
+# midpoint, whose batch with the row and the baseline has their batch's mean.
+PROBE_ALPHA = 0.25
+# (pairs, alphas, rows, where each row is in the later batches) per (device, rows,
 # baseline kinds): the probe runs on every call.
 _PROBE_POINTS: dict[tuple[object, ...], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
 
 def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The probe's points as path pairs and alphas: two batches, one after the other.
+    """The probe's points as path pairs and alphas, in the order of its three batches.
 
     Batch one holds rows 0 to R - 1 and then row 0's baselines (up to PROBE_KINDS of
-    them); batch two holds the midpoint of row 0's path to its first baseline, row 0's
-    last baseline, and the rows in reverse order. R = min(N, PROBE_ROWS), fewer for wide
-    inputs (see PROBE_ELEMENTS). Every row sits at another position, beside other
-    partners, in a batch of another size.
+    them, K); batch two a point of row 0's path to its first baseline (at PROBE_ALPHA)
+    and row R - 1; batch three row 0's last baseline and rows R - 2 to 0. R = min(N,
+    PROBE_ROWS), fewer for wide inputs (see PROBE_ELEMENTS). Every row sits at another
+    position, beside other partners, in a batch of another size; row R - 1 in a batch of
+    two, whose mean and extremes differ from batch one's however many rows there are.
     """
     device, n_rows = problem.inputs[0].device, problem.n_rows
     row_size = max(1, sum(x[0].numel() for x in problem.inputs))
@@ -1563,17 +1567,19 @@ def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if key not in _PROBE_POINTS:
         last_kind = (problem.n_baselines - 1) * n_rows
         kinds = [k * n_rows for k in range(min(problem.n_baselines, PROBE_KINDS))]
-        pair = [*range(count), *kinds, 0, last_kind, *range(count - 1, -1, -1)]
-        alphas = [1.0] * count + [0.0] * len(kinds) + [0.5, 0.0] + [1.0] * count
-        # Row i is point i of batch one and point count + K + 2 + (count - 1 - i) overall.
-        second = [2 * count + len(kinds) + 1 - i for i in range(count)]
+        pair = [*range(count), *kinds, 0, count - 1, last_kind, *range(count - 2, -1, -1)]
+        alphas = ([1.0] * count + [0.0] * len(kinds) + [PROBE_ALPHA, 1.0, 0.0]
+                  + [1.0] * (count - 1))
+        # Row R - 1 is point R + K + 1 overall; row i < R - 1 is point R + K + 3 + (R - 2 - i).
+        split = count + len(kinds)
+        later = [2 * count + len(kinds) + 1 - i for i in range(count - 1)] + [split + 1]
         if len(_PROBE_POINTS) > 64:
             _PROBE_POINTS.clear()
         _PROBE_POINTS[key] = (
             torch.tensor(pair, dtype=torch.long, device=device),
             torch.tensor(alphas, dtype=torch.float64, device=device),
             torch.arange(count, device=device),
-            torch.tensor(second, dtype=torch.long, device=device),
+            torch.tensor(later, dtype=torch.long, device=device),
         )
     return _PROBE_POINTS[key]
 
@@ -1581,69 +1587,108 @@ def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 def _probe_row_coupling(
     forward_func: Callable[..., Tensor], problem: PathProblem
 ) -> ModelSample | None:
-    pair, alphas, first_at, second_at = _probe_pairs(problem)
+    pair, alphas, first_at, later_at = _probe_pairs(problem)
     count = first_at.shape[0]
     kinds = pair.shape[0] - 2 * count - 2
+    split = count + kinds
     # The rows themselves (their paths' ends at alpha 1) and points on row 0's paths:
     # slicing and flipping the inputs costs less than gathering every point by its pair.
-    special = problem.path_points(pair[count : count + kinds + 2],
-                                  alphas[count : count + kinds + 2])
-    points = tuple(torch.cat([x[:count], between, x[:count].flip(0)])
+    special = problem.path_points(torch.cat([pair[count : split + 1], pair[split + 2 : split + 3]]),
+                                  torch.cat([alphas[count : split + 1],
+                                             alphas[split + 2 : split + 3]]))
+    points = tuple(torch.cat([x[:count], between[: kinds + 1], x[count - 1 : count],
+                              between[kinds + 1 :], x[: count - 1].flip(0)])
                    for x, between in zip(problem.inputs, special))
     rows = pair % problem.n_rows
-    split = count + kinds
-    # Batch two runs as two calls: the midpoint, the last baseline and the last row alone,
-    # then the other rows. Among nearly the same rows as in batch one, a batch statistic
-    # (a mean, a maximum) moves by about 1/rows, less than the tolerance below once there
-    # are a few hundred rows; in a batch of three it moves for any number of rows.
-    ends = (0, split, min(split + 3, pair.shape[0]), pair.shape[0])
+    # Three calls (see _probe_pairs). Among nearly the same rows as in batch one, a batch
+    # statistic (a mean, a maximum) moves by about 1/rows, less than the tolerance below
+    # once there are a few hundred rows; in the batch of two it moves for any number.
+    ends = (0, split, split + 2, pair.shape[0])
+    eps, lazy = _model_precision(forward_func, problem)
+    # A lazy layer draws its first weights at its first call.
+    generator = None if lazy else _generator_state(problem.inputs[0].device)
     with torch.no_grad():
         outputs = [
             _forward(forward_func, tuple(p[start:end] for p in points),
                      problem.args_for(rows[start:end]))
-            for start, end in zip(ends, ends[1:]) if start < end
+            for start, end in zip(ends, ends[1:])
         ]
     both = torch.cat(outputs)
     # A target the model's output does not have fails here, before any real work.
     selected = problem.select(both, rows)
+    if generator is not None and not torch.equal(generator,
+                                                 _generator_state(problem.inputs[0].device)):
+        # Dropout called as a function in eval mode, noise added in forward: it may
+        # change few outputs, or none in these batches, and would still change the paths.
+        raise ModelError(
+            "the model draws random numbers in its forward pass, so its outputs are random "
+            "(dropout called with training=True, or noise added in forward?): make it "
+            "deterministic for attributions, or pass allow_coupled_rows=True"
+        )
     sample = None
     if len(points) == 1 and not problem.forward_args:
-        # The trace is checked on batch one and the midpoint and last baseline of batch
-        # two: the rest of batch two repeats batch one's rows.
-        kept = slice(0, split + 2)
-        sample = ModelSample(points[0][kept], both[kept], count, kinds)
-    first, second = selected[first_at].double(), selected[second_at].double()
+        # The trace is checked on batch one and the path point and last baseline of the
+        # later batches: the rest of them repeat batch one's rows.
+        sample = ModelSample(
+            torch.cat([points[0][: split + 1], points[0][split + 2 : split + 3]]),
+            torch.cat([both[: split + 1], both[split + 2 : split + 3]]), count, kinds,
+        )
+    first, later = selected[first_at].double(), selected[later_at].double()
+    gap, size = (first - later).abs(), first.abs()
+    if not all_finite(gap):
+        # Compare the finite outputs; the same infinity, or nan in both, is no change.
+        finite = torch.isfinite(first) & torch.isfinite(later)
+        same = (first == later) | (first.isnan() & later.isnan())
+        gap = torch.where(finite, gap, torch.where(same, 0.0, float("inf")))
+        size = torch.where(finite, size, 0.0)
     # Batched kernels may round differently with other partners, never by more than this,
     # in the least precise dtype the model computes in (a float32 network may return
-    # float64).
-    eps = _coarsest_eps(forward_func, problem, both.dtype)
-    change, size = (float(v) for v in torch.stack([(first - second).abs().max(),
-                                                   first.abs().max()]))
-    if not (math.isfinite(change) and math.isfinite(size)):
-        # Compare the finite outputs; the same infinity, or nan in both, is no change.
-        finite = torch.isfinite(first) & torch.isfinite(second)
-        same = (first == second) | (first.isnan() & second.isnan())
-        change = float(torch.where(finite, (first - second).abs(),
-                                   torch.where(same, 0.0, float("inf"))).max())
-        size = float(torch.where(finite, first.abs(), 0.0).max())
-    tolerance = eps ** 0.5 * (1.0 + size)
-    if change > tolerance:
+    # float64). Each row is measured against its own size, but at least the rows' median
+    # one: one row with a huge output leaves the others' tolerance as it was, and a row
+    # near zero (large terms that cancel) keeps the room its peers have.
+    if both.is_floating_point():
+        eps = max(eps, torch.finfo(both.dtype).eps)
+    tolerance = eps ** 0.5 * (1.0 + torch.maximum(size, size.median()))
+    over = gap > tolerance
+    if bool(over.any()):
         raise ModelError(
-            f"the model's output for a row changed by {change:.3g} when the other rows of "
-            "the batch changed: rows interact or the model is random (BatchNorm or Dropout in "
-            "training mode?); call model.eval() or pass allow_coupled_rows=True"
+            f"the model's output for a row changed by {float(gap[over].max()):.3g} when the "
+            "other rows of the batch changed: rows interact or the model is random "
+            "(BatchNorm or Dropout in training mode?); call model.eval() or pass "
+            "allow_coupled_rows=True"
         )
     return sample
 
 
-def _coarsest_eps(forward_func: Callable[..., Tensor], problem: PathProblem,
-                  output_dtype: torch.dtype) -> float:
-    """The largest machine epsilon among the outputs, the inputs and the parameters."""
-    dtypes = {output_dtype, *(x.dtype for x in problem.inputs)}
+def _generator_state(device: torch.device) -> Tensor | None:
+    """The state of the random number generator the model would draw from on ``device``."""
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return None
+
+
+def _model_precision(forward_func: Callable[..., Tensor], problem: PathProblem
+                     ) -> tuple[float, bool]:
+    """The largest machine epsilon among the inputs and the model's parameters and
+    buffers (at least float32's for a plain function, which hides them), and whether the
+    model has a lazy layer yet to make its weights."""
+    dtypes = {x.dtype for x in problem.inputs}
+    lazy = False
     module = module_of(forward_func)
-    if module is not None:
-        dtypes.update(p.dtype for p in module.parameters())
-    return max(torch.finfo(dtype).eps for dtype in dtypes if dtype.is_floating_point)
+    if module is None:
+        dtypes.add(torch.float32)
+    else:
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            dtypes.add(tensor.dtype)
+            lazy = lazy or _uninitialized(tensor)
+    return max(torch.finfo(dtype).eps for dtype in dtypes if dtype.is_floating_point), lazy
+
+
+def _uninitialized(tensor: Tensor) -> bool:
+    """A lazy layer's parameter before its first call: it has no shape or data yet."""
+    return isinstance(tensor, nn.parameter.UninitializedTensorMixin)
 
 
 def check_model_device(forward_func: Callable[..., Tensor], device: torch.device) -> None:
@@ -1653,6 +1698,8 @@ def check_model_device(forward_func: Callable[..., Tensor], device: torch.device
     if module is None:
         return
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if _uninitialized(tensor):
+            continue  # a lazy layer's, made at its first call
         if tensor.is_inference():
             raise ArgumentError(
                 f"the model's tensor {name} was made inside torch.inference_mode(), where "

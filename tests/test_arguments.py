@@ -214,8 +214,8 @@ def test_a_bad_target_fails_on_the_first_forwards(compile):
 
     with pytest.raises(ArgumentError, match="target 4 is out of range"):
         integrated_gradients(model, torch.randn(5, 3), target=4, compile=compile)
-    # Five rows and a baseline; a midpoint, a baseline and the last row; four rows.
-    assert calls == [6, 3, 4]
+    # Five rows and a baseline; a path point and the last row; a baseline and four rows.
+    assert calls == [6, 2, 5]
 
 
 def test_too_many_target_indices_are_refused():
@@ -447,9 +447,9 @@ def test_the_probe_runs_up_to_1024_rows_and_fewer_wide_ones(shape, probed):
     with pytest.raises(ArgumentError, match="target 3 is out of range"):
         integrated_gradients(model, torch.randn(*shape), target=3)
 
-    # The probed rows and a baseline; a midpoint, a baseline and the last probed row; the
-    # other probed rows.
-    assert calls == [probed + 1, 3, probed - 1]
+    # The probed rows and a baseline; a path point and the last probed row; a baseline and
+    # the other probed rows.
+    assert calls == [probed + 1, 2, probed]
 
 
 def test_training_mode_rrelu_is_refused_by_name():

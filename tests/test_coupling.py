@@ -176,3 +176,107 @@ def test_a_float32_network_returning_float64_is_not_refused():
         except ModelError:
             refused += 1
     assert refused == 0
+
+
+class Partial(nn.Module):
+    """Feature 0 passes through; the others are centred on the batch mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.out(torch.cat([x[:, :1], torch.tanh(x[:, 1:] - x[:, 1:].mean(0))], 1))
+
+
+def test_one_row_with_a_huge_output_does_not_hide_the_others_interacting():
+    torch.manual_seed(100)
+    x = torch.randn(100, 4)
+    x[99, 0] = 1e4  # this row's output is about 1e4, the others' about 1
+
+    with pytest.raises(ModelError, match="rows interact"):
+        integrated_gradients(Partial().eval(), x, 0.0, n_steps=8)
+
+
+class OneBatch(nn.Module):
+    """Rows meet through the batch's mean, its maximum, or a neighbour."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, x):
+        if self.kind == "mean":
+            x = x - x.mean(0)
+        elif self.kind == "max":
+            x = x / x.abs().amax(0).clamp_min(1e-6)
+        else:
+            x = x + 0.5 * x.roll(1, 0)
+        return self.net(x)
+
+
+@pytest.mark.parametrize("kind", ["mean", "max", "neighbour"])
+def test_a_single_row_against_one_baseline_is_probed_too(kind):
+    # The row with its baseline, and the row with a point of their path: a midpoint would
+    # have given both batches the same mean, extremes and neighbour.
+    torch.manual_seed(0)
+    x, base = torch.randn(1, 5), torch.randn(1, 1, 5)
+
+    with pytest.raises(ModelError, match="rows interact"):
+        integrated_gradients(OneBatch(kind).eval(), x, base, n_steps=8)
+
+
+class FunctionalDropout(nn.Module):
+    """Monte Carlo dropout: random in eval mode too, where no layer's name shows it."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.inner, self.out = nn.Linear(5, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.out(nn.functional.dropout(torch.tanh(self.inner(x)), self.p, training=True))
+
+
+@pytest.mark.parametrize("n_rows", [1, 2, 10])
+def test_a_model_that_draws_random_numbers_is_refused_even_when_no_output_moved(n_rows):
+    # p = 1e-9 drops nothing in practice: only the draw itself shows.
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+
+    with pytest.raises(ModelError, match="draws random numbers"):
+        integrated_gradients(FunctionalDropout(1e-9).eval(), torch.randn(n_rows, 5), 0.0,
+                             n_steps=8)
+    assert not torch.equal(state, torch.get_rng_state())  # the model did draw
+
+
+def test_allow_coupled_rows_runs_a_model_that_draws_random_numbers(caplog):
+    attributions = integrated_gradients(FunctionalDropout(1e-9).eval(), torch.randn(3, 5), 0.0,
+                                        n_steps=8, allow_coupled_rows=True)
+
+    assert attributions.shape == (1, 3, 5)
+    assert "draws random numbers" in caplog.text
+
+
+def test_a_float32_network_behind_a_float64_function_is_not_refused():
+    # A plain function hides its weights: float32 is assumed inside at least.
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 1)).eval()
+
+    for n_rows in (1, 2, 3, 20, 100):
+        x = torch.randn(n_rows, 5, dtype=torch.float64)
+        integrated_gradients(lambda v: net(v.float()).double(), x, 0.0, n_steps=8)
+
+
+def test_an_uninitialised_lazy_layer_runs_as_in_captum():
+    from captum.attr import IntegratedGradients
+
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.LazyLinear(6), nn.ReLU(), nn.Linear(6, 1))
+    x = torch.randn(4, 3)
+
+    ours = integrated_gradients(model, x, 0.0, n_steps=8, method="riemann_trapezoid")[0]
+    theirs = IntegratedGradients(model).attribute(x, n_steps=8, method="riemann_trapezoid")
+
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
