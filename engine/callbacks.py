@@ -173,7 +173,14 @@ class AttributionCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A fit resumed from a checkpoint starts after the epochs it had finished.
-        self._snapshot(pl_module, epoch=trainer.current_epoch, epoch_seconds=None)
+        epoch = trainer.current_epoch
+        if trainer.ckpt_path is not None and epoch in self.epochs:
+            # The checkpoint brought this epoch's snapshot back with the others. Its
+            # weights may be past it (a checkpoint taken within the next epoch), which no
+            # epoch number names: the snapshot taken at the epoch's end stays.
+            self._forget_from(epoch + 1)
+            return
+        self._snapshot(pl_module, epoch=epoch, epoch_seconds=None)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_started = time.perf_counter()
@@ -201,13 +208,13 @@ class AttributionCallback(pl.Callback):
     @property
     def state_key(self) -> str:
         # Callbacks explaining other rows, baselines or features keep their snapshots
-        # apart in a checkpoint (Lightning refuses two callbacks with one key).
+        # apart in a checkpoint (Lightning refuses two callbacks with one key). How often
+        # snapshots are taken is left out: a resumed fit may take them at another pace.
         target = self.target.tolist() if isinstance(self.target, Tensor) else self.target
         return self._generate_state_key(
             rows=int(self.inputs.shape[0]), baselines=self.baseline_names,
             features=self.feature_names, n_steps=self.n_steps, method=self.method,
             target=target, compile=self.compile, precision=self.precision,
-            every_n_epochs=self.every_n_epochs,
         )
 
     def state_dict(self) -> dict[str, object]:

@@ -617,3 +617,35 @@ def test_bad_settings_are_refused_when_the_callback_is_made(change, message):
 
 def test_every_n_epochs_takes_a_numpy_integer():
     assert _small_callback(every_n_epochs=np.int64(2)).every_n_epochs == 2
+
+
+def test_a_fit_resumed_within_an_epoch_keeps_that_epochs_snapshot(tmp_path):
+    # Two steps per epoch; the checkpoint is taken after three, in the second epoch.
+    first = _small_callback()
+    torch.manual_seed(3)
+    x = torch.rand(64, 5)
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[first, saver])
+    trainer.fit(_Small(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, 0]),
+                                                      batch_size=32))
+    (checkpoint,) = tmp_path.glob("*step=3.ckpt")
+
+    resumed = _small_callback()
+    _small_fit(resumed, _Small(), epochs=3, ckpt_path=str(checkpoint))
+
+    assert resumed.epochs == [0, 1, 2, 3]
+    # Epoch 1 is the snapshot taken at that epoch's end, not the weights one step later.
+    torch.testing.assert_close(resumed.attributions[:2], first.attributions[:2])
+
+
+def test_a_resumed_fit_may_snapshot_at_another_pace(tmp_path):
+    first = _small_callback()
+    trainer = _small_fit(first, _Small(), epochs=2)
+    checkpoint = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    resumed = _small_callback(every_n_epochs=2)
+    _small_fit(resumed, _Small(), epochs=4, ckpt_path=str(checkpoint))
+
+    assert resumed.epochs == [0, 1, 2, 4]
