@@ -509,6 +509,11 @@ def _as_in_file(value: object) -> str:
     return str(value)
 
 
+def _escaped_breaks(text: str) -> str:
+    """``text`` on one line: a line break in it (in a path, say) is shown as ``\\n``."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _one_line(error: Exception, *, debug: bool) -> str:
     """The engine's message, or the first line of an unexpected error's with its type.
 
@@ -517,7 +522,7 @@ def _one_line(error: Exception, *, debug: bool) -> str:
     message short.
     """
     if isinstance(error, (EngineError, WriteError)):
-        return str(error).strip().replace("\r", "\\r").replace("\n", "\\n")
+        return _escaped_breaks(str(error).strip())
     lines = str(error).strip().splitlines()
     text = lines[0].strip() if lines else ""
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
@@ -608,7 +613,7 @@ def print_summary(summary: dict[str, object]) -> None:
         print(f"passenger {passenger.passenger_id} (test row {passenger.row}): survival "
               f"{before:.2f} as is, {after:.2f} with {passenger.feature} {passenger.change}"
               + ("" if passenger.reason is None else f" ({passenger.reason})"))
-    print(f"results in {summary['out']}/ (open report.html)")
+    print(f"results in {_escaped_breaks(str(summary['out']))}/ (open report.html)")
 
 
 # ---------------------------------------------------------------------------
@@ -720,7 +725,8 @@ def print_checkpoint_summary(summary: dict[str, object]) -> None:
         return
     rate = summary["n_rows"] * summary["computed"] / max(summary["n_chunks"], 1)
     rate /= max(summary["seconds"], 1e-9)
-    print(f"scaled like {summary['reference']} (medians fill blanks, min/max scale)")
+    print(f"scaled like {_escaped_breaks(str(summary['reference']))} (medians fill blanks, "
+          "min/max scale)")
     print(f"explained {_counted(summary['n_rows'], 'row')} x "
           f"{_counted(len(BASELINE_KINDS), 'baseline')} x "
           f"{_counted(summary['n_steps'], 'step')} in {summary['world_size']} process(es)")
@@ -729,7 +735,7 @@ def print_checkpoint_summary(summary: dict[str, object]) -> None:
     print(f"chunks: {summary['n_chunks']} in all, {summary['reused']} reused from an earlier "
           f"run, {summary['computed']} computed in {summary['seconds']:.2f} s{speed}")
     for path in summary["files"]:
-        print(f"wrote {path}")
+        print(f"wrote {_escaped_breaks(str(path))}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -816,7 +822,8 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 print_summary(summary)
     except KeyboardInterrupt:
-        print(f"interrupted: the results in {summary['out']} are complete", file=sys.stderr)
+        print(f"interrupted: the results in {_escaped_breaks(str(summary['out']))} are "
+              "complete", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK
 

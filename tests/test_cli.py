@@ -504,3 +504,18 @@ def test_summary_gives_the_median_snapshot_time(capsys, seconds, median):
     })
 
     assert f"{len(seconds)} snapshots, median {median} ms each" in capsys.readouterr().out
+
+
+def test_summary_shows_a_line_break_in_the_results_folder_escaped(capsys):
+    from types import SimpleNamespace
+
+    from engine.attribute import print_summary
+
+    validation = SimpleNamespace(max_rel_error=1e-7, recomputed=False, engine_seconds=0.002,
+                                 captum_seconds=0.3, speedup=150.0)
+    print_summary({
+        "validation": validation, "classification_report": "", "accuracy": 0.8,
+        "top_features": {}, "max_abs_delta": 1e-3, "out": "odd\nname",
+    })
+
+    assert capsys.readouterr().out.splitlines()[-1] == "results in odd\\nname/ (open report.html)"
