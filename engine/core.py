@@ -22,7 +22,7 @@ import itertools
 import logging
 import numbers
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -345,8 +345,8 @@ def integrated_gradients(
         internal_batch_size=internal_batch_size,
     )
     _check_precision_dtype(options, problem)
-    check_model_device(forward_func, problem.inputs[0].device)
-    sample = check_independent_rows(forward_func, problem, allow_coupled_rows)
+    tensors = check_model_device(forward_func, problem.inputs[0].device)
+    sample = check_independent_rows(forward_func, problem, allow_coupled_rows, tensors)
     if sample is not None:
         problem = dataclasses.replace(problem, targets_checked=True)
     # None: planned where a chunk size is needed (a hoisted run plans its own).
@@ -1507,7 +1507,8 @@ class ModelSample:
 
 
 def check_independent_rows(
-    forward_func: Callable[..., Tensor], problem: PathProblem, allow: bool
+    forward_func: Callable[..., Tensor], problem: PathProblem, allow: bool,
+    tensors: ModelTensors | None = None,
 ) -> ModelSample | None:
     """Refuse models whose output for one row depends on the other rows of the batch.
 
@@ -1517,13 +1518,16 @@ def check_independent_rows(
     ``allow`` turns the refusal into a logged warning.
 
     Returns the probe's points and outputs when the model has one input and no extra
-    arguments and its rows are independent, else None.
+    arguments and its rows are independent, else None. ``tensors`` is what
+    ``check_model_device`` returned, if it ran.
     """
     try:
         refuse_coupled_rows(forward_func)
         # Probed on every call: a flag read in forward can couple rows without any
         # change to the model's layers.
-        return _probe_row_coupling(forward_func, problem)
+        if tensors is None:
+            tensors = model_tensors(forward_func)
+        return _probe_row_coupling(forward_func, problem, tensors)
     except ModelError as error:
         if not allow:
             raise
@@ -1545,12 +1549,24 @@ PROBE_KINDS = 64
 # Where the probe's point between row 0 and its first baseline lies on their path: not the
 # midpoint, whose batch with the row and the baseline has their batch's mean.
 PROBE_ALPHA = 0.25
-# (pairs, alphas, rows, where each row is in the later batches) per (device, rows,
-# baseline kinds): the probe runs on every call.
-_PROBE_POINTS: dict[tuple[object, ...], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
 
-def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+@dataclass(frozen=True)
+class _ProbePoints:
+    """The probe's points as path pairs (see ``_probe_pairs``)."""
+
+    pair: Tensor  # every point's pair, in the order of the batches
+    special: tuple[Tensor, Tensor]  # pairs and alphas of the points that are not rows
+    first_at: Tensor  # where each probed row is in batch one
+    later_at: Tensor  # and where in the later batches
+
+
+# _ProbePoints per (device, rows, baseline kinds, probed rows): the probe runs on every
+# call.
+_PROBE_POINTS: dict[tuple[object, ...], _ProbePoints] = {}
+
+
+def _probe_pairs(problem: PathProblem) -> _ProbePoints:
     """The probe's points as path pairs and alphas, in the order of its three batches.
 
     Batch one holds rows 0 to R - 1 and then row 0's baselines (up to PROBE_KINDS of
@@ -1573,11 +1589,13 @@ def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         # Row R - 1 is point R + K + 1 overall; row i < R - 1 is point R + K + 3 + (R - 2 - i).
         split = count + len(kinds)
         later = [2 * count + len(kinds) + 1 - i for i in range(count - 1)] + [split + 1]
+        special = [*range(count, split + 1), split + 2]
         if len(_PROBE_POINTS) > 64:
             _PROBE_POINTS.clear()
-        _PROBE_POINTS[key] = (
+        _PROBE_POINTS[key] = _ProbePoints(
             torch.tensor(pair, dtype=torch.long, device=device),
-            torch.tensor(alphas, dtype=torch.float64, device=device),
+            (torch.tensor([pair[i] for i in special], dtype=torch.long, device=device),
+             torch.tensor([alphas[i] for i in special], dtype=torch.float64, device=device)),
             torch.arange(count, device=device),
             torch.tensor(later, dtype=torch.long, device=device),
         )
@@ -1585,17 +1603,15 @@ def _probe_pairs(problem: PathProblem) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def _probe_row_coupling(
-    forward_func: Callable[..., Tensor], problem: PathProblem
+    forward_func: Callable[..., Tensor], problem: PathProblem, tensors: ModelTensors
 ) -> ModelSample | None:
-    pair, alphas, first_at, later_at = _probe_pairs(problem)
-    count = first_at.shape[0]
+    probe = _probe_pairs(problem)
+    pair, count = probe.pair, probe.first_at.shape[0]
     kinds = pair.shape[0] - 2 * count - 2
     split = count + kinds
     # The rows themselves (their paths' ends at alpha 1) and points on row 0's paths:
     # slicing and flipping the inputs costs less than gathering every point by its pair.
-    special = problem.path_points(torch.cat([pair[count : split + 1], pair[split + 2 : split + 3]]),
-                                  torch.cat([alphas[count : split + 1],
-                                             alphas[split + 2 : split + 3]]))
+    special = problem.path_points(*probe.special)
     points = tuple(torch.cat([x[:count], between[: kinds + 1], x[count - 1 : count],
                               between[kinds + 1 :], x[: count - 1].flip(0)])
                    for x, between in zip(problem.inputs, special))
@@ -1604,9 +1620,8 @@ def _probe_row_coupling(
     # statistic (a mean, a maximum) moves by about 1/rows, less than the tolerance below
     # once there are a few hundred rows; in the batch of two it moves for any number.
     ends = (0, split, split + 2, pair.shape[0])
-    eps, lazy = _model_precision(forward_func, problem)
     # A lazy layer draws its first weights at its first call.
-    generator = None if lazy else _generator_state(problem.inputs[0].device)
+    generator = None if tensors.lazy else _generator_state(problem.inputs[0].device)
     with torch.no_grad():
         outputs = [
             _forward(forward_func, tuple(p[start:end] for p in points),
@@ -1627,14 +1642,25 @@ def _probe_row_coupling(
         )
     sample = None
     if len(points) == 1 and not problem.forward_args:
-        # The trace is checked on batch one and the path point and last baseline of the
-        # later batches: the rest of them repeat batch one's rows.
-        sample = ModelSample(
-            torch.cat([points[0][: split + 1], points[0][split + 2 : split + 3]]),
-            torch.cat([both[: split + 1], both[split + 2 : split + 3]]), count, kinds,
-        )
-    first, later = selected[first_at].double(), selected[later_at].double()
-    gap, size = (first - later).abs(), first.abs()
+        # The trace is checked on batch one and the path point of batch two, and on the
+        # last baseline when batch one does not hold every baseline: the rest of the
+        # later batches repeat batch one's rows.
+        if kinds == problem.n_baselines:
+            sample = ModelSample(points[0][: split + 1], both[: split + 1], count, kinds)
+        else:
+            sample = ModelSample(
+                torch.cat([points[0][: split + 1], points[0][split + 2 : split + 3]]),
+                torch.cat([both[: split + 1], both[split + 2 : split + 3]]), count, kinds,
+            )
+    first, later = selected[probe.first_at].double(), selected[probe.later_at].double()
+    gap = (first - later).abs()
+    dtypes = [x.dtype for x in problem.inputs]
+    if both.is_floating_point():
+        dtypes.append(both.dtype)
+    eps = max(tensors.eps, *(torch.finfo(dtype).eps for dtype in dtypes))
+    if float(gap.max()) <= eps ** 0.5:
+        return sample  # within the tolerance of a row of size 0, the smallest there is
+    size = first.abs()
     if not all_finite(gap):
         # Compare the finite outputs; the same infinity, or nan in both, is no change.
         finite = torch.isfinite(first) & torch.isfinite(later)
@@ -1646,8 +1672,6 @@ def _probe_row_coupling(
     # float64). Each row is measured against its own size, but at least the rows' median
     # one: one row with a huge output leaves the others' tolerance as it was, and a row
     # near zero (large terms that cancel) keeps the room its peers have.
-    if both.is_floating_point():
-        eps = max(eps, torch.finfo(both.dtype).eps)
     tolerance = eps ** 0.5 * (1.0 + torch.maximum(size, size.median()))
     over = gap > tolerance
     if bool(over.any()):
@@ -1669,21 +1693,34 @@ def _generator_state(device: torch.device) -> Tensor | None:
     return None
 
 
-def _model_precision(forward_func: Callable[..., Tensor], problem: PathProblem
-                     ) -> tuple[float, bool]:
-    """The largest machine epsilon among the inputs and the model's parameters and
-    buffers (at least float32's for a plain function, which hides them), and whether the
-    model has a lazy layer yet to make its weights."""
-    dtypes = {x.dtype for x in problem.inputs}
-    lazy = False
+@dataclass(frozen=True)
+class ModelTensors:
+    """What the row-coupling probe needs to know of the model's parameters and buffers."""
+
+    eps: float  # the largest machine epsilon among them; float32's for a plain function
+    lazy: bool  # a lazy layer has yet to make its weights
+
+
+def model_tensors(forward_func: Callable[..., Tensor]) -> ModelTensors:
+    """``ModelTensors`` of the model (a plain function hides its tensors: float32 is
+    assumed inside at least)."""
     module = module_of(forward_func)
     if module is None:
-        dtypes.add(torch.float32)
-    else:
-        for tensor in itertools.chain(module.parameters(), module.buffers()):
-            dtypes.add(tensor.dtype)
-            lazy = lazy or _uninitialized(tensor)
-    return max(torch.finfo(dtype).eps for dtype in dtypes if dtype.is_floating_point), lazy
+        return _PLAIN_FUNCTION
+    return _tensor_facts(t for _, t in itertools.chain(module.named_parameters(),
+                                                       module.named_buffers()))
+
+
+_PLAIN_FUNCTION = ModelTensors(torch.finfo(torch.float32).eps, False)
+
+
+def _tensor_facts(tensors: Iterable[Tensor]) -> ModelTensors:
+    eps, lazy = 0.0, False
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            eps = max(eps, torch.finfo(tensor.dtype).eps)
+        lazy = lazy or _uninitialized(tensor)
+    return ModelTensors(eps, lazy)
 
 
 def _uninitialized(tensor: Tensor) -> bool:
@@ -1691,13 +1728,18 @@ def _uninitialized(tensor: Tensor) -> bool:
     return isinstance(tensor, nn.parameter.UninitializedTensorMixin)
 
 
-def check_model_device(forward_func: Callable[..., Tensor], device: torch.device) -> None:
+def check_model_device(forward_func: Callable[..., Tensor], device: torch.device
+                       ) -> ModelTensors:
     """Raise ``ArgumentError`` when the model's parameters are not on the inputs' device,
-    or were made inside ``torch.inference_mode()`` (autograd cannot use those)."""
+    or were made inside ``torch.inference_mode()`` (autograd cannot use those).
+
+    Returns the ``ModelTensors`` the row-coupling probe needs, read on the same pass.
+    """
     module = module_of(forward_func)
     if module is None:
-        return
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        return _PLAIN_FUNCTION
+    named = [*module.named_parameters(), *module.named_buffers()]
+    for name, tensor in named:
         if _uninitialized(tensor):
             continue  # a lazy layer's, made at its first call
         if tensor.is_inference():
@@ -1710,6 +1752,7 @@ def check_model_device(forward_func: Callable[..., Tensor], device: torch.device
                 f"the model is on {tensor.device} (parameter {name}) but the inputs are on "
                 f"{device}: move one to the other, e.g. model.to({str(device)!r})"
             )
+    return _tensor_facts(tensor for _, tensor in named)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

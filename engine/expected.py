@@ -118,8 +118,8 @@ def expected_gradients(
             or not 0 <= seed < 2**63:
         raise ArgumentError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
     device = problem.inputs[0].device
-    check_model_device(forward_func, device)
-    check_independent_rows(forward_func, problem, allow_coupled_rows)
+    tensors = check_model_device(forward_func, device)
+    check_independent_rows(forward_func, problem, allow_coupled_rows, tensors)
 
     # Points are numbered (row, sample), sample fastest.
     n_rows, total = problem.n_rows, problem.n_rows * n_samples
