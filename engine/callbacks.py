@@ -287,7 +287,7 @@ class AttributionCallback(pl.Callback):
             attributions, outputs = self.explain(model)
         except NonFiniteError as error:
             # Training that diverged goes on as it would without the callback.
-            log.warning("attribution after epoch %d: %s; its attributions are nan", epoch,
+            log.warning("%s: %s; its attributions are nan", self._when(epoch, epoch_seconds),
                         error)
             attributions, outputs = self._nan_snapshot(model)
         except EngineError as error:

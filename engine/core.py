@@ -1707,8 +1707,7 @@ def model_tensors(forward_func: Callable[..., Tensor]) -> ModelTensors:
     module = module_of(forward_func)
     if module is None:
         return _PLAIN_FUNCTION
-    return _tensor_facts(t for _, t in itertools.chain(module.named_parameters(),
-                                                       module.named_buffers()))
+    return _tensor_facts(itertools.chain(module.parameters(), module.buffers()))
 
 
 _PLAIN_FUNCTION = ModelTensors(torch.finfo(torch.float32).eps, False)
