@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         DataError,
         EngineError,
         ModelError,
+        NonFiniteError,
     )
     from engine.expected import expected_gradients
     from engine.memory import keep_freed_memory
@@ -33,6 +34,7 @@ _HOMES = {
     "IGResult": "engine.adaptive",
     "IntegratedGradients": "engine.compat",
     "ModelError": "engine.errors",
+    "NonFiniteError": "engine.errors",
     "expected_gradients": "engine.expected",
     "integrated_gradients": "engine.core",
     "keep_freed_memory": "engine.memory",
@@ -48,6 +50,7 @@ __all__ = [
     "IGResult",
     "IntegratedGradients",
     "ModelError",
+    "NonFiniteError",
     "expected_gradients",
     "integrated_gradients",
     "keep_freed_memory",

@@ -1620,19 +1620,19 @@ def _probe_row_coupling(
     # statistic (a mean, a maximum) moves by about 1/rows, less than the tolerance below
     # once there are a few hundred rows; in the batch of two it moves for any number.
     ends = (0, split, split + 2, pair.shape[0])
-    # A lazy layer draws its first weights at its first call.
-    generator = None if tensors.lazy else _generator_state(problem.inputs[0].device)
+    device = problem.inputs[0].device
+    # The random generator's state before the calls and after each: see below.
+    states = [_generator_state(device)]
+    outputs = []
     with torch.no_grad():
-        outputs = [
-            _forward(forward_func, tuple(p[start:end] for p in points),
-                     problem.args_for(rows[start:end]))
-            for start, end in zip(ends, ends[1:])
-        ]
+        for start, end in zip(ends, ends[1:]):
+            outputs.append(_forward(forward_func, tuple(p[start:end] for p in points),
+                                    problem.args_for(rows[start:end])))
+            states.append(_generator_state(device))
     both = torch.cat(outputs)
     # A target the model's output does not have fails here, before any real work.
     selected = problem.select(both, rows)
-    if generator is not None and not torch.equal(generator,
-                                                 _generator_state(problem.inputs[0].device)):
+    if _draws_on_every_call(states):
         # Dropout called as a function in eval mode, noise added in forward: it may
         # change few outputs, or none in these batches, and would still change the paths.
         raise ModelError(
@@ -1684,6 +1684,16 @@ def _probe_row_coupling(
     return sample
 
 
+def _draws_on_every_call(states: list[Tensor | None]) -> bool:
+    """Whether the generator moved on at each of the probe's calls (``states``: before
+    them and after each). A model that seeds the generator itself, or draws once (a lazy
+    layer's first weights, a projection made at the first call), leaves the same state
+    after every call: its outputs do not change from call to call."""
+    if states[0] is None or torch.equal(states[0], states[-1]):
+        return False
+    return not all(torch.equal(states[1], state) for state in states[2:])
+
+
 def _generator_state(device: torch.device) -> Tensor | None:
     """The state of the random number generator the model would draw from on ``device``."""
     if device.type == "cpu":
@@ -1698,7 +1708,6 @@ class ModelTensors:
     """What the row-coupling probe needs to know of the model's parameters and buffers."""
 
     eps: float  # the largest machine epsilon among them; float32's for a plain function
-    lazy: bool  # a lazy layer has yet to make its weights
 
 
 def model_tensors(forward_func: Callable[..., Tensor]) -> ModelTensors:
@@ -1710,16 +1719,12 @@ def model_tensors(forward_func: Callable[..., Tensor]) -> ModelTensors:
     return _tensor_facts(itertools.chain(module.parameters(), module.buffers()))
 
 
-_PLAIN_FUNCTION = ModelTensors(torch.finfo(torch.float32).eps, False)
+_PLAIN_FUNCTION = ModelTensors(torch.finfo(torch.float32).eps)
 
 
 def _tensor_facts(tensors: Iterable[Tensor]) -> ModelTensors:
-    eps, lazy = 0.0, False
-    for tensor in tensors:
-        if tensor.is_floating_point():
-            eps = max(eps, torch.finfo(tensor.dtype).eps)
-        lazy = lazy or _uninitialized(tensor)
-    return ModelTensors(eps, lazy)
+    dtypes = {tensor.dtype for tensor in tensors if tensor.is_floating_point()}
+    return ModelTensors(max((torch.finfo(dtype).eps for dtype in dtypes), default=0.0))
 
 
 def _uninitialized(tensor: Tensor) -> bool:

@@ -280,3 +280,46 @@ def test_an_uninitialised_lazy_layer_runs_as_in_captum():
     theirs = IntegratedGradients(model).attribute(x, n_steps=8, method="riemann_trapezoid")
 
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
+class SeededNoise(nn.Module):
+    """Noise from a generator it seeds itself on every call: the same on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(5, 1)
+
+    def forward(self, x):
+        torch.manual_seed(11)
+        return self.out(x) + 1e-3 * torch.rand(())
+
+
+class ProjectedOnce(nn.Module):
+    """Draws a fixed random projection at its first call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.projection = None
+        self.out = nn.Linear(3, 1)
+
+    def forward(self, x):
+        if self.projection is None:
+            self.projection = torch.randn(5, 3)
+        return self.out(x @ self.projection)
+
+
+@pytest.mark.parametrize("model", [SeededNoise, ProjectedOnce])
+def test_a_model_that_draws_the_same_numbers_on_every_call_is_not_random(model):
+    net = model().eval()
+    x = torch.randn(4, 5)
+
+    first = integrated_gradients(net, x, 0.0, n_steps=8)
+    again = integrated_gradients(net, x, 0.0, n_steps=8)
+
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+
+
+def test_non_finite_error_is_exported_beside_model_error():
+    import engine
+
+    assert issubclass(engine.NonFiniteError, engine.ModelError)
