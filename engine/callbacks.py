@@ -150,10 +150,12 @@ class AttributionCallback(pl.Callback):
 
         self.inputs = inputs.detach()
         self.baselines = baselines.detach()
-        self.baseline_names = tuple(baseline_names)
-        self.feature_names = tuple(feature_names)
+        # Plain Python values (not numpy's): they go into checkpoints, which Lightning
+        # loads with torch's weights-only unpickler.
+        self.baseline_names = tuple(str(name) for name in baseline_names)
+        self.feature_names = tuple(str(name) for name in feature_names)
         self.row_ids = None if row_ids is None else np.asarray(row_ids)
-        self.n_steps = n_steps
+        self.n_steps = int(n_steps)
         self.method = method
         self.target = _checked_target(target, inputs.shape[0])
         self.internal_batch_size = internal_batch_size
@@ -168,12 +170,17 @@ class AttributionCallback(pl.Callback):
         self._epoch_started: float | None = None
         # The last finished epoch not yet snapshotted, and how long it took.
         self._pending: tuple[int, float | None] | None = None
+        # Snapshots read from a checkpoint, taken up when a fit resumes from it.
+        self._restored: dict[str, object] | None = None
 
     # -- Lightning hooks ------------------------------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A fit resumed from a checkpoint starts after the epochs it had finished.
         epoch = trainer.current_epoch
+        restored, self._restored = self._restored, None
+        if trainer.ckpt_path is not None and restored is not None:
+            self._take_up(restored)
         if trainer.ckpt_path is not None and epoch in self.epochs:
             # The checkpoint brought this epoch's snapshot back with the others. Its
             # weights may be past it (a checkpoint taken within the next epoch), which no
@@ -207,14 +214,12 @@ class AttributionCallback(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        # Callbacks explaining other rows, baselines or features keep their snapshots
-        # apart in a checkpoint (Lightning refuses two callbacks with one key). How often
-        # snapshots are taken is left out: a resumed fit may take them at another pace.
-        target = self.target.tolist() if isinstance(self.target, Tensor) else self.target
+        # Lightning keeps each callback's state under its key and refuses two callbacks
+        # with one key, so every setting goes in. A resumed fit finds its snapshots by
+        # what they explain instead (see on_load_checkpoint), whatever the settings.
         return self._generate_state_key(
-            rows=int(self.inputs.shape[0]), baselines=self.baseline_names,
-            features=self.feature_names, n_steps=self.n_steps, method=self.method,
-            target=target, compile=self.compile, precision=self.precision,
+            layout=self._layout(), compile=self.compile, precision=self.precision,
+            every_n_epochs=self.every_n_epochs, internal_batch_size=self.internal_batch_size,
         )
 
     def state_dict(self) -> dict[str, object]:
@@ -229,23 +234,43 @@ class AttributionCallback(pl.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, object]) -> None:
-        """Take back the snapshots of :meth:`state_dict`, if they explain the same rows
-        against the same baselines and features; otherwise keep none of them."""
-        if state_dict.get("layout") != self._layout():
-            log.warning("the checkpoint's attribution snapshots explain other rows, baselines "
-                        "or features: they are not kept")
-            return
-        self.epochs = [int(e) for e in state_dict["epochs"]]
-        self._snapshots = list(state_dict["snapshots"])
-        self._outputs = list(state_dict["outputs"])
-        self.costs = [EpochCost(*cost) for cost in state_dict["costs"]]
+        """Keep the snapshots of :meth:`state_dict` for a fit that resumes from the
+        checkpoint, if they explain the same rows against the same baselines and features
+        with the same steps, method and target. A test or validation run from a
+        checkpoint leaves the snapshots as they are."""
+        if state_dict.get("layout") == self._layout():
+            self._restored = state_dict
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, object]) -> None:
+        # Saved by a callback with other settings (every_n_epochs, compile, precision),
+        # the snapshots are under another key: find them by what they explain.
+        layout, others = self._layout(), 0
+        for key, state in (checkpoint.get("callbacks") or {}).items():
+            if not (str(key).startswith(type(self).__qualname__) and isinstance(state, dict)):
+                continue
+            if state.get("layout") == layout:
+                self._restored = state
+                return
+            others += 1
+        if others:
+            log.warning("the checkpoint's attribution snapshots explain other rows, baselines, "
+                        "features, steps or targets: they are not kept")
+
+    def _take_up(self, state: dict[str, object]) -> None:
+        self.epochs = [int(e) for e in state["epochs"]]
+        self._snapshots = list(state["snapshots"])
+        self._outputs = list(state["outputs"])
+        self.costs = [EpochCost(*cost) for cost in state["costs"]]
 
     def _layout(self) -> tuple[object, ...]:
+        """What the snapshots explain: rows, baselines, features, steps, method, target."""
         values = hashlib.sha256()
         for tensor in (self.inputs, self.baselines):
             values.update(tensor.detach().cpu().contiguous().double().numpy().tobytes())
+        target = self.target.tolist() if isinstance(self.target, Tensor) else self.target
         return (tuple(self.inputs.shape), self.baseline_names, self.feature_names,
-                self.n_steps, self.method, values.hexdigest())
+                self.n_steps, self.method, repr(target), values.hexdigest())
 
     @owns_precision
     def explain(self, model: nn.Module) -> tuple[Tensor, Tensor]:

@@ -650,3 +650,74 @@ def test_a_resumed_fit_may_snapshot_at_another_pace(tmp_path):
     _small_fit(resumed, _Small(), epochs=4, ckpt_path=str(checkpoint))
 
     assert resumed.epochs == [0, 1, 2, 4]
+
+
+class _Validated(_Small):
+    def validation_step(self, batch, _):
+        features, labels = batch
+        return ((self(features).squeeze(-1) - labels) ** 2).mean()
+
+
+def test_validating_from_a_checkpoint_leaves_the_snapshots_as_they_are(tmp_path):
+    callback = _small_callback()
+    trainer = _small_fit(callback, _Validated(), epochs=2)
+    checkpoint = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    model = _Validated()
+    _small_fit(callback, model, epochs=4)
+    held = callback.attributions
+
+    x = torch.rand(16, 5)
+    trainer.validate(model, torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, x[:, 0]), batch_size=8), ckpt_path=str(checkpoint),
+        verbose=False)
+
+    assert callback.epochs == [0, 1, 2, 3, 4]
+    assert torch.equal(callback.attributions, held)
+
+
+def test_numpy_names_and_steps_give_a_checkpoint_that_loads_weights_only(tmp_path):
+    def numpy_callback():
+        torch.manual_seed(4)
+        return AttributionCallback(torch.rand(6, 5), torch.zeros(2, 5), np.array(["z", "o"]),
+                                   np.array(list("abcde")), n_steps=np.int64(N_STEPS))
+
+    trainer = _small_fit(numpy_callback(), _Small(), epochs=1)
+    checkpoint = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    torch.load(checkpoint, weights_only=True)  # what Lightning does by default
+
+    resumed = numpy_callback()
+    _small_fit(resumed, _Small(), epochs=2, ckpt_path=str(checkpoint))
+    assert resumed.epochs == [0, 1, 2]
+
+
+@pytest.mark.parametrize("change", [{"rows": True}, {"every_n_epochs": 2},
+                                    {"internal_batch_size": 4}])
+def test_two_callbacks_that_differ_train_side_by_side(change):
+    first = _small_callback()
+    torch.manual_seed(9)
+    rows = torch.rand(6, 5) if change.pop("rows", False) else first.inputs
+    second = AttributionCallback(rows, first.baselines, first.baseline_names,
+                                 first.feature_names, n_steps=N_STEPS, **change)
+    torch.manual_seed(3)
+    x = torch.rand(64, 5)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False,
+                         callbacks=[first, second])
+    trainer.fit(_Small(), torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, x[:, 0]), batch_size=32))
+
+    assert first.epochs == [0, 1, 2] and second.epochs[-1] == 2
+
+
+@pytest.mark.parametrize("change", [{"compile": True}, {"precision": "tf32"}])
+def test_a_fit_resumed_with_other_settings_keeps_the_snapshots(tmp_path, change):
+    trainer = _small_fit(_small_callback(), _Small(), epochs=2)
+    checkpoint = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    resumed = _small_callback(**change)
+    _small_fit(resumed, _Small(), epochs=3, ckpt_path=str(checkpoint))
+
+    assert resumed.epochs == [0, 1, 2, 3]
