@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-# The exit status of main() once the job's outcome is final (results in place, or the
-# failure said): a Ctrl-C after that keeps it, silently.
+# The exit status of main() once the job's results are in place: a Ctrl-C that reaches
+# the start-up handler after that keeps it, silently.
 _outcome: list[int] = []
 
 
@@ -739,6 +739,7 @@ def print_checkpoint_summary(summary: dict[str, object]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _outcome.clear()
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
@@ -813,6 +814,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {_one_line(error, debug=args.debug)}", file=sys.stderr)
         usage = isinstance(error, EngineError) and not isinstance(error, ModelError)
         return EXIT_USAGE if usage else EXIT_FAILURE
+    # The results are in place: from here on a Ctrl-C that reaches the start-up handler
+    # (see _interrupted_while_starting) keeps the status, silently.
+    _outcome[:] = [EXIT_OK]
     try:
         # The handlers from before the job are back; a Ctrl-C while a slow terminal takes
         # the summary must still say that the results are complete.
@@ -822,6 +826,7 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 print_summary(summary)
     except KeyboardInterrupt:
+        _outcome[:] = [EXIT_INTERRUPTED]
         print(f"interrupted: the results in {_escaped_breaks(str(summary['out']))} are "
               "complete", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -845,6 +850,6 @@ def finish_quietly(status: int) -> None:
 
 if __name__ == "__main__":
     exit_status = main()
-    _outcome.append(exit_status)
+    _outcome[:] = [exit_status]
     finish_quietly(exit_status)
     sys.exit(exit_status)
