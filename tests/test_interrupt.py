@@ -343,3 +343,27 @@ def test_ctrl_c_while_the_summary_prints_says_the_results_are_complete():
     assert completed.stderr.strip().splitlines() == [
         "interrupted: the results in the-results are complete"]
     assert "not reached" not in completed.stdout
+
+
+_SECOND_CTRL_C = _CTRL_C_DURING_THE_SUMMARY.replace(
+    "attribute.print_summary = slow_summary",
+    """attribute.print_summary = slow_summary
+escaped = attribute._escaped_breaks
+
+def second_ctrl_c(text):  # while the "complete" line is being made
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.5)
+    return escaped(text)
+
+attribute._escaped_breaks = second_ctrl_c""")
+
+
+def test_a_second_ctrl_c_after_the_results_keeps_the_status_and_claims_nothing():
+    completed = subprocess.run(
+        [sys.executable, "-c", _SECOND_CTRL_C], capture_output=True, text=True,
+        cwd=Path(__file__).resolve().parents[1], timeout=60, preexec_fn=_default_sigint,
+    )
+
+    assert completed.returncode == 130, completed.stderr
+    assert "no results were written" not in completed.stderr
+    assert "Traceback" not in completed.stderr
