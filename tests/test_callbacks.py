@@ -492,6 +492,14 @@ def _small_fit(callback, model, epochs, ckpt_path=None, **trainer_args):
     return trainer
 
 
+def _checkpointed(tmp_path, callback, model, epochs):
+    """Train ``model`` with ``callback`` for ``epochs`` and save a checkpoint at the end."""
+    trainer = _small_fit(callback, model, epochs)
+    checkpoint = tmp_path / f"after-{epochs}.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    return checkpoint
+
+
 def _small_callback(**kwargs):
     torch.manual_seed(4)
     return AttributionCallback(torch.rand(6, 5), torch.zeros(2, 5), ("zero", "other"),
@@ -515,9 +523,7 @@ def test_a_trainer_that_converts_the_model_gets_rows_in_its_dtype(precision, dty
 
 def test_a_resumed_fit_continues_the_epochs_of_its_checkpoint(tmp_path):
     first = _small_callback()
-    trainer = _small_fit(first, _Small(), epochs=2)
-    checkpoint = tmp_path / "two.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    checkpoint = _checkpointed(tmp_path, first, _Small(), epochs=2)
 
     resumed = _small_callback()
     _small_fit(resumed, _Small(), epochs=4, ckpt_path=str(checkpoint))
@@ -531,9 +537,7 @@ def test_a_resumed_fit_continues_the_epochs_of_its_checkpoint(tmp_path):
 
 def test_a_checkpoint_of_other_rows_brings_no_snapshots_back(tmp_path, caplog):
     first = _small_callback()
-    trainer = _small_fit(first, _Small(), epochs=1)
-    checkpoint = tmp_path / "one.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    checkpoint = _checkpointed(tmp_path, first, _Small(), epochs=1)
     other = AttributionCallback(torch.rand(6, 5) + 1, torch.zeros(2, 5), ("zero", "other"),
                                 tuple("abcde"), n_steps=N_STEPS)
 
@@ -642,9 +646,7 @@ def test_a_fit_resumed_within_an_epoch_keeps_that_epochs_snapshot(tmp_path):
 
 def test_a_resumed_fit_may_snapshot_at_another_pace(tmp_path):
     first = _small_callback()
-    trainer = _small_fit(first, _Small(), epochs=2)
-    checkpoint = tmp_path / "two.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    checkpoint = _checkpointed(tmp_path, first, _Small(), epochs=2)
 
     resumed = _small_callback(every_n_epochs=2)
     _small_fit(resumed, _Small(), epochs=4, ckpt_path=str(checkpoint))
@@ -660,11 +662,9 @@ class _Validated(_Small):
 
 def test_validating_from_a_checkpoint_leaves_the_snapshots_as_they_are(tmp_path):
     callback = _small_callback()
-    trainer = _small_fit(callback, _Validated(), epochs=2)
-    checkpoint = tmp_path / "two.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    checkpoint = _checkpointed(tmp_path, callback, _Validated(), epochs=2)
     model = _Validated()
-    _small_fit(callback, model, epochs=4)
+    trainer = _small_fit(callback, model, epochs=4)
     held = callback.attributions
 
     x = torch.rand(16, 5)
@@ -682,9 +682,7 @@ def test_numpy_names_and_steps_give_a_checkpoint_that_loads_weights_only(tmp_pat
         return AttributionCallback(torch.rand(6, 5), torch.zeros(2, 5), np.array(["z", "o"]),
                                    np.array(list("abcde")), n_steps=np.int64(N_STEPS))
 
-    trainer = _small_fit(numpy_callback(), _Small(), epochs=1)
-    checkpoint = tmp_path / "one.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    checkpoint = _checkpointed(tmp_path, numpy_callback(), _Small(), epochs=1)
     torch.load(checkpoint, weights_only=True)  # what Lightning does by default
 
     resumed = numpy_callback()
@@ -713,9 +711,7 @@ def test_two_callbacks_that_differ_train_side_by_side(change):
 
 @pytest.mark.parametrize("change", [{"compile": True}, {"precision": "tf32"}])
 def test_a_fit_resumed_with_other_settings_keeps_the_snapshots(tmp_path, change):
-    trainer = _small_fit(_small_callback(), _Small(), epochs=2)
-    checkpoint = tmp_path / "two.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    checkpoint = _checkpointed(tmp_path, _small_callback(), _Small(), epochs=2)
 
     resumed = _small_callback(**change)
     _small_fit(resumed, _Small(), epochs=3, ckpt_path=str(checkpoint))
