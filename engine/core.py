@@ -1513,8 +1513,9 @@ def check_independent_rows(
     """Refuse models whose output for one row depends on the other rows of the batch.
 
     Known culprits (BatchNorm and dropout in training mode) are found by name; anything
-    else by a probe: the first rows (up to PROBE_ROWS) are evaluated in two batches, at
-    other positions and beside other partners, and their outputs must not change.
+    else by a probe: the first rows (up to PROBE_ROWS) are evaluated once, then again at
+    other positions beside other partners (see ``_probe_pairs``), and their outputs must
+    not change; a model that draws random numbers on every call is refused as random.
     ``allow`` turns the refusal into a logged warning.
 
     Returns the probe's points and outputs when the model has one input and no extra
