@@ -58,6 +58,7 @@ from engine.io import (
     OutputDir,
     WriteError,
     check_output_folder,
+    counted,
     exclusive_use,
     refuse_overwriting_inputs,
     stops_watched,
@@ -285,7 +286,7 @@ def _run_all(config: JobConfig) -> dict[str, object]:
         frame = load_titanic(source)
         data = prepare_titanic(frame, source=source)
         _check_passenger_flags(config, len(data.test_index), data.feature_names, source)
-        _say(f"data: {source} ({_counted(len(data.labels), 'passenger')}, "
+        _say(f"data: {source} ({counted(len(data.labels), 'passenger')}, "
              f"{len(data.train_index)} train, {len(data.test_index)} test)")
 
         ids = data.test_passenger_ids
@@ -298,7 +299,7 @@ def _run_all(config: JobConfig) -> dict[str, object]:
         )
         cadence = ("every epoch" if config.snapshot_every == 1
                    else f"every {config.snapshot_every} epochs")
-        _say(f"training {_counted(config.epochs, 'epoch')} on {config.device} "
+        _say(f"training {counted(config.epochs, 'epoch')} on {config.device} "
              f"(seed {config.seed}), explaining the test set {cadence}")
         classifier = train_titanic(
             data, epochs=config.epochs, seed=config.seed, layer_order=config.layer_order,
@@ -314,9 +315,9 @@ def _run_all(config: JobConfig) -> dict[str, object]:
 
         inputs = data.test_features.to(config.device)
         baselines = baselines.to(config.device)
-        _say(f"explaining {_counted(inputs.shape[0], 'row')} x "
-             f"{_counted(len(config.baselines), 'baseline')} x "
-             f"{_counted(config.n_steps, 'step')} in one batched pass")
+        _say(f"explaining {counted(inputs.shape[0], 'row')} x "
+             f"{counted(len(config.baselines), 'baseline')} x "
+             f"{counted(config.n_steps, 'step')} in one batched pass")
         # Training's objects join the imported ones main() froze: a full garbage
         # collection over them (about 0.1 s) landed in one timed call or the other,
         # mostly Captum's, which allocates more Python objects.
@@ -488,7 +489,7 @@ def _check_passenger_flags(
     if not 0 <= config.explain_row < n_test:
         raise UsageError(
             f"--explain-row {config.explain_row}: expected a test row from 0 to {n_test - 1} "
-            f"(the last 20% of {source} holds {_counted(n_test, 'passenger')})"
+            f"(the last 20% of {source} holds {counted(n_test, 'passenger')})"
         )
     if config.flip not in feature_names:
         raise UsageError(f"--flip {config.flip}: expected one of {', '.join(feature_names)}")
@@ -584,11 +585,6 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _counted(count: int, noun: str) -> str:
-    """``1 passenger``, ``2 passengers``: a count with its noun in the number it takes."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
 def print_summary(summary: dict[str, object]) -> None:
     validation = summary["validation"]
     print(summary["classification_report"])
@@ -605,7 +601,7 @@ def print_summary(summary: dict[str, object]) -> None:
     costs = summary.get("epoch_costs")
     if costs:
         per_epoch = statistics.median(cost.attribution_seconds for cost in costs)
-        print(f"attribution during training: {_counted(len(costs), 'snapshot')}, median "
+        print(f"attribution during training: {counted(len(costs), 'snapshot')}, median "
               f"{per_epoch * 1e3:.1f} ms each")
     passenger = summary.get("passenger")
     if passenger is not None:
@@ -727,9 +723,9 @@ def print_checkpoint_summary(summary: dict[str, object]) -> None:
     rate /= max(summary["seconds"], 1e-9)
     print(f"scaled like {_escaped_breaks(str(summary['reference']))} (medians fill blanks, "
           "min/max scale)")
-    print(f"explained {_counted(summary['n_rows'], 'row')} x "
-          f"{_counted(len(BASELINE_KINDS), 'baseline')} x "
-          f"{_counted(summary['n_steps'], 'step')} in {summary['world_size']} process(es)")
+    print(f"explained {counted(summary['n_rows'], 'row')} x "
+          f"{counted(len(BASELINE_KINDS), 'baseline')} x "
+          f"{counted(summary['n_steps'], 'step')} in {summary['world_size']} process(es)")
     # Nothing computed (every chunk reused) has no rate to show.
     speed = f" ({rate:.3g} rows/s)" if summary["computed"] else ""
     print(f"chunks: {summary['n_chunks']} in all, {summary['reused']} reused from an earlier "

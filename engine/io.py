@@ -30,9 +30,9 @@ except ImportError:  # not POSIX: no lock (see exclusive_use)
 
 from engine.errors import ArgumentError, EngineError
 
-__all__ = ["OutputDir", "WriteError", "atomic_path", "check_output_folder", "exclusive_use",
-           "os_error_behind", "refuse_overwriting_inputs", "signless_zeros", "stop_signals_held",
-           "tidy_attributions", "tidy_deltas", "writing"]
+__all__ = ["OutputDir", "WriteError", "atomic_path", "check_output_folder", "counted",
+           "exclusive_use", "os_error_behind", "refuse_overwriting_inputs", "signless_zeros",
+           "stop_signals_held", "tidy_attributions", "tidy_deltas", "writing"]
 
 log = logging.getLogger(__name__)
 
@@ -657,6 +657,11 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def counted(count: int, noun: str) -> str:
+    """``1 passenger``, ``2 passengers``: a count with its noun in the number it takes."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def signless_zeros(values: np.ndarray) -> np.ndarray:

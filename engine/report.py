@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from engine.callbacks import EpochCost
 from engine.core import integrated_gradients
 from engine.errors import ArgumentError
+from engine.io import counted
 from engine.validate import ValidationReport
 
 __all__ = ["FlippedPassenger", "TitanicReport", "explain_flipped", "render_report"]
@@ -291,8 +292,8 @@ def render_report(report: TitanicReport) -> str:
         style=_STYLE,
         title="Integrated Gradients on the Titanic test set",
         lede=html.escape(
-            f"{_counted(report.n_test, 'test passenger')} explained against "
-            f"{_counted(len(report.baseline_names), 'baseline')} with {report.n_steps}-step "
+            f"{counted(report.n_test, 'test passenger')} explained against "
+            f"{counted(len(report.baseline_names), 'baseline')} with {report.n_steps}-step "
             f"{report.method} quadrature, every path point in one batched pass."
         ),
         body="\n".join(sections),
@@ -319,7 +320,7 @@ def _data_section(report: TitanicReport) -> str:
 def _model_section(report: TitanicReport) -> str:
     rows = [
         ("network", f"5-128-128-1 MLP, PReLU, sigmoid; {report.layer_order} layer order"),
-        ("training", f"{_counted(report.epochs, 'epoch')}, Adam lr 0.01, batch 512, "
+        ("training", f"{counted(report.epochs, 'epoch')}, Adam lr 0.01, batch 512, "
                      f"seed {report.seed}, on {report.device}"),
         ("test accuracy", f"{report.accuracy:.3f}"),
     ]
@@ -461,9 +462,9 @@ def _passenger_table(passenger: FlippedPassenger) -> str:
 def _validation_section(report: TitanicReport) -> str:
     validation = report.validation
     rows = [
-        ("job", f"{_counted(validation.n_rows, 'row')} x "
-                f"{_counted(validation.n_baselines, 'baseline')} x "
-                f"{_counted(validation.n_steps, 'step')} "
+        ("job", f"{counted(validation.n_rows, 'row')} x "
+                f"{counted(validation.n_baselines, 'baseline')} x "
+                f"{counted(validation.n_steps, 'step')} "
                 f"({validation.method}, {validation.dtype})"),
         ("max relative error", f"{validation.max_rel_error:.2e} (above "
                                f"{validation.tolerance_text} both are compared with Captum "
@@ -471,9 +472,9 @@ def _validation_section(report: TitanicReport) -> str:
         *([("against Captum in float64",
             f"engine {validation.engine_vs_float64:.2e}, Captum "
             f"{validation.captum_vs_float64:.2e}; the engine off in {validation.pairs_off} of "
-            f"{_counted(validation.n_rows * validation.n_baselines, 'row-baseline pair')} "
+            f"{counted(validation.n_rows * validation.n_baselines, 'row-baseline pair')} "
             f"(the run fails when the engine's is above {validation.tolerance_text}, unless "
-            f"at most {_counted(validation.kink_pairs, 'pair')} "
+            f"at most {counted(validation.kink_pairs, 'pair')} "
             f"{'is' if validation.kink_pairs == 1 else 'are'} off, a kink's rounding: then "
             "the engine computes the attributions again in float64)")]
           if validation.engine_vs_float64 is not None else []),
@@ -500,11 +501,6 @@ def _validation_section(report: TitanicReport) -> str:
 
 # ---------------------------------------------------------------------------
 # HTML pieces
-
-
-def _counted(count: int, noun: str) -> str:
-    """``1 baseline``, ``4 baselines``: a count with its noun in the number it takes."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _section(title: str, body: str) -> str:
