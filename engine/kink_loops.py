@@ -11,11 +11,19 @@ Same formulas, same float64 work and the same switch nodes as the tensor version
 lookup tables of ``Nodes`` decide them); only the order of some float64 additions
 differs. Used on the CPU for float32 and float64 points when numba is installed and
 compiles (not with ``NUMBA_DISABLE_JIT``), and never inside a compiled graph.
+
+Pairs are independent, so the loops split them into one block per thread (as many
+threads as torch uses) and run the blocks in numba's thread pool; each pair's numbers
+are the same as in one thread. A launch from a second thread while one runs, or from a
+process forked after one ran, runs in one thread instead: numba's ``workqueue`` pool
+aborts on overlapping launches, and a GNU OpenMP pool does not survive a fork.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -88,16 +96,55 @@ def integrate_pairs(
 
     slots = np.empty((n_pairs, n_hidden), dtype=np.int32)
     mixed = np.empty((n_pairs, n_nodes, n_mixed), dtype=np.float64)
-    _forward(rows_x, index_x, rows_base, index_base, alphas_np, cells, below, inside, low,
-             step, bias, slots, mixed)
+    _in_blocks(_forward, _forward_blocks, n_pairs, rows_x, index_x, rows_base, index_base,
+               alphas_np, cells, below, inside, low, step, bias, slots, mixed)
 
     points = torch.from_numpy(mixed).view(n_pairs * n_nodes, n_mixed).to(hidden_x.dtype)
     grad, selected = tail_gradient(points)
     grad = grad.detach().reshape(n_pairs, n_nodes, n_mixed).contiguous().numpy()
 
     sums = np.empty((n_pairs, n_hidden), dtype=np.float64)
-    _backward(grad, weights_np, weight, low, slots, sums)
+    _in_blocks(_backward, _backward_blocks, n_pairs, grad, weights_np, weight, low, slots, sums)
     return torch.from_numpy(sums), selected
+
+
+# Fewer pairs than this per thread run in one thread: a launch costs more than it saves.
+MIN_BLOCK_PAIRS = 32
+
+# Held while the thread pool runs the loops. A second launch meanwhile runs in one thread.
+_POOL_BUSY = threading.Lock()
+# The process that first used the pool; a forked child runs the loops in one thread.
+_POOL_OWNER: list[int] = []
+
+
+def _in_blocks(serial: Callable[..., None], blocked: Callable[..., None], n_pairs: int,
+               *args: object) -> None:
+    """``serial(*args, 0, n_pairs)``, or ``blocked`` on one block of pairs per thread."""
+    n_blocks = min(_pool_threads(), n_pairs // MIN_BLOCK_PAIRS)
+    if n_blocks >= 2 and _POOL_BUSY.acquire(blocking=False):
+        try:
+            if _POOL_OWNER[:1] in ([], [os.getpid()]):
+                numba.set_num_threads(n_blocks)
+                blocked(*args, n_blocks)
+                _POOL_OWNER[:] = [os.getpid()]
+                return
+        except Exception as error:  # noqa: BLE001 - numba found no threading layer
+            log.info("the closed form's loops run in one thread: %s", error)
+            _POOL_OWNER[:] = [-1]
+        finally:
+            _POOL_BUSY.release()
+    serial(*args, 0, n_pairs)
+
+
+def _pool_threads() -> int:
+    """Threads for the blocks: torch's intra-op threads, at most numba's pool size."""
+    if not PARALLEL or numba is None:
+        return 1
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+# Tests switch the thread pool off to compare one thread with many.
+PARALLEL = True
 
 
 def _rows_and_index(hidden: Tensor, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +157,7 @@ def _rows_and_index(hidden: Tensor, shape: tuple[int, ...]) -> tuple[np.ndarray,
     return rows.numpy(), index.numpy()
 
 
-def _compiled(function: Callable[..., None]) -> Callable[..., None]:
+def _compiled(function: Callable[..., None], **options: bool) -> Callable[..., None]:
     """``function`` for numba to compile at its first call, cached on disk where it can be.
 
     error_model="numpy": x / 0 gives inf or nan, as in torch, instead of raising. Where
@@ -120,29 +167,30 @@ def _compiled(function: Callable[..., None]) -> Callable[..., None]:
     if numba is None:
         return function
     try:
-        return numba.njit(cache=True, error_model="numpy")(function)
+        return numba.njit(cache=True, error_model="numpy", **options)(function)
     except RuntimeError as error:  # numba: "cannot cache function ...: no locator"
         log.debug("compiled code of %s is not cached: %s", function.__name__, error)
-        return numba.njit(error_model="numpy")(function)
+        return numba.njit(error_model="numpy", **options)(function)
 
 
 @_compiled
 def _forward(rows_x, index_x, rows_base, index_base, alphas, cells, below, inside, low,
-             step, bias, slots, mixed):  # pragma: no cover - compiled
-    """Per pair: each unit's slot, then u at every node from running sums over the slots.
+             step, bias, slots, mixed, first_pair, end_pair):  # pragma: no cover - compiled
+    """Pairs first_pair..end_pair - 1: each unit's slot, then u at every node from running
+    sums over the slots.
 
     A rising unit switching at node s goes to slot s; a falling one to slot 2w - 1 - s,
     with w = K + 1, so that a running sum over slots w.. read backwards counts the
     falling units still positive at a node (see engine.kinks.integrate_kinked).
     """
-    n_pairs, n_hidden = slots.shape
+    n_hidden = slots.shape[1]
     n_nodes, n_mixed = mixed.shape[1], mixed.shape[2]
     width = n_nodes + 1
     levels = np.empty((n_mixed, 2, 2 * width))
     first = np.empty((2, n_mixed))
     starts = np.empty(n_hidden)
     directions = np.empty(n_hidden)
-    for p in range(n_pairs):
+    for p in range(first_pair, end_pair):
         x_row, base_row = rows_x[index_x[p]], rows_base[index_base[p]]
         for j in range(n_hidden):
             starts[j] = base_row[j]
@@ -226,13 +274,15 @@ def _searched_slots(starts, directions, alphas, width, slots):  # pragma: no cov
 
 
 @_compiled
-def _backward(grad, weights, weight, low, slots, sums):  # pragma: no cover - compiled
-    """Per pair: sum_k w_k s_j(a_k) (g_k W)_j from running sums of the weighted gradients."""
-    n_pairs, n_hidden = slots.shape
+def _backward(grad, weights, weight, low, slots, sums, first_pair,
+              end_pair):  # pragma: no cover - compiled
+    """Pairs first_pair..end_pair - 1: sum_k w_k s_j(a_k) (g_k W)_j from running sums of
+    the weighted gradients."""
+    n_hidden = slots.shape[1]
     n_nodes, n_mixed = grad.shape[1], grad.shape[2]
     width = n_nodes + 1
     running = np.empty(width)
-    for p in range(n_pairs):
+    for p in range(first_pair, end_pair):
         sum_row, slot_row = sums[p], slots[p]
         sum_row[:] = 0.0
         for m in range(n_mixed):
@@ -254,3 +304,33 @@ def _backward(grad, weights, weight, low, slots, sums):  # pragma: no cover - co
                 slope_before = weight_m[j] if falling else low_m[j]
                 slope_after = low_m[j] if falling else weight_m[j]
                 sum_row[j] += slope_before * before + slope_after * (total - before)
+
+
+def _parallel(function: Callable[..., None]) -> Callable[..., None]:
+    """``function`` compiled for numba's thread pool (``numba.prange``)."""
+    return _compiled(function, parallel=True)
+
+
+# numba runs the iterations of a prange loop in its thread pool.
+_prange = range if numba is None else numba.prange
+
+
+@_parallel
+def _forward_blocks(rows_x, index_x, rows_base, index_base, alphas, cells, below, inside,
+                    low, step, bias, slots, mixed, n_blocks):  # pragma: no cover - compiled
+    """``_forward`` on ``n_blocks`` blocks of pairs, one per thread."""
+    n_pairs = slots.shape[0]
+    for block in _prange(n_blocks):
+        _forward(rows_x, index_x, rows_base, index_base, alphas, cells, below, inside, low,
+                 step, bias, slots, mixed, block * n_pairs // n_blocks,
+                 (block + 1) * n_pairs // n_blocks)
+
+
+@_parallel
+def _backward_blocks(grad, weights, weight, low, slots, sums,
+                     n_blocks):  # pragma: no cover - compiled
+    """``_backward`` on ``n_blocks`` blocks of pairs, one per thread."""
+    n_pairs = slots.shape[0]
+    for block in _prange(n_blocks):
+        _backward(grad, weights, weight, low, slots, sums, block * n_pairs // n_blocks,
+                  (block + 1) * n_pairs // n_blocks)

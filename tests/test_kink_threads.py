@@ -1,0 +1,153 @@
+"""The closed form's numba loops split the pairs over threads and give one thread's numbers."""
+
+import logging
+import os
+import threading
+
+import pytest
+import torch
+
+import engine.kink_loops
+from engine import integrated_gradients
+from tests.test_chunk_loop import titanic_job
+
+pytestmark = pytest.mark.skipif(engine.kink_loops.numba is None, reason="numba is a dependency")
+
+
+@pytest.fixture
+def block_launches(monkeypatch):
+    """Counts the launches of the loops in the thread pool, with their block counts."""
+    launches = []
+    for name in ("_forward_blocks", "_backward_blocks"):
+        original = getattr(engine.kink_loops, name)
+
+        def counted(*args, original=original, name=name):
+            launches.append((name, args[-1]))
+            return original(*args)
+
+        monkeypatch.setattr(engine.kink_loops, name, counted)
+    return launches
+
+
+@pytest.fixture
+def two_threads():
+    """Torch at two threads, as the pool's thread count follows it."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+def job(rows: int = 60):
+    return titanic_job(dtype=torch.float32, rows=rows, seed=3)
+
+
+def one_thread(monkeypatch, net, x, baselines):
+    monkeypatch.setattr(engine.kink_loops, "PARALLEL", False)
+    try:
+        return integrated_gradients(net, x, baselines, n_steps=50)
+    finally:
+        monkeypatch.setattr(engine.kink_loops, "PARALLEL", True)
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_blocks_of_pairs_give_one_threads_numbers(block_launches, monkeypatch):
+    net, x, baselines = job()
+
+    pooled = integrated_gradients(net, x, baselines, n_steps=50)
+    assert block_launches == [("_forward_blocks", 2), ("_backward_blocks", 2)]
+    block_launches.clear()
+    serial = one_thread(monkeypatch, net, x, baselines)
+
+    assert block_launches == []
+    # Each pair is computed by the same code either way: equal, not close.
+    assert torch.equal(pooled, serial)
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_a_few_pairs_stay_in_one_thread(block_launches):
+    net, x, baselines = job(rows=3)  # 12 pairs
+
+    integrated_gradients(net, x, baselines, n_steps=50)
+
+    assert block_launches == []
+
+
+def test_the_pool_follows_torchs_thread_count(block_launches):
+    net, x, baselines = job()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        integrated_gradients(net, x, baselines, n_steps=50)
+    finally:
+        torch.set_num_threads(saved)
+
+    assert block_launches == []
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_a_launch_while_the_pool_runs_stays_in_one_thread(block_launches, monkeypatch):
+    net, x, baselines = job()
+    expected = one_thread(monkeypatch, net, x, baselines)
+
+    with engine.kink_loops._POOL_BUSY:
+        attributions = integrated_gradients(net, x, baselines, n_steps=50)
+
+    assert block_launches == []
+    assert torch.equal(attributions, expected)
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_threads_explaining_at_once_get_their_own_numbers(monkeypatch):
+    jobs = [job(rows=60 + 10 * i) for i in range(3)]
+    expected = [one_thread(monkeypatch, *j) for j in jobs]
+    results: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(jobs))}
+    failures = []
+
+    def explain(i):
+        try:
+            for _ in range(5):
+                results[i].append(integrated_gradients(*jobs[i], n_steps=50))
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            failures.append(error)
+
+    threads = [threading.Thread(target=explain, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert failures == []
+    for i, got in results.items():
+        assert len(got) == 5
+        assert all(torch.equal(g, expected[i]) for g in got)
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_a_process_other_than_the_pools_owner_stays_in_one_thread(block_launches,
+                                                                   monkeypatch):
+    net, x, baselines = job()
+    monkeypatch.setattr(engine.kink_loops, "_POOL_OWNER", [os.getpid() + 1])
+
+    integrated_gradients(net, x, baselines, n_steps=50)
+
+    assert block_launches == []
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_a_pool_that_fails_to_start_leaves_one_thread(block_launches, monkeypatch, caplog):
+    net, x, baselines = job()
+    expected = one_thread(monkeypatch, net, x, baselines)
+
+    def no_layer(*args):
+        raise ValueError("No threading layer could be loaded.")
+
+    monkeypatch.setattr(engine.kink_loops, "_forward_blocks", no_layer)
+    monkeypatch.setattr(engine.kink_loops, "_POOL_OWNER", [])
+    with caplog.at_level(logging.INFO, logger="engine.kink_loops"):
+        first = integrated_gradients(net, x, baselines, n_steps=50)
+        second = integrated_gradients(net, x, baselines, n_steps=50)
+
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert caplog.text.count("run in one thread: No threading layer could be loaded") == 1
+    assert block_launches == []
