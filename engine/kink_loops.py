@@ -14,9 +14,12 @@ compiles (not with ``NUMBA_DISABLE_JIT``), and never inside a compiled graph.
 
 Pairs are independent, so the loops split them into one block per thread (as many
 threads as torch uses) and run the blocks in numba's thread pool; each pair's numbers
-are the same as in one thread. A launch from a second thread while one runs, or from a
-process forked after one ran, runs in one thread instead: numba's ``workqueue`` pool
-aborts on overlapping launches, and a GNU OpenMP pool does not survive a fork.
+are the same as in one thread. This needs numba's ``omp`` or ``tbb`` threading layer:
+its ``workqueue`` layer, the one left where neither loads, made the Titanic call slower
+than one thread on two cores, so there the loops go back to one thread after the first
+launch. A launch from a second thread while one runs, or from a process forked after one
+ran, runs in one thread too: the ``workqueue`` pool aborts on overlapping launches, and a
+GNU OpenMP pool does not survive a fork.
 """
 
 from __future__ import annotations
@@ -113,8 +116,11 @@ MIN_BLOCK_PAIRS = 32
 
 # Held while the thread pool runs the loops. A second launch meanwhile runs in one thread.
 _POOL_BUSY = threading.Lock()
-# The process that first used the pool; a forked child runs the loops in one thread.
+# The process that first used the pool (a forked child runs the loops in one thread), or
+# -1 once the pool turned out unusable.
 _POOL_OWNER: list[int] = []
+# numba's threading layers that run the blocks faster than one thread.
+FAST_LAYERS = ("omp", "tbb")
 
 
 def _in_blocks(serial: Callable[..., None], blocked: Callable[..., None], n_pairs: int,
@@ -127,6 +133,11 @@ def _in_blocks(serial: Callable[..., None], blocked: Callable[..., None], n_pair
                 numba.set_num_threads(n_blocks)
                 blocked(*args, n_blocks)
                 _POOL_OWNER[:] = [os.getpid()]
+                layer = numba.threading_layer()
+                if layer not in FAST_LAYERS:
+                    log.info("the closed form's loops run in one thread from now on: "
+                             "numba's %r threading layer is slower", layer)
+                    _POOL_OWNER[:] = [-1]
                 return
         except Exception as error:  # noqa: BLE001 - numba found no threading layer
             log.info("the closed form's loops run in one thread: %s", error)

@@ -151,3 +151,21 @@ def test_a_pool_that_fails_to_start_leaves_one_thread(block_launches, monkeypatc
     assert torch.equal(first, expected) and torch.equal(second, expected)
     assert caplog.text.count("run in one thread: No threading layer could be loaded") == 1
     assert block_launches == []
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_a_slow_threading_layer_sends_the_loops_back_to_one_thread(block_launches,
+                                                                    monkeypatch, caplog):
+    net, x, baselines = job()
+    expected = one_thread(monkeypatch, net, x, baselines)
+    monkeypatch.setattr(engine.kink_loops.numba, "threading_layer", lambda: "workqueue")
+    monkeypatch.setattr(engine.kink_loops, "_POOL_OWNER", [])
+
+    with caplog.at_level(logging.INFO, logger="engine.kink_loops"):
+        first = integrated_gradients(net, x, baselines, n_steps=50)
+        second = integrated_gradients(net, x, baselines, n_steps=50)
+
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    # The first launch shows the layer; every later loop runs in one thread.
+    assert block_launches == [("_forward_blocks", 2)]
+    assert caplog.text.count("'workqueue' threading layer is slower") == 1
