@@ -130,8 +130,13 @@ def _in_blocks(serial: Callable[..., None], blocked: Callable[..., None], n_pair
     if n_blocks >= 2 and _POOL_BUSY.acquire(blocking=False):
         try:
             if _POOL_OWNER[:1] in ([], [os.getpid()]):
+                # numba's thread count is per calling thread: the caller's own is restored.
+                caller_threads = numba.get_num_threads()
                 numba.set_num_threads(n_blocks)
-                blocked(*args, n_blocks)
+                try:
+                    blocked(*args, n_blocks)
+                finally:
+                    numba.set_num_threads(caller_threads)
                 _POOL_OWNER[:] = [os.getpid()]
                 layer = numba.threading_layer()
                 if layer not in FAST_LAYERS:

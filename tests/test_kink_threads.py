@@ -169,3 +169,16 @@ def test_a_slow_threading_layer_sends_the_loops_back_to_one_thread(block_launche
     # The first launch shows the layer; every later loop runs in one thread.
     assert block_launches == [("_forward_blocks", 2)]
     assert caplog.text.count("'workqueue' threading layer is slower") == 1
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_the_callers_numba_thread_count_is_restored(block_launches):
+    numba = engine.kink_loops.numba
+    saved = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        integrated_gradients(*job(), n_steps=50)
+        assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(saved)
+    assert block_launches == [("_forward_blocks", 2), ("_backward_blocks", 2)]
