@@ -17,9 +17,10 @@ threads as torch uses) and run the blocks in numba's thread pool; each pair's nu
 are the same as in one thread. This needs numba's ``omp`` or ``tbb`` threading layer:
 its ``workqueue`` layer, the one left where neither loads, made the Titanic call slower
 than one thread on two cores, so there the loops go back to one thread after the first
-launch. A launch from a second thread while one runs, or from a process forked after one
-ran, runs in one thread too: the ``workqueue`` pool aborts on overlapping launches, and a
-GNU OpenMP pool does not survive a fork.
+launch. A launch from a second thread while one runs, and every launch in a forked
+process, runs in one thread too: the ``workqueue`` pool aborts on overlapping launches,
+and a forked process cannot use the GNU OpenMP pool of its parent (torch's, shared by
+numba's ``omp`` layer). A launch leaves torch's and numba's thread counts as it found them.
 """
 
 from __future__ import annotations
@@ -116,40 +117,57 @@ MIN_BLOCK_PAIRS = 32
 
 # Held while the thread pool runs the loops. A second launch meanwhile runs in one thread.
 _POOL_BUSY = threading.Lock()
-# The process that first used the pool (a forked child runs the loops in one thread), or
-# -1 once the pool turned out unusable.
-_POOL_OWNER: list[int] = []
+# Why the loops no longer use the pool in this process, once there is a reason.
+_NO_POOL: list[str] = []
 # numba's threading layers that run the blocks faster than one thread.
 FAST_LAYERS = ("omp", "tbb")
+
+
+def _forked() -> None:
+    # A process forked from one whose OpenMP threads ever ran (torch's own, which numba's
+    # omp layer shares, or any library's) inherits a pool whose threads are gone: its
+    # first parallel region would wait for them for ever, or numba would end the process.
+    _NO_POOL[:] = ["a forked process"]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 def _in_blocks(serial: Callable[..., None], blocked: Callable[..., None], n_pairs: int,
                *args: object) -> None:
     """``serial(*args, 0, n_pairs)``, or ``blocked`` on one block of pairs per thread."""
     n_blocks = min(_pool_threads(), n_pairs // MIN_BLOCK_PAIRS)
-    if n_blocks >= 2 and _POOL_BUSY.acquire(blocking=False):
+    if n_blocks >= 2 and not _NO_POOL and _POOL_BUSY.acquire(blocking=False):
         try:
-            if _POOL_OWNER[:1] in ([], [os.getpid()]):
-                # numba's thread count is per calling thread: the caller's own is restored.
-                caller_threads = numba.get_num_threads()
-                numba.set_num_threads(n_blocks)
-                try:
-                    blocked(*args, n_blocks)
-                finally:
-                    numba.set_num_threads(caller_threads)
-                _POOL_OWNER[:] = [os.getpid()]
-                layer = numba.threading_layer()
-                if layer not in FAST_LAYERS:
-                    log.info("the closed form's loops run in one thread from now on: "
-                             "numba's %r threading layer is slower", layer)
-                    _POOL_OWNER[:] = [-1]
-                return
+            _launch(blocked, n_blocks, args)
+            return
         except Exception as error:  # noqa: BLE001 - numba found no threading layer
             log.info("the closed form's loops run in one thread: %s", error)
-            _POOL_OWNER[:] = [-1]
+            _NO_POOL[:] = [str(error)]
         finally:
             _POOL_BUSY.release()
     serial(*args, 0, n_pairs)
+
+
+def _launch(blocked: Callable[..., None], n_blocks: int, args: tuple[object, ...]) -> None:
+    """``blocked(*args, n_blocks)`` in numba's pool, leaving the caller's thread counts."""
+    # The omp layer's first launch sets OpenMP's thread count to numba's pool size, in the
+    # libgomp that torch uses too; numba's count holds per calling thread. Both come back.
+    torch_threads = torch.get_num_threads()
+    caller_threads = numba.get_num_threads()
+    numba.set_num_threads(n_blocks)
+    try:
+        blocked(*args, n_blocks)
+    finally:
+        numba.set_num_threads(caller_threads)
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
+    layer = numba.threading_layer()
+    if layer not in FAST_LAYERS:
+        log.info("the closed form's loops run in one thread from now on: numba's %r "
+                 "threading layer is slower", layer)
+        _NO_POOL[:] = [f"numba's {layer!r} threading layer"]
 
 
 def _pool_threads() -> int:

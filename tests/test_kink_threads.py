@@ -1,17 +1,38 @@
 """The closed form's numba loops split the pairs over threads and give one thread's numbers."""
 
 import logging
+import multiprocessing
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import engine.kink_loops
 from engine import integrated_gradients
 from tests.test_chunk_loop import titanic_job
 
-pytestmark = pytest.mark.skipif(engine.kink_loops.numba is None, reason="numba is a dependency")
+ROOT = Path(__file__).resolve().parents[1]
+
+numba = engine.kink_loops.numba
+pytestmark = [
+    pytest.mark.skipif(numba is None or numba.config.DISABLE_JIT,
+                       reason="the loops run only where numba compiles"),
+    pytest.mark.skipif(numba is not None and numba.config.NUMBA_NUM_THREADS < 2,
+                       reason="numba's pool has one thread (NUMBA_NUM_THREADS or one CPU)"),
+]
+
+
+@pytest.fixture(autouse=True)
+def pool_on(monkeypatch):
+    """The pool as in a fresh process with a fast threading layer, whatever the
+    environment's (``NUMBA_THREADING_LAYER=workqueue`` leaves one thread after a launch)."""
+    monkeypatch.setattr(engine.kink_loops, "_NO_POOL", [])
+    monkeypatch.setattr(numba, "threading_layer", lambda: "omp")
 
 
 @pytest.fixture
@@ -124,14 +145,75 @@ def test_threads_explaining_at_once_get_their_own_numbers(monkeypatch):
 
 
 @pytest.mark.usefixtures("two_threads")
-def test_a_process_other_than_the_pools_owner_stays_in_one_thread(block_launches,
-                                                                   monkeypatch):
+def test_a_forked_process_stays_in_one_thread(block_launches, monkeypatch):
     net, x, baselines = job()
-    monkeypatch.setattr(engine.kink_loops, "_POOL_OWNER", [os.getpid() + 1])
+    engine.kink_loops._forked()  # what os.register_at_fork runs in a child
 
     integrated_gradients(net, x, baselines, n_steps=50)
 
     assert block_launches == []
+
+
+def small_job():
+    """64 pairs on a narrow network: torch's own operations stay in one thread (a forked
+    child hangs in torch's first parallel one), the loops' pool would not."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 1)).eval()
+    return net, torch.randn(64, 5), torch.zeros(1, 5)
+
+
+def _small_job_in_child(queue):
+    # Plain floats: a tensor would travel as shared memory the exiting child takes along.
+    queue.put(integrated_gradients(*small_job(), n_steps=8).tolist())
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
+                    reason="needs the fork start method")
+def test_a_child_forked_after_torchs_threads_ran_finishes(monkeypatch):
+    # This process has run torch's OpenMP threads; the child inherits their pool.
+    a = torch.randn(512, 512)
+    (a @ a).sum()
+    monkeypatch.setattr(engine.kink_loops, "PARALLEL", False)
+    expected = integrated_gradients(*small_job(), n_steps=8)
+    monkeypatch.setattr(engine.kink_loops, "PARALLEL", True)
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_small_job_in_child, args=(queue,))
+    child.start()
+    try:
+        got = queue.get(timeout=60)
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+    assert got == expected.tolist()
+
+
+def test_a_launch_leaves_torchs_thread_count(tmp_path):
+    # numba's omp layer sets OpenMP's thread count at its first launch in a process.
+    script = tmp_path / "threads.py"
+    script.write_text(
+        "import torch\n"
+        "from engine import integrated_gradients\n"
+        "from tests.test_chunk_loop import titanic_job\n"
+        "torch.set_num_threads(3)\n"
+        "net, x, baselines = titanic_job(dtype=torch.float32, rows=60, seed=3)\n"
+        "integrated_gradients(net, x, baselines, n_steps=50)\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                       os.environ.get("PYTHONPATH")]))}
+    env.pop("NUMBA_THREADING_LAYER", None)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["3"]
 
 
 @pytest.mark.usefixtures("two_threads")
@@ -143,7 +225,6 @@ def test_a_pool_that_fails_to_start_leaves_one_thread(block_launches, monkeypatc
         raise ValueError("No threading layer could be loaded.")
 
     monkeypatch.setattr(engine.kink_loops, "_forward_blocks", no_layer)
-    monkeypatch.setattr(engine.kink_loops, "_POOL_OWNER", [])
     with caplog.at_level(logging.INFO, logger="engine.kink_loops"):
         first = integrated_gradients(net, x, baselines, n_steps=50)
         second = integrated_gradients(net, x, baselines, n_steps=50)
@@ -158,8 +239,7 @@ def test_a_slow_threading_layer_sends_the_loops_back_to_one_thread(block_launche
                                                                     monkeypatch, caplog):
     net, x, baselines = job()
     expected = one_thread(monkeypatch, net, x, baselines)
-    monkeypatch.setattr(engine.kink_loops.numba, "threading_layer", lambda: "workqueue")
-    monkeypatch.setattr(engine.kink_loops, "_POOL_OWNER", [])
+    monkeypatch.setattr(numba, "threading_layer", lambda: "workqueue")
 
     with caplog.at_level(logging.INFO, logger="engine.kink_loops"):
         first = integrated_gradients(net, x, baselines, n_steps=50)
@@ -173,7 +253,6 @@ def test_a_slow_threading_layer_sends_the_loops_back_to_one_thread(block_launche
 
 @pytest.mark.usefixtures("two_threads")
 def test_the_callers_numba_thread_count_is_restored(block_launches):
-    numba = engine.kink_loops.numba
     saved = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
