@@ -181,6 +181,12 @@ class AttributionCallback(pl.Callback):
         restored, self._restored = self._restored, None
         if trainer.ckpt_path is not None and restored is not None:
             self._take_up(restored)
+            # The checkpoint's snapshots stand for the epochs it had finished, as in a fit
+            # never stopped; its weights get theirs at the next epoch end that is due. A
+            # checkpoint saved at validation's end, before this epoch's end, holds weights
+            # past what the epoch number names, and Lightning runs that end again.
+            self._forget_from(epoch + 1)
+            return
         if trainer.ckpt_path is not None and epoch in self.epochs:
             # The checkpoint brought this epoch's snapshot back with the others. Its
             # weights may be past it (a checkpoint taken within the next epoch), which no
@@ -244,7 +250,9 @@ class AttributionCallback(pl.Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, object]) -> None:
         # Saved by a callback with other settings (every_n_epochs, compile, precision),
-        # the snapshots are under another key: find them by what they explain.
+        # the snapshots are under another key: find them by what they explain. Each
+        # checkpoint replaces what an earlier one (a validate or test run) left pending.
+        self._restored = None
         layout, others = self._layout(), 0
         for key, state in (checkpoint.get("callbacks") or {}).items():
             if not (str(key).startswith(type(self).__qualname__) and isinstance(state, dict)):

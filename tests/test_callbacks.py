@@ -717,3 +717,65 @@ def test_a_fit_resumed_with_other_settings_keeps_the_snapshots(tmp_path, change)
     _small_fit(resumed, _Small(), epochs=3, ckpt_path=str(checkpoint))
 
     assert resumed.epochs == [0, 1, 2, 3]
+
+
+def _fit_with_validation_checkpoints(tmp_path, callback, epochs):
+    """Fit ``_Validated`` with checkpoints saved at each validation's end, which comes
+    before the callback's end of that epoch (as with ``monitor=`` or
+    ``val_check_interval`` < 1)."""
+    torch.manual_seed(3)
+    x = torch.rand(64, 5)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, 0]),
+                                         batch_size=16)
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1,
+                                         save_on_train_epoch_end=False)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback, saver])
+    trainer.fit(_Validated(), loader, loader)
+    return loader
+
+
+def test_a_fit_resumed_from_a_validation_checkpoint_snapshots_as_one_never_stopped(tmp_path):
+    full = _small_callback(every_n_epochs=2)
+    loader = _fit_with_validation_checkpoints(tmp_path, full, epochs=4)
+    (checkpoint,) = tmp_path.glob("epoch=1-*.ckpt")  # weights after two epochs
+
+    resumed = _small_callback(every_n_epochs=2)
+    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[resumed])
+    trainer.fit(_Validated(), loader, loader, ckpt_path=str(checkpoint))
+
+    assert full.epochs == [0, 2, 4]
+    assert resumed.epochs == [0, 2, 4]
+    # Epoch 2 explains the checkpoint's weights, the same as the run never stopped.
+    torch.testing.assert_close(resumed.attributions[:2], full.attributions[:2])
+
+
+def test_snapshots_read_for_a_validation_are_not_taken_up_by_a_later_fit(tmp_path):
+    callback = _small_callback()
+    with_snapshots = _checkpointed(tmp_path, callback, _Validated(), epochs=2)
+    held = callback.attributions
+    # A checkpoint of another run, saved without the callback.
+    plain = tmp_path / "plain.ckpt"
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    torch.manual_seed(11)
+    x = torch.rand(64, 5)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, 0]),
+                                         batch_size=32)
+    trainer.fit(_Validated(), loader)
+    trainer.save_checkpoint(plain)
+
+    later = _small_callback()
+    validator = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                           enable_model_summary=False, callbacks=[later])
+    validator.validate(_Validated(), loader, ckpt_path=str(with_snapshots), verbose=False)
+    _small_fit(later, _Validated(), epochs=3, ckpt_path=str(plain))
+
+    # Only the plain checkpoint's own fit: its weights at epoch 1, then epochs 2 and 3.
+    assert later.epochs == [1, 2, 3]
+    assert not any(torch.equal(snapshot, old) for snapshot in later.attributions
+                   for old in held)
