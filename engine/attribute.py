@@ -60,6 +60,7 @@ from engine.io import (
     check_output_folder,
     counted,
     exclusive_use,
+    readable_path,
     refuse_overwriting_inputs,
     stops_watched,
     tidy_attributions,
@@ -418,8 +419,9 @@ def _run_all(config: JobConfig) -> dict[str, object]:
         pictures = _draw_pictures(outputs, mean_attribution, by_epoch, passenger,
                                   data.feature_names, config.epochs, kinds=config.baselines)
         outputs.write_text("report.html", render_report(TitanicReport(
-            source=str(source), n_passengers=len(data.labels), n_train=len(data.train_index),
-            n_test=len(data.test_index), feature_names=tuple(data.feature_names),
+            source=readable_path(source), n_passengers=len(data.labels),
+            n_train=len(data.train_index), n_test=len(data.test_index),
+            feature_names=tuple(data.feature_names),
             baseline_names=config.baselines, epochs=config.epochs, seed=config.seed,
             layer_order=config.layer_order, device=config.device, n_steps=config.n_steps,
             method=config.method, accuracy=accuracy, classification_report=report,

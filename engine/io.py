@@ -514,8 +514,22 @@ def _unique_short(name: str) -> str:
 
 
 def _short(name: str) -> str:
-    """``name`` cut to leave room for a hidden prefix and suffix within a 255-byte name."""
-    return name.encode()[:MAX_NAME_IN_STAGING].decode(errors="ignore")
+    """``name`` cut to leave room for a hidden prefix and suffix within a 255-byte name.
+
+    Whole characters, counted in the bytes the file system holds: a byte that is not
+    UTF-8 (``\\xff``) is one character of one byte.
+    """
+    size = 0
+    for end, character in enumerate(name):
+        size += len(os.fsencode(character))
+        if size > MAX_NAME_IN_STAGING:
+            return name[:end]
+    return name
+
+
+def readable_path(path: object) -> str:
+    """``path`` as text any encoding can write: bytes that are not UTF-8 show as ``\\xff``."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
 
 
 def _staging_prefix(name: str) -> str:

@@ -519,3 +519,17 @@ def test_summary_shows_a_line_break_in_the_results_folder_escaped(capsys):
     })
 
     assert capsys.readouterr().out.splitlines()[-1] == "results in odd\\nname/ (open report.html)"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names of any bytes: Linux")
+def test_paths_with_bytes_that_are_not_utf8_run_and_show_escaped(tmp_path, titanic_csv):
+    data = tmp_path / os.fsdecode(b"train\xff.csv")
+    data.write_bytes(titanic_csv.read_bytes())
+    out = tmp_path / os.fsdecode(b"results\xfe")
+
+    status = main(["--all", "--data", str(data), "--out", str(out), "--epochs", "1",
+                   "--n-steps", "4"])
+
+    assert status == 0
+    assert "train\\xff.csv" in (out / "report.html").read_text()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
