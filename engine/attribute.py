@@ -61,6 +61,7 @@ from engine.io import (
     counted,
     exclusive_use,
     readable_path,
+    refuse_folders_where_files_go,
     refuse_overwriting_inputs,
     stops_watched,
     tidy_attributions,
@@ -284,6 +285,7 @@ def _run_all(config: JobConfig) -> dict[str, object]:
         source = locate_titanic_csv(config.data)
         outputs.inputs["--data"] = source
         refuse_overwriting_inputs(config.out, all_run_files(config.baselines), outputs.inputs)
+        refuse_folders_where_files_go(config.out, all_run_files(config.baselines))
         frame = load_titanic(source)
         data = prepare_titanic(frame, source=source)
         _check_passenger_flags(config, len(data.test_index), data.feature_names, source)

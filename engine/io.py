@@ -121,6 +121,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 RUN_KINDS = {"all": "--all", "checkpoint": "--checkpoint"}
 
 
+def refuse_folders_where_files_go(path: Path, names: Iterable[str]) -> None:
+    """Raise ``ArgumentError`` if a folder inside ``path`` has the name of a result file:
+    publishing the file would fail there. Checked before a run's work and again before
+    its first file moves in."""
+    for name in names:
+        if (path / name).is_dir():
+            raise ArgumentError(
+                f"--out {path}: {path / name} is a folder where a result file goes; move it "
+                "away and run again"
+            )
+
+
 def check_output_folder(path: Path, kind: str | None = None) -> None:
     """Raise ``ArgumentError`` unless ``path`` is a writable folder, or can be made as one
     in an existing writable folder; nothing is created.
@@ -297,12 +309,7 @@ class OutputDir:
         """
         self.path.mkdir(exist_ok=True)
         # A rename onto a folder fails: find that before the first rename, not halfway.
-        for name in self.written:
-            if (self.path / name).is_dir():
-                raise ArgumentError(
-                    f"--out {self.path}: {self.path / name} is a folder where a result file "
-                    "goes; move it away and run again"
-                )
+        refuse_folders_where_files_go(self.path, self.written)
         # Checked again: another run may have written the folder since this one began.
         check_output_folder(self.path, self.kind)
         refuse_overwriting_inputs(self.path, self.written, self.inputs)

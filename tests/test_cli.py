@@ -533,3 +533,21 @@ def test_paths_with_bytes_that_are_not_utf8_run_and_show_escaped(tmp_path, titan
     assert status == 0
     assert "train\\xff.csv" in (out / "report.html").read_text()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_a_folder_named_as_a_result_file_is_refused_before_training(tmp_path, titanic_csv,
+                                                                     monkeypatch, capsys):
+    import engine.model
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before refusing the folder")
+
+    monkeypatch.setattr(engine.model, "train_titanic", no_training)
+    out = tmp_path / "results"
+    (out / "report.html").mkdir(parents=True)
+
+    status = main(["--all", "--data", str(titanic_csv), "--out", str(out), "--epochs", "1"])
+
+    assert status == 2
+    assert "report.html is a folder where a result file goes" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["report.html"]
