@@ -19,9 +19,12 @@ on every later call, whether each attribute read still has the value the trace w
 with:
 
 - numbers, strings, flags and other plain values by value (long strings by length and
-  hash), and lists, tuples, dicts, small numpy arrays and plain objects (a config object,
-  a ``SimpleNamespace``, a dataclass with or without slots) by their contents, up to 256
-  values per attribute;
+  hash), and lists, tuples, dicts, deques, small numpy and ``array`` arrays, short
+  bytearrays and plain objects (a config object, a ``SimpleNamespace``, a dataclass with
+  or without slots) by their contents, up to 256 values per attribute;
+- an attribute ``forward`` looked up and did not find (``getattr(self, "cap", default)``,
+  ``hasattr``) as missing, and the names each of the model's own classes defines, so
+  that a setting added later is seen;
 - anything else (a tensor, a function, a larger container) by identity, through a weak
   reference where the object allows one, so that a guard neither keeps a model alive nor
   mistakes a new object at a freed address for the old one.
@@ -39,9 +42,12 @@ bounds changed in place.
 
 from __future__ import annotations
 
+import array
+import collections
 import contextlib
 import enum
 import functools
+import sys
 import threading
 import types
 import weakref
@@ -106,7 +112,8 @@ class Guards:
 
     def __init__(self, reads: tuple[tuple[nn.Module, str, object], ...] = (),
                  constants: tuple[tuple[type, str, object], ...] = (),
-                 numbers: tuple[torch.Tensor, ...] = ()) -> None:
+                 numbers: tuple[torch.Tensor, ...] = (),
+                 classes: tuple[type, ...] = ()) -> None:
         # Weak references: a guard must not keep the model (or any module) alive.
         self._reads = tuple((weakref.ref(owner), name, seen, False)
                             for owner, name, seen in reads)
@@ -114,6 +121,9 @@ class Guards:
                              for owner, name, seen in constants)
         # Tensors forward took a number out of (``self.cap.item()``), with their contents.
         self._numbers = tuple((weakref.ref(tensor), _contents(tensor)) for tensor in numbers)
+        # The names each of the model's own classes defines: one added later (a setting
+        # forward looks up with a default, ``getattr(type(self), "CAP", 10.0)``) is seen.
+        self._classes = tuple((weakref.ref(klass), _class_names(klass)) for klass in classes)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -155,6 +165,14 @@ class Guards:
             tensor = ref()
             if tensor is None or _contents(tensor) != seen:
                 yield "a number taken out of a tensor"
+        for ref, names in self._classes:
+            klass = ref()
+            if klass is None or _class_names(klass) != names:
+                yield f"the attributes of class {getattr(klass, '__name__', '(dropped)')}"
+
+
+def _class_names(klass: type) -> frozenset[str]:
+    return frozenset(name for name in vars(klass) if not name.startswith("__"))
 
 
 def _read(module: nn.Module, name: str) -> object:
@@ -197,7 +215,15 @@ def _summary(value: object, budget: list[int]) -> object:
     if isinstance(value, _SCALARS):
         # repr tells 0.0 from -0.0 and matches nan with nan; the type tells 1 from 1.0.
         return (type(value), repr(value))
-    if isinstance(value, (tuple, list, dict, set, frozenset)):
+    if isinstance(value, bytearray):
+        # Bytes that may change in place: by value while short, else by identity.
+        return (bytearray, bytes(value)) if len(value) <= _LONG_TEXT else _IDENTITY
+    if isinstance(value, array.array):
+        if len(value) > budget[0]:
+            return _IDENTITY
+        budget[0] -= len(value)
+        return (array.array, value.typecode, value.tobytes())
+    if isinstance(value, (tuple, list, dict, set, frozenset, collections.deque)):
         items = value.items() if isinstance(value, dict) else value
         parts = []
         for item in items:
@@ -281,11 +307,37 @@ _local = threading.local()
 def _recording_getattribute(self: nn.Module, name: str) -> Any:
     # The next __getattribute__ after nn.Module's place in the class's MRO: a mixin's own,
     # or object's.
-    value = super(nn.Module, self).__getattribute__(name)
+    try:
+        value = super(nn.Module, self).__getattribute__(name)
+    except AttributeError:
+        # An optional setting (getattr(self, "cap", default), hasattr, try/except): that
+        # it is missing is baked in as much as a value would be.
+        # Not the tracer's own lookups (a free name for a constant it then sets).
+        reads = getattr(_local, "reads", None)
+        if reads is not None and (id(self), name) not in reads and _absent(self, name) \
+                and not _framework_caller(sys._getframe(1)):
+            reads[id(self), name] = (self, name, _fingerprint(_MISSING))
+        raise
     reads = getattr(_local, "reads", None)
     if reads is not None and (id(self), name) not in reads and _recordable(self, name, value):
         reads[id(self), name] = (self, name, _fingerprint(_read(self, name)))
     return value
+
+
+def _framework_caller(frame: types.FrameType) -> bool:
+    """Whether ``frame`` runs torch's or Lightning's code."""
+    return str(frame.f_globals.get("__name__", "")).split(".")[0] in _FRAMEWORKS
+
+
+def _absent(module: nn.Module, name: str) -> bool:
+    """Whether ``module.name`` is missing, rather than a parameter, buffer or submodule
+    (which ``nn.Module.__getattr__`` serves, and engine.step.layout covers)."""
+    if name in _MODULE_INTERNALS or (name.startswith("__") and name.endswith("__")):
+        return False
+    own = vars(module)
+    if any(name in own.get(table, ()) for table in ("_parameters", "_buffers", "_modules")):
+        return False
+    return _read(module, name) is _MISSING
 
 
 def _recordable(module: nn.Module, name: str, value: object) -> bool:
@@ -391,6 +443,26 @@ class _ModeCheckingTracer(fx.Tracer):
 _FRAMEWORKS = ("torch", "pytorch_lightning", "lightning", "lightning_fabric")
 
 
+def _module_classes(model: nn.Module,
+                    reads: dict[tuple[int, str], tuple[nn.Module, str, object]]) -> set[type]:
+    """The classes of the model's modules and of the modules forward read."""
+    modules = {id(module): module for module in model.modules()}
+    modules.update((id(module), module) for module, _, _ in reads.values())
+    return {type(module) for module in modules.values()}
+
+
+def _own_classes(model: nn.Module, reads: dict[tuple[int, str], tuple[nn.Module, str, object]]
+                 ) -> list[type]:
+    """The classes of the model's modules (and of those forward read), with their bases,
+    less ``object`` and the frameworks' own."""
+    classes: dict[type, None] = {}
+    for klass in _module_classes(model, reads):
+        for base in klass.__mro__:
+            if base is not object and not _framework_function(base):
+                classes[base] = None
+    return list(classes)
+
+
 def _class_constants(model: nn.Module, reads: dict[tuple[int, str], tuple[nn.Module, str,
                                                                          object]]
                      ) -> tuple[tuple[type, str, object], ...]:
@@ -401,10 +473,8 @@ def _class_constants(model: nn.Module, reads: dict[tuple[int, str], tuple[nn.Mod
     later on a subclass, shadowing its base's, is seen too. Framework classes (torch,
     Lightning) are left out; the model's own classes are few and hold few such values.
     """
-    modules = {id(module): module for module in model.modules()}
-    modules.update((id(module), module) for module, _, _ in reads.values())
     constants = {}
-    for klass in {type(module) for module in modules.values()}:
+    for klass in _module_classes(model, reads):
         for base in klass.__mro__:
             if base is object or _framework_function(base):
                 continue
@@ -439,7 +509,8 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, Guards]:
     kept = tuple(t for t in (ref() for ref in numbers.tensors.values()) if t is not None)
     # The tracer takes the model's forward from its class, not through the instance: the
     # class constants guard it, with the classes' other methods.
-    guards = Guards(tuple(reads.values()), _class_constants(model, reads), kept)
+    guards = Guards(tuple(reads.values()), _class_constants(model, reads), kept,
+                    tuple(_own_classes(model, reads)))
     before = {(klass, name): seen for klass, name, seen in constants_before}
     counters = [f"{klass.__name__}.{name}" for klass, name, seen in guards.constants
                 if (klass, name) in before and before[klass, name] != seen]

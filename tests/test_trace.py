@@ -700,3 +700,100 @@ def test_methods_forward_runs_through_are_guarded(case):
         torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
                                    atol=1e-12)
         assert float((got - before).abs().max()) > 0.01
+
+
+# ---------------------------------------------------------------------------
+# Optional settings: missing when traced, set later
+
+
+class _OptionalCap(_Kinked):
+    """Reads a cap that need not exist, falling back to 10 (no cap on these paths)."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+
+    @property
+    def cap_or_default(self):
+        return getattr(self, "_cap", 10.0)
+
+    def forward(self, x):
+        if self.spelling == "getattr with a default":
+            cap = getattr(self, "cap", 10.0)
+        elif self.spelling == "property with a default":
+            cap = self.cap_or_default
+        elif self.spelling == "try and except":
+            try:
+                cap = self.cap
+            except AttributeError:
+                cap = 10.0
+        elif self.spelling == "hasattr":
+            cap = self.cap if hasattr(self, "cap") else 10.0
+        else:  # a class attribute looked up with a default
+            cap = getattr(type(self), "CAP", 10.0)
+        return torch.clamp(self.hidden(x), max=cap)
+
+
+@pytest.mark.parametrize("spelling", ["getattr with a default", "property with a default",
+                                      "try and except", "hasattr", "class attribute"])
+def test_a_setting_that_was_missing_when_traced_is_seen_once_set(spelling):
+    for hoist in (True, False):
+        # A class of its own per run: the class attribute is set on it.
+        model = type("Model", (_OptionalCap,), {})(spelling).double().eval()
+        integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)
+        if spelling == "class attribute":
+            type(model).CAP = 0.0
+        elif spelling == "property with a default":
+            model._cap = 0.0
+        else:
+            model.cap = 0.0
+
+        got = integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)[0]
+
+        torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
+                                   atol=1e-12)
+
+
+class _CapInContainer(_Kinked):
+    def __init__(self, caps):
+        super().__init__()
+        self.caps = caps
+
+    def forward(self, x):
+        return torch.clamp(self.hidden(x), max=float(self.caps[0]))
+
+
+@pytest.mark.parametrize("container", ["deque", "array", "bytearray"])
+def test_settings_in_other_mutable_containers_changed_in_place_are_seen(container):
+    import array
+    import collections
+
+    make = {"deque": lambda: collections.deque([10.0]), "array": lambda: array.array("d", [10.0]),
+            "bytearray": lambda: bytearray([10])}[container]
+    for hoist in (True, False):
+        model = _CapInContainer(make()).double().eval()
+        integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)
+        model.caps[0] = 0
+
+        got = integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)[0]
+
+        torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
+                                   atol=1e-12)
+
+
+def test_a_model_without_optional_settings_is_traced_once(monkeypatch):
+    import engine.hoist
+
+    calls = []
+    original = engine.hoist.trace
+
+    def counted(model):
+        calls.append(type(model).__name__)
+        return original(model)
+
+    monkeypatch.setattr(engine.hoist, "trace", counted)
+    model = type("Model", (_OptionalCap,), {})("getattr with a default").double().eval()
+    for _ in range(3):
+        integrated_gradients(model, X, BASE, **STEPS)
+
+    assert calls == ["Model"]  # the affine split, made once and reused
