@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
+import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
@@ -69,6 +70,7 @@ from engine.step import (
     memo,
     module_of,
     non_finite_weights,
+    numpy_view,
     own_hooks,
     owns_precision,
     pad_rows,
@@ -537,10 +539,11 @@ def _integrated_sums(
 ) -> tuple[Tensor, ...]:
     if options.compile_mode:
         _check_gradient(forward_func, problem)
-    split = _usable_split(forward_func, problem, options, sample)
+    split, sample_hidden = _usable_split(forward_func, problem, options, sample)
     if split is not None:
         try:
-            hoisted = _integrate_hoisted(split, problem, rule, chunk_points, options)
+            hoisted = _integrate_hoisted(split, problem, rule, chunk_points, options,
+                                         _sample_prefix(problem, sample, sample_hidden))
         except _NonFiniteOutputs:
             # The hoisted path takes h_x - h_b in the prefix's output dtype, which can
             # overflow where every point the model sees is finite (hidden values of
@@ -1091,16 +1094,50 @@ def _usable_split(
     problem: PathProblem,
     options: RunOptions,
     sample: ModelSample | None,
-) -> AffineSplit | None:
-    """The model's affine prefix, when hoisting is on and exact for this problem."""
+) -> tuple[AffineSplit | None, Tensor | None]:
+    """The model's affine prefix, when hoisting is on and exact for this problem, and its
+    outputs on the probe's ``sample`` points, as the check of the split computed them."""
     if not options.hoist or len(problem.inputs) != 1 or problem.forward_args \
             or _model_hooked(forward_func):
-        return None
+        return None, None
+    # The prefix outputs at the sample, per trace checked: only the trace returned is
+    # known to compute the model.
+    seen: dict[int, tuple[AffineSplit, Tensor]] = {}
+
+    def runner(traced: AffineSplit) -> Callable[[Tensor], Tensor]:
+        def run(points: Tensor) -> Tensor:
+            hidden = traced.prefix(points)
+            if sample is not None and points is sample.points:
+                # A suffix may write its input in place where the trace does not show it;
+                # the kink split never does (KinkSplit.run).
+                seen[id(traced)] = (traced, hidden if traced.kink is not None else hidden.clone())
+            return traced.finish(hidden)
+
+        return run
+
     split = _checked_trace(forward_func, problem, sample, split_affine_prefix, "affine split",
-                           lambda traced: traced.run)
+                           runner)
     if split is None or not split.is_affine_now():
-        return None
-    return split
+        return None, None
+    known = seen.get(id(split))
+    return split, (known[1] if known is not None and known[0] is split else None)
+
+
+def _sample_prefix(problem: PathProblem, sample: ModelSample | None,
+                   hidden: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """The prefix outputs of the rows (N, *H) and of the shared baselines (B, *H) that the
+    sample's ``hidden`` holds, each None where it does not hold them all.
+
+    The sample begins with the first rows and then row 0's first baselines (see
+    ``_probe_pairs``), the baselines themselves.
+    """
+    if sample is None or hidden is None or sample.rows != problem.n_rows:
+        return None, None
+    rows = hidden[: sample.rows]
+    base = problem.baselines[0]
+    if base.shape[1] != 1 or sample.kinds != problem.n_baselines:
+        return rows, None
+    return rows, hidden[sample.rows : sample.rows + sample.kinds]
 
 
 def _integrate_hoisted(
@@ -1109,23 +1146,28 @@ def _integrate_hoisted(
     rule: QuadratureRule,
     chunk_points: int | None,
     options: RunOptions,
+    known: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> Tensor:
     """The integral over the model after its affine prefix, pulled back: (B, N, *F).
 
     Rows go in blocks so that the prefix outputs and the hidden-space sums stay within the
-    memory budget however many rows there are.
+    memory budget however many rows there are. ``known`` holds the prefix outputs of the
+    rows and of the shared baselines where the check of the split computed them already
+    (see ``_sample_prefix``).
     """
     x, base = problem.inputs[0], problem.baselines[0]
     n_baselines, n_rows = problem.n_baselines, problem.n_rows
     result = torch.empty((n_baselines, n_rows, *x.shape[1:]), dtype=_accumulate_dtype(x),
                          device=x.device)
     per_row_base = base.shape[1] == n_rows
-    all_hidden_x = None
+    all_hidden_x, known_base = known
     with torch.no_grad():
         # Shared baselines go through the prefix once: (B, 1, *F) -> (B, 1, *H). A few
         # rows go with them, in the same call.
         shared = base[:, 0]
-        if not per_row_base and n_rows <= _PREFIX_WITH_BASELINES:
+        if known_base is not None:
+            shared = known_base
+        elif all_hidden_x is None and not per_row_base and n_rows <= _PREFIX_WITH_BASELINES:
             hidden = split.prefix(torch.cat([shared, x]))
             shared, all_hidden_x = hidden[:n_baselines], hidden[n_baselines:]
         else:
@@ -1236,8 +1278,12 @@ def _integrate_kinked(
             # One shape for every block: pad with copies of the last pair.
             pairs = torch.cat([pairs, pairs[-1:].expand(per_block - count)])
         rows = pairs % problem.n_rows
-        # Each point's row: for per-row targets and to name rows with non-finite outputs.
-        point_rows = None if fused is not None else rows.repeat_interleave(n_steps)
+        # Each point's row: for per-row targets, and to name rows with non-finite outputs
+        # (made then). Without per-row targets the tail's step reads only their number.
+        point_rows = None
+        if fused is None:
+            point_rows = rows.repeat_interleave(n_steps) if isinstance(problem.targets, Tensor) \
+                else rows.new_zeros(()).expand(count * n_steps)
         if count == n_pairs and fused is None:
             # Every pair at once: rows against baselines by broadcasting, no gathers. A
             # compiled block gathers its pairs, padded like any other block, so that
@@ -1281,9 +1327,9 @@ def _integrate_kinked(
             continue
         compiled_once = True
         if finite is None or not bool(finite):
-            if point_rows is None:
+            if not all_finite(selected[: count * n_steps]):
                 point_rows = rows.repeat_interleave(n_steps)
-            _refuse_non_finite(selected[: count * n_steps], point_rows[: count * n_steps])
+                _refuse_non_finite(selected[: count * n_steps], point_rows[: count * n_steps])
         bar.update(count * n_steps)
         if count == n_pairs and block.shape[0] == n_pairs and block.dtype == sums.dtype:
             # One block holds every pair: no copy.
@@ -1557,9 +1603,10 @@ class _ProbePoints:
     """The probe's points as path pairs (see ``_probe_pairs``)."""
 
     pair: Tensor  # every point's pair, in the order of the batches
-    special: tuple[Tensor, Tensor]  # pairs and alphas of the points that are not rows
+    between: tuple[Tensor, Tensor]  # pair and alpha of the point inside a path
     first_at: Tensor  # where each probed row is in batch one
     later_at: Tensor  # and where in the later batches
+    later_numpy: np.ndarray  # later_at for numpy
 
 
 # _ProbePoints per (device, rows, baseline kinds, probed rows): the probe runs on every
@@ -1590,15 +1637,15 @@ def _probe_pairs(problem: PathProblem) -> _ProbePoints:
         # Row R - 1 is point R + K + 1 overall; row i < R - 1 is point R + K + 3 + (R - 2 - i).
         split = count + len(kinds)
         later = [2 * count + len(kinds) + 1 - i for i in range(count - 1)] + [split + 1]
-        special = [*range(count, split + 1), split + 2]
         if len(_PROBE_POINTS) > 64:
             _PROBE_POINTS.clear()
         _PROBE_POINTS[key] = _ProbePoints(
             torch.tensor(pair, dtype=torch.long, device=device),
-            (torch.tensor([pair[i] for i in special], dtype=torch.long, device=device),
-             torch.tensor([alphas[i] for i in special], dtype=torch.float64, device=device)),
+            (torch.tensor([pair[split]], dtype=torch.long, device=device),
+             torch.tensor([alphas[split]], dtype=torch.float64, device=device)),
             torch.arange(count, device=device),
             torch.tensor(later, dtype=torch.long, device=device),
+            np.array(later, dtype=np.int64),
         )
     return _PROBE_POINTS[key]
 
@@ -1610,12 +1657,14 @@ def _probe_row_coupling(
     pair, count = probe.pair, probe.first_at.shape[0]
     kinds = pair.shape[0] - 2 * count - 2
     split = count + kinds
-    # The rows themselves (their paths' ends at alpha 1) and points on row 0's paths:
-    # slicing and flipping the inputs costs less than gathering every point by its pair.
-    special = problem.path_points(*probe.special)
-    points = tuple(torch.cat([x[:count], between[: kinds + 1], x[count - 1 : count],
-                              between[kinds + 1 :], x[: count - 1].flip(0)])
-                   for x, between in zip(problem.inputs, special))
+    # The rows and row 0's baselines themselves (their paths' ends) and one point inside a
+    # path: slicing and flipping the inputs costs less than gathering every point by its
+    # pair, and the hoisted path takes the prefix outputs of the rows and baselines from
+    # the trace check on these points (see _sample_prefix).
+    between = problem.path_points(*probe.between)
+    points = tuple(torch.cat([x[:count], base[:kinds, 0], inside, x[count - 1 : count],
+                              base[-1:, 0], x[: count - 1].flip(0)])
+                   for x, base, inside in zip(problem.inputs, problem.baselines, between))
     rows = pair % problem.n_rows
     # Three calls (see _probe_pairs). Among nearly the same rows as in batch one, a batch
     # statistic (a mean, a maximum) moves by about 1/rows, less than the tolerance below
@@ -1653,14 +1702,14 @@ def _probe_row_coupling(
                 torch.cat([points[0][: split + 1], points[0][split + 2 : split + 3]]),
                 torch.cat([both[: split + 1], both[split + 2 : split + 3]]), count, kinds,
             )
-    first, later = selected[probe.first_at].double(), selected[probe.later_at].double()
-    gap = (first - later).abs()
     dtypes = [x.dtype for x in problem.inputs]
     if both.is_floating_point():
         dtypes.append(both.dtype)
     eps = max(tensors.eps, *(torch.finfo(dtype).eps for dtype in dtypes))
-    if float(gap.max()) <= eps ** 0.5:
+    if _largest_change(selected, probe) <= eps ** 0.5:
         return sample  # within the tolerance of a row of size 0, the smallest there is
+    first, later = selected[probe.first_at].double(), selected[probe.later_at].double()
+    gap = (first - later).abs()
     size = first.abs()
     if not all_finite(gap):
         # Compare the finite outputs; the same infinity, or nan in both, is no change.
@@ -1683,6 +1732,19 @@ def _probe_row_coupling(
             "allow_coupled_rows=True"
         )
     return sample
+
+
+def _largest_change(selected: Tensor, probe: _ProbePoints) -> float:
+    """The largest change of a probed row's output between batch one and the later
+    batches; nan where an output is nan. Through numpy where it reads the outputs: a few
+    small torch operations cost more than the comparison."""
+    array = numpy_view(selected)
+    if array is None:
+        first, later = selected[probe.first_at].double(), selected[probe.later_at].double()
+        return float((first - later).abs().max())
+    with np.errstate(invalid="ignore", over="ignore"):
+        first = array[: probe.first_at.shape[0]].astype(np.float64)
+        return float(np.abs(first - array[probe.later_numpy]).max())
 
 
 def _draws_on_every_call(states: list[Tensor | None]) -> bool:

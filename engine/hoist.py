@@ -72,9 +72,14 @@ class AffineSplit:
 
     def run(self, x: Tensor) -> Tensor:
         """``suffix(prefix(x))``, through the kink split when there is one."""
+        return self.finish(self.prefix(x))
+
+    def finish(self, hidden: Tensor) -> Tensor:
+        """``suffix(hidden)`` for the prefix's outputs, through the kink split when there is
+        one (which leaves ``hidden`` as it was)."""
         if self.kink is not None:
-            return self.kink.run(self.prefix(x))
-        return self.suffix(self.prefix(x))
+            return self.kink.run(hidden)
+        return self.suffix(hidden)
 
     def linear_jacobian(self, like: Tensor) -> Tensor | None:
         """The prefix's (H, F) Jacobian in float64 for (N, F) rows ``like``, when the prefix is

@@ -53,11 +53,20 @@ def all_finite(tensor: Tensor) -> bool:
     """Whether ``tensor`` holds no nan or inf: for the checks every call makes."""
     if not tensor.is_floating_point():
         return True
+    array = numpy_view(tensor)
+    if array is not None:
+        return bool(np.isfinite(array).all())
+    return bool(torch.isfinite(tensor.detach()).all())
+
+
+def numpy_view(tensor: Tensor) -> np.ndarray | None:
+    """A floating point CPU tensor as a numpy array on the same memory, where numpy reads
+    its dtype; else None (other devices and dtypes, subclasses, inside torch.compile)."""
     tensor = tensor.detach()
     if type(tensor) is Tensor and tensor.device.type == "cpu" \
             and tensor.dtype in _NUMPY_FLOATS and not torch.compiler.is_compiling():
-        return bool(np.isfinite(tensor.resolve_neg().numpy()).all())
-    return bool(torch.isfinite(tensor).all())
+        return tensor.resolve_neg().numpy()
+    return None
 
 
 def non_finite_weights(module: nn.Module | None, most: int = 3) -> str:

@@ -17,7 +17,7 @@ from engine.hoist import split_affine_prefix
 from engine.kinks import _switches, sorted_nodes
 from engine.model import TitanicMLP
 from engine.quadrature import quadrature_rule
-from tests.test_chunk_loop import relative_error, titanic_job
+from tests.test_chunk_loop import RowCounter, relative_error, titanic_job
 from tests.test_core import METHODS, reference_ig
 
 
@@ -898,3 +898,84 @@ def test_with_numba_jit_disabled_the_tensor_version_runs(loop_calls, kink_calls,
 
     assert loop_calls == [] and len(kink_calls) == 1
     assert "tensor operations: NUMBA_DISABLE_JIT is set" in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# The prefix outputs the trace check computed on the probe's points
+
+
+def test_the_rows_and_baselines_go_through_the_prefix_once_per_call(monkeypatch):
+    net, x, baselines = titanic_job(rows=23)
+    integrated_gradients(net, x, baselines, n_steps=20)  # the trace is made and checked
+    counter = RowCounter(net.l1, monkeypatch)
+
+    reused = integrated_gradients(net, x, baselines, n_steps=20)
+    rows_reused, counter.rows = counter.rows, 0
+    monkeypatch.setattr(engine.core, "_sample_prefix", lambda *args: (None, None))
+    computed = integrated_gradients(net, x, baselines, n_steps=20)
+
+    # The check ran the prefix on the 23 rows and 4 baselines among the probe's points.
+    assert counter.rows - rows_reused == 23 + 4
+    assert relative_error(reused, computed) <= 1e-12
+
+
+class InPlaceRelu(nn.Module):
+    """An in-place ReLU on the prefix's output, then the closed form's Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.act, self.l2 = nn.Linear(5, 16), nn.ReLU(inplace=True), nn.Linear(16, 1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.l2(self.act(self.l1(x))))
+
+
+class SuffixDoublesInPlace(nn.Module):
+    """A smooth suffix that writes the prefix's output in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(5, 16), nn.Linear(16, 1)
+
+    def forward(self, x):
+        hidden = self.l1(x)
+        hidden.mul_(2.0)
+        return self.l2(torch.tanh(hidden))
+
+
+def _job(case):
+    torch.manual_seed(3)
+    x = torch.rand(23, 5, dtype=torch.float64)
+    shared = torch.stack([x.mean(0), torch.zeros(5, dtype=torch.float64),
+                          torch.ones(5, dtype=torch.float64)])
+    net, method = TitanicMLP().double().eval(), "gausslegendre"
+    if case == "per-row baselines":
+        return net, x, torch.rand(3, 23, 5, dtype=torch.float64), method
+    if case == "more kinds than the probe holds":
+        return net, x, torch.rand(engine.core.PROBE_KINDS + 6, 5, dtype=torch.float64), method
+    if case == "negative zero baseline, node at zero":
+        return net, x, torch.full((1, 5), -0.0, dtype=torch.float64), "riemann_left"
+    if case == "in-place relu":
+        net = InPlaceRelu().double().eval()
+    elif case == "suffix writes in place":
+        net = SuffixDoublesInPlace().double().eval()
+    elif case == "smooth suffix":
+        net = nn.Sequential(nn.Linear(5, 16), nn.Linear(16, 8), nn.Tanh(),
+                            nn.Linear(8, 1)).double().eval()
+    return net, x, shared, method
+
+
+@pytest.mark.parametrize("case", [
+    "shared baselines", "per-row baselines", "more kinds than the probe holds",
+    "negative zero baseline, node at zero", "in-place relu", "suffix writes in place",
+    "smooth suffix",
+])
+def test_prefix_outputs_from_the_check_give_the_same_attributions(case, monkeypatch):
+    net, x, baselines, method = _job(case)
+    plain = integrated_gradients(net, x, baselines, n_steps=16, method=method, hoist=False)
+    reused = integrated_gradients(net, x, baselines, n_steps=16, method=method)
+    monkeypatch.setattr(engine.core, "_sample_prefix", lambda *args: (None, None))
+    computed = integrated_gradients(net, x, baselines, n_steps=16, method=method)
+
+    assert relative_error(reused, computed) <= 1e-12
+    assert relative_error(reused, plain) <= 1e-10
