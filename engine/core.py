@@ -1432,13 +1432,16 @@ def _forward(forward_func: Callable[..., Tensor], points: tuple[Tensor, ...], ar
                 f"the model failed on inputs on {points[0].device}: {first_line} (move the "
                 "model and every tensor it uses to the inputs' device)"
             ) from error
-        shapes = ", ".join(str(tuple(p.shape)) for p in points)
+        # Per point, and how many: the batch holds the engine's own points (the probe's
+        # rows with their baselines, a chunk of path points), not the caller's rows.
+        shapes = ", ".join(str(tuple(p.shape[1:])) for p in points)
         hint = ""
         if any(p.dim() == 1 for p in points):
             hint = (" (inputs are (N, *F), rows first: one row of F features is "
                     "x.unsqueeze(0))")
         raise ModelError(
-            f"the model failed on path points of shape {shapes}{hint}: {first_line}"
+            f"the model failed on a batch of {points[0].shape[0]} points (rows, baselines "
+            f"or points between them) each of shape {shapes}{hint}: {first_line}"
         ) from error
     if not isinstance(output, Tensor):
         raise ModelError(f"the model must return a Tensor, got {type(output).__name__}")

@@ -568,7 +568,9 @@ def test_every_argument_form_runs_on_cuda_like_on_cpu():
 def test_a_model_that_rejects_the_input_shape_is_named_in_one_line():
     model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
 
-    with pytest.raises(ModelError, match=r"path points of shape \(\d+, 5\): mat1 and mat2") as info:
+    with pytest.raises(ModelError, match=r"batch of \d+ points \(rows, baselines or points "
+                                         r"between them\) each of shape \(5,\): mat1 and mat2"
+                       ) as info:
         integrated_gradients(model, torch.randn(3, 5))
 
     assert "\n" not in str(info.value)

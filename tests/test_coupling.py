@@ -128,7 +128,7 @@ def test_a_layer_tied_to_one_batch_size_is_refused():
         def forward(self, x):
             return torch.sigmoid(self.out(torch.tanh(self.norm(self.l1(x)))))
 
-    with pytest.raises(ModelError, match="failed on path points"):
+    with pytest.raises(ModelError, match="failed on a batch of"):
         integrated_gradients(RowsNormalised().eval(), torch.randn(1, 2), torch.zeros(1, 2),
                              n_steps=4, internal_batch_size=rows)
 
