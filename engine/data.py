@@ -535,7 +535,7 @@ def _checked(
         )
 
     frame = numeric_columns(frame, NUMERIC_COLUMNS, label, lines=lines)
-    _check_sex(frame["Sex"], label, lines=lines)
+    frame["Sex"] = _checked_sex(frame["Sex"], label, lines=lines)
     _check_target(frame[TARGET], label, lines=lines)
     _check_ids(frame["PassengerId"], label, lines=lines)
     check_feature_ranges(frame, label, lines=lines)
@@ -598,12 +598,15 @@ def _numeric(
     return numbers
 
 
-def _check_sex(values: pd.Series, label: str, *, lines: RowLines | None = None) -> None:
-    """Only the labels male and female may appear, in every row.
+def _checked_sex(values: pd.Series, label: str, *, lines: RowLines | None = None) -> pd.Series:
+    """The labels without spaces around them (allowed, as around numbers); only male and
+    female may appear, in every row.
 
     A blank would be filled with the median code like the other columns, which is 0.5
     (neither) when a file has as many men as women.
     """
+    values = values.map(lambda value: (value.strip() or None) if isinstance(value, str)
+                        else value)
     blank = values.isna().to_numpy()
     if len(blank) and blank.all():
         raise DataError(f"{label}: column Sex has no values at all")
@@ -621,6 +624,7 @@ def _check_sex(values: pd.Series, label: str, *, lines: RowLines | None = None) 
             f"{label}: column Sex, {_where(row, lines)}: unknown label {_shown(values.iloc[row])},"
             f" expected 'male' or 'female' (unknown labels: {_listed(unknown, quote=True)})"
         )
+    return values
 
 
 def _check_target(values: pd.Series, label: str, *, lines: RowLines | None = None) -> None:

@@ -40,7 +40,7 @@ from engine.data import (
     SEX_CODES,
     RowLines,
     _check_ids,
-    _check_sex,
+    _checked_sex,
     _shown,
     _where,
     check_feature_ranges,
@@ -202,7 +202,7 @@ def _read_rows(path: Path) -> tuple[pd.DataFrame, RowLines | None, str]:
     label = str(path)
     frame = numeric_columns(frame, ("PassengerId", "Pclass", "Age", "SibSp", "Fare"), label,
                             lines=lines)
-    _check_sex(frame["Sex"], label, lines=lines)
+    frame["Sex"] = _checked_sex(frame["Sex"], label, lines=lines)
     _check_ids(frame["PassengerId"], label, lines=lines)
     check_feature_ranges(frame, label, lines=lines)
     frame["PassengerId"] = frame["PassengerId"].astype("int64")

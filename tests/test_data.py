@@ -416,6 +416,32 @@ def test_unknown_sex_label_is_named(tmp_path: Path) -> None:
     assert_one_line(err, "t.csv", "Sex", "'unknown'", "row 3")
 
 
+@pytest.mark.parametrize("mode", ["--all", "--checkpoint"])
+def test_spaces_around_a_sex_label_are_read_as_around_a_number(tmp_path: Path, mode: str) -> None:
+    from engine.distributed import read_rows
+
+    read = load_titanic if mode == "--all" else read_rows
+    spaced = [with_field(ROWS[0], "Sex", " male "), with_field(ROWS[1], "Sex", "female\t"),
+              with_field(ROWS[2], "Age", " 26 ")]
+    plain = read(write_csv(tmp_path, [HEADER, *ROWS], name="plain.csv"))
+
+    frame = read(write_csv(tmp_path, [HEADER, *spaced]))
+
+    assert list(frame["Sex"]) == ["male", "female", "female"]
+    pd.testing.assert_frame_equal(frame, plain)
+
+
+@pytest.mark.parametrize("mode", ["--all", "--checkpoint"])
+def test_a_sex_of_spaces_is_blank(tmp_path: Path, mode: str) -> None:
+    from engine.distributed import read_rows
+
+    read = load_titanic if mode == "--all" else read_rows
+    rows = [ROWS[0], ROWS[1], with_field(ROWS[2], "Sex", "  ")]
+    with pytest.raises(DataError) as err:
+        read(write_csv(tmp_path, [HEADER, *rows]))
+    assert_one_line(err, "t.csv", "column Sex, row 3 (line 4): blank")
+
+
 def test_a_blank_sex_is_named_not_filled(tmp_path: Path) -> None:
     # The median of two men and two women would be 0.5: neither.
     rows = [ROWS[0], ROWS[1], with_field(ROWS[2], "Sex", ""), with_field(ROWS[0], "Sex",
