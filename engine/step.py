@@ -222,13 +222,19 @@ def layout(module: nn.Module) -> tuple[object, ...]:
 def own_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` runs more or other than its class's forward.
 
-    Forward and backward hooks, and a ``forward`` replaced on the instance, can change
-    what the layer returns or what gradient flows through it.
+    Forward and backward hooks, a ``forward`` replaced on the instance, and a class that
+    overrides how a module is called (its own ``__call__``) can change what the layer
+    returns or what gradient flows through it; a trace runs the forward alone.
     """
     return bool(
         module._forward_hooks or module._forward_pre_hooks
         or module._backward_hooks or module._backward_pre_hooks
-    ) or "forward" in vars(module)
+    ) or "forward" in vars(module) or _own_call(type(module))
+
+
+def _own_call(klass: type) -> bool:
+    return any(getattr(klass, name, None) is not getattr(nn.Module, name)
+               for name in ("__call__", "_call_impl", "_wrapped_call_impl"))
 
 
 def global_hooks() -> bool:

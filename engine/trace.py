@@ -25,6 +25,10 @@ with:
 - an attribute ``forward`` looked up and did not find (``getattr(self, "cap", default)``,
   ``hasattr``) as missing, and the names each of the model's own classes defines, so
   that a setting added later is seen;
+- slots and other data descriptors (not properties) by the value they serve; a class
+  kept as a value by the names its classes define; a helper's bound method by the helper;
+  the attributes of container subclasses, functions, enum members and the target of a
+  weak reference too;
 - anything else (a tensor, a function, a larger container) by identity, through a weak
   reference where the object allows one, so that a guard neither keeps a model alive nor
   mistakes a new object at a freed address for the old one.
@@ -34,10 +38,11 @@ guarded by its function: identity, code and default arguments; so are staticmeth
 classmethods, properties and partialmethods, every method and descriptor of the model's
 own classes, and the methods of a plain helper object's class.
 
-What no guard sees: module-level globals and closures read in ``forward``, values a
-custom ``__getattr__`` serves from elsewhere, values read past attribute access
-(``vars(self)``, ``self.__dict__``, ``object.__getattribute__``), and contents beyond those
-bounds changed in place.
+What no guard sees: module-level globals and closures read in ``forward`` (a Python
+module kept as an attribute among them), context variables, metaclass attributes, values
+a custom ``__getattr__`` serves from elsewhere, values read past attribute access
+(``vars(self)``, ``self.__dict__``, ``object.__getattribute__``), contents beyond those
+bounds changed in place, and a large tensor edited through ``.data``.
 """
 
 from __future__ import annotations
@@ -176,11 +181,28 @@ def _class_names(klass: type) -> frozenset[str]:
 
 
 def _read(module: nn.Module, name: str) -> object:
-    """What ``module.name`` finds as a plain value: the module's own, else its class's."""
+    """What ``module.name`` finds as a plain value: the module's own (in its ``__dict__`` or
+    a slot of its class), else its class's."""
     own = vars(module)
     if name in own:
         return own[name]
-    return _class_value(type(module), name)
+    value = _class_value(type(module), name)
+    if _stores_values(value):
+        try:
+            return value.__get__(module, type(module))
+        except AttributeError:  # a slot not set
+            return _MISSING
+    return value
+
+
+def _stores_values(value: object) -> bool:
+    """Whether a class attribute serves each instance a value of its own: a slot, or a
+    data descriptor other than a property (whose function the guards compare, and whose
+    reads are recorded as it runs)."""
+    kind = type(value)
+    return isinstance(value, types.MemberDescriptorType) or (
+        hasattr(kind, "__get__") and hasattr(kind, "__set__")
+        and not isinstance(value, (property, types.GetSetDescriptorType)))
 
 
 def _class_value(klass: type, name: str) -> object:
@@ -212,6 +234,10 @@ def _summary(value: object, budget: list[int]) -> object:
         return _IDENTITY
     if isinstance(value, (str, bytes)) and len(value) > _LONG_TEXT:
         return (type(value), len(value), hash(value))
+    if isinstance(value, enum.Enum):
+        # Attributes set on a member (Mode.A.cap = ...) beside its name and value.
+        extra = {name: item for name, item in vars(value).items() if not name.startswith("_")}
+        return _with_state((type(value), repr(value)), extra, budget)
     if isinstance(value, _SCALARS):
         # repr tells 0.0 from -0.0 and matches nan with nan; the type tells 1 from 1.0.
         return (type(value), repr(value))
@@ -223,15 +249,8 @@ def _summary(value: object, budget: list[int]) -> object:
             return _IDENTITY
         budget[0] -= len(value)
         return (array.array, value.typecode, value.tobytes())
-    if isinstance(value, (tuple, list, dict, set, frozenset, collections.deque)):
-        items = value.items() if isinstance(value, dict) else value
-        parts = []
-        for item in items:
-            part = _summary(item, budget)
-            if part is _IDENTITY:
-                return _IDENTITY  # too many values: the container by identity
-            parts.append(part)
-        return (type(value), tuple(parts))
+    if isinstance(value, _CONTAINERS):
+        return _container_summary(value, budget)
     if isinstance(value, _METHOD_LIKE):
         # The functions inside, each by identity, code and defaults.
         if isinstance(value, property):
@@ -243,22 +262,75 @@ def _summary(value: object, budget: list[int]) -> object:
         summary = _summary(inner, budget)
         return _IDENTITY if summary is _IDENTITY else (type(value), _Same(value), summary)
     if isinstance(value, types.FunctionType):
-        # Its code and defaults too: either may be swapped or edited in place.
-        defaults = _summary((value.__defaults__, value.__kwdefaults__), budget)
-        parts = (_Same(value), _Same(value.__code__))
-        return (types.FunctionType, *parts, defaults if defaults is not _IDENTITY
-                else _Same(value.__defaults__))
+        return _function_summary(value, budget)
+    if isinstance(value, types.MethodType) and not isinstance(value.__self__, nn.Module):
+        # A helper's bound method (self.fn = helper.apply): its function and its helper.
+        summary = _summary((value.__func__, value.__self__), budget)
+        return _IDENTITY if summary is _IDENTITY else (types.MethodType, summary)
+    if isinstance(value, weakref.ref) and not isinstance(value, weakref.WeakMethod):
+        target = value()
+        summary = _summary(target, budget)
+        return _IDENTITY if summary is _IDENTITY else (weakref.ref, _Same(target), summary)
     if isinstance(value, np.ndarray):
         if value.dtype.hasobject or value.size > budget[0]:
             return _IDENTITY
         budget[0] -= value.size
         return (np.ndarray, value.dtype.str, value.shape, value.tobytes())
-    fields = _plain_state(value)
+    fields = _class_state(value) if isinstance(value, type) else _plain_state(value)
     if fields is not None:
         summary = _summary(fields, budget)
         return _IDENTITY if summary is _IDENTITY else (type(value), _Same(value), summary)
-    # A tensor, a function or another object: by identity, its neighbours still by value.
+    # A tensor, a module or another object: by identity, its neighbours still by value.
     return _identity(value)
+
+
+_CONTAINERS = (tuple, list, dict, set, frozenset, collections.deque, types.MappingProxyType)
+
+
+def _container_summary(value: object, budget: list[int]) -> object:
+    """Items in order (a dict's and a mapping proxy's as pairs), and the attributes of a
+    subclass's instance (a dict that also carries ``.cap``)."""
+    items = value.items() if isinstance(value, (dict, types.MappingProxyType)) else value
+    parts = []
+    for item in items:
+        part = _summary(item, budget)
+        if part is _IDENTITY:
+            return _IDENTITY  # too many values: the container by identity
+        parts.append(part)
+    return _with_state((type(value), tuple(parts)), getattr(value, "__dict__", None), budget)
+
+
+def _function_summary(function: types.FunctionType, budget: list[int]) -> object:
+    """A function by identity, code, defaults and its own attributes (``fn.cap = ...``):
+    any of them may be swapped or edited in place."""
+    defaults = _summary((function.__defaults__, function.__kwdefaults__), budget)
+    parts = (types.FunctionType, _Same(function), _Same(function.__code__),
+             defaults if defaults is not _IDENTITY else _Same(function.__defaults__))
+    return _with_state(parts, function.__dict__, budget)
+
+
+def _with_state(summary: tuple[object, ...], state: dict[str, object] | None,
+                budget: list[int]) -> object:
+    """``summary`` with that of ``state`` added when there is any."""
+    if not state:
+        return summary
+    extra = _summary(dict(state), budget)
+    return _IDENTITY if extra is _IDENTITY else (*summary, extra)
+
+
+def _class_state(klass: type) -> dict[str, object] | None:
+    """What a class used as a value holds (a config kept as a class, ``cfg = Config``):
+    the names its own classes define; None for the frameworks' and builtin classes."""
+    if _framework_function(klass) or klass.__module__ == "builtins":
+        return None
+    state: dict[str, object] = {}
+    for base in klass.__mro__:
+        if base is object or base.__module__ == "builtins" or _framework_function(base):
+            continue
+        for name, value in vars(base).items():
+            if name not in state and not name.startswith("__"):
+                state[name] = value
+    return state
 
 
 def _plain_state(value: object) -> dict[str, object] | None:
@@ -282,7 +354,7 @@ def _plain_state(value: object) -> dict[str, object] | None:
         for slot in (slots,) if isinstance(slots, str) else slots:
             if slot not in ("__dict__", "__weakref__") and slot not in state:
                 state[slot] = getattr(value, slot, _MISSING)
-    if not state and not isinstance(own, dict):
+    if not state and not isinstance(own, dict) and "__slots__" not in vars(klass):
         return None  # a value of a built-in or compiled type: by identity
     for base in klass.__mro__:
         if base is object or base.__module__ == "builtins" or _framework_function(base):
@@ -497,6 +569,7 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, Guards]:
     """
     tracer = _ModeCheckingTracer()
     constants_before = _class_constants(model, {})
+    names_before = set(vars(model))
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.enable_grad())
         for device in ("cpu", "cuda"):
@@ -515,6 +588,13 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, Guards]:
     counters = [f"{klass.__name__}.{name}" for klass, name, seen in guards.constants
                 if (klass, name) in before and before[klass, name] != seen]
     changed = ", ".join(counters) or guards.changed()
-    if changed:
-        raise TraceRefused(f"forward changes what it reads ({changed})")
-    return fx.GraphModule(tracer.root, graph, type(model).__name__), guards
+    try:
+        if changed:
+            raise TraceRefused(f"forward changes what it reads ({changed})")
+        return fx.GraphModule(tracer.root, graph, type(model).__name__), guards
+    finally:
+        # The tracer keeps the tensors forward makes (torch.tensor(2.0)) as attributes of
+        # the model; the graph module has its own copies. The user's model is left as it was.
+        for name in set(vars(model)) - names_before:
+            if name.startswith("_tensor_constant"):
+                delattr(model, name)

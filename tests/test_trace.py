@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import enum
 import types
 
 import pytest
@@ -24,7 +25,8 @@ def _captum(model, x, base, **kwargs):
 
 def _float64_reference(model, x, base, n_steps):
     """Plain autograd, midpoint rule, in float64."""
-    model = copy.deepcopy(model).double()
+    if any(p.dtype != torch.float64 for p in model.parameters()):
+        model = copy.deepcopy(model).double()  # (a float64 model is used as it is)
     alphas = (torch.arange(n_steps, dtype=torch.float64) + 0.5) / n_steps
     x, base = x.double(), base.double()
     points = (base + alphas.view(-1, 1, 1) * (x - base)).reshape(-1, x.shape[1])
@@ -797,3 +799,164 @@ def test_a_model_without_optional_settings_is_traced_once(monkeypatch):
         integrated_gradients(model, X, BASE, **STEPS)
 
     assert calls == ["Model"]  # the affine split, made once and reused
+
+
+# ---------------------------------------------------------------------------
+# More places a setting can live: slots, classes, helpers' methods, containers' attributes
+
+
+class _Settings:
+    cap = 10.0
+
+
+class _NoState:
+    """A helper without instance state: its setting is a class attribute."""
+
+    __slots__ = ()
+    cap = 10.0
+
+    def get(self):
+        return type(self).cap
+
+
+class _Holder:
+    def __init__(self):
+        self.cap = 10.0
+
+    def get(self):
+        return self.cap
+
+
+class _StoredElsewhere:
+    """A data descriptor keeping each instance's value under another name."""
+
+    def __get__(self, owner, kind=None):
+        return owner.__dict__["_stored_cap"]
+
+    def __set__(self, owner, value):
+        owner.__dict__["_stored_cap"] = value
+
+
+class _Mode(enum.Enum):
+    A = 1
+
+
+class _SlotMixin:
+    __slots__ = ("cap",)
+
+
+def _routes():
+    """(what forward reads the cap through, how the cap is set to 0 later)."""
+    import types
+    import weakref
+
+    holder = _Holder()
+    settings = type("Settings", (_Settings,), {})
+
+    def function():
+        return None
+
+    function.cap = 10.0
+    as_dict = {"cap": 10.0}
+    mode = enum.Enum("Mode", "A")
+    mode.A.cap = 10.0
+    return {
+        "a slot of the module's class": (
+            lambda m: m.cap, lambda m: setattr(m, "cap", 0.0), {"cap": 10.0}, (_SlotMixin,)),
+        "a config kept as a class": (
+            lambda m: m.settings.cap, lambda m: setattr(settings, "cap", 0.0),
+            {"settings": settings}, ()),
+        "a helper's bound method": (
+            lambda m: m.get(), lambda m: setattr(holder, "cap", 0.0), {"get": holder.get}, ()),
+        "a stateless helper's class attribute": (
+            lambda m: m.helper.get(), lambda m: setattr(_NoStateCopy, "cap", 0.0),
+            {"helper": _NoStateCopy()}, ()),
+        "an attribute of a dict subclass": (
+            lambda m: m.table.cap, lambda m: setattr(m.table, "cap", 0.0),
+            {"table": _AttrDict(cap=10.0)}, ()),
+        "a weak reference": (
+            lambda m: m.ref().cap, lambda m: setattr(holder, "cap", 0.0),
+            {"ref": weakref.ref(holder)}, ()),
+        "an enum member's attribute": (
+            lambda m: m.mode.cap, lambda m: setattr(mode.A, "cap", 0.0), {"mode": mode.A}, ()),
+        "a mapping proxy": (
+            lambda m: m.view["cap"], lambda m: as_dict.update(cap=0.0),
+            {"view": types.MappingProxyType(as_dict)}, ()),
+        "a function's attribute": (
+            lambda m: m.fn.cap, lambda m: setattr(function, "cap", 0.0), {"fn": function}, ()),
+        "a data descriptor": (
+            lambda m: m.stored, lambda m: setattr(m, "stored", 0.0), {"stored": 10.0},
+            (type("Stored", (), {"stored": _StoredElsewhere()}),)),
+    }
+
+
+class _AttrDict(dict):
+    def __init__(self, cap):
+        super().__init__(a=1)
+        self.cap = cap
+
+
+_NoStateCopy = type("NoState", (_NoState,), {"__slots__": ()})
+
+
+def _reading(read, bases):
+    """A model class whose forward caps its output at ``read(self)``."""
+
+    def forward(self, x):
+        return torch.clamp(self.hidden(x), max=read(self))
+
+    return type("Model", (*bases, _Kinked), {"forward": forward})
+
+
+@pytest.mark.parametrize("route", list(_routes()))
+def test_a_setting_reached_through_more_routes_is_seen(route):
+    for hoist in (True, False):
+        read, change, values, bases = _routes()[route]
+        model = _reading(read, bases)()
+        for name, value in values.items():
+            setattr(model, name, value)
+        model = model.double().eval()
+        integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)
+        change(model)
+
+        got = integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)[0]
+
+        torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
+                                   atol=1e-12)
+
+
+class _CappedCall(_Kinked):
+    """Caps the output in ``__call__``, which a trace of ``forward`` never runs."""
+
+    def forward(self, x):
+        return self.hidden(x)
+
+    def __call__(self, x):
+        return torch.clamp(super().__call__(x), max=0.0)
+
+
+@pytest.mark.parametrize("where", ["the model", "a block inside it"])
+@pytest.mark.parametrize("hoist", HOISTS)
+def test_a_module_class_with_its_own_call_is_run_as_called(where, hoist):
+    model = _CappedCall() if where == "the model" else nn.Sequential(_CappedCall(), nn.Tanh())
+    model = model.double().eval()
+
+    got = integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)[0]
+
+    torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
+                               atol=1e-12)
+
+
+def test_tensors_forward_makes_leave_no_attributes_on_the_model():
+    class MakesTensors(_Kinked):
+        def forward(self, x):
+            return self.hidden(x) * torch.tensor(2.0, dtype=x.dtype) + torch.ones(1).double()
+
+    model = MakesTensors().double().eval()
+    names = set(vars(model))
+
+    got = integrated_gradients(model, X, BASE, **STEPS)[0]
+
+    assert set(vars(model)) == names
+    torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
+                               atol=1e-12)
