@@ -17,6 +17,8 @@ Exit status: 0 on success, 2 for bad input or usage, 1 for a failure while runni
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import gc
 import logging
 import os
@@ -27,7 +29,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -40,7 +41,11 @@ _outcome: list[int] = []
 def _interrupted_while_starting(signum: int, frame: object) -> NoReturn:
     if _outcome:
         raise SystemExit(_outcome[0])
-    print("interrupted: no results were written", file=sys.stderr, flush=True)
+    # Runs while the imports below are still loading: nothing defined after it here.
+    try:
+        print("interrupted: no results were written", file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):  # a closed terminal or stream
+        pass
     raise SystemExit(128 + signum)
 
 
@@ -534,7 +539,7 @@ def _one_line(error: Exception, *, debug: bool) -> str:
     return text if debug else f"{text} (run with --debug for the traceback)"
 
 
-@contextmanager
+@contextlib.contextmanager
 def _noticed_interrupts(
     *extra: signal.Signals, defer: Callable[[int], bool] | None = None,
     received: list[int] | None = None,
@@ -582,11 +587,17 @@ def _say_once(message: str) -> None:
     line is enough. Lightning's launcher numbers the others in ``LOCAL_RANK``.
     """
     if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
-        print(message, file=sys.stderr, flush=True)
+        _say(message)
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """Print ``message`` to stderr, if it can still be written: a terminal closed under
+    the run (whose SIGHUP this may report) fails the write, which must not change the
+    run's exit status."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def print_summary(summary: dict[str, object]) -> None:
@@ -841,11 +852,22 @@ def finish_quietly(status: int) -> None:
     is left. A Ctrl-C there printed "no results were written" beside complete results,
     and a SIGTERM turned a finished run's status into 143.
     """
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # a closed descriptor leaves None
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
     for number in (signal.SIGINT, *_STOP_SIGNALS):
         if signal.getsignal(number) is not signal.SIG_IGN:
             signal.signal(number, lambda signum, frame: os._exit(status))
+    # The interpreter's shutdown puts Python handlers back to the default (the signal
+    # ends the process) once the exit functions have run; ignored signals it leaves
+    # ignored. Registered last, this runs first among them.
+    atexit.register(_ignore_stop_signals)
+
+
+def _ignore_stop_signals() -> None:
+    for number in (signal.SIGINT, *_STOP_SIGNALS):
+        signal.signal(number, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

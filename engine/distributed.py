@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -58,6 +57,7 @@ from engine.io import (
     writing,
 )
 from engine.model import TitanicMLP, quiet_lightning
+from engine.progress import on_a_terminal
 from engine.quadrature import check_method
 from engine.store import ChunkStore, RowChunk, plan_chunks
 
@@ -584,7 +584,7 @@ def _check_pyarrow() -> None:
 
 
 def _trainer(job: AttributionJob) -> pl.Trainer:
-    progress = sys.stderr.isatty() and not os.environ.get("CI")
+    progress = on_a_terminal() and not os.environ.get("CI")
     try:
         with _quiet_lightning():
             return pl.Trainer(

@@ -9,7 +9,6 @@ import logging
 import os
 import pickle
 import re
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 from engine.data import FEATURES, TitanicData, TitanicDataModule, file_kind
 from engine.errors import ArgumentError, CheckpointError
 from engine.io import atomic_path
+from engine.progress import on_a_terminal
 from engine.step import non_finite_weights
 
 __all__ = [
@@ -215,7 +215,7 @@ def train_titanic(
     if not isinstance(data, TitanicData):
         raise ArgumentError(f"data must be a TitanicData, got {type(data).__name__}")
     if progress is None:
-        progress = sys.stderr.isatty() and not os.environ.get("CI")
+        progress = on_a_terminal() and not os.environ.get("CI")
 
     with quiet_lightning(), _restored_determinism():
         # Seeding first makes the initial weights part of what the seed fixes.

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from tqdm.auto import tqdm
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "on_a_terminal"]
 
 # Runs shorter than this never show a bar.
 SHOW_AFTER_SECONDS = 3.0
@@ -18,7 +18,7 @@ class Progress:
     """Counts path points; draws a tqdm bar after a few seconds when stderr is a terminal."""
 
     def __init__(self, total: int, enabled: bool | None) -> None:
-        show = _on_a_terminal() if enabled is None else enabled
+        show = on_a_terminal() if enabled is None else enabled
         # No tqdm object at all when off: building one costs about as much as a small run.
         self._bar = tqdm(
             total=total, unit="pt", unit_scale=True, desc="integrated gradients",
@@ -47,7 +47,7 @@ class Progress:
             bar.close()
 
 
-def _on_a_terminal() -> bool:
+def on_a_terminal() -> bool:
     """Whether stderr is a terminal; False when it is None, closed or not a real stream."""
     try:
         return bool(sys.stderr.isatty())

@@ -367,3 +367,84 @@ def test_a_second_ctrl_c_after_the_results_keeps_the_status_and_claims_nothing()
     assert completed.returncode == 130, completed.stderr
     assert "no results were written" not in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+_SIGNAL_DURING_THE_SHUTDOWN = """
+import os, sys, time
+from engine.attribute import finish_quietly
+
+class SlowToFree:  # a library's cleanup while the interpreter shuts down
+    def __del__(self):
+        os.write(1, b"freeing\\n")
+        time.sleep(3)
+
+keep = SlowToFree()
+print("results in place", flush=True)
+finish_quietly(0)
+sys.exit(0)
+"""
+
+
+def test_a_stop_signal_while_the_interpreter_shuts_down_keeps_the_status():
+    # The shutdown puts Python's handlers back to the default before it frees modules;
+    # a SIGTERM there ended a finished run with 143.
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SIGNAL_DURING_THE_SHUTDOWN], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    lines = [child.stdout.readline(), child.stdout.readline()]
+    child.send_signal(signal.SIGTERM)
+
+    assert child.wait(timeout=60) == 0
+    assert lines == ["results in place\n", "freeing\n"]
+    assert child.stderr.read() == ""
+
+
+@pytest.mark.parametrize("closed", ["stdout", "stderr", "both"])
+def test_a_closed_output_stream_leaves_one_error_line_and_the_status(tmp_path, closed):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    streams = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    script = (
+        "import os, runpy, sys\n"
+        f"for name in {['stdout', 'stderr'] if closed == 'both' else [closed]!r}:\n"
+        "    os.close(getattr(sys, name).fileno()); setattr(sys, name, None)\n"
+        f"sys.argv = ['attribute', '--all', '--data', {str(empty)!r}, '--out', "
+        f"{str(tmp_path / 'out')!r}]\n"
+        "runpy.run_module('engine.attribute', run_name='__main__')\n"
+    )
+    if closed != "stdout":
+        streams["stdout"] = subprocess.PIPE
+    if closed != "stderr":
+        streams["stderr"] = subprocess.PIPE
+    completed = subprocess.run([sys.executable, "-c", script], text=True, timeout=120,
+                               cwd=Path(__file__).resolve().parents[1], **streams)
+
+    assert completed.returncode == 2
+    said = (completed.stdout or "") + (completed.stderr or "")
+    assert "Traceback" not in said
+    if closed != "both":
+        assert said.strip().startswith("error: ") and "file is empty" in said
+    assert not (tmp_path / "out").exists()
+
+
+def test_lines_to_a_terminal_that_closed_are_dropped(monkeypatch):
+    from engine import attribute
+    from engine.progress import on_a_terminal
+
+    class Closed:
+        def write(self, text):
+            raise OSError(5, "Input/output error")
+
+        def flush(self):
+            raise OSError(5, "Input/output error")
+
+        def isatty(self):
+            raise ValueError("I/O operation on closed file")
+
+    monkeypatch.setattr(sys, "stderr", Closed())
+    attribute._say("interrupted: no results were written")  # no error
+    assert on_a_terminal() is False
+    monkeypatch.setattr(sys, "stderr", None)
+    attribute._say("interrupted: no results were written")
+    assert on_a_terminal() is False
