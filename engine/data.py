@@ -561,6 +561,11 @@ def numeric_columns(
     return frame
 
 
+def _is_blank(value: object) -> bool:
+    """A cell of text that read_csv would have counted as blank but for spaces around it."""
+    return isinstance(value, str) and value.strip() in CSV_BLANKS
+
+
 def _numeric(
     values: pd.Series, column: str, label: str, *, lines: RowLines | None = None
 ) -> pd.Series:
@@ -575,9 +580,9 @@ def _numeric(
                 f" got {bool(values.iloc[row])}"
             )
         # A column read as text (an integer too large for int64 makes read_csv give up on
-        # the column) keeps the cells read_csv counts as blanks ("", "NA", ...) as text:
-        # they are blanks all the same.
-        blank = values.map(lambda value: isinstance(value, str) and value in CSV_BLANKS)
+        # the column, or one cell has spaces around it) keeps the cells read_csv counts as
+        # blanks ("", "NA", ...) as text: they are blanks all the same, spaces or not.
+        blank = values.map(_is_blank)
         values = values.where(~blank.to_numpy(dtype=bool))
     numbers = pd.to_numeric(values, errors="coerce")
     text = numbers.isna() & values.notna()
@@ -605,8 +610,8 @@ def _checked_sex(values: pd.Series, label: str, *, lines: RowLines | None = None
     A blank would be filled with the median code like the other columns, which is 0.5
     (neither) when a file has as many men as women.
     """
-    values = values.map(lambda value: (value.strip() or None) if isinstance(value, str)
-                        else value)
+    values = values.map(lambda value: None if _is_blank(value)
+                        else value.strip() if isinstance(value, str) else value)
     blank = values.isna().to_numpy()
     if len(blank) and blank.all():
         raise DataError(f"{label}: column Sex has no values at all")

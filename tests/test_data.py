@@ -432,11 +432,25 @@ def test_spaces_around_a_sex_label_are_read_as_around_a_number(tmp_path: Path, m
 
 
 @pytest.mark.parametrize("mode", ["--all", "--checkpoint"])
-def test_a_sex_of_spaces_is_blank(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize("cell", ["  ", "NaN ", " NA", " null "])
+def test_a_blank_word_with_spaces_is_a_blank_number(tmp_path: Path, mode: str, cell: str) -> None:
     from engine.distributed import read_rows
 
     read = load_titanic if mode == "--all" else read_rows
-    rows = [ROWS[0], ROWS[1], with_field(ROWS[2], "Sex", "  ")]
+    rows = [ROWS[0], ROWS[1], with_field(ROWS[2], "Age", cell)]
+
+    frame = read(write_csv(tmp_path, [HEADER, *rows]))
+
+    assert frame["Age"].isna().tolist() == [False, False, True]
+
+
+@pytest.mark.parametrize("mode", ["--all", "--checkpoint"])
+@pytest.mark.parametrize("cell", ["  ", " NA "])
+def test_a_sex_of_spaces_is_blank(tmp_path: Path, mode: str, cell: str) -> None:
+    from engine.distributed import read_rows
+
+    read = load_titanic if mode == "--all" else read_rows
+    rows = [ROWS[0], ROWS[1], with_field(ROWS[2], "Sex", cell)]
     with pytest.raises(DataError) as err:
         read(write_csv(tmp_path, [HEADER, *rows]))
     assert_one_line(err, "t.csv", "column Sex, row 3 (line 4): blank")
