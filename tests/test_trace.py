@@ -506,18 +506,22 @@ def _changes():
     }
 
 
+def _assert_the_change_is_seen(model, change, hoist):
+    """Explain, ``change`` the model, explain again: the second call must see the change."""
+    integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)
+    change(model)
+
+    got = integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)[0]
+
+    torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
+                               atol=1e-12)
+
+
 @pytest.mark.parametrize("case", list(_changes()))
 def test_settings_in_buffers_helpers_and_config_classes_are_seen(case):
     make, change = _changes()[case]
     for hoist in (True, False):
-        model = make().double().eval()
-        integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)
-        change(model)
-
-        got = integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)[0]
-
-        torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
-                                   atol=1e-12)
+        _assert_the_change_is_seen(make().double().eval(), change, hoist)
 
 
 def test_a_class_level_counter_is_not_a_reason_to_trace_every_call(monkeypatch):
@@ -742,7 +746,11 @@ def test_a_setting_that_was_missing_when_traced_is_seen_once_set(spelling):
     for hoist in (True, False):
         # A class of its own per run: the class attribute is set on it.
         model = type("Model", (_OptionalCap,), {})(spelling).double().eval()
-        integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)
+        _assert_the_change_is_seen(model, _set_the_cap(spelling), hoist)
+
+
+def _set_the_cap(spelling):
+    def change(model):
         if spelling == "class attribute":
             type(model).CAP = 0.0
         elif spelling == "property with a default":
@@ -750,10 +758,7 @@ def test_a_setting_that_was_missing_when_traced_is_seen_once_set(spelling):
         else:
             model.cap = 0.0
 
-        got = integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)[0]
-
-        torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
-                                   atol=1e-12)
+    return change
 
 
 class _CapInContainer(_Kinked):
@@ -774,13 +779,7 @@ def test_settings_in_other_mutable_containers_changed_in_place_are_seen(containe
             "bytearray": lambda: bytearray([10])}[container]
     for hoist in (True, False):
         model = _CapInContainer(make()).double().eval()
-        integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)
-        model.caps[0] = 0
-
-        got = integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)[0]
-
-        torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
-                                   atol=1e-12)
+        _assert_the_change_is_seen(model, lambda m: m.caps.__setitem__(0, 0), hoist)
 
 
 def test_a_model_without_optional_settings_is_traced_once(monkeypatch):
@@ -915,14 +914,7 @@ def test_a_setting_reached_through_more_routes_is_seen(route):
         model = _reading(read, bases)()
         for name, value in values.items():
             setattr(model, name, value)
-        model = model.double().eval()
-        integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)
-        change(model)
-
-        got = integrated_gradients(model, X, BASE, hoist=hoist, **STEPS)[0]
-
-        torch.testing.assert_close(got, _float64_reference(model, X, BASE, 20), rtol=1e-9,
-                                   atol=1e-12)
+        _assert_the_change_is_seen(model.double().eval(), change, hoist)
 
 
 class _CappedCall(_Kinked):
