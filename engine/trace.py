@@ -323,12 +323,20 @@ def _class_state(klass: type) -> dict[str, object] | None:
     the names its own classes define; None for the frameworks' and builtin classes."""
     if _framework_function(klass) or klass.__module__ == "builtins":
         return None
-    state: dict[str, object] = {}
+    return _class_defaults(klass, {}, call_too=False)
+
+
+def _class_defaults(klass: type, state: dict[str, object], *, call_too: bool
+                    ) -> dict[str, object]:
+    """``state`` with the names ``klass`` and its own bases define that it lacks (not
+    ``object``'s, builtins' or the frameworks'); no dunder names, but ``__call__`` when
+    ``call_too``."""
     for base in klass.__mro__:
         if base is object or base.__module__ == "builtins" or _framework_function(base):
             continue
         for name, value in vars(base).items():
-            if name not in state and not name.startswith("__"):
+            if name not in state and (not name.startswith("__")
+                                      or (call_too and name == "__call__")):
                 state[name] = value
     return state
 
@@ -356,15 +364,9 @@ def _plain_state(value: object) -> dict[str, object] | None:
                 state[slot] = getattr(value, slot, _MISSING)
     if not state and not isinstance(own, dict) and "__slots__" not in vars(klass):
         return None  # a value of a built-in or compiled type: by identity
-    for base in klass.__mro__:
-        if base is object or base.__module__ == "builtins" or _framework_function(base):
-            continue
-        for name, default in vars(base).items():
-            # Its class's defaults, and its methods (a helper's __call__ included), which
-            # may be replaced on the class.
-            if name not in state and (not name.startswith("__") or name == "__call__"):
-                state[name] = default
-    return state
+    # Its class's defaults, and its methods (a helper's __call__ included), which may be
+    # replaced on the class.
+    return _class_defaults(klass, state, call_too=True)
 
 
 _NOT_PLAIN = (nn.Module, torch.Tensor, type, enum.Enum, types.ModuleType, types.FunctionType,
