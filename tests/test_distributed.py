@@ -23,6 +23,7 @@ from engine.data import FEATURES, load_titanic, prepare_titanic
 from engine.distributed import FeatureScaling, read_rows
 from engine.errors import DataError
 from engine.model import TitanicMLP, save_weights
+from tests.stop_signals import default_stop_signals
 
 N_ROWS = 2000
 CHUNK_ROWS = 50
@@ -58,7 +59,8 @@ def flags(rows_csv, checkpoint, titanic_csv, out, *extra):
 def cli(arguments, cwd, **kwargs):
     return subprocess.Popen(
         [sys.executable, "-m", "engine.attribute", *arguments], cwd=cwd,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=default_stop_signals, **kwargs,
     )
 
 

@@ -15,13 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.stop_signals import default_stop_signals, stop_signals_as_started
+
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="sends SIGINT to a subprocess")
-
-
-def _default_sigint() -> None:
-    # A test runner started in the background may ignore SIGINT, and children inherit
-    # that; a terminal's Ctrl-C reaches a process with the default disposition.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def interrupt_when(folder: Path, phase: str, *flags: str, settle: float = 0.0,
@@ -31,7 +27,7 @@ def interrupt_when(folder: Path, phase: str, *flags: str, settle: float = 0.0,
         [sys.executable, "-m", "engine.attribute", "--all", "--out", str(folder / "results"),
          *flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=folder,
-        env=os.environ.copy(), preexec_fn=_default_sigint,
+        env=os.environ.copy(), preexec_fn=default_stop_signals,
     )
     seen = []
     try:
@@ -106,14 +102,16 @@ def test_ctrl_c_during_the_final_renames_is_held_until_all_files_are_in_place(
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(io.os, "replace", replace_then_ctrl_c)
-    handler_before = signal.getsignal(signal.SIGINT)
-    with caplog.at_level("WARNING", logger="engine.io"):
-        outputs.commit()
+    with stop_signals_as_started():
+        handler_before = signal.getsignal(signal.SIGINT)
+        with caplog.at_level("WARNING", logger="engine.io"):
+            outputs.commit()
+        handler_after = signal.getsignal(signal.SIGINT)
 
     names = sorted(p.name for p in (tmp_path / "results").iterdir())
     assert names == [".written", "a.txt", "b.txt", "c.txt"]
     assert "Ctrl-C" in caplog.text
-    assert signal.getsignal(signal.SIGINT) is handler_before
+    assert handler_after is handler_before
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
@@ -137,7 +135,7 @@ def test_a_stop_signal_the_command_handles_is_held_during_the_renames_too(
 
     monkeypatch.setattr(io.os, "replace", replace_then_signal)
     # The command line's handlers, which turn the signal into KeyboardInterrupt.
-    with _noticed_interrupts(signal.SIGTERM, signal.SIGHUP):
+    with stop_signals_as_started(), _noticed_interrupts(signal.SIGTERM, signal.SIGHUP):
         handler_before = signal.getsignal(sig)
         with caplog.at_level("WARNING", logger="engine.io"):
             outputs.commit()
@@ -159,7 +157,7 @@ def test_a_stop_whose_interrupt_was_swallowed_still_drops_the_results(tmp_path):
     outputs = io.OutputDir(results)
     outputs.write_text("a.txt", "new")
 
-    with _noticed_interrupts(signal.SIGTERM) as received:
+    with stop_signals_as_started(), _noticed_interrupts(signal.SIGTERM) as received:
         # Python drops an exception raised inside some callbacks ("Exception ignored"):
         # the handler ran, and the run went on.
         try:
@@ -241,7 +239,7 @@ def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
     completed = subprocess.run(
         [sys.executable, "-c", _INTERRUPTED_WHILE_IMPORTING, str(tmp_path / "results")],
         capture_output=True, text=True, cwd=tmp_path, env=os.environ.copy(),
-        preexec_fn=_default_sigint, timeout=120,
+        preexec_fn=default_stop_signals, timeout=120,
     )
 
     assert completed.returncode == 130, completed.stderr
@@ -279,7 +277,7 @@ def test_an_unhandled_sigterm_between_the_renames_ends_the_process_after_them(tm
 
     completed = subprocess.run(
         [sys.executable, "-c", _SIGTERM_BETWEEN_RENAMES, str(folder)], capture_output=True,
-        text=True, env=os.environ.copy(), timeout=120,
+        text=True, env=os.environ.copy(), timeout=120, preexec_fn=default_stop_signals,
     )
 
     assert completed.returncode == -signal.SIGTERM, completed.stderr
@@ -303,7 +301,7 @@ print("not reached")
 def test_a_stop_signal_after_the_run_keeps_its_status_and_says_nothing(name):
     completed = subprocess.run(
         [sys.executable, "-c", _SIGNAL_AFTER_THE_RUN, name], capture_output=True, text=True,
-        cwd=Path(__file__).resolve().parents[1], timeout=60,
+        cwd=Path(__file__).resolve().parents[1], timeout=60, preexec_fn=default_stop_signals,
     )
 
     assert completed.returncode == 0
@@ -336,7 +334,7 @@ sys.exit(status)
 def test_ctrl_c_while_the_summary_prints_says_the_results_are_complete():
     completed = subprocess.run(
         [sys.executable, "-c", _CTRL_C_DURING_THE_SUMMARY], capture_output=True, text=True,
-        cwd=Path(__file__).resolve().parents[1], timeout=60, preexec_fn=_default_sigint,
+        cwd=Path(__file__).resolve().parents[1], timeout=60, preexec_fn=default_stop_signals,
     )
 
     assert completed.returncode == 130, completed.stderr
@@ -361,7 +359,7 @@ attribute._escaped_breaks = second_ctrl_c""")
 def test_a_second_ctrl_c_after_the_results_keeps_the_status_and_claims_nothing():
     completed = subprocess.run(
         [sys.executable, "-c", _SECOND_CTRL_C], capture_output=True, text=True,
-        cwd=Path(__file__).resolve().parents[1], timeout=60, preexec_fn=_default_sigint,
+        cwd=Path(__file__).resolve().parents[1], timeout=60, preexec_fn=default_stop_signals,
     )
 
     assert completed.returncode == 130, completed.stderr
@@ -391,6 +389,7 @@ def test_a_stop_signal_while_the_interpreter_shuts_down_keeps_the_status():
     child = subprocess.Popen(
         [sys.executable, "-c", _SIGNAL_DURING_THE_SHUTDOWN], stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+        preexec_fn=default_stop_signals,
     )
     lines = [child.stdout.readline(), child.stdout.readline()]
     child.send_signal(signal.SIGTERM)
