@@ -440,6 +440,7 @@ def load_weights_with_sha256(
     try:
         with _open_regular_file(path) as stream:
             contents = stream.read()
+        _check_not_text(contents, path)
         with warnings.catch_warnings():
             # torch warns about the pickle protocol before refusing the file anyway, and
             # that sparse support is in beta or quantized tensors deprecated: such
@@ -513,6 +514,28 @@ def _open_regular_file(path: Path) -> BinaryIO:
     except BaseException:
         os.close(handle)
         raise
+
+
+def _check_not_text(contents: bytes, path: Path) -> None:
+    """Refuse an empty file or one of text (a CSV or a config passed by mistake) by what it
+    is; torch's reader fails on either with a bare ``EOFError`` or ``KeyError: 101``.
+
+    A checkpoint is a zip archive or a pickle, both binary from their first bytes.
+    """
+    if not contents:
+        raise CheckpointError(f"{path}: is empty, expected a checkpoint written by "
+                              "engine.model.save_weights or torch.save")
+    head = contents[:256]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return  # binary (a cut multi-byte character in text is rare enough to ignore)
+    if all(char.isprintable() or char in "\t\r\n" for char in text):
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        shown = first if len(first) <= 40 else first[:40] + "..."
+        what = f"a text file (it begins {shown!r})" if first else "a text file of blank lines"
+        raise CheckpointError(f"{path}: is {what}, expected a checkpoint written by "
+                              "engine.model.save_weights or torch.save")
 
 
 def _unpack(payload: object, path: Path) -> tuple[Mapping[str, torch.Tensor], str | None]:

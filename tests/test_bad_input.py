@@ -712,6 +712,40 @@ def test_cut_checkpoint_is_one_line_checkpoint_error(tmp_path, keep):
     assert "\n" not in str(err.value) and "cut.pt" in str(err.value)
 
 
+@pytest.mark.parametrize(("contents", "said"), [
+    (b"", "is empty"),
+    (b"PassengerId,Survived,Pclass\n1,0,3\n", "is a text file (it begins 'PassengerId,Surv"),
+    (b"\n\n  \n", "is a text file of blank lines"),
+    ("format: engine-titanic-mlp \u00e9t\u00e9\n".encode(),
+     "is a text file (it begins 'format: engine"),
+], ids=["empty", "csv", "blank-lines", "utf-8-text"])
+def test_a_file_that_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path, contents, said):
+    # torch's own reader fails on these with a bare EOFError or KeyError: 101.
+    path = tmp_path / "model.pt"
+    path.write_bytes(contents)
+
+    with pytest.raises(CheckpointError) as err:
+        load_weights(path)
+
+    message = str(err.value)
+    assert message.startswith(f"{path}: {said}"), message
+    assert message.endswith("expected a checkpoint written by engine.model.save_weights "
+                            "or torch.save")
+
+
+def test_the_cli_names_a_text_file_given_as_checkpoint(tmp_path, titanic_csv):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello world, not a checkpoint\n")
+
+    completed = explain_in_subprocess(tmp_path, notes, titanic_csv)
+
+    assert completed.returncode != 0
+    assert completed.stderr == (f"error: {notes}: is a text file (it begins 'hello world, not "
+                                "a checkpoint'), expected a checkpoint written by "
+                                "engine.model.save_weights or torch.save\n")
+    assert not (tmp_path / "results").exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "names"),
     [
