@@ -892,6 +892,7 @@ def prepare_titanic(frame: pd.DataFrame, source: Path = REPO_DATA) -> TitanicDat
     cut = int(0.8 * n)
     train_index = np.arange(0, min(cut + 1, n))
     test_index = np.arange(cut, n)
+    _warn_of_one_class(labels[train_index], source)
 
     return TitanicData(
         features=features,
@@ -903,6 +904,17 @@ def prepare_titanic(frame: pd.DataFrame, source: Path = REPO_DATA) -> TitanicDat
         feature_names=FEATURES,
         source=source,
     )
+
+
+def _warn_of_one_class(train_labels: torch.Tensor, source: Path) -> None:
+    """Training still runs on one class, but the network can only learn to predict it."""
+    classes = train_labels.unique()
+    if len(classes) == 1:
+        logger.warning(
+            "%s: every one of the %d training rows has %s = %d, so the network learns to "
+            "predict that for everyone and the attributions say little about survival",
+            source, len(train_labels), TARGET, int(classes[0]),
+        )
 
 
 # ---------------------------------------------------------------------------

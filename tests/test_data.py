@@ -155,6 +155,27 @@ def test_one_class_file_keeps_its_labels(tmp_path: Path) -> None:
     assert torch.equal(prepared.labels, torch.ones(3))
 
 
+def test_training_rows_of_one_class_are_warned_of(tmp_path: Path, caplog) -> None:
+    # The split puts rows 0 to 2 of three in training: their labels are 1, 1, 1 and the
+    # article's network would learn to say "survived" for everyone.
+    rows = [with_field(row, "Survived", "1") for row in ROWS]
+    csv = write_csv(tmp_path, [HEADER, *rows])
+
+    with caplog.at_level("WARNING", logger="engine.data"):
+        prepare_titanic(load_titanic(csv), source=csv)
+
+    (record,) = caplog.records
+    assert str(csv) in record.getMessage()
+    assert "every one of the 3 training rows has Survived = 1" in record.getMessage()
+
+
+def test_training_rows_of_both_classes_are_not_warned_of(data, caplog) -> None:
+    with caplog.at_level("WARNING", logger="engine.data"):
+        prepare_titanic(load_titanic(data.source), source=data.source)
+
+    assert caplog.records == []
+
+
 def test_prepare_checks_the_frame_it_is_given() -> None:
     with pytest.raises(DataError) as err:
         prepare_titanic(pd.DataFrame({"PassengerId": [1]}), source=Path("table.csv"))
