@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from engine.core import PathProblem, _chunk_points, integrate, output_gap
+from engine.core import PathProblem, _chunk_points, integrate, output_gap, refuse_overflow
 from engine.errors import ArgumentError
 from engine.plan import RunOptions
 from engine.quadrature import QuadratureRule, max_steps_of, quadrature_rule
@@ -233,6 +233,7 @@ def _attributions(
         if multiply_by_inputs:
             grad = grad * (x.unsqueeze(0).double() - base.double())
         attributions.append(grad.to(x.dtype))
+    refuse_overflow(tuple(attributions))
     return tuple(attributions)
 
 

@@ -375,6 +375,7 @@ def integrated_gradients(
         (grad * (x.unsqueeze(0) - base) if multiply_by_inputs else grad).to(_result_dtype(x))
         for grad, x, base in zip(total_grads, problem.inputs, problem.baselines)
     )
+    refuse_overflow(attributions)
     result = attributions if is_tuple else attributions[0]
     if not return_convergence_delta:
         return result
@@ -572,6 +573,32 @@ def _integrated_sums(
 def shown_rows(rows: list[int]) -> str:
     """Row numbers for a message: the first ten, then "..."."""
     return ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
+
+
+def refuse_overflow(attributions: tuple[Tensor, ...]) -> None:
+    """Refuse attributions (B, N, *F) that hold nan or inf, naming the rows.
+
+    The inputs, baselines and gradient sums were finite (checked before), so what
+    overflowed is an input minus its baseline, taken in the inputs' dtype (3e38 against
+    -3e38 in float32), or the attribution itself in that dtype (above 65,504 in float16).
+    Captum returns such values as they come; the plain path would not see the first, as
+    a saturating model keeps its outputs finite on the path.
+    """
+    if all(all_finite(values) for values in attributions):
+        return
+    rows: set[int] = set()
+    for values in attributions:
+        finite = torch.isfinite(values.reshape(*values.shape[:2], -1)).all(2)
+        rows.update((~finite).nonzero()[:, 1].tolist())
+    dtypes = sorted({str(values.dtype).removeprefix("torch.") for values in attributions})
+    largest = min(torch.finfo(values.dtype).max for values in attributions)
+    shown = f"{largest:,.0f}" if largest < 1e6 else f"{largest:.3g}"
+    raise ArgumentError(
+        f"the attributions of row(s) {shown_rows(sorted(rows))} overflow {', '.join(dtypes)}: "
+        "an input minus its baseline, or the attribution itself, is beyond the dtype's range "
+        f"(largest value {shown}); pass the inputs and baselines in a wider dtype (float64), "
+        "or scale the features"
+    )
 
 
 def _refuse_non_finite_gradients(sums: tuple[Tensor, ...]) -> None:

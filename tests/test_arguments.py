@@ -786,6 +786,64 @@ def test_an_fp16_overflow_names_the_precision():
         integrated_gradients(net, x, 0.0, target=0, precision="fp16", hoist=False)
 
 
+@pytest.mark.parametrize("hoist", [True, "affine", False], ids=["hoisted", "affine", "plain"])
+def test_an_input_minus_its_baseline_beyond_the_dtype_is_refused_naming_the_row(hoist):
+    # 3e38 - (-3e38) is inf in float32. The saturating model keeps every output on the
+    # path finite, so before, every path returned nan for row 2, as Captum does.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).eval()
+    x = torch.rand(4, 3)
+    x[2, 0] = 3e38
+    baselines = torch.zeros(1, 3)
+    baselines[0, 0] = -3e38
+
+    with pytest.raises(ArgumentError, match=r"^the attributions of row\(s\) 2 overflow "
+                                            r"float32: an input minus its baseline"):
+        integrated_gradients(net, x, baselines, hoist=hoist)
+    # In float64 the same numbers are fine.
+    assert torch.isfinite(integrated_gradients(net.double(), x.double(), baselines.double(),
+                                               hoist=hoist)).all()
+
+
+def half_sum(points):
+    return (2 * points.float()).sum(1)  # float32 outputs: only the attributions overflow
+
+
+def test_an_attribution_beyond_float16_is_refused_naming_the_row():
+    x = torch.full((3, 2), 100.0, dtype=torch.float16)
+    x[1, 0] = 60000.0  # attribution 120,000, beyond float16's 65,504
+    baselines = torch.zeros(1, 2, dtype=torch.float16)
+
+    with pytest.raises(ArgumentError,
+                       match=r"row\(s\) 1 overflow float16.*largest value 65,504\)"):
+        integrated_gradients(half_sum, x, baselines)
+    with pytest.raises(ArgumentError, match=r"row\(s\) 1 overflow float16"):
+        integrated_gradients(half_sum, x, baselines, delta_tolerance=1.0)
+
+
+def test_an_expected_gradient_beyond_float16_is_refused_naming_the_row():
+    from engine import expected_gradients
+
+    x = torch.full((3, 2), 100.0, dtype=torch.float16)
+    x[1, 0] = 60000.0
+    background = torch.zeros(4, 2, dtype=torch.float16)
+
+    with pytest.raises(ArgumentError, match=r"row\(s\) 1 overflow float16"):
+        expected_gradients(half_sum, x, background, n_samples=8)
+
+
+def test_the_drop_in_class_gives_half_inputs_float32_attributions_that_do_not_overflow():
+    from engine import IntegratedGradients
+
+    x = torch.full((3, 2), 100.0, dtype=torch.float16)
+    x[1, 0] = 60000.0
+
+    attributions = IntegratedGradients(half_sum).attribute(x, torch.zeros_like(x))
+
+    assert attributions.dtype == torch.float32
+    assert attributions[1, 0].item() == pytest.approx(120000.0, rel=1e-3)
+
+
 def test_a_shared_non_finite_baseline_next_to_a_per_row_one_names_no_row():
     class Two(nn.Module):
         def forward(self, x, v):
