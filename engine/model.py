@@ -516,16 +516,24 @@ def _open_regular_file(path: Path) -> BinaryIO:
         raise
 
 
+# torch's legacy serialisation's magic number as pickle protocol 0 writes it.
+_LEGACY_TEXT_MAGIC = b"L119547037146038801333356L"
+
+
 def _check_not_text(contents: bytes, path: Path) -> None:
     """Refuse an empty file or one of text (a CSV or a config passed by mistake) by what it
     is; torch's reader fails on either with a bare ``EOFError`` or ``KeyError: 101``.
 
-    A checkpoint is a zip archive or a pickle, both binary from their first bytes.
+    A checkpoint is a zip archive or a pickle, both binary from their first bytes, except
+    torch's legacy format saved with pickle protocol 0, whose text starts with torch's
+    magic number; torch refuses that one itself.
     """
     if not contents:
         raise CheckpointError(f"{path}: is empty, expected a checkpoint written by "
                               "engine.model.save_weights or torch.save")
     head = contents[:256]
+    if head.startswith(_LEGACY_TEXT_MAGIC):
+        return
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError:

@@ -733,6 +733,19 @@ def test_a_file_that_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path, conte
                             "or torch.save")
 
 
+def test_a_legacy_checkpoint_in_pickle_protocol_0_is_not_called_text(tmp_path):
+    # Its bytes are printable; torch refuses it under weights_only loading, and says why.
+    path = tmp_path / "legacy.pt"
+    torch.save(TitanicMLP().state_dict(), path, _use_new_zipfile_serialization=False,
+               pickle_protocol=0)
+
+    with pytest.raises(CheckpointError) as err:
+        load_weights(path)
+
+    assert "text file" not in str(err.value)
+    assert "neither a torch zip archive nor a tensor-only pickle" in str(err.value)
+
+
 def test_the_cli_names_a_text_file_given_as_checkpoint(tmp_path, titanic_csv):
     notes = tmp_path / "notes.txt"
     notes.write_text("hello world, not a checkpoint\n")
