@@ -50,9 +50,14 @@ def _interrupted_while_starting(signum: int, frame: object) -> NoReturn:
 
 
 if __name__ == "__main__":
-    # Importing torch and Lightning takes seconds: a Ctrl-C then is one line, not an
-    # import traceback. main() installs its own handlers for the job itself.
-    signal.signal(signal.SIGINT, _interrupted_while_starting)
+    # Importing torch and Lightning takes seconds: a Ctrl-C (or SIGTERM, SIGHUP) then is
+    # one line, not an import traceback or a silent end. A signal the command inherited
+    # as ignored stays ignored, as during the job. main() installs its own handlers for
+    # the job itself.
+    for _name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        _signum = getattr(signal, _name, None)
+        if _signum is not None and signal.getsignal(_signum) is not signal.SIG_IGN:
+            signal.signal(_signum, _interrupted_while_starting)
 
 import torch
 

@@ -222,29 +222,55 @@ def test_a_stop_signal_drops_the_staged_results_like_ctrl_c(tmp_path, titanic_cs
 _INTERRUPTED_WHILE_IMPORTING = """
 import os, runpy, signal, sys
 
+STOP = getattr(signal, sys.argv[2])
+
 class InterruptTorchImport:
-    # A Ctrl-C that arrives while torch loads, at a known moment.
+    # A stop signal that arrives while torch loads, at a known moment.
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), STOP)
         return None
 
 sys.meta_path.insert(0, InterruptTorchImport())
-sys.argv = ["engine.attribute", "--all", "--out", sys.argv[1]]
+sys.argv = ["engine.attribute", "--all", "--out", sys.argv[1], *sys.argv[3:]]
 runpy.run_module("engine.attribute", run_name="__main__", alter_sys=True)
 """
 
 
-def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_stop_signal_while_the_command_starts_is_one_line(tmp_path, name):
+    # SIGTERM and SIGHUP used to end the process there without a word.
     completed = subprocess.run(
-        [sys.executable, "-c", _INTERRUPTED_WHILE_IMPORTING, str(tmp_path / "results")],
+        [sys.executable, "-c", _INTERRUPTED_WHILE_IMPORTING, str(tmp_path / "results"), name],
         capture_output=True, text=True, cwd=tmp_path, env=os.environ.copy(),
         preexec_fn=default_stop_signals, timeout=120,
     )
 
-    assert completed.returncode == 130, completed.stderr
+    assert completed.returncode == 128 + getattr(signal, name), completed.stderr
     assert completed.stderr == "interrupted: no results were written\n"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGHUP"])
+def test_a_stop_signal_ignored_when_the_command_starts_stays_ignored(tmp_path, name):
+    # As for a command started with `&` from a script (SIGINT) or under nohup (SIGHUP):
+    # the signal while torch loads is not an interruption. SIGINT's was, before.
+    def ignore() -> None:
+        default_stop_signals()
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+    results = tmp_path / "results"
+    completed = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_WHILE_IMPORTING, str(results), name,
+         "--data", "missing.csv"],
+        capture_output=True, text=True, cwd=tmp_path, env=os.environ.copy(),
+        preexec_fn=ignore, timeout=120,
+    )
+
+    # It went on to its next step, which finds no such file.
+    assert completed.returncode == 2, completed.stderr
+    assert "interrupted" not in completed.stderr
+    assert "missing.csv" in completed.stderr
 
 
 _SIGTERM_BETWEEN_RENAMES = """
