@@ -315,7 +315,8 @@ def read_csv_table(path: Path, *, label: str) -> tuple[pd.DataFrame, RowLines | 
     except OSError as err:
         raise DataError(f"{label}: cannot read ({_one_line(err.strerror or err)})") from err
     if not raw.strip():
-        raise DataError(f"{label}: file is empty, expected a CSV with a header and rows")
+        what = "file is empty" if not raw else "file holds only blank lines and spaces"
+        raise DataError(f"{label}: {what}, expected a CSV with a header and rows")
 
     _check_not_compressed(raw, label)
     _check_line_lengths(raw, label)

@@ -408,6 +408,15 @@ def test_empty_file(tmp_path: Path) -> None:
     assert_one_line(err, "empty.csv", "empty")
 
 
+@pytest.mark.parametrize("contents", [b"\n\n\n", b" \r\n\t\n"], ids=["newlines", "spaces"])
+def test_a_file_of_blank_lines_is_named_as_such(tmp_path: Path, contents) -> None:
+    path = tmp_path / "blank.csv"
+    path.write_bytes(contents)
+    with pytest.raises(DataError) as err:
+        load_titanic(path)
+    assert_one_line(err, f"{path}: file holds only blank lines and spaces, expected a CSV")
+
+
 def test_header_only(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         load_titanic(write_csv(tmp_path, [HEADER]))
