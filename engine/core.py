@@ -576,28 +576,27 @@ def shown_rows(rows: list[int]) -> str:
 
 
 def refuse_overflow(attributions: tuple[Tensor, ...]) -> None:
-    """Refuse attributions (B, N, *F) that hold nan or inf, naming the rows.
+    """Refuse attributions (B, N, *F) beyond their dtype's range, naming the rows.
 
-    The inputs, baselines and gradient sums were finite (checked before), so what
-    overflowed is an input minus its baseline, taken in the inputs' dtype (3e38 against
-    -3e38 in float32), or the attribution itself in that dtype (above 65,504 in float16).
-    Captum returns such values as they come; the plain path would not see the first, as
-    a saturating model keeps its outputs finite on the path.
+    The inputs, baselines, their differences and the gradient sums were finite (checked
+    before), so nan or inf here is an attribution too large for the dtype it is returned
+    in (above 65,504 for float16 inputs). A ``NonFiniteError``, as the model's own
+    non-finite values are: the attribution callback keeps training through it.
     """
     if all(all_finite(values) for values in attributions):
         return
     rows: set[int] = set()
+    dtypes = []
     for values in attributions:
         finite = torch.isfinite(values.reshape(*values.shape[:2], -1)).all(2)
-        rows.update((~finite).nonzero()[:, 1].tolist())
-    dtypes = sorted({str(values.dtype).removeprefix("torch.") for values in attributions})
-    largest = min(torch.finfo(values.dtype).max for values in attributions)
-    shown = f"{largest:,.0f}" if largest < 1e6 else f"{largest:.3g}"
-    raise ArgumentError(
-        f"the attributions of row(s) {shown_rows(sorted(rows))} overflow {', '.join(dtypes)}: "
-        "an input minus its baseline, or the attribution itself, is beyond the dtype's range "
-        f"(largest value {shown}); pass the inputs and baselines in a wider dtype (float64), "
-        "or scale the features"
+        if not bool(finite.all()):
+            rows.update((~finite).nonzero()[:, 1].tolist())
+            dtypes.append(values.dtype)
+    ranges = " and ".join(f"{_dtype_name(dtype)} (largest value {_shown_largest(dtype)})"
+                          for dtype in dict.fromkeys(dtypes))
+    raise NonFiniteError(
+        f"the attributions of row(s) {shown_rows(sorted(rows))} overflow {ranges}: "
+        f"{_remedy(min(dtypes, key=lambda d: torch.finfo(d).max), 'baselines')}"
     )
 
 
@@ -1967,6 +1966,7 @@ def make_problem(
         raise ArgumentError(f"every input needs the same number of baselines, got {sorted(kinds)}")
     # Before the expansion below, so that a shared baseline is not named by a row.
     _refuse_non_finite_values(input_tuple, laid_out, isinstance(inputs, tuple))
+    refuse_overflowing_differences(input_tuple, laid_out, isinstance(inputs, tuple))
     if len({base.shape[1] for base in laid_out}) > 1:
         # Mixed per-row and shared baselines: expand the shared ones so indexing is uniform.
         laid_out = tuple(base.expand(base.shape[0], n_rows, *base.shape[2:]) for base in laid_out)
@@ -2008,6 +2008,63 @@ def _refuse_non_finite_values(inputs: tuple[Tensor, ...], baselines: tuple[Tenso
             shown = f" ({', '.join(where)})" if where else ""
             name = f"baselines[{i}]" if many else "baselines"
             raise ArgumentError(f"{name} hold nan or inf{shown}: baselines must be finite")
+
+
+def refuse_overflowing_differences(
+    inputs: tuple[Tensor, ...], baselines: tuple[Tensor, ...], many: bool,
+    name: str = "baselines",
+) -> None:
+    """Refuse inputs (N, *F) and baselines (B, N or 1, *F) whose difference overflows their
+    dtype, naming the rows: the path b + a (x - b) cannot be formed (3e38 against -3e38 in
+    float32, 40,000 against -40,000 in float16).
+
+    A saturating model keeps the outputs on such a path finite, so before, the attribution
+    came back nan, or finite and wrong where the gradient at the infinite points is 0, as
+    Captum's do. |x| + |b| within the dtype's range rules this out without forming the
+    differences; only then are they formed, one baseline kind at a time.
+    """
+    for i, (x, base) in enumerate(zip(inputs, baselines)):
+        largest = torch.finfo(x.dtype).max if x.is_floating_point() else None
+        if largest is None or _largest_magnitude(x) + _largest_magnitude(base) <= largest:
+            continue
+        rows: set[int] = set()
+        for kind in base:
+            finite = torch.isfinite((x - kind).reshape(x.shape[0], -1)).all(1)
+            rows.update((~finite).nonzero()[:, 0].tolist())
+        if rows:
+            which = f"inputs[{i}] minus {name}[{i}]" if many else f"inputs minus {name}"
+            raise ArgumentError(
+                f"{which} overflow {_dtype_name(x.dtype)} (largest value "
+                f"{_shown_largest(x.dtype)}) in row(s) {shown_rows(sorted(rows))}: the path "
+                f"b + a (x - b) cannot be formed in that dtype; {_remedy(x.dtype, name)}"
+            )
+
+
+def _largest_magnitude(values: Tensor) -> float:
+    """max |values| as a Python float (0 for an empty tensor); through numpy on a CPU."""
+    if values.numel() == 0:
+        return 0.0
+    array = numpy_view(values)
+    if array is not None:
+        return float(np.abs(array).max())
+    return float(values.detach().abs().max())
+
+
+def _remedy(dtype: torch.dtype, name: str) -> str:
+    """What to do about values beyond ``dtype``'s range."""
+    wider = {torch.float16: "float32", torch.bfloat16: "float32", torch.float32: "float64"}
+    if dtype in wider:
+        return f"pass the inputs and {name} as {wider[dtype]}, or scale the features"
+    return "scale the features"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _shown_largest(dtype: torch.dtype) -> str:
+    largest = torch.finfo(dtype).max
+    return f"{largest:,.0f}" if largest < 1e6 else f"{largest:.3g}"
 
 
 def _as_input_tuple(inputs: TensorOrTuple) -> tuple[Tensor, ...]:

@@ -23,4 +23,5 @@ class ModelError(EngineError, RuntimeError):
 
 class NonFiniteError(ModelError):
     """The model gives nan or inf outputs or gradients where its inputs are finite (often
-    because its weights hold nan or inf)."""
+    because its weights hold nan or inf), or attributions beyond the dtype they are
+    returned in."""

@@ -37,6 +37,7 @@ from engine.core import (
     make_problem,
     out_of_memory_named,
     refuse_overflow,
+    refuse_overflowing_differences,
     shown_rows,
     weights_blamed,
 )
@@ -111,6 +112,8 @@ def expected_gradients(
     is_tuple = isinstance(inputs, tuple)
     problem = make_problem(inputs, None, target, additional_forward_args)
     background = _check_background(background, problem.inputs, is_tuple)
+    refuse_overflowing_differences(problem.inputs, tuple(b.unsqueeze(1) for b in background),
+                                   is_tuple, name="background")
     if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) \
             or n_samples < 1:
         raise ArgumentError(f"n_samples must be a positive integer, got {n_samples!r}")

@@ -8,7 +8,7 @@ from captum.attr import IntegratedGradients as CaptumIG
 from torch import nn
 
 from engine import integrated_gradients
-from engine.errors import ArgumentError, ModelError
+from engine.errors import ArgumentError, ModelError, NonFiniteError
 from tests.test_core import mlp, relative_error
 
 
@@ -787,38 +787,91 @@ def test_an_fp16_overflow_names_the_precision():
 
 
 @pytest.mark.parametrize("hoist", [True, "affine", False], ids=["hoisted", "affine", "plain"])
-def test_an_input_minus_its_baseline_beyond_the_dtype_is_refused_naming_the_row(hoist):
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+def test_an_input_minus_its_baseline_beyond_the_dtype_is_refused_naming_the_row(hoist,
+                                                                                adaptive):
     # 3e38 - (-3e38) is inf in float32. The saturating model keeps every output on the
-    # path finite, so before, every path returned nan for row 2, as Captum does.
+    # path finite, so before, every path returned nan for row 2, as Captum does (and the
+    # adaptive path, which multiplies in float64, a number from a path of inf points).
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).eval()
     x = torch.rand(4, 3)
     x[2, 0] = 3e38
     baselines = torch.zeros(1, 3)
     baselines[0, 0] = -3e38
+    extra = {"delta_tolerance": 1.0} if adaptive else {}
 
-    with pytest.raises(ArgumentError, match=r"^the attributions of row\(s\) 2 overflow "
-                                            r"float32: an input minus its baseline"):
-        integrated_gradients(net, x, baselines, hoist=hoist)
+    with pytest.raises(ArgumentError, match=r"^inputs minus baselines overflow float32 "
+                                            r"\(largest value 3\.4e\+38\) in row\(s\) 2: "
+                                            r".*pass the inputs and baselines as float64"):
+        integrated_gradients(net, x, baselines, hoist=hoist, **extra)
     # In float64 the same numbers are fine.
     assert torch.isfinite(integrated_gradients(net.double(), x.double(), baselines.double(),
                                                hoist=hoist)).all()
+
+
+def test_per_row_baselines_name_only_the_rows_whose_difference_overflows():
+    x = torch.ones(5, 2)
+    x[3, 1] = 3e38
+    baselines = torch.zeros(2, 5, 2)
+    baselines[1, 3, 1] = -3e38  # row 3 against its second baseline
+    baselines[0, 1, 1] = -3e38  # against row 1's 1.0: finite
+
+    with pytest.raises(ArgumentError, match=r"overflow float32 .* in row\(s\) 3: "):
+        integrated_gradients(nn.Linear(2, 1), x, baselines)
+
+
+class MixedDtypes(nn.Module):
+    def forward(self, halves, singles):
+        return (halves.double() * 2).sum(1) + torch.tanh(singles.double() / 1e38).sum(1)
+
+
+def test_the_overflowing_input_of_a_tuple_is_named_with_its_own_dtype():
+    halves = torch.ones(3, 2, dtype=torch.float16)
+    singles = torch.ones(3, 2)
+    singles[2, 0] = 3e38
+    baselines = (torch.zeros(1, 2, dtype=torch.float16), torch.full((1, 2), -3e38))
+
+    with pytest.raises(ArgumentError, match=r"^inputs\[1\] minus baselines\[1\] overflow "
+                                            r"float32 \(largest value 3\.4e\+38\) in "
+                                            r"row\(s\) 2: "):
+        integrated_gradients(MixedDtypes(), (halves, singles), baselines, hoist=False)
+
+
+def saturating(points):
+    return torch.tanh(points.float() / 1e5).sum(1)
+
+
+def test_the_drop_in_class_names_float16_where_the_half_inputs_difference_overflows():
+    # Its results are float32, but the path is formed in the inputs' float16.
+    from engine import IntegratedGradients
+
+    x = torch.full((3, 2), 100.0, dtype=torch.float16)
+    x[1, 0] = 40000.0
+    baselines = torch.zeros_like(x)
+    baselines[1, 0] = -40000.0
+
+    with pytest.raises(ArgumentError, match=r"^inputs minus baselines overflow float16 "
+                                            r"\(largest value 65,504\) in row\(s\) 1: .*"
+                                            r"as float32"):
+        IntegratedGradients(saturating).attribute(x, baselines)
 
 
 def half_sum(points):
     return (2 * points.float()).sum(1)  # float32 outputs: only the attributions overflow
 
 
-def test_an_attribution_beyond_float16_is_refused_naming_the_row():
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+def test_an_attribution_beyond_float16_is_refused_naming_the_row(adaptive):
     x = torch.full((3, 2), 100.0, dtype=torch.float16)
     x[1, 0] = 60000.0  # attribution 120,000, beyond float16's 65,504
     baselines = torch.zeros(1, 2, dtype=torch.float16)
+    extra = {"delta_tolerance": 1.0} if adaptive else {}
 
-    with pytest.raises(ArgumentError,
-                       match=r"row\(s\) 1 overflow float16.*largest value 65,504\)"):
-        integrated_gradients(half_sum, x, baselines)
-    with pytest.raises(ArgumentError, match=r"row\(s\) 1 overflow float16"):
-        integrated_gradients(half_sum, x, baselines, delta_tolerance=1.0)
+    with pytest.raises(NonFiniteError, match=r"^the attributions of row\(s\) 1 overflow "
+                                             r"float16 \(largest value 65,504\): pass the "
+                                             r"inputs and baselines as float32"):
+        integrated_gradients(half_sum, x, baselines, **extra)
 
 
 def test_an_expected_gradient_beyond_float16_is_refused_naming_the_row():
@@ -828,8 +881,22 @@ def test_an_expected_gradient_beyond_float16_is_refused_naming_the_row():
     x[1, 0] = 60000.0
     background = torch.zeros(4, 2, dtype=torch.float16)
 
-    with pytest.raises(ArgumentError, match=r"row\(s\) 1 overflow float16"):
+    with pytest.raises(NonFiniteError, match=r"row\(s\) 1 overflow float16"):
         expected_gradients(half_sum, x, background, n_samples=8)
+
+
+def test_an_input_minus_its_background_beyond_the_dtype_is_named_as_such():
+    # Before, the sums of these factors were blamed on the model's gradient.
+    from engine import expected_gradients
+
+    x = torch.full((3, 2), 100.0, dtype=torch.float16)
+    x[1, 0] = 40000.0
+    background = torch.zeros(2, 2, dtype=torch.float16)
+    background[1, 0] = -40000.0
+
+    with pytest.raises(ArgumentError, match=r"^inputs minus background overflow float16 "
+                                            r"\(largest value 65,504\) in row\(s\) 1: "):
+        expected_gradients(saturating, x, background, n_samples=4)
 
 
 def test_the_drop_in_class_gives_half_inputs_float32_attributions_that_do_not_overflow():

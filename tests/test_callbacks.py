@@ -579,6 +579,43 @@ def test_training_that_diverges_to_nan_goes_on_with_nan_snapshots(caplog):
     assert "weights hold nan" in caplog.text
 
 
+class _Growing(_Small):
+    """A model whose attributions pass 65,504 in float16 once its weights grow, while its
+    outputs stay 0: two features weighted +w and -w."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 1, bias=False))
+        self._set_weights(1.0)
+
+    def _set_weights(self, size: float) -> None:
+        with torch.no_grad():
+            self.net[0].weight.copy_(torch.tensor([[size, -size, 0.0, 0.0, 0.0]]))
+
+    def training_step(self, batch, _):
+        if self.current_epoch == 1:
+            self._set_weights(1000.0)
+        return self(batch[0]).sum() * 0.0
+
+
+def test_attributions_that_overflow_a_half_precision_model_go_on_as_nan_snapshots(caplog):
+    # Trainer(precision="16-true") makes the callback explain in float16: rows of 100
+    # against zeros give +-100, then +-100,000 once the weights are +-1,000. Before, the
+    # overflow stopped the fit with an ArgumentError.
+    callback = AttributionCallback(torch.full((3, 5), 100.0), torch.zeros(1, 5), ("zero",),
+                                   tuple("abcde"), n_steps=N_STEPS)
+
+    with caplog.at_level(logging.WARNING, logger="engine.callbacks"):
+        trainer = _small_fit(callback, _Growing(), epochs=3, precision="16-true")
+
+    assert trainer.current_epoch == 3
+    values = callback.attributions
+    assert values.dtype == torch.float16
+    assert torch.isfinite(values[:2]).all() and values[2:].isnan().all()
+    assert "attribution callback, after epoch 2" in caplog.text
+    assert "overflow float16 (largest value 65,504)" in caplog.text
+
+
 def test_a_failing_snapshot_says_it_comes_from_the_callback():
     class TakesADict(_Small):
         def forward(self, batch):
