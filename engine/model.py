@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import io
@@ -531,14 +532,17 @@ def _check_not_text(contents: bytes, path: Path) -> None:
     if not contents:
         raise CheckpointError(f"{path}: is empty, expected a checkpoint written by "
                               "engine.model.save_weights or torch.save")
-    head = contents[:256]
+    head = contents[:4096]
     if head.startswith(_LEGACY_TEXT_MAGIC):
         return
+    head = head.removeprefix(codecs.BOM_UTF8)  # a spreadsheet's "CSV UTF-8"
     try:
         text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return  # binary (a cut multi-byte character in text is rare enough to ignore)
-    if all(char.isprintable() or char in "\t\r\n" for char in text):
+    except UnicodeDecodeError as error:
+        if not (error.reason == "unexpected end of data" and len(head) < len(contents)):
+            return  # binary
+        text = head[: error.start].decode("utf-8")  # a character the slice cut in two
+    if all(char.isprintable() or char.isspace() for char in text):
         first = text.strip().splitlines()[0] if text.strip() else ""
         shown = first if len(first) <= 40 else first[:40] + "..."
         what = f"a text file (it begins {shown!r})" if first else "a text file of blank lines"

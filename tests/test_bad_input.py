@@ -718,7 +718,11 @@ def test_cut_checkpoint_is_one_line_checkpoint_error(tmp_path, keep):
     (b"\n\n  \n", "is a text file of blank lines"),
     ("format: engine-titanic-mlp \u00e9t\u00e9\n".encode(),
      "is a text file (it begins 'format: engine"),
-], ids=["empty", "csv", "blank-lines", "utf-8-text"])
+    (b"\xef\xbb\xbfPassengerId,Survived\n1,0\n", "is a text file (it begins 'PassengerId,"),
+    (b"hello\x0cworld\n", "is a text file (it begins 'hello"),
+    (("x" + "\u00e9" * 3000).encode(), "is a text file (it begins 'x\u00e9\u00e9"),
+], ids=["empty", "csv", "blank-lines", "utf-8-text", "byte-order-mark", "form-feed",
+        "character-cut-at-4-kib"])
 def test_a_file_that_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path, contents, said):
     # torch's own reader fails on these with a bare EOFError or KeyError: 101.
     path = tmp_path / "model.pt"
