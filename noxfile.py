@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 import nox
 
@@ -51,9 +52,24 @@ def lint(session: nox.Session) -> None:
 def gpu(session: nox.Session) -> None:
     """scripts/gpu_check.sh: the tests marked gpu, the CUDA benchmarks and their report in
     results/; skipped when no CUDA device is visible."""
-    if shutil.which("nvidia-smi") is None:
-        session.skip("no CUDA device is visible (nvidia-smi not found): GPU checks skipped")
+    reason = _no_cuda_device()
+    if reason:
+        session.skip(f"no CUDA device is visible ({reason}): GPU checks skipped")
     _install(session)
     # A GPU that torch cannot use (a CPU build, an old driver) fails the session.
     session.run("bash", "scripts/gpu_check.sh", "results", env={"PYTHON": "python"},
                 external=True)
+
+
+def _no_cuda_device() -> str:
+    """Why no CUDA device is visible, before anything is installed; "" when one may be.
+
+    The same tests as scripts/gpu_check.sh, which runs them again.
+    """
+    if shutil.which("nvidia-smi") is None:
+        return "nvidia-smi not found"
+    if subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode != 0:
+        return "nvidia-smi fails: no driver loaded?"
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return "CUDA_VISIBLE_DEVICES is empty, which hides every GPU"
+    return ""

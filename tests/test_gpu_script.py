@@ -55,3 +55,34 @@ def test_a_gpu_torch_cannot_use_is_an_error(tmp_path):
     assert done.returncode == 1
     assert "nvidia-smi sees a GPU but torch" in done.stderr and "cannot use it" in done.stderr
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(("tool", "env", "said"), [
+    (None, {}, "nvidia-smi not found"),
+    ("exit 9", {}, "nvidia-smi fails"),
+    ("exit 0", {"CUDA_VISIBLE_DEVICES": ""}, "CUDA_VISIBLE_DEVICES is empty"),
+    ("exit 0", {}, ""),
+], ids=["no-tool", "tool-fails", "devices-hidden", "a-device"])
+def test_nox_gpu_skips_before_installing_anything_where_the_script_would(
+    tmp_path, monkeypatch, tool, env, said
+):
+    pytest.importorskip("nox")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("noxfile", SCRIPT.parent.parent / "noxfile.py")
+    noxfile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(noxfile)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    if tool is not None:
+        fake = tools / "nvidia-smi"
+        fake.write_text(f"#!/bin/sh\n{tool}\n")
+        fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tools))  # no real nvidia-smi, on any machine
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    reason = noxfile._no_cuda_device()
+
+    assert (said in reason) if said else reason == ""
