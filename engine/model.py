@@ -128,6 +128,8 @@ class TitanicClassifier(pl.LightningModule):
 
     def __init__(self, layer_order: str = "article", lr: float = 0.01) -> None:
         super().__init__()
+        # Lightning's checkpoints then store the call order, which load_weights reads.
+        self.save_hyperparameters()
         self.net = TitanicMLP(layer_order)
         self.lr = lr
         self.loss_fn = nn.BCELoss()
@@ -387,7 +389,9 @@ def load_weights(path: str | Path, layer_order: str | None = None) -> TitanicMLP
     """Load a network saved by :func:`save_weights`.
 
     Loading uses ``torch.load(weights_only=True)``: a file that would run code
-    when unpickled is refused, not executed. A bare state dict (a mapping of
+    when unpickled is refused, not executed. A checkpoint that Lightning's Trainer
+    saved of a :class:`TitanicClassifier` is read too (its ``net.*`` weights and the
+    call order among its hyper-parameters). A bare state dict (a mapping of
     parameter names to tensors) is accepted too; it stores no call order, so unless
     ``layer_order`` is given it gets the article order, with a logged warning.
     Weights in another real floating dtype (float16, bfloat16, float64) are
@@ -459,8 +463,9 @@ def load_weights_with_sha256(
     state_dict, stored_order = _unpack(payload, path)
     if stored_order is None and layer_order is None:
         # Both orders have the same parameters: nothing in the file tells them apart.
-        logger.warning("%s is a bare state dict, which does not store the order the layers "
-                       "are called in: read in the article's order (%s); save it with "
+        logger.warning("%s is a bare state dict or a Lightning checkpoint without "
+                       "hyper-parameters, which does not store the order the layers are "
+                       "called in: read in the article's order (%s); save it with "
                        "engine.model.save_weights to store its order", path,
                        " -> ".join(LAYER_ORDERS["article"]))
     net = TitanicMLP(layer_order or stored_order or "article")
@@ -569,6 +574,8 @@ def _unpack(payload: object, path: Path) -> tuple[Mapping[str, torch.Tensor], st
             )
         return state_dict, str(stored_order)
 
+    if isinstance(payload, Mapping) and LIGHTNING_VERSION_KEY in payload:
+        return _lightning_weights(payload, path)
     if isinstance(payload, Mapping) and payload and all(
         isinstance(value, torch.Tensor) for value in payload.values()
     ):
@@ -577,6 +584,38 @@ def _unpack(payload: object, path: Path) -> tuple[Mapping[str, torch.Tensor], st
         f"{path}: not an engine checkpoint (holds a {type(payload).__name__},"
         f" expected a dict with format {CHECKPOINT_FORMAT!r})"
     )
+
+
+# The key every checkpoint Lightning's Trainer saves holds.
+LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
+
+
+def _lightning_weights(
+    payload: Mapping[str, object], path: Path
+) -> tuple[Mapping[str, torch.Tensor], str | None]:
+    """The network's weights and call order from a ``TitanicClassifier`` checkpoint that
+    Lightning's Trainer saved (``trainer.save_checkpoint``, ``ModelCheckpoint``)."""
+    module_state = payload.get("state_dict")
+    prefix = "net."
+    if not isinstance(module_state, Mapping) or not any(
+        isinstance(name, str) and name.startswith(prefix) for name in module_state
+    ):
+        raise CheckpointError(
+            f"{path}: a Lightning checkpoint without the Titanic network's weights (no "
+            f"'{prefix}*' entries in its state_dict): expected one of "
+            "engine.model.TitanicClassifier"
+        )
+    state_dict = {name.removeprefix(prefix): value for name, value in module_state.items()
+                  if isinstance(name, str) and name.startswith(prefix)}
+    hyper_parameters = payload.get("hyper_parameters")
+    stored_order = (hyper_parameters.get("layer_order")
+                    if isinstance(hyper_parameters, Mapping) else None)
+    if stored_order is not None and stored_order not in LAYER_ORDERS:
+        raise CheckpointError(
+            f"{path}: Lightning checkpoint layer_order {stored_order!r} is not one of"
+            f" {', '.join(map(repr, LAYER_ORDERS))}"
+        )
+    return state_dict, stored_order
 
 
 def _check_state_dict(state_dict: Mapping[str, object], net: TitanicMLP, path: Path) -> None:

@@ -560,3 +560,57 @@ def test_a_bare_state_dict_says_it_stores_no_layer_order(
         assert "l1 -> l2 -> r1 -> out -> r2" in message
     else:
         assert warned == []
+
+
+def _lightning_checkpoint(module, path: Path) -> Path:
+    """``module`` fitted for one step of random rows, saved by Lightning's Trainer."""
+    import pytorch_lightning as pl
+
+    rows = torch.utils.data.TensorDataset(seeded_rows(8), torch.ones(8))
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(rows, batch_size=8))
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.mark.parametrize("layer_order", ["article", "conventional"])
+def test_a_lightning_checkpoint_of_the_classifier_loads_with_its_order(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, layer_order: str
+) -> None:
+    # As ModelCheckpoint writes them; before, "not an engine checkpoint (holds a dict)".
+    torch.manual_seed(5)
+    module = TitanicClassifier(layer_order=layer_order)
+    path = _lightning_checkpoint(module, tmp_path / "epoch=0.ckpt")
+
+    with caplog.at_level(logging.WARNING, logger="engine.model"):
+        net = load_weights(path)
+
+    assert net.layer_order == layer_order
+    assert [r for r in caplog.records if r.name == "engine.model"] == []
+    for name, value in module.net.state_dict().items():
+        assert torch.equal(net.state_dict()[name], value), name
+
+
+def test_a_lightning_checkpoint_of_another_module_is_named(tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+
+    class Other(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(5, 1)
+
+        def training_step(self, batch, _):
+            return self.body(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    path = _lightning_checkpoint(Other(), tmp_path / "other.ckpt")
+
+    with pytest.raises(CheckpointError) as err:
+        load_weights(path)
+
+    assert_one_line(err, "other.ckpt", "a Lightning checkpoint without the Titanic network's "
+                    "weights (no 'net.*' entries", "engine.model.TitanicClassifier")
