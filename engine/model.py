@@ -567,7 +567,7 @@ def _unpack(payload: object, path: Path) -> tuple[Mapping[str, torch.Tensor], st
         stored_order = payload.get("layer_order")
         if not isinstance(state_dict, Mapping):
             raise CheckpointError(f"{path}: checkpoint has no 'state_dict' mapping")
-        if stored_order not in LAYER_ORDERS:
+        if not isinstance(stored_order, str) or stored_order not in LAYER_ORDERS:
             raise CheckpointError(
                 f"{path}: checkpoint layer_order {stored_order!r} is not one of"
                 f" {', '.join(map(repr, LAYER_ORDERS))}"
@@ -610,7 +610,8 @@ def _lightning_weights(
     hyper_parameters = payload.get("hyper_parameters")
     stored_order = (hyper_parameters.get("layer_order")
                     if isinstance(hyper_parameters, Mapping) else None)
-    if stored_order is not None and stored_order not in LAYER_ORDERS:
+    if stored_order is not None and (not isinstance(stored_order, str)
+                                     or stored_order not in LAYER_ORDERS):
         raise CheckpointError(
             f"{path}: Lightning checkpoint layer_order {stored_order!r} is not one of"
             f" {', '.join(map(repr, LAYER_ORDERS))}"

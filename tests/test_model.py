@@ -614,3 +614,26 @@ def test_a_lightning_checkpoint_of_another_module_is_named(tmp_path: Path) -> No
 
     assert_one_line(err, "other.ckpt", "a Lightning checkpoint without the Titanic network's "
                     "weights (no 'net.*' entries", "engine.model.TitanicClassifier")
+
+
+@pytest.mark.parametrize("kind", ["engine", "lightning"])
+def test_a_layer_order_that_is_not_a_name_is_one_line_checkpoint_error(
+    tmp_path: Path, kind: str
+) -> None:
+    # A list there raised TypeError (unhashable) from the lookup.
+    state_dict = TitanicMLP().state_dict()
+    if kind == "engine":
+        payload = {"format": CHECKPOINT_FORMAT, "layer_order": ["article"],
+                   "state_dict": state_dict}
+    else:
+        payload = {"pytorch-lightning_version": "2.5.0",
+                   "hyper_parameters": {"layer_order": ["article"]},
+                   "state_dict": {f"net.{name}": value for name, value in state_dict.items()}}
+    path = tmp_path / "odd.pt"
+    torch.save(payload, path)
+
+    with pytest.raises(CheckpointError) as err:
+        load_weights(path)
+
+    assert_one_line(err, "odd.pt", "layer_order ['article'] is not one of 'article', "
+                    "'conventional'")
