@@ -657,7 +657,9 @@ def _add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "explaining a file with a saved model (--data FILE --checkpoint model.pt)")
     group.add_argument("--checkpoint", type=Path, metavar="PATH",
-                       help="weights saved by --all (model.pt): explain every row of --data")
+                       help="weights saved by --all (model.pt), engine.model.save_weights "
+                            "or a Lightning checkpoint of TitanicClassifier: explain every "
+                            "row of --data")
     group.add_argument("--reference", type=Path, metavar="FILE",
                        help="the file the model was trained on; its medians and min/max "
                             "prepare --data (default: the file --all would use)")
@@ -779,8 +781,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _defer_sigterm(signum: int) -> bool:
     """Whether a --checkpoint run lets the chunk in progress finish before it stops."""
-    distributed = sys.modules.get("engine.distributed")
-    return signum == signal.SIGTERM and distributed is not None and distributed.defer_stop()
+    # The module may be in sys.modules half imported (the signal came during its import,
+    # before defer_stop exists): nothing is being computed then, so the run stops at once.
+    defer_stop = getattr(sys.modules.get("engine.distributed"), "defer_stop", None)
+    return signum == signal.SIGTERM and defer_stop is not None and defer_stop()
 
 
 def _stopped_by_sigterm(error: Exception) -> bool:

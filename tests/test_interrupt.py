@@ -473,3 +473,17 @@ def test_lines_to_a_terminal_that_closed_are_dropped(monkeypatch):
     monkeypatch.setattr(sys, "stderr", None)
     attribute._say("interrupted: no results were written")
     assert on_a_terminal() is False
+
+
+def test_a_sigterm_while_the_distributed_module_imports_stops_at_once(monkeypatch):
+    # The handler found the half-imported module in sys.modules without defer_stop and
+    # raised AttributeError from inside the signal handler.
+    import types
+
+    from engine.attribute import _defer_sigterm
+
+    monkeypatch.setitem(sys.modules, "engine.distributed",
+                        types.ModuleType("engine.distributed"))
+
+    assert _defer_sigterm(signal.SIGTERM) is False
+
