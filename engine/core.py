@@ -575,7 +575,7 @@ def shown_rows(rows: list[int]) -> str:
     return ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
 
 
-def refuse_overflow(attributions: tuple[Tensor, ...]) -> None:
+def refuse_overflow(attributions: tuple[Tensor, ...], name: str = "baselines") -> None:
     """Refuse attributions (B, N, *F) beyond their dtype's range, naming the rows.
 
     The inputs, baselines, their differences and the gradient sums were finite (checked
@@ -596,7 +596,7 @@ def refuse_overflow(attributions: tuple[Tensor, ...]) -> None:
                           for dtype in dict.fromkeys(dtypes))
     raise NonFiniteError(
         f"the attributions of row(s) {shown_rows(sorted(rows))} overflow {ranges}: "
-        f"{_remedy(min(dtypes, key=lambda d: torch.finfo(d).max), 'baselines')}"
+        f"{_remedy(min(dtypes, key=lambda d: torch.finfo(d).max), name)}"
     )
 
 

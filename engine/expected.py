@@ -167,7 +167,7 @@ def expected_gradients(
     # The outputs were finite: nan or inf here is the gradient itself (sqrt at 0, ...).
     _refuse_non_finite_gradients(tuple(s.unsqueeze(0) for s in sums))
     attributions = tuple((s / n_samples).to(x.dtype) for s, x in zip(sums, problem.inputs))
-    refuse_overflow(tuple(values.unsqueeze(0) for values in attributions))
+    refuse_overflow(tuple(values.unsqueeze(0) for values in attributions), name="background")
     result = attributions if is_tuple else attributions[0]
     if not return_convergence_delta:
         return result
