@@ -68,7 +68,11 @@ def _no_cuda_device() -> str:
     """
     if shutil.which("nvidia-smi") is None:
         return "nvidia-smi not found"
-    if subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode != 0:
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"nvidia-smi cannot run: {error}"
+    if listed.returncode != 0:
         return "nvidia-smi fails: no driver loaded?"
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
         return "CUDA_VISIBLE_DEVICES is empty, which hides every GPU"

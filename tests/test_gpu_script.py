@@ -62,7 +62,8 @@ def test_a_gpu_torch_cannot_use_is_an_error(tmp_path):
     ("exit 9", {}, "nvidia-smi fails"),
     ("exit 0", {"CUDA_VISIBLE_DEVICES": ""}, "CUDA_VISIBLE_DEVICES is empty"),
     ("exit 0", {}, ""),
-], ids=["no-tool", "tool-fails", "devices-hidden", "a-device"])
+    (b"\x7fELF-not-a-program", {}, "nvidia-smi cannot run"),
+], ids=["no-tool", "tool-fails", "devices-hidden", "a-device", "tool-cannot-run"])
 def test_nox_gpu_skips_before_installing_anything_where_the_script_would(
     tmp_path, monkeypatch, tool, env, said
 ):
@@ -76,7 +77,10 @@ def test_nox_gpu_skips_before_installing_anything_where_the_script_would(
     tools.mkdir()
     if tool is not None:
         fake = tools / "nvidia-smi"
-        fake.write_text(f"#!/bin/sh\n{tool}\n")
+        if isinstance(tool, bytes):
+            fake.write_bytes(tool)  # executable, but no program the kernel can run
+        else:
+            fake.write_text(f"#!/bin/sh\n{tool}\n")
         fake.chmod(0o755)
     monkeypatch.setenv("PATH", str(tools))  # no real nvidia-smi, on any machine
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
