@@ -20,11 +20,12 @@ import dataclasses
 import functools
 import itertools
 import logging
+import math
 import numbers
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, NoReturn, Union
 
 import numpy as np
 import torch
@@ -2148,11 +2149,27 @@ def _lay_out_baseline(base: Any, x: Tensor, index: int, many: bool) -> Tensor:
     name = f"baselines[{index}]" if many else "baselines"
     features = tuple(x.shape[1:])
     if isinstance(base, (int, float)) and not isinstance(base, bool):
-        return torch.full((1, 1, *features), float(base), dtype=x.dtype, device=x.device)
+        try:
+            value = float(base)
+        except OverflowError:  # an int beyond every float
+            value = math.inf
+        # nan and inf themselves are named as such with the other non-finite baselines.
+        explicit = isinstance(base, float) and not math.isfinite(base)
+        if not explicit and abs(value) > torch.finfo(x.dtype).max:
+            shown = repr(base) if len(repr(base)) <= 24 else f"{float(value):.3g}"
+            if math.isinf(value):
+                shown = f"an integer of {len(str(abs(base)))} digits"
+            _refuse_beyond_range(f"{name} {shown} is beyond", x.dtype)
+        return torch.full((1, 1, *features), value, dtype=x.dtype, device=x.device)
     if not isinstance(base, Tensor):
         raise ArgumentError(f"{name} must be a Tensor or a number, got {type(base).__name__}")
     _refuse_unreadable(base, name)
     _check_baseline_dtype(base, x, name, f"inputs[{index}]" if many else "inputs")
+    if not base.is_floating_point() and base.numel() \
+            and float(base.detach().double().abs().max()) > torch.finfo(x.dtype).max:
+        # An integer converts to inf beyond the dtype, which would be blamed on the user as
+        # "nan or inf" below.
+        _refuse_beyond_range(f"{name} hold integers beyond", x.dtype)
     base = base.detach().to(device=x.device, dtype=x.dtype)
 
     shape = tuple(base.shape)
@@ -2163,6 +2180,14 @@ def _lay_out_baseline(base: Any, x: Tensor, index: int, many: bool) -> Tensor:
     raise ArgumentError(
         f"{name} has shape {shape}: expected (B, {', '.join(map(str, features))}) for B "
         f"baseline kinds or (B, {x.shape[0]}, {', '.join(map(str, features))}) per row"
+    )
+
+
+def _refuse_beyond_range(what: str, dtype: torch.dtype) -> NoReturn:
+    raise ArgumentError(
+        f"{what} the inputs' {_dtype_name(dtype)} range (largest value "
+        f"{_shown_largest(dtype)}): baselines take the inputs' dtype; "
+        f"{_remedy(dtype, 'baselines')}"
     )
 
 

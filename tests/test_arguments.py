@@ -912,6 +912,33 @@ def test_the_drop_in_class_gives_half_inputs_float32_attributions_that_do_not_ov
     assert attributions[1, 0].item() == pytest.approx(120000.0, rel=1e-3)
 
 
+@pytest.mark.parametrize(("baseline", "shown"), [
+    (1e6, "baselines 1000000.0 is beyond"),
+    (10**400, "baselines an integer of 401 digits is beyond"),
+    (torch.full((1, 3), 100000), "baselines hold integers beyond"),
+], ids=["float", "huge-int", "integer-tensor"])
+def test_a_baseline_beyond_the_inputs_dtype_is_named_with_the_range(baseline, shown):
+    # A number raised torch's "value cannot be converted to type c10::Half without
+    # overflow"; integers became inf and were called "nan or inf".
+    x = torch.rand(4, 3, dtype=torch.float16)
+
+    with pytest.raises(ArgumentError, match=rf"^{shown} the inputs' float16 range \(largest "
+                                            r"value 65,504\): .*as float32"):
+        integrated_gradients(half_sum, x, baseline)
+
+
+def test_baselines_within_the_inputs_dtype_are_taken_as_they_are():
+    def gentle(points):
+        return (points.float() * 1e-3).sum(1)  # attributions of at most about 65
+
+    x = torch.rand(4, 3, dtype=torch.float16)
+
+    for baseline in (65504.0, -2, torch.full((1, 3), 60000)):
+        assert torch.isfinite(integrated_gradients(gentle, x, baseline).float()).all()
+    with pytest.raises(ArgumentError, match=r"^baselines hold nan or inf"):
+        integrated_gradients(gentle, x, float("inf"))
+
+
 def test_a_shared_non_finite_baseline_next_to_a_per_row_one_names_no_row():
     class Two(nn.Module):
         def forward(self, x, v):
