@@ -838,6 +838,13 @@ def test_the_overflowing_input_of_a_tuple_is_named_with_its_own_dtype():
         integrated_gradients(MixedDtypes(), (halves, singles), baselines, hoist=False)
 
 
+def half_rows(large: float) -> torch.Tensor:
+    """Three float16 rows of 100s, with ``large`` at row 1, feature 0."""
+    x = torch.full((3, 2), 100.0, dtype=torch.float16)
+    x[1, 0] = large
+    return x
+
+
 def saturating(points):
     return torch.tanh(points.float() / 1e5).sum(1)
 
@@ -846,8 +853,7 @@ def test_the_drop_in_class_names_float16_where_the_half_inputs_difference_overfl
     # Its results are float32, but the path is formed in the inputs' float16.
     from engine import IntegratedGradients
 
-    x = torch.full((3, 2), 100.0, dtype=torch.float16)
-    x[1, 0] = 40000.0
+    x = half_rows(40000.0)
     baselines = torch.zeros_like(x)
     baselines[1, 0] = -40000.0
 
@@ -863,8 +869,7 @@ def half_sum(points):
 
 @pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
 def test_an_attribution_beyond_float16_is_refused_naming_the_row(adaptive):
-    x = torch.full((3, 2), 100.0, dtype=torch.float16)
-    x[1, 0] = 60000.0  # attribution 120,000, beyond float16's 65,504
+    x = half_rows(60000.0)  # attribution 120,000, beyond float16's 65,504
     baselines = torch.zeros(1, 2, dtype=torch.float16)
     extra = {"delta_tolerance": 1.0} if adaptive else {}
 
@@ -877,8 +882,7 @@ def test_an_attribution_beyond_float16_is_refused_naming_the_row(adaptive):
 def test_an_expected_gradient_beyond_float16_is_refused_naming_the_row():
     from engine import expected_gradients
 
-    x = torch.full((3, 2), 100.0, dtype=torch.float16)
-    x[1, 0] = 60000.0
+    x = half_rows(60000.0)
     background = torch.zeros(4, 2, dtype=torch.float16)
 
     with pytest.raises(NonFiniteError, match=r"row\(s\) 1 overflow float16 .*: pass the "
@@ -890,8 +894,7 @@ def test_an_input_minus_its_background_beyond_the_dtype_is_named_as_such():
     # Before, the sums of these factors were blamed on the model's gradient.
     from engine import expected_gradients
 
-    x = torch.full((3, 2), 100.0, dtype=torch.float16)
-    x[1, 0] = 40000.0
+    x = half_rows(40000.0)
     background = torch.zeros(2, 2, dtype=torch.float16)
     background[1, 0] = -40000.0
 
@@ -903,8 +906,7 @@ def test_an_input_minus_its_background_beyond_the_dtype_is_named_as_such():
 def test_the_drop_in_class_gives_half_inputs_float32_attributions_that_do_not_overflow():
     from engine import IntegratedGradients
 
-    x = torch.full((3, 2), 100.0, dtype=torch.float16)
-    x[1, 0] = 60000.0
+    x = half_rows(60000.0)
 
     attributions = IntegratedGradients(half_sum).attribute(x, torch.zeros_like(x))
 
