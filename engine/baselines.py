@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from engine.errors import ArgumentError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["BASELINE_KINDS", "make_baselines"]
 
@@ -23,6 +26,9 @@ def make_baselines(
     ``random-base`` is drawn uniformly from [0, 1) (the range of min-max normalised
     features) with a generator seeded by ``seed``, so a run is repeatable.
     """
+    # Imported here: the command line reads BASELINE_KINDS before torch has loaded.
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for kind in kinds:

@@ -13,6 +13,7 @@ import torch
 
 from engine.attribute import all_run_files, main
 from engine.baselines import BASELINE_KINDS
+from engine.errors import ArgumentError
 from tests.test_validate import one_pair_off
 
 EXPECTED_FILES = {
@@ -100,6 +101,73 @@ def test_missing_data_file_is_one_line_exit_two_and_no_files(tmp_path):
     assert len(lines) == 1 and str(missing) in lines[0]
     assert "Traceback" not in completed.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def early_cases(tmp_path, titanic_csv):
+    """Command lines that end in one line before torch loads, by what they get wrong."""
+    from engine.model import TitanicMLP, save_weights
+
+    out = str(tmp_path / "results")
+    checkpoint = save_weights(TitanicMLP(), tmp_path / "model.pt")
+    missing = str(tmp_path / "nowhere.csv")
+    data = str(titanic_csv)
+    saved = ["--checkpoint", str(checkpoint), "--reference", data, "--out", out]
+    return {
+        "flag value": ["--all", "--epochs", "0", "--out", out],
+        "baselines": ["--all", "--baselines", "mean,mean", "--data", missing, "--out", out],
+        "data": ["--all", "--data", missing, "--out", out],
+        "line break": ["--all", "--data", str(tmp_path / "a\nb.csv"), "--out", out],
+        "checkpoint": ["--data", data, "--checkpoint", missing, "--out", out],
+        "through a file": ["--data", data, "--checkpoint", f"{data}/model.pt", "--out", out],
+        "reference": ["--data", data, "--checkpoint", str(checkpoint), "--reference", missing,
+                      "--out", out],
+        "checkpoint data": ["--data", missing, *saved],
+        "flag of the other job": ["--data", data, *saved, "--epochs", "3"],
+    }
+
+
+def test_early_errors_are_the_runs_own_messages(tmp_path, titanic_csv, capsys):
+    from engine.arguments import early_error
+
+    for case, argv in early_cases(tmp_path, titanic_csv).items():
+        message = early_error(argv)
+        assert message is not None, case
+        # The run itself, after the imports, ends with the same line.
+        assert main(argv) == 2, case
+        assert capsys.readouterr().err == f"error: {message}\n", case
+    assert list(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_early_errors_end_the_command_without_importing_torch(tmp_path, titanic_csv):
+    # torch is made unimportable: any of these that reached the imports would fail there.
+    script = ("import runpy, sys; sys.modules['torch'] = None; "
+              "runpy.run_module('engine.attribute', run_name='__main__', alter_sys=True)")
+    cases = early_cases(tmp_path, titanic_csv)
+    for case in ("flag value", "data", "checkpoint", "reference"):
+        completed = subprocess.run(
+            [sys.executable, "-c", script, *cases[case]], capture_output=True, text=True,
+            cwd=tmp_path, timeout=120,
+        )
+        assert completed.returncode == 2, (case, completed.stderr)
+        lines = completed.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (case, lines)
+    helped = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=120)
+    assert helped.returncode == 0 and "--checkpoint PATH" in helped.stdout
+
+
+def test_what_only_the_run_can_tell_is_left_to_it(tmp_path, titanic_csv):
+    from engine.arguments import early_error
+
+    data = str(titanic_csv)
+    out = str(tmp_path / "results")
+    assert early_error(["--all", "--data", data, "--out", out]) is None
+    # A folder as --data, a file that is not a checkpoint: named by the run, which reads them.
+    assert early_error(["--all", "--data", str(tmp_path), "--out", out]) is None
+    assert early_error(["--data", data, "--checkpoint", data, "--out", out]) is None
+    # --debug shows the run's traceback, so nothing ends early.
+    missing = str(tmp_path / "nowhere.csv")
+    assert early_error(["--all", "--data", missing, "--out", out, "--debug"]) is None
 
 
 def test_without_all_there_is_nothing_to_do(tmp_path, capsys):
@@ -235,7 +303,7 @@ def test_the_timed_calls_see_trainings_objects_frozen_too(monkeypatch, tmp_path,
 
     def compare(*args, **kwargs):
         seen["at the timed calls"] = gc.get_freeze_count()
-        raise engine.attribute.ArgumentError("stopped once the timed calls were reached")
+        raise ArgumentError("stopped once the timed calls were reached")
 
     import engine.attribute
 
@@ -252,7 +320,7 @@ def test_the_timed_calls_see_trainings_objects_frozen_too(monkeypatch, tmp_path,
     # Called on its own, the run unfreezes what it froze too.
     config = engine.attribute.job_config(engine.attribute.parse_args(
         ["--all", "--data", str(titanic_csv), "--epochs", "1", "--out", str(tmp_path / "s")]))
-    with pytest.raises(engine.attribute.ArgumentError):
+    with pytest.raises(ArgumentError):
         engine.attribute.run_all(config)
     assert gc.get_freeze_count() == 0
 
@@ -281,7 +349,7 @@ def test_the_run_sees_the_imported_libraries_frozen_and_leaves_them_unfrozen(mon
 
     def run_all(config):
         frozen.append(gc.get_freeze_count())
-        raise engine.attribute.ArgumentError("stopped after the freeze was seen")
+        raise ArgumentError("stopped after the freeze was seen")
 
     monkeypatch.setattr(engine.attribute, "run_all", run_all)
     assert gc.get_freeze_count() == 0
