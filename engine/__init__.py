@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         EngineError,
         ModelError,
         NonFiniteError,
+        NonFiniteOutputError,
     )
     from engine.expected import expected_gradients
     from engine.memory import keep_freed_memory
@@ -35,6 +36,7 @@ _HOMES = {
     "IntegratedGradients": "engine.compat",
     "ModelError": "engine.errors",
     "NonFiniteError": "engine.errors",
+    "NonFiniteOutputError": "engine.errors",
     "expected_gradients": "engine.expected",
     "integrated_gradients": "engine.core",
     "keep_freed_memory": "engine.memory",
@@ -51,6 +53,7 @@ __all__ = [
     "IntegratedGradients",
     "ModelError",
     "NonFiniteError",
+    "NonFiniteOutputError",
     "expected_gradients",
     "integrated_gradients",
     "keep_freed_memory",

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from engine import kink_loops
-from engine.errors import ArgumentError, ModelError, NonFiniteError
+from engine.errors import ArgumentError, ModelError, NonFiniteError, NonFiniteOutputError
 from engine.fused import compiled_whole_paths
 from engine.hoist import (
     AffineSplit,
@@ -520,10 +520,10 @@ def integrate(
     try:
         with frozen_parameters(forward_func), weights_blamed(forward_func):
             sums = _integrated_sums(forward_func, problem, rule, chunk_points, options, sample)
-    except _NonFiniteOutputs as error:
+    except NonFiniteOutputError as error:
         if options.precision != "fp16":
             raise
-        raise _NonFiniteOutputs(
+        raise NonFiniteOutputError(
             f"{error} (precision='fp16' overflows beyond 65,504 in magnitude, in the model's "
             "activations too: precision='bf16' or 'fp32' may avoid it)"
         ) from error
@@ -546,7 +546,7 @@ def _integrated_sums(
         try:
             hoisted = _integrate_hoisted(split, problem, rule, chunk_points, options,
                                          _sample_prefix(problem, sample, sample_hidden))
-        except _NonFiniteOutputs:
+        except NonFiniteOutputError:
             # The hoisted path takes h_x - h_b in the prefix's output dtype, which can
             # overflow where every point the model sees is finite (hidden values of
             # opposite signs beyond half the dtype's range). Unhoisted, the model's own
@@ -1493,16 +1493,12 @@ def _forward(forward_func: Callable[..., Tensor], points: tuple[Tensor, ...], ar
     return output
 
 
-class _NonFiniteOutputs(NonFiniteError):
-    """Outputs on some paths are nan or inf; ``weights_blamed`` may know why."""
-
-
 def _refuse_non_finite(selected: Tensor, rows: Tensor) -> None:
     if all_finite(selected):
         return
     finite = torch.isfinite(selected.detach())
     shown = shown_rows(torch.unique(rows[~finite]).tolist())
-    raise _NonFiniteOutputs(
+    raise NonFiniteOutputError(
         f"the model returned non-finite outputs (nan or inf) on the path of row(s) {shown}: "
         "check those rows and their baselines"
     )
@@ -1517,7 +1513,7 @@ def weights_blamed(forward_func: Callable[..., Tensor]) -> Iterator[None]:
     """
     try:
         yield
-    except _NonFiniteOutputs as error:
+    except NonFiniteOutputError as error:
         culprits = non_finite_weights(module_of(forward_func))
         if not culprits:
             raise

@@ -25,3 +25,9 @@ class NonFiniteError(ModelError):
     """The model gives nan or inf outputs or gradients where its inputs are finite (often
     because its weights hold nan or inf), or attributions beyond the dtype they are
     returned in."""
+
+
+class NonFiniteOutputError(NonFiniteError):
+    """The model's outputs are nan or inf on the path of some rows, whose points are
+    finite; the message names the rows (or the weights, when those hold nan or inf, as a
+    plain ``NonFiniteError``)."""

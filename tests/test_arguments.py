@@ -8,7 +8,7 @@ from captum.attr import IntegratedGradients as CaptumIG
 from torch import nn
 
 from engine import integrated_gradients
-from engine.errors import ArgumentError, ModelError, NonFiniteError
+from engine.errors import ArgumentError, ModelError, NonFiniteError, NonFiniteOutputError
 from tests.test_core import mlp, relative_error
 
 
@@ -326,8 +326,10 @@ def test_non_finite_model_output_names_the_rows():
 
     x = torch.zeros(4, 2)
     x[1, 0] = x[3, 0] = 20.0
-    with pytest.raises(ModelError, match=r"non-finite outputs.*row\(s\) 1, 3"):
+    with pytest.raises(NonFiniteOutputError, match=r"non-finite outputs.*row\(s\) 1, 3") as raised:
         integrated_gradients(model, x, torch.zeros(1, 2))
+    # The type users see is the public one, not a private subclass.
+    assert type(raised.value) is NonFiniteOutputError
 
 
 @pytest.mark.parametrize("hoist", [True, False], ids=["hoisted", "plain"])
@@ -781,8 +783,8 @@ def test_an_fp16_overflow_names_the_precision():
     x = torch.randn(4, 5) * 1e5  # finite in float32, beyond float16's range
 
     assert torch.isfinite(integrated_gradients(net, x, 0.0, target=0)).all()
-    with pytest.raises(ModelError, match=r"non-finite outputs.*precision='fp16' overflows "
-                                         r"beyond 65,504"):
+    with pytest.raises(NonFiniteOutputError, match=r"non-finite outputs.*precision='fp16' "
+                                                  r"overflows beyond 65,504"):
         integrated_gradients(net, x, 0.0, target=0, precision="fp16", hoist=False)
 
 

@@ -323,3 +323,5 @@ def test_non_finite_error_is_exported_beside_model_error():
     import engine
 
     assert issubclass(engine.NonFiniteError, engine.ModelError)
+    assert issubclass(engine.NonFiniteOutputError, engine.NonFiniteError)
+    assert engine.NonFiniteOutputError.__module__ == "engine.errors"
