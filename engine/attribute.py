@@ -90,6 +90,7 @@ from engine.io import (
     check_output_folder,
     counted,
     exclusive_use,
+    published_folders,
     readable_path,
     refuse_folders_where_files_go,
     refuse_overwriting_inputs,
@@ -607,6 +608,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.checkpoint is not None:
         defer = _defer_sigterm
     interrupts: list[int] = []
+    published_before = len(published_folders())
     try:
         with _noticed_interrupts(*_STOP_SIGNALS, defer=defer, received=interrupts):
             if args.checkpoint is not None:
@@ -614,6 +616,11 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 summary = run_all(job_config(args))
     except KeyboardInterrupt:
+        published = published_folders()[published_before:]
+        if published and args.checkpoint is None:
+            # The stop came after the results were put in place, while the run wound down.
+            interrupted = (f"interrupted: the results in {_escaped_breaks(str(published[-1]))} "
+                           "are complete")
         _say_once(interrupted)
         return _interrupted_status(interrupts)
     except SystemExit:

@@ -31,8 +31,8 @@ except ImportError:  # not POSIX: no lock (see exclusive_use)
 from engine.errors import ArgumentError, EngineError
 
 __all__ = ["OutputDir", "WriteError", "atomic_path", "check_output_folder", "counted",
-           "exclusive_use", "os_error_behind", "refuse_overwriting_inputs", "signless_zeros",
-           "stop_signals_held", "tidy_attributions", "tidy_deltas", "writing"]
+           "exclusive_use", "os_error_behind", "published_folders", "refuse_overwriting_inputs",
+           "signless_zeros", "stop_signals_held", "tidy_attributions", "tidy_deltas", "writing"]
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +330,7 @@ class OutputDir:
                 if stale.is_file() and not stale.is_symlink():
                     stale.unlink()
                     log.info("removed %s, written by an earlier run and not by this one", stale)
+            _published.append(self.path)
         self.discard()
         if held:
             log.warning("a stop signal (Ctrl-C, SIGTERM or SIGHUP) came while the results "
@@ -633,6 +634,17 @@ def stops_watched(noted: list[int]) -> Iterator[None]:
 
 def _stop_noted() -> bool:
     return any(_stops_noted)
+
+
+# Every folder whose results ``commit`` has put in place, in this process, in order.
+_published: list[Path] = []
+
+
+def published_folders() -> list[Path]:
+    """The folders ``OutputDir.commit`` has published, oldest first: a stop that lands
+    while a run winds down (its staging removed, its summary made) can tell that its
+    results are complete."""
+    return list(_published)
 
 
 @contextmanager

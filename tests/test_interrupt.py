@@ -369,6 +369,34 @@ def test_ctrl_c_while_the_summary_prints_says_the_results_are_complete():
     assert "not reached" not in completed.stdout
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_a_stop_just_after_the_results_are_in_place_says_they_are_complete(
+    tmp_path, monkeypatch, capsys, sig
+):
+    import engine.attribute as attribute
+    from engine import io
+
+    out = tmp_path / "results"
+
+    def run_all(config):
+        with io.OutputDir(config.out) as outputs:
+            outputs.write_text("a.txt", "done")
+            outputs.commit()
+            # The stop lands while the run winds down: the staging folder is being removed,
+            # the summary not yet made.
+            signal.raise_signal(sig)
+        return {"out": config.out}
+
+    monkeypatch.setattr(attribute, "run_all", run_all)
+    with stop_signals_as_started():
+        status = attribute.main(["--all", "--out", str(out)])
+
+    assert status == 128 + sig
+    assert capsys.readouterr().err.splitlines() == [
+        f"interrupted: the results in {out} are complete"]
+    assert (out / "a.txt").read_text() == "done"
+
+
 _SECOND_CTRL_C = _CTRL_C_DURING_THE_SUMMARY.replace(
     "attribute.print_summary = slow_summary",
     """attribute.print_summary = slow_summary
