@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -597,6 +598,13 @@ def _lightning_weights(
     Lightning's Trainer saved (``trainer.save_checkpoint``, ``ModelCheckpoint``)."""
     module_state = payload.get("state_dict")
     prefix = "net."
+    nested = _network_prefix(module_state) if isinstance(module_state, Mapping) else None
+    if nested is not None and nested != prefix:
+        raise CheckpointError(
+            f"{path}: a Lightning checkpoint that holds the Titanic network's weights under "
+            f"{nested!r}, not {prefix!r} (a module around the network?): save the network "
+            "itself with engine.model.save_weights, or checkpoint TitanicClassifier"
+        )
     if not isinstance(module_state, Mapping) or not any(
         isinstance(name, str) and name.startswith(prefix) for name in module_state
     ):
@@ -619,11 +627,39 @@ def _lightning_weights(
     return state_dict, stored_order
 
 
+def _network_prefix(state: Mapping[object, object]) -> str | None:
+    """The prefix under which ``state`` holds every entry of the Titanic network's state
+    dict ("" for the entries themselves), the shortest there is; None when it holds
+    them under none. A module that holds the network as ``self.net`` keeps it under
+    ``"net."``."""
+    names = _network_names()
+    first = names[0]
+    prefixes = sorted({key[: len(key) - len(first)] for key in state
+                       if isinstance(key, str) and key.endswith(first)
+                       and (key == first or key[-len(first) - 1] == ".")}, key=len)
+    return next((prefix for prefix in prefixes
+                 if all(prefix + name in state for name in names)), None)
+
+
+@functools.cache
+def _network_names() -> tuple[str, ...]:
+    # On the meta device: no memory, and the random generator is left as it was.
+    with torch.device("meta"):
+        return tuple(TitanicMLP().state_dict())
+
+
 def _check_state_dict(state_dict: Mapping[str, object], net: TitanicMLP, path: Path) -> None:
     """Name every missing, unexpected, non-tensor or misshapen entry at once."""
     expected = {name: tuple(value.shape) for name, value in net.state_dict().items()}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
+    nested = _network_prefix(state_dict) if missing else None
+    if nested:
+        raise CheckpointError(
+            f"{path}: the checkpoint holds the network's weights under {nested!r} (the state "
+            "dict of a module around the network?): save the network itself with "
+            "engine.model.save_weights"
+        )
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: checkpoint keys do not match the network:"

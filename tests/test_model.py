@@ -616,6 +616,53 @@ def test_a_lightning_checkpoint_of_another_module_is_named(tmp_path: Path) -> No
                     "weights (no 'net.*' entries", "engine.model.TitanicClassifier")
 
 
+@pytest.mark.parametrize("attribute", ["net", "model"])
+def test_a_lightning_checkpoint_of_a_module_around_the_classifier_names_where_it_is(
+    tmp_path: Path, attribute: str
+) -> None:
+    # Before: under "net" the bare-state-dict warning and a list of every key, missing and
+    # unexpected; under "model", "without the Titanic network's weights".
+    import pytorch_lightning as pl
+
+    class Around(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            setattr(self, attribute, TitanicClassifier())
+
+        def training_step(self, batch, _):
+            return getattr(self, attribute)(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    path = _lightning_checkpoint(Around(), tmp_path / "around.ckpt")
+
+    with pytest.raises(CheckpointError) as err:
+        load_weights(path)
+
+    assert_one_line(err, "around.ckpt", f"under '{attribute}.net.', not 'net.'",
+                    "engine.model.save_weights")
+
+
+def test_a_state_dict_of_a_module_around_the_network_names_the_prefix(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    around = torch.nn.Module()
+    around.body = TitanicClassifier()
+    path = tmp_path / "around.pt"
+    torch.save(around.state_dict(), path)
+
+    with pytest.raises(CheckpointError) as err:
+        load_weights(path, layer_order="article")
+
+    assert_one_line(err, "around.pt", "under 'body.net.'", "engine.model.save_weights")
+    # A state dict with one entry more than the network is still named key by key.
+    extra = {**TitanicMLP().state_dict(), "body.l1.weight": torch.zeros(128, 5)}
+    torch.save(extra, path)
+    with pytest.raises(CheckpointError, match="unexpected body.l1.weight"):
+        load_weights(path, layer_order="article")
+
+
 @pytest.mark.parametrize("kind", ["engine", "lightning"])
 def test_a_layer_order_that_is_not_a_name_is_one_line_checkpoint_error(
     tmp_path: Path, kind: str
