@@ -541,19 +541,39 @@ def _check_not_text(contents: bytes, path: Path) -> None:
     head = contents[:4096]
     if head.startswith(_LEGACY_TEXT_MAGIC):
         return
-    head = head.removeprefix(codecs.BOM_UTF8)  # a spreadsheet's "CSV UTF-8"
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError as error:
-        if not (error.reason == "unexpected end of data" and len(head) < len(contents)):
-            return  # binary
-        text = head[: error.start].decode("utf-8")  # a character the slice cut in two
-    if all(char.isprintable() or char.isspace() for char in text):
+    text = _as_text(head, cut=len(head) < len(contents))
+    if text is not None and all(char.isprintable() or char.isspace() for char in text):
         first = text.strip().splitlines()[0] if text.strip() else ""
         shown = first if len(first) <= 40 else first[:40] + "..."
         what = f"a text file (it begins {shown!r})" if first else "a text file of blank lines"
         raise CheckpointError(f"{path}: is {what}, expected a checkpoint written by "
                               "engine.model.save_weights or torch.save")
+
+
+def _as_text(head: bytes, *, cut: bool) -> str | None:
+    """The first bytes of a file as text in the encodings text files come in, or None.
+
+    UTF-16 with its byte-order mark (a spreadsheet's "Unicode text"), UTF-8 with or
+    without one, and else Windows-1252 (Latin-1 with curly quotes), in which every
+    checkpoint's bytes hold control characters. ``cut``: the file goes on past ``head``,
+    which may end inside a character; a DOS end-of-file mark ending it is dropped.
+    """
+    for mark, codec in ((codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")):
+        if head.startswith(mark):
+            body = head[len(mark):]
+            return body[: len(body) - len(body) % 2 if cut else None].decode(codec, "replace")
+    head = head.removeprefix(codecs.BOM_UTF8)
+    if not cut:
+        head = head.removesuffix(b"\x1a")
+    try:
+        return head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if cut and error.reason == "unexpected end of data":
+            return head[: error.start].decode("utf-8")  # a character the slice cut in two
+    try:
+        return head.decode("cp1252")
+    except UnicodeDecodeError:  # a byte cp1252 leaves undefined
+        return None
 
 
 def _unpack(payload: object, path: Path) -> tuple[Mapping[str, torch.Tensor], str | None]:

@@ -721,8 +721,14 @@ def test_cut_checkpoint_is_one_line_checkpoint_error(tmp_path, keep):
     (b"\xef\xbb\xbfPassengerId,Survived\n1,0\n", "is a text file (it begins 'PassengerId,"),
     (b"hello\x0cworld\n", "is a text file (it begins 'hello"),
     (("x" + "\u00e9" * 3000).encode(), "is a text file (it begins 'x\u00e9\u00e9"),
+    ("PassengerId,Name\n1,\u00e9\n".encode("utf-16"), "is a text file (it begins "
+                                                     "'PassengerId,Name"),
+    ("Name\n\u201cJos\u00e9\u201d\n".encode("cp1252"), "is a text file (it begins 'Name"),
+    (b"PassengerId,Survived\r\n1,0\r\n\x1a", "is a text file (it begins 'PassengerId,"),
+    (("\U0001f6a2" * 3000).encode("utf-16"), "is a text file (it begins '\U0001f6a2"),
 ], ids=["empty", "csv", "blank-lines", "utf-8-text", "byte-order-mark", "form-feed",
-        "character-cut-at-4-kib"])
+        "character-cut-at-4-kib", "utf-16", "windows-1252", "dos-end-of-file",
+        "utf-16-cut-at-4-kib"])
 def test_a_file_that_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path, contents, said):
     # torch's own reader fails on these with a bare EOFError or KeyError: 101.
     path = tmp_path / "model.pt"
