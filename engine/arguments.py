@@ -255,7 +255,6 @@ def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
     )
 
 
-
 def escaped_breaks(text: str) -> str:
     """``text`` on one line: a line break in it (in a path, say) is shown as ``\\n``."""
     return text.replace("\r", "\\r").replace("\n", "\\n")
@@ -265,10 +264,13 @@ def early_error(argv: Sequence[str]) -> str | None:
     """The one-line message the command would end with, found before torch loads, or None
     when the run has to go on to find out.
 
-    Covers the flags' own checks and an input file that does not exist, in the order the
-    run checks its inputs: for --checkpoint the checkpoint, then --reference, then
-    --data. With --debug nothing is decided here, so that the run shows its traceback.
-    argparse's own mistakes and --help end inside, as they do in the run.
+    Covers what the run checks first, in its order: the flags, then (unless --device cuda
+    asks the run to look for a GPU first) the first input file it reads, when that does
+    not exist: --checkpoint for a --checkpoint run, --data for --all. Anything the run
+    reads after that input (--out, --reference, the rows of a --checkpoint run) could
+    fail there first, so a missing file among them is left to the run. With --debug
+    nothing is decided here, so that the run shows its traceback; argparse's own
+    mistakes and --help end inside, as they do in the run.
     """
     args = parse_args(argv)
     if args.debug:
@@ -276,16 +278,14 @@ def early_error(argv: Sequence[str]) -> str | None:
     try:
         if args.checkpoint is not None:
             checkpoint_config(args)
-            inputs = [(args.checkpoint, "checkpoint file"), (args.reference, "file"),
-                      (args.data, "file")]
+            first, kind = args.checkpoint, "checkpoint file"
         else:
             job_config(args)
-            inputs = [(args.data, "file")]
+            first, kind = args.data, "file"
     except UsageError as error:
         return escaped_breaks(str(error).strip())
-    for path, kind in inputs:
-        if path is not None and _missing(path, kind):
-            return escaped_breaks(f"{path}: no such {kind}")
+    if args.device != "cuda" and first is not None and _missing(first, kind):
+        return escaped_breaks(f"{first}: no such {kind}")
     return None
 
 

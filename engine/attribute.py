@@ -147,6 +147,10 @@ def _run_all(config: JobConfig) -> dict[str, object]:
     from engine.report import TitanicReport, explain_flipped, render_report
     from engine.validate import compare_with_captum, synchronize
 
+    # A --data file named on the command line is looked for first, as the command does
+    # before torch loads (engine.arguments.early_error), so that both name the same mistake.
+    if config.data is not None:
+        locate_titanic_csv(config.data)
     # One run at a time into --out, of either kind (see run_checkpoint); the folder is
     # checked for what it holds once this run holds it.
     check_output_folder(config.out)

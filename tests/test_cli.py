@@ -112,16 +112,18 @@ def early_cases(tmp_path, titanic_csv):
     missing = str(tmp_path / "nowhere.csv")
     data = str(titanic_csv)
     saved = ["--checkpoint", str(checkpoint), "--reference", data, "--out", out]
+    taken = tmp_path / "taken"
+    taken.write_text("a file where --out goes")
     return {
         "flag value": ["--all", "--epochs", "0", "--out", out],
         "baselines": ["--all", "--baselines", "mean,mean", "--data", missing, "--out", out],
         "data": ["--all", "--data", missing, "--out", out],
+        # The run looks for --data before it checks --out, as the early check does.
+        "data before out": ["--all", "--data", missing, "--out", str(taken)],
         "line break": ["--all", "--data", str(tmp_path / "a\nb.csv"), "--out", out],
-        "checkpoint": ["--data", data, "--checkpoint", missing, "--out", out],
+        "checkpoint": ["--data", missing, "--checkpoint", missing, "--reference", missing,
+                       "--out", str(taken)],
         "through a file": ["--data", data, "--checkpoint", f"{data}/model.pt", "--out", out],
-        "reference": ["--data", data, "--checkpoint", str(checkpoint), "--reference", missing,
-                      "--out", out],
-        "checkpoint data": ["--data", missing, *saved],
         "flag of the other job": ["--data", data, *saved, "--epochs", "3"],
     }
 
@@ -135,7 +137,7 @@ def test_early_errors_are_the_runs_own_messages(tmp_path, titanic_csv, capsys):
         # The run itself, after the imports, ends with the same line.
         assert main(argv) == 2, case
         assert capsys.readouterr().err == f"error: {message}\n", case
-    assert list(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "taken"]
 
 
 def test_early_errors_end_the_command_without_importing_torch(tmp_path, titanic_csv):
@@ -143,7 +145,7 @@ def test_early_errors_end_the_command_without_importing_torch(tmp_path, titanic_
     script = ("import runpy, sys; sys.modules['torch'] = None; "
               "runpy.run_module('engine.attribute', run_name='__main__', alter_sys=True)")
     cases = early_cases(tmp_path, titanic_csv)
-    for case in ("flag value", "data", "checkpoint", "reference"):
+    for case in ("flag value", "data", "data before out", "checkpoint"):
         completed = subprocess.run(
             [sys.executable, "-c", script, *cases[case]], capture_output=True, text=True,
             cwd=tmp_path, timeout=120,
@@ -158,15 +160,25 @@ def test_early_errors_end_the_command_without_importing_torch(tmp_path, titanic_
 
 def test_what_only_the_run_can_tell_is_left_to_it(tmp_path, titanic_csv):
     from engine.arguments import early_error
+    from engine.model import TitanicMLP, save_weights
 
     data = str(titanic_csv)
     out = str(tmp_path / "results")
+    missing = str(tmp_path / "nowhere.csv")
+    checkpoint = str(save_weights(TitanicMLP(), tmp_path / "model.pt"))
     assert early_error(["--all", "--data", data, "--out", out]) is None
     # A folder as --data, a file that is not a checkpoint: named by the run, which reads them.
     assert early_error(["--all", "--data", str(tmp_path), "--out", out]) is None
     assert early_error(["--data", data, "--checkpoint", data, "--out", out]) is None
+    # What a --checkpoint run reads after the checkpoint may fail first: the checkpoint
+    # itself (here a CSV), --out, --reference.
+    assert early_error(["--data", missing, "--checkpoint", data, "--out", out]) is None
+    assert early_error(["--data", missing, "--checkpoint", checkpoint, "--out", out]) is None
+    assert early_error(["--data", data, "--checkpoint", checkpoint, "--reference", missing,
+                        "--out", out]) is None
+    # --device cuda: the run looks for the GPU before it reads anything.
+    assert early_error(["--all", "--data", missing, "--out", out, "--device", "cuda"]) is None
     # --debug shows the run's traceback, so nothing ends early.
-    missing = str(tmp_path / "nowhere.csv")
     assert early_error(["--all", "--data", missing, "--out", out, "--debug"]) is None
 
 
