@@ -620,11 +620,9 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 summary = run_all(job_config(args))
     except KeyboardInterrupt:
-        published = published_folders()[published_before:]
-        if published and args.checkpoint is None:
-            # The stop came after the results were put in place, while the run wound down.
-            interrupted = (f"interrupted: the results in {_escaped_breaks(str(published[-1]))} "
-                           "are complete")
+        if Path(args.out) in published_folders()[published_before:]:
+            # The stop came once the results were in place, while the run wound down.
+            interrupted = _complete(args.out)
         _say_once(interrupted)
         return _interrupted_status(interrupts)
     except SystemExit:
@@ -632,7 +630,7 @@ def _run(args: argparse.Namespace) -> int:
         # say "interrupted". Any other exit is passed on.
         if not interrupts:
             raise
-        print(interrupted, file=sys.stderr)
+        _say_once(interrupted)
         return _interrupted_status(interrupts)
     except Exception as error:  # noqa: BLE001 - every failure becomes one line and a status
         if _stopped_by_sigterm(error):
@@ -647,20 +645,24 @@ def _run(args: argparse.Namespace) -> int:
     # The results are in place: from here on a Ctrl-C that reaches the start-up handler
     # (see _interrupted_while_starting) keeps the status, silently.
     _outcome[:] = [EXIT_OK]
+    after: list[int] = []
     try:
-        # The handlers from before the job are back; a Ctrl-C while a slow terminal takes
+        # The handlers from before the job are back; a stop while a slow terminal takes
         # the summary must still say that the results are complete.
-        with _noticed_interrupts():
+        with _noticed_interrupts(*_STOP_SIGNALS, received=after):
             if args.checkpoint is not None:
                 print_checkpoint_summary(summary)
             else:
                 print_summary(summary)
     except KeyboardInterrupt:
-        _outcome[:] = [EXIT_INTERRUPTED]
-        print(f"interrupted: the results in {_escaped_breaks(str(summary['out']))} are "
-              "complete", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        _outcome[:] = [_interrupted_status(after)]
+        _say_once(_complete(summary["out"]))
+        return _outcome[0]
     return EXIT_OK
+
+
+def _complete(out: object) -> str:
+    return f"interrupted: the results in {_escaped_breaks(str(out))} are complete"
 
 
 def finish_quietly(status: int) -> None:

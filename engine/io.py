@@ -336,7 +336,7 @@ class OutputDir:
             log.warning("a stop signal (Ctrl-C, SIGTERM or SIGHUP) came while the results "
                         "were being moved into place; they were finished first and are "
                         "complete")
-            # A signal nobody handles in Python ends the process, as it would have.
+            # Delivered now: the process ends, or a handler stops the run, as it would have.
             for number in held.stopping:
                 signal.raise_signal(number)
         log.info("wrote %d files to %s", len(published), self.path)
@@ -606,7 +606,8 @@ def _alive(pid: int) -> bool:
 
 
 class _Held(list):
-    """Signals received while held; ``stopping``: those whose own action ends the process."""
+    """Signals received while held; ``stopping``: those to deliver again once it is safe,
+    each once, in the order they came (every one whose handler does not ignore it)."""
 
     stopping: list[int]
 
@@ -650,8 +651,10 @@ def published_folders() -> list[Path]:
 @contextmanager
 def stop_signals_held() -> Iterator[_Held]:
     """Record SIGINT, SIGTERM and SIGHUP instead of acting on them while the block runs
-    (main thread only). Those whose handler was the system's default are listed in
-    ``stopping`` for the caller to deliver again once it is safe."""
+    (main thread only). They are listed in ``stopping`` for the caller to deliver again
+    once it is safe: the system's default then ends the process, and a Python handler
+    (the command line's, Python's own KeyboardInterrupt for Ctrl-C) runs as it would
+    have, so that the stop is not lost."""
     held = _Held()
     held.stopping = []
     if threading.current_thread() is not threading.main_thread():
@@ -671,8 +674,8 @@ def stop_signals_held() -> Iterator[_Held]:
                 handler = signal.default_int_handler if number == signal.SIGINT \
                     else signal.SIG_DFL
             signal.signal(number, handler)
-            if handler is signal.SIG_DFL and number in held:
-                held.stopping.append(number)
+        # Only signals the block did not find ignored were held.
+        held.stopping.extend(dict.fromkeys(held))
 
 
 def _keep_copy(path: Path, copy: Path) -> None:

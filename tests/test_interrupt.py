@@ -104,7 +104,8 @@ def test_ctrl_c_during_the_final_renames_is_held_until_all_files_are_in_place(
     monkeypatch.setattr(io.os, "replace", replace_then_ctrl_c)
     with stop_signals_as_started():
         handler_before = signal.getsignal(signal.SIGINT)
-        with caplog.at_level("WARNING", logger="engine.io"):
+        # Once every file is in place, the Ctrl-C is delivered: it is not lost.
+        with caplog.at_level("WARNING", logger="engine.io"), pytest.raises(KeyboardInterrupt):
             outputs.commit()
         handler_after = signal.getsignal(signal.SIGINT)
 
@@ -135,11 +136,14 @@ def test_a_stop_signal_the_command_handles_is_held_during_the_renames_too(
 
     monkeypatch.setattr(io.os, "replace", replace_then_signal)
     # The command line's handlers, which turn the signal into KeyboardInterrupt.
-    with stop_signals_as_started(), _noticed_interrupts(signal.SIGTERM, signal.SIGHUP):
+    with stop_signals_as_started(), \
+            _noticed_interrupts(signal.SIGTERM, signal.SIGHUP) as received:
         handler_before = signal.getsignal(sig)
-        with caplog.at_level("WARNING", logger="engine.io"):
+        with caplog.at_level("WARNING", logger="engine.io"), pytest.raises(KeyboardInterrupt):
             outputs.commit()
         assert signal.getsignal(sig) is handler_before
+        # The command's handler got the signal once the files were in place, once.
+        assert received == [sig]
 
     names = sorted(p.name for p in (tmp_path / "results").iterdir())
     assert names == [".written", "a.txt", "b.txt", "c.txt"]
@@ -345,7 +349,7 @@ attribute.job_config = lambda args: None
 attribute.run_all = lambda config: {"out": "the-results"}
 
 def slow_summary(summary):  # a terminal that takes its time
-    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), getattr(signal, (sys.argv[1:] or ["SIGINT"])[0]))
     time.sleep(5)
     print("not reached")
 
@@ -357,44 +361,100 @@ sys.exit(status)
 """
 
 
-def test_ctrl_c_while_the_summary_prints_says_the_results_are_complete():
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_stop_while_the_summary_prints_says_the_results_are_complete(name):
+    # SIGTERM and SIGHUP there exited 0, silently, with the summary cut short.
     completed = subprocess.run(
-        [sys.executable, "-c", _CTRL_C_DURING_THE_SUMMARY], capture_output=True, text=True,
-        cwd=Path(__file__).resolve().parents[1], timeout=60, preexec_fn=default_stop_signals,
+        [sys.executable, "-c", _CTRL_C_DURING_THE_SUMMARY, name], capture_output=True,
+        text=True, cwd=Path(__file__).resolve().parents[1], timeout=60,
+        preexec_fn=default_stop_signals,
     )
 
-    assert completed.returncode == 130, completed.stderr
+    assert completed.returncode == 128 + getattr(signal, name), completed.stderr
     assert completed.stderr.strip().splitlines() == [
         "interrupted: the results in the-results are complete"]
     assert "not reached" not in completed.stdout
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
-def test_a_stop_just_after_the_results_are_in_place_says_they_are_complete(
-    tmp_path, monkeypatch, capsys, sig
-):
+def _stopped_run(tmp_path, monkeypatch, sig, job, *, during_renames=False, folder=None):
+    """main() on a stand-in job that writes a.txt into its --out (or ``folder``) and gets
+    ``sig`` once the file is in place, or during the renames; its status and stderr."""
     import engine.attribute as attribute
     from engine import io
 
     out = tmp_path / "results"
+    real_replace = io.os.replace
 
-    def run_all(config):
-        with io.OutputDir(config.out) as outputs:
+    def replace_then_stop(source, target):
+        real_replace(source, target)
+        signal.raise_signal(sig)
+
+    def run(config):
+        with io.OutputDir(folder or config.out) as outputs:
             outputs.write_text("a.txt", "done")
+            if during_renames:
+                monkeypatch.setattr(io.os, "replace", replace_then_stop)
             outputs.commit()
-            # The stop lands while the run winds down: the staging folder is being removed,
-            # the summary not yet made.
-            signal.raise_signal(sig)
+            if not during_renames:
+                # The stop lands while the run winds down: the staging folder is being
+                # removed, the summary not yet made.
+                signal.raise_signal(sig)
         return {"out": config.out}
 
-    monkeypatch.setattr(attribute, "run_all", run_all)
+    if job == "all":
+        monkeypatch.setattr(attribute, "run_all", run)
+        argv = ["--all", "--out", str(out)]
+    else:
+        monkeypatch.setattr(attribute, "run_checkpoint", run)
+        argv = ["--data", "rows.csv", "--checkpoint", "model.pt", "--out", str(out)]
     with stop_signals_as_started():
-        status = attribute.main(["--all", "--out", str(out)])
+        status = attribute.main(argv)
+    return status, out
+
+
+@pytest.mark.parametrize("during_renames", [False, True], ids=["after", "during-renames"])
+@pytest.mark.parametrize("job", ["all", "checkpoint"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_a_stop_once_the_results_are_in_place_says_they_are_complete(
+    tmp_path, monkeypatch, capsys, sig, job, during_renames
+):
+    # After: it said "no results were written". During the renames: the stop was held,
+    # then dropped, and the run went on to exit 0.
+    status, out = _stopped_run(tmp_path, monkeypatch, sig, job, during_renames=during_renames)
 
     assert status == 128 + sig
     assert capsys.readouterr().err.splitlines() == [
         f"interrupted: the results in {out} are complete"]
     assert (out / "a.txt").read_text() == "done"
+
+
+def test_results_put_in_another_folder_are_not_claimed_for_out(tmp_path, monkeypatch, capsys):
+    status, out = _stopped_run(tmp_path, monkeypatch, signal.SIGINT, "all",
+                               folder=tmp_path / "elsewhere")
+
+    assert status == 130
+    assert capsys.readouterr().err.splitlines() == ["interrupted: no results were written"]
+    assert not out.exists()
+
+
+def test_lightnings_exit_on_ctrl_c_is_said_by_the_first_process_only(
+    tmp_path, monkeypatch, capsys
+):
+    # Lightning turns a Ctrl-C during fit into sys.exit(1); under DDP each process gets it.
+    import engine.attribute as attribute
+
+    def run_all(config):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            sys.exit(1)
+
+    monkeypatch.setattr(attribute, "run_all", run_all)
+    for rank, said in (("1", []), ("0", ["interrupted: no results were written"])):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with stop_signals_as_started():
+            assert attribute.main(["--all", "--out", str(tmp_path / "r")]) == 130
+        assert capsys.readouterr().err.splitlines() == said
 
 
 _SECOND_CTRL_C = _CTRL_C_DURING_THE_SUMMARY.replace(
