@@ -1892,7 +1892,31 @@ def output_gap(
                 output = _forward(forward_func, points, problem.args_for(rows))
                 ends[end, pair] = problem.select(output, rows).double()
 
-    return (ends[0] - ends[1]).view(problem.n_baselines, problem.n_rows)
+    ends = ends.view(2, problem.n_baselines, problem.n_rows)
+    refuse_non_finite_ends(ends[0], ends[1])
+    return ends[0] - ends[1]
+
+
+def refuse_non_finite_ends(at_inputs: Tensor, at_baselines: Tensor,
+                           baseline: str = "its baseline") -> None:
+    """Raise ``NonFiniteOutputError`` where the model's output at an input (``at_inputs``)
+    or at its baseline (``at_baselines``), both (B, N), is nan or inf.
+
+    Quadrature nodes need not reach the path's ends (Gauss-Legendre's never do), so the
+    attributions can be finite there; F(x) - F(baseline), which they must add up to, is
+    not, and refining the steps (``delta_tolerance``) would only run to ``max_steps``.
+    """
+    if all_finite(at_inputs) and all_finite(at_baselines):
+        return
+    for outputs, end in ((at_inputs, "at the input itself"), (at_baselines, f"at {baseline}")):
+        bad = ~torch.isfinite(outputs)
+        if bool(bad.any()):
+            rows = torch.unique(bad.nonzero()[:, 1]).tolist()
+            raise NonFiniteOutputError(
+                f"the model returned non-finite outputs (nan or inf) {end}, an end of the "
+                f"path, for row(s) {shown_rows(rows)}: F(x) - F(baseline), which the "
+                "attributions add up to, is not finite; check those rows and their baselines"
+            )
 
 
 def _shared_output_gap(
@@ -1931,6 +1955,7 @@ def _shared_output_gap(
             # Each row's target, read from the kind's outputs (expanded: no copy).
             shared = outputs[kind].expand(n_rows, *outputs.shape[1:])
             at_kinds[kind] = problem.select(shared, every_row).double()
+    refuse_non_finite_ends(at_rows.expand(n_baselines, n_rows), at_kinds)
     return at_rows.unsqueeze(0) - at_kinds
 
 

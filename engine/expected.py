@@ -36,6 +36,7 @@ from engine.core import (
     check_model_device,
     make_problem,
     out_of_memory_named,
+    refuse_non_finite_ends,
     refuse_overflow,
     refuse_overflowing_differences,
     shown_rows,
@@ -181,6 +182,8 @@ def expected_gradients(
             output = _forward(forward_func, tuple(x[rows] for x in problem.inputs),
                               problem.args_for(rows))
             input_out[rows] = problem.select(output, rows).double()
+    refuse_non_finite_ends(input_out.unsqueeze(0), baseline_out.unsqueeze(0),
+                           "a background sample")
     attribution_sum = sum(s.reshape(n_rows, -1).sum(1) for s in sums) / n_samples
     return result, attribution_sum - (input_out - baseline_out / n_samples)
 

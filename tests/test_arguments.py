@@ -7,7 +7,8 @@ import torch
 from captum.attr import IntegratedGradients as CaptumIG
 from torch import nn
 
-from engine import integrated_gradients
+import engine
+from engine import expected_gradients, integrated_gradients
 from engine.errors import ArgumentError, ModelError, NonFiniteError, NonFiniteOutputError
 from tests.test_core import mlp, relative_error
 
@@ -775,6 +776,42 @@ def test_a_numpy_integer_max_steps_is_accepted():
 
     torch.testing.assert_close(actual.attributions, reference.attributions, rtol=0, atol=0)
     assert actual.n_steps.max() == 8
+
+
+def _reciprocal(x):
+    # Finite everywhere but where the first feature is 0.
+    return 1.0 / x[:, 0] + x[:, 1]
+
+
+@pytest.mark.parametrize("route", ["delta", "adaptive", "drop-in", "expected"])
+def test_non_finite_outputs_at_the_ends_of_the_path_are_named(route):
+    # Gauss-Legendre's nodes never reach the baseline, so the attributions were finite and
+    # the delta inf (adaptive steps refined to max_steps for nothing), as in Captum.
+    x = torch.tensor([[1.0, 2.0], [0.5, 1.0], [2.0, 1.0]])
+    base = torch.tensor([[0.0, 0.0]])
+    calls = {
+        "delta": lambda: integrated_gradients(_reciprocal, x, base, n_steps=8,
+                                              return_convergence_delta=True),
+        "adaptive": lambda: integrated_gradients(_reciprocal, x, base, delta_tolerance=1e-3),
+        "drop-in": lambda: engine.IntegratedGradients(_reciprocal).attribute(
+            x, base.expand(3, 2), n_steps=8, return_convergence_delta=True),
+        "expected": lambda: expected_gradients(_reciprocal, x, base.expand(4, 2), n_samples=4,
+                                               return_convergence_delta=True),
+    }
+    end = "a background sample" if route == "expected" else "its baseline"
+
+    with pytest.raises(NonFiniteOutputError, match=rf"\) at {end}, an end of the path, for "
+                                                   r"row\(s\) 0, 1, 2: F\(x\) - F"):
+        calls[route]()
+
+
+def test_a_non_finite_output_at_the_input_itself_names_that_row():
+    x = torch.tensor([[1.0, 2.0], [0.0, 1.0]])
+
+    with pytest.raises(NonFiniteOutputError, match=r"at the input itself, an end of the path, "
+                                                   r"for row\(s\) 1:"):
+        integrated_gradients(_reciprocal, x, torch.ones(1, 2), n_steps=8,
+                             return_convergence_delta=True)
 
 
 def test_an_fp16_overflow_names_the_precision():
