@@ -1466,6 +1466,10 @@ def _forward(forward_func: Callable[..., Tensor], points: tuple[Tensor, ...], ar
         if any(p.dim() == 1 for p in points):
             hint = (" (inputs are (N, *F), rows first: one row of F features is "
                     "x.unsqueeze(0))")
+        elif (dtypes := _mismatched_dtypes(forward_func, points)) is not None:
+            hint = (f" (the inputs are {dtypes[0]} and the model's weights {dtypes[1]}: "
+                    f"convert one to the other, model.to(torch.{dtypes[0]}) or "
+                    f"x.to(torch.{dtypes[1]}))")
         raise ModelError(
             f"the model failed on a batch of {points[0].shape[0]} points (rows, baselines "
             f"or points between them) each of shape {shapes}{hint}: {first_line}"
@@ -1491,6 +1495,18 @@ def _forward(forward_func: Callable[..., Tensor], points: tuple[Tensor, ...], ar
     if output[0].numel() == 0:
         raise ModelError(f"the model returned shape {tuple(output.shape)}: no outputs per row")
     return output
+
+
+def _mismatched_dtypes(forward_func: Callable[..., Tensor],
+                       points: tuple[Tensor, ...]) -> tuple[str, str] | None:
+    """The floating dtype of the points and of the model's weights, where they differ."""
+    module = module_of(forward_func)
+    weights = next((w.dtype for w in module.parameters() if w.is_floating_point()), None) \
+        if module is not None else None
+    given = next((p.dtype for p in points if p.is_floating_point()), None)
+    if weights is None or given is None or weights == given:
+        return None
+    return _dtype_name(given), _dtype_name(weights)
 
 
 def _refuse_non_finite(selected: Tensor, rows: Tensor) -> None:

@@ -778,6 +778,20 @@ def test_a_numpy_integer_max_steps_is_accepted():
     assert actual.n_steps.max() == 8
 
 
+def test_inputs_in_another_dtype_than_the_weights_get_the_conversion_as_a_hint():
+    # Before: torch's "mat1 and mat2 must have the same dtype" alone.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 1))
+
+    with pytest.raises(ModelError, match=r"\(the inputs are float64 and the model's weights "
+                                         r"float32: convert one to the other, "
+                                         r"model.to\(torch.float64\) or x.to\(torch.float32\)\)"):
+        integrated_gradients(net, torch.rand(4, 5, dtype=torch.float64))
+    # The same model in float64 runs.
+    assert integrated_gradients(net.double(), torch.rand(4, 5, dtype=torch.float64)).dtype \
+        == torch.float64
+
+
 def _reciprocal(x):
     # Finite everywhere but where the first feature is 0.
     return 1.0 / x[:, 0] + x[:, 1]
