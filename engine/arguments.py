@@ -240,6 +240,10 @@ def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
         raise UsageError("--checkpoint needs --data FILE: the CSV of rows to explain")
     if args.layer_order != "article":
         raise UsageError("--layer-order does not apply to --checkpoint: the file stores it")
+    if "baselines" in args.changed:
+        # Said apart: the default order, spelled another way, is let through (_same_kinds).
+        raise UsageError("--baselines does not apply to --checkpoint: it explains against "
+                         "all four baselines, in the order mean,random,zero,one")
     _refuse_flags(args, TRAINING_FLAGS, "--checkpoint: it is for training with --all")
     for flag, value in (("--devices", args.devices), ("--num-nodes", args.num_nodes),
                         ("--chunk-rows", args.chunk_rows)):

@@ -465,7 +465,8 @@ def test_the_default_baselines_spelled_out_are_not_refused_with_checkpoint():
         (["--chunk-rows", "0"], "--chunk-rows must be at least 1"),
         (["--layer-order", "conventional"], "--layer-order does not apply"),
         (["--epochs", "3"], "--epochs does not apply to --checkpoint"),
-        (["--baselines", "zero"], "--baselines does not apply to --checkpoint"),
+        (["--baselines", "zero"], "--baselines does not apply to --checkpoint: it explains "
+                                  "against all four baselines, in the order mean,random,zero,one"),
         # The default kinds in another order: a --checkpoint run writes its own order.
         (["--baselines", "one,zero,random,mean"], "--baselines does not apply to --checkpoint"),
         (["--explain-row", "2"], "--explain-row does not apply to --checkpoint"),
