@@ -16,22 +16,8 @@ Exit status: 0 on success, 2 for bad input or usage, 1 for a failure while runni
 
 from __future__ import annotations
 
-import argparse
-import atexit
-import contextlib
-import dataclasses
-import gc
-import logging
-import os
 import signal
-import statistics
 import sys
-import threading
-import time
-import traceback
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
-from typing import NoReturn
 
 # The exit status of main() once the job's results are in place: a Ctrl-C that reaches
 # the start-up handler after that keeps it, silently.
@@ -58,6 +44,22 @@ if __name__ == "__main__":
         _signum = getattr(signal, _name, None)
         if _signum is not None and signal.getsignal(_signum) is not signal.SIG_IGN:
             signal.signal(_signum, _interrupted_while_starting)
+
+# After the handler: even the standard library's modules take some tens of milliseconds.
+import argparse
+import atexit
+import contextlib
+import dataclasses
+import gc
+import logging
+import os
+import statistics
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import NoReturn
 
 if __name__ == "__main__":
     # A mistyped flag, a value out of range or a missing input file ends here, before

@@ -316,6 +316,39 @@ def test_an_unhandled_sigterm_between_the_renames_ends_the_process_after_them(tm
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
+_HANDLER_WHEN_THE_LIBRARY_LOADS = """
+import importlib.abc, runpy, signal, sys
+
+assert "statistics" not in sys.modules
+seen = []
+
+class Watch(importlib.abc.MetaPathFinder):  # notes the Ctrl-C handler at the first import
+    def find_spec(self, name, path, target=None):
+        if name == "statistics" and not seen:
+            seen.append(getattr(signal.getsignal(signal.SIGINT), "__name__", None))
+        return None
+
+sys.meta_path.insert(0, Watch())
+sys.argv = ["engine.attribute", "--help"]
+try:
+    runpy.run_module("engine.attribute", run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+print(seen, file=sys.stderr)
+"""
+
+
+def test_the_start_up_handler_is_set_before_the_standard_library_modules_load():
+    # They took about 20 ms, during which a Ctrl-C printed a traceback.
+    completed = subprocess.run(
+        [sys.executable, "-c", _HANDLER_WHEN_THE_LIBRARY_LOADS], capture_output=True,
+        text=True, cwd=Path(__file__).resolve().parents[1], timeout=60,
+        preexec_fn=default_stop_signals,
+    )
+
+    assert completed.stderr.strip().splitlines()[-1] == "['_interrupted_while_starting']"
+
+
 _SIGNAL_AFTER_THE_RUN = """
 import os, signal, sys, time
 from engine.attribute import finish_quietly
