@@ -18,9 +18,8 @@ import contextlib
 import hashlib
 import logging
 import os
-import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,6 @@ from engine.io import (
     CHUNKS_FOLDER,
     OutputDir,
     check_output_folder,
-    stop_signals_held,
     tidy_attributions,
     tidy_deltas,
     writing,
@@ -527,16 +525,10 @@ def explain_rows(job: AttributionJob, net: TitanicMLP) -> dict[str, Any]:
                 f"{len(missing)} chunk(s) missing after all processes finished, first rows "
                 f"{missing[0].start}-{missing[0].stop - 1}: run the same command again to resume"
             )
-        files = write_tables(store, job.out, FEATURES, job.output_format)
-        # The tables are in place: a stop now would leave half a chunk folder, which a
-        # rerun recomputes and an --all run refuses.
-        with stop_signals_held() as held:
-            store.remove()
-        if held:
-            log.warning("a stop signal came while the finished chunks were being removed; "
-                        "it waited for that, and the results are complete")
-            for number in held.stopping:
-                signal.raise_signal(number)
+        # Once the tables are in place, the chunk folder goes before a stop is acted on:
+        # stopped halfway, it would be left in part, which a rerun recomputes and an --all
+        # run refuses.
+        files = write_tables(store, job.out, FEATURES, job.output_format, then=store.remove)
     return {
         "is_global_zero": trainer.is_global_zero,
         "n_rows": len(frame),
@@ -621,7 +613,8 @@ def _quiet_lightning() -> contextlib.AbstractContextManager[None]:
 
 
 def write_tables(
-    store: ChunkStore, out: str | Path, feature_names: Sequence[str], output_format: str = "csv"
+    store: ChunkStore, out: str | Path, feature_names: Sequence[str], output_format: str = "csv",
+    then: Callable[[], object] | None = None,
 ) -> list[Path]:
     """Write ``interpretation_results`` and ``convergence`` from the finished chunks.
 
@@ -639,6 +632,9 @@ def write_tables(
         Names of the feature axis.
     output_format
         ``"csv"`` or ``"parquet"``.
+    then
+        Run once the tables are in place, before a stop that came meanwhile is acted on
+        (see ``OutputDir.commit``).
 
     Returns
     -------
@@ -665,7 +661,7 @@ def write_tables(
                 table["row"] += chunk.start
                 delta_writer.write(table)
         writers.close()
-        return outputs.commit()
+        return outputs.commit(then)
 
 
 def _check_chunk_shapes(store: ChunkStore, chunk: Any, arrays: dict[str, np.ndarray],

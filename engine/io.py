@@ -300,12 +300,13 @@ class OutputDir:
         with writing(self.path / name):
             write(staged)
 
-    def commit(self) -> list[Path]:
+    def commit(self, then: Callable[[], object] | None = None) -> list[Path]:
         """Move every staged file into the folder; remove the files an earlier run wrote
         there that this one did not (a run with fewer baselines has fewer heatmaps).
 
         The folder's other files are left alone: the names written are listed in
-        ``WRITTEN_FILE`` inside it.
+        ``WRITTEN_FILE`` inside it. ``then`` runs once the files are in place, before a
+        stop that came meanwhile is acted on (a --checkpoint run removes its chunks).
         """
         self.path.mkdir(exist_ok=True)
         # A rename onto a folder fails: find that before the first rename, not halfway.
@@ -318,7 +319,8 @@ class OutputDir:
         listing.write_text(f"{_KIND_LINE}{self.kind}\n" + "".join(
             f"{name}\n" for name in self.written if name != WRITTEN_FILE))
         # A Ctrl-C between two renames would leave new files beside old ones: hold it.
-        with stop_signals_held() as held:
+        with stop_signals_held("a stop signal came while the results were being moved into "
+                               "place; they were finished first"):
             if _stop_noted():
                 # A stop whose KeyboardInterrupt was swallowed on the way: drop the results
                 # as the interrupt would have.
@@ -331,15 +333,10 @@ class OutputDir:
                     stale.unlink()
                     log.info("removed %s, written by an earlier run and not by this one", stale)
             _published.append(self.path)
-        self.discard()
-        if held:
-            log.warning("a stop signal (Ctrl-C, SIGTERM or SIGHUP) came while the results "
-                        "were being moved into place; they were finished first and are "
-                        "complete")
-            # Delivered now: the process ends, or a handler stops the run, as it would have.
-            for number in held.stopping:
-                signal.raise_signal(number)
-        log.info("wrote %d files to %s", len(published), self.path)
+            log.info("wrote %d files to %s", len(published), self.path)
+            self.discard()
+            if then is not None:
+                then()
         return published
 
     def _move_into_place(self) -> list[Path]:
@@ -605,13 +602,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class _Held(list):
-    """Signals received while held; ``stopping``: those to deliver again once it is safe,
-    each once, in the order they came (every one whose handler does not ignore it)."""
-
-    stopping: list[int]
-
-
 # The stop signals a caller's handler acted on while ``stops_watched`` runs (see
 # engine.attribute): a results folder is not committed after one.
 _stops_noted: list[list[int]] = []
@@ -649,14 +639,16 @@ def published_folders() -> list[Path]:
 
 
 @contextmanager
-def stop_signals_held() -> Iterator[_Held]:
+def stop_signals_held(note: str) -> Iterator[list[int]]:
     """Record SIGINT, SIGTERM and SIGHUP instead of acting on them while the block runs
-    (main thread only). They are listed in ``stopping`` for the caller to deliver again
-    once it is safe: the system's default then ends the process, and a Python handler
-    (the command line's, Python's own KeyboardInterrupt for Ctrl-C) runs as it would
-    have, so that the stop is not lost."""
-    held = _Held()
-    held.stopping = []
+    (main thread only), then deliver each one received, once, as the block ends, however
+    it ends: the stop is never lost. ``note`` is logged when one was held.
+
+    Those the system's default would act on come first (the process ends, as it would
+    have), then those a Python handler takes (the command line's, Python's own
+    KeyboardInterrupt for Ctrl-C), which may raise in place of the block's own error.
+    """
+    held: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield held
         return
@@ -674,8 +666,11 @@ def stop_signals_held() -> Iterator[_Held]:
                 handler = signal.default_int_handler if number == signal.SIGINT \
                     else signal.SIG_DFL
             signal.signal(number, handler)
-        # Only signals the block did not find ignored were held.
-        held.stopping.extend(dict.fromkeys(held))
+        if held:
+            log.info("%s (%s)", note, ", ".join(signal.Signals(n).name for n in held))
+        received = list(dict.fromkeys(held))
+        for number in sorted(received, key=lambda n: signal.getsignal(n) is not signal.SIG_DFL):
+            signal.raise_signal(number)
 
 
 def _keep_copy(path: Path, copy: Path) -> None:

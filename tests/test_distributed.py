@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -757,6 +758,32 @@ def test_a_sigterm_while_the_chunks_are_removed_waits_then_says_the_results_are_
     err = capsys.readouterr().err
     assert status == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1] == f"interrupted: the results in {out} are complete"
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".written", "convergence.csv", "interpretation_results.csv"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_a_stop_while_the_tables_are_moved_into_place_waits_for_the_chunks_to_go(
+    tmp_path, capsys, monkeypatch, rows_csv, checkpoint, titanic_csv, sig
+):
+    # The stop was delivered once the tables were in place, before the chunk folder went:
+    # "complete" beside a whole .chunks folder, which an --all run refuses.
+    from engine import io
+
+    out = tmp_path / "results"
+    real_replace = io.os.replace
+
+    def replace_then_stop(source, target):
+        real_replace(source, target)
+        if Path(target).parent == out and not (out / ".written").exists():
+            signal.raise_signal(sig)
+
+    monkeypatch.setattr(io.os, "replace", replace_then_stop)
+    status = main(flags(rows_csv, checkpoint, titanic_csv, out, "--chunk-rows", "1000"))
+
+    err = capsys.readouterr().err
+    assert status == 128 + sig, err
+    assert err.strip().splitlines() == [f"interrupted: the results in {out} are complete"]
     assert sorted(p.name for p in out.iterdir()) == [
         ".written", "convergence.csv", "interpretation_results.csv"]
 

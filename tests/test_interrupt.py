@@ -105,14 +105,76 @@ def test_ctrl_c_during_the_final_renames_is_held_until_all_files_are_in_place(
     with stop_signals_as_started():
         handler_before = signal.getsignal(signal.SIGINT)
         # Once every file is in place, the Ctrl-C is delivered: it is not lost.
-        with caplog.at_level("WARNING", logger="engine.io"), pytest.raises(KeyboardInterrupt):
+        with caplog.at_level("INFO", logger="engine.io"), pytest.raises(KeyboardInterrupt):
             outputs.commit()
         handler_after = signal.getsignal(signal.SIGINT)
 
     names = sorted(p.name for p in (tmp_path / "results").iterdir())
     assert names == [".written", "a.txt", "b.txt", "c.txt"]
-    assert "Ctrl-C" in caplog.text
+    assert "(SIGINT)" in caplog.text
     assert handler_after is handler_before
+
+
+def test_a_ctrl_c_held_when_a_rename_fails_still_stops_the_caller(tmp_path, monkeypatch):
+    # The failed commit puts the folder back as it was; the Ctrl-C was lost with the error.
+    from engine import io
+
+    outputs = io.OutputDir(tmp_path / "results")
+    for name in ("a.txt", "b.txt"):
+        outputs.write_text(name, name)
+    real_replace = io.os.replace
+    calls = []
+
+    def ctrl_c_then_fail(source, target):
+        calls.append(target)
+        if len(calls) == 1:
+            real_replace(source, target)
+            signal.raise_signal(signal.SIGINT)
+            return
+        raise OSError(5, "Input/output error", str(target))
+
+    monkeypatch.setattr(io.os, "replace", ctrl_c_then_fail)
+    with stop_signals_as_started(), pytest.raises(KeyboardInterrupt):
+        outputs.commit()
+
+    assert not (tmp_path / "results" / "a.txt").exists()
+
+
+_TWO_STOPS_DURING_THE_RENAMES = """
+import signal, sys
+from pathlib import Path
+from engine import io
+
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+outputs = io.OutputDir(Path(sys.argv[1]))
+outputs.write_text("a.txt", "a")
+real_replace = io.os.replace
+
+def replace_then_two_stops(source, target):
+    real_replace(source, target)
+    signal.raise_signal(signal.SIGINT)
+    signal.raise_signal(signal.SIGTERM)
+
+io.os.replace = replace_then_two_stops
+try:
+    outputs.commit()
+except KeyboardInterrupt:
+    print("KeyboardInterrupt")
+print("still alive")
+"""
+
+
+def test_a_sigterm_held_beside_a_ctrl_c_still_ends_the_process(tmp_path):
+    # The Ctrl-C's KeyboardInterrupt came first, and the SIGTERM was never delivered.
+    completed = subprocess.run(
+        [sys.executable, "-c", _TWO_STOPS_DURING_THE_RENAMES, str(tmp_path / "results")],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=60,
+        preexec_fn=default_stop_signals,
+    )
+
+    assert completed.returncode == -signal.SIGTERM, completed.stderr
+    assert completed.stdout == ""
+    assert (tmp_path / "results" / "a.txt").read_text() == "a"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
@@ -139,7 +201,7 @@ def test_a_stop_signal_the_command_handles_is_held_during_the_renames_too(
     with stop_signals_as_started(), \
             _noticed_interrupts(signal.SIGTERM, signal.SIGHUP) as received:
         handler_before = signal.getsignal(sig)
-        with caplog.at_level("WARNING", logger="engine.io"), pytest.raises(KeyboardInterrupt):
+        with caplog.at_level("INFO", logger="engine.io"), pytest.raises(KeyboardInterrupt):
             outputs.commit()
         assert signal.getsignal(sig) is handler_before
         # The command's handler got the signal once the files were in place, once.
