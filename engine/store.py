@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import ArgumentError, DataError
-from engine.io import atomic_path
+from engine.io import atomic_path, stop_signals_held
 
 __all__ = ["ChunkStore", "RowChunk", "config_hash", "plan_chunks"]
 
@@ -226,7 +226,10 @@ class ChunkStore:
         if not self._manifest_written:
             self._write_manifest()
         target = self.path(chunk)
-        with atomic_path(target) as temp:
+        # A stop that lands inside numpy's zip writer leaves the writer half closed, and
+        # its clean-up then prints an error at exit: the chunk is finished first.
+        with stop_signals_held("a stop signal came while a chunk was being written; it "
+                               "was finished first"), atomic_path(target) as temp:
             with open(temp, "wb") as stream:
                 rows = np.array([chunk.start, chunk.stop])
                 np.savez(stream, config_hash=np.array(self.hash), rows=rows, **arrays)

@@ -71,6 +71,32 @@ def test_opening_writes_nothing_until_the_first_chunk(tmp_path):
     assert sorted(p.name for p in store.folder.iterdir()) == ["chunk-000001.npz", "manifest.json"]
 
 
+def test_a_ctrl_c_inside_the_chunk_writer_waits_for_the_chunk(tmp_path, monkeypatch):
+    # Raised inside numpy's zip writer it left the writer half closed, whose clean-up
+    # printed "AttributeError: 'ZipFile' object has no attribute '_writing'" at exit.
+    import signal
+
+    import engine.store
+    from tests.stop_signals import stop_signals_as_started
+
+    store = make_store(tmp_path / "chunks")
+    store.open()
+    real_savez = np.savez
+
+    def ctrl_c_then_savez(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return real_savez(*args, **kwargs)
+
+    monkeypatch.setattr(engine.store.np, "savez", ctrl_c_then_savez)
+    chunk = store.chunks[0]
+    with stop_signals_as_started(), pytest.raises(KeyboardInterrupt):
+        store.write(chunk, chunk_arrays(chunk, torch.Generator().manual_seed(0)))
+
+    monkeypatch.undo()
+    assert store.done() == {0}
+    assert store.read(chunk)["passenger_id"].tolist() == [100, 101, 102, 103]
+
+
 def test_manifest_records_row_ranges_baselines_and_hash(tmp_path):
     store = with_one_chunk(make_store(tmp_path / "chunks"))
 
