@@ -1466,7 +1466,8 @@ def _forward(forward_func: Callable[..., Tensor], points: tuple[Tensor, ...], ar
         if any(p.dim() == 1 for p in points):
             hint = (" (inputs are (N, *F), rows first: one row of F features is "
                     "x.unsqueeze(0))")
-        elif (dtypes := _mismatched_dtypes(forward_func, points)) is not None:
+        elif "type" in first_line \
+                and (dtypes := _mismatched_dtypes(forward_func, points)) is not None:
             hint = (f" (the inputs are {dtypes[0]} and the model's weights {dtypes[1]}: "
                     f"convert one to the other, model.to(torch.{dtypes[0]}) or "
                     f"x.to(torch.{dtypes[1]}))")
@@ -1499,14 +1500,16 @@ def _forward(forward_func: Callable[..., Tensor], points: tuple[Tensor, ...], ar
 
 def _mismatched_dtypes(forward_func: Callable[..., Tensor],
                        points: tuple[Tensor, ...]) -> tuple[str, str] | None:
-    """The floating dtype of the points and of the model's weights, where they differ."""
+    """The floating dtype of the points and of the model's weights, where each is one
+    dtype and they differ: a model whose weights mix dtypes gets no advice."""
     module = module_of(forward_func)
-    weights = next((w.dtype for w in module.parameters() if w.is_floating_point()), None) \
-        if module is not None else None
-    given = next((p.dtype for p in points if p.is_floating_point()), None)
-    if weights is None or given is None or weights == given:
+    if module is None:
         return None
-    return _dtype_name(given), _dtype_name(weights)
+    weights = {w.dtype for w in module.parameters() if w.is_floating_point()}
+    given = {p.dtype for p in points if p.is_floating_point()}
+    if len(weights) != 1 or len(given) != 1 or weights == given:
+        return None
+    return _dtype_name(given.pop()), _dtype_name(weights.pop())
 
 
 def _refuse_non_finite(selected: Tensor, rows: Tensor) -> None:

@@ -44,7 +44,7 @@ from engine.core import (
 )
 from engine.errors import ArgumentError, ModelError
 from engine.plan import run_options
-from engine.step import keeps_batch_statistics, owns_precision
+from engine.step import all_finite, keeps_batch_statistics, owns_precision
 
 __all__ = ["expected_gradients"]
 
@@ -163,6 +163,12 @@ def expected_gradients(
         for grad_sum, grad, factor in zip(sums, grads, scaled):
             grad_sum.index_add_(0, rows, grad.double() * factor)
         if base_values is not None:
+            # Each sample's F(b) on its own: their sum can overflow where none of them does.
+            if not all_finite(base_values):
+                at_samples = torch.zeros(1, n_rows, dtype=torch.float64, device=device)
+                at_samples[0, rows[~torch.isfinite(base_values)]] = float("nan")
+                refuse_non_finite_ends(torch.zeros_like(at_samples), at_samples,
+                                       "a background sample")
             baseline_out.index_add_(0, rows, base_values)
 
     # The outputs were finite: nan or inf here is the gradient itself (sqrt at 0, ...).
@@ -182,8 +188,7 @@ def expected_gradients(
             output = _forward(forward_func, tuple(x[rows] for x in problem.inputs),
                               problem.args_for(rows))
             input_out[rows] = problem.select(output, rows).double()
-    refuse_non_finite_ends(input_out.unsqueeze(0), baseline_out.unsqueeze(0),
-                           "a background sample")
+    refuse_non_finite_ends(input_out.unsqueeze(0), torch.zeros_like(input_out).unsqueeze(0))
     attribution_sum = sum(s.reshape(n_rows, -1).sum(1) for s in sums) / n_samples
     return result, attribution_sum - (input_out - baseline_out / n_samples)
 

@@ -792,6 +792,31 @@ def test_inputs_in_another_dtype_than_the_weights_get_the_conversion_as_a_hint()
         == torch.float64
 
 
+def test_the_dtype_hint_is_only_given_where_the_dtypes_are_the_error():
+    class Converts(nn.Module):  # takes any float input itself, fails on its width
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.layer(x.float())
+
+    class Mixed(nn.Module):  # one float64 layer the inputs never reach
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(2, 1).double()
+            self.body = nn.Linear(5, 1)
+
+        def forward(self, x):
+            return self.body(x.float()) @ torch.ones(2, 1)
+
+    x = torch.rand(4, 5, dtype=torch.float64)
+    for model in (Converts(), Mixed()):
+        with pytest.raises(ModelError) as raised:
+            integrated_gradients(model, x)
+        assert "convert one to the other" not in str(raised.value)
+
+
 def _reciprocal(x):
     # Finite everywhere but where the first feature is 0.
     return 1.0 / x[:, 0] + x[:, 1]
@@ -817,6 +842,18 @@ def test_non_finite_outputs_at_the_ends_of_the_path_are_named(route):
     with pytest.raises(NonFiniteOutputError, match=rf"\) at {end}, an end of the path, for "
                                                    r"row\(s\) 0, 1, 2: F\(x\) - F"):
         calls[route]()
+
+
+def test_huge_finite_outputs_at_the_background_samples_are_not_refused():
+    # The samples' outputs were checked after adding them up, which overflowed float64.
+    def huge(x):
+        return 1.5e308 * torch.tanh(x.sum(1) + 5.0)
+
+    x = torch.rand(4, 3, dtype=torch.float64)
+    attributions, delta = expected_gradients(huge, x, torch.zeros(5, 3, dtype=torch.float64),
+                                             n_samples=4, return_convergence_delta=True)
+
+    assert torch.isfinite(attributions).all() and delta.shape == (4,)
 
 
 def test_a_non_finite_output_at_the_input_itself_names_that_row():
