@@ -62,8 +62,8 @@ from pathlib import Path
 from typing import NoReturn
 
 if __name__ == "__main__":
-    # A mistyped flag, a value out of range or a missing input file ends here, before
-    # torch and Lightning load, with the message the run would give after them.
+    # A mistyped flag, a value out of range or a missing first input file ends here,
+    # before torch and Lightning load, with the message the run would give after them.
     from engine.arguments import early_error
 
     _early = early_error(sys.argv[1:])
