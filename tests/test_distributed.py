@@ -24,7 +24,7 @@ from engine.data import FEATURES, load_titanic, prepare_titanic
 from engine.distributed import FeatureScaling, read_rows
 from engine.errors import DataError
 from engine.model import TitanicMLP, save_weights
-from tests.stop_signals import default_stop_signals
+from tests.stop_signals import default_stop_signals, stop_signals_as_started
 
 N_ROWS = 2000
 CHUNK_ROWS = 50
@@ -779,7 +779,9 @@ def test_a_stop_while_the_tables_are_moved_into_place_waits_for_the_chunks_to_go
             signal.raise_signal(sig)
 
     monkeypatch.setattr(io.os, "replace", replace_then_stop)
-    status = main(flags(rows_csv, checkpoint, titanic_csv, out, "--chunk-rows", "1000"))
+    # The signals as an interactive shell starts a command, also under nohup or `&`.
+    with stop_signals_as_started():
+        status = main(flags(rows_csv, checkpoint, titanic_csv, out, "--chunk-rows", "1000"))
 
     err = capsys.readouterr().err
     assert status == 128 + sig, err
