@@ -1916,26 +1916,25 @@ def output_gap(
     return ends[0] - ends[1]
 
 
-def refuse_non_finite_ends(at_inputs: Tensor, at_baselines: Tensor,
+def refuse_non_finite_ends(at_inputs: Tensor | None, at_baselines: Tensor | None,
                            baseline: str = "its baseline") -> None:
     """Raise ``NonFiniteOutputError`` where the model's output at an input (``at_inputs``)
-    or at its baseline (``at_baselines``), both (B, N), is nan or inf.
+    or at its baseline (``at_baselines``), each (B, N) or None when not at hand, is nan or
+    inf.
 
     Quadrature nodes need not reach the path's ends (Gauss-Legendre's never do), so the
     attributions can be finite there; F(x) - F(baseline), which they must add up to, is
     not, and refining the steps (``delta_tolerance``) would only run to ``max_steps``.
     """
-    if all_finite(at_inputs) and all_finite(at_baselines):
-        return
     for outputs, end in ((at_inputs, "at the input itself"), (at_baselines, f"at {baseline}")):
-        bad = ~torch.isfinite(outputs)
-        if bool(bad.any()):
-            rows = torch.unique(bad.nonzero()[:, 1]).tolist()
-            raise NonFiniteOutputError(
-                f"the model returned non-finite outputs (nan or inf) {end}, an end of the "
-                f"path, for row(s) {shown_rows(rows)}: F(x) - F(baseline), which the "
-                "attributions add up to, is not finite; check those rows and their baselines"
-            )
+        if outputs is None or all_finite(outputs):
+            continue
+        rows = torch.unique((~torch.isfinite(outputs)).nonzero()[:, 1]).tolist()
+        raise NonFiniteOutputError(
+            f"the model returned non-finite outputs (nan or inf) {end}, an end of the "
+            f"path, for row(s) {shown_rows(rows)}: F(x) - F(baseline), which the "
+            "attributions add up to, is not finite; check those rows and their baselines"
+        )
 
 
 def _shared_output_gap(

@@ -167,8 +167,7 @@ def expected_gradients(
             if not all_finite(base_values):
                 at_samples = torch.zeros(1, n_rows, dtype=torch.float64, device=device)
                 at_samples[0, rows[~torch.isfinite(base_values)]] = float("nan")
-                refuse_non_finite_ends(torch.zeros_like(at_samples), at_samples,
-                                       "a background sample")
+                refuse_non_finite_ends(None, at_samples, "a background sample")
             baseline_out.index_add_(0, rows, base_values)
 
     # The outputs were finite: nan or inf here is the gradient itself (sqrt at 0, ...).
@@ -188,7 +187,7 @@ def expected_gradients(
             output = _forward(forward_func, tuple(x[rows] for x in problem.inputs),
                               problem.args_for(rows))
             input_out[rows] = problem.select(output, rows).double()
-    refuse_non_finite_ends(input_out.unsqueeze(0), torch.zeros_like(input_out).unsqueeze(0))
+    refuse_non_finite_ends(input_out.unsqueeze(0), None)
     attribution_sum = sum(s.reshape(n_rows, -1).sum(1) for s in sums) / n_samples
     return result, attribution_sum - (input_out - baseline_out / n_samples)
 
