@@ -86,8 +86,11 @@ def test_a_bias_before_elementwise_work_moves_out_of_the_product(dtype):
 
     assert aten.addmm.default not in _targets(traced.graph)
     assert {aten.mm.default, aten.add.Tensor} <= set(_targets(traced.graph))
-    # The BLAS adds the bias after the product either way: the same bits.
-    assert torch.equal(traced(left, right, bias), layer(left, right, bias))
+    # The BLAS adds the bias after the product (the same bits, as on Intel CPUs) or folds
+    # it into its sums (float64 on an AMD EPYC): equal to the rounding of each sum.
+    scale = (left.abs() @ right.abs() + bias.abs()).view(300, 4, 8)
+    gap = (traced(left, right, bias) - layer(left, right, bias)).abs()
+    assert bool((gap <= 4 * torch.finfo(dtype).eps * scale).all())
 
 
 @pytest.mark.parametrize("case", ["feeds a product", "is returned", "bf16", "scaled"])
