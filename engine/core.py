@@ -349,7 +349,11 @@ def integrated_gradients(
     )
     _check_precision_dtype(options, problem)
     tensors = check_model_device(forward_func, problem.inputs[0].device)
-    sample = check_independent_rows(forward_func, problem, allow_coupled_rows, tensors)
+    adaptive = delta_tolerance is not None or error_estimate or max_steps is not None
+    # The probe's later batches are left to integrate(), which skips them for a checked
+    # trace that cannot mix rows; adaptive steps run them here.
+    sample = check_independent_rows(forward_func, problem, allow_coupled_rows, tensors,
+                                    defer=not adaptive)
     if sample is not None:
         problem = dataclasses.replace(problem, targets_checked=True)
     # None: planned where a chunk size is needed (a hoisted run plans its own).
@@ -360,7 +364,7 @@ def integrated_gradients(
     def planned() -> int:
         return chunk_points or _chunk_points(None, problem, rule, forward_func, options)
 
-    if delta_tolerance is not None or error_estimate or max_steps is not None:
+    if adaptive:
         from engine.adaptive import adaptive_integrated_gradients
 
         chunk_points = planned()
@@ -542,6 +546,9 @@ def _integrated_sums(
     if options.compile_mode:
         _check_gradient(forward_func, problem)
     split, sample_hidden = _usable_split(forward_func, problem, options, sample)
+    if sample is not None and sample.later is not None \
+            and (split is None or not split.keeps_rows_apart()):
+        sample.later.run()
     if split is not None:
         try:
             hoisted = _integrate_hoisted(split, problem, rule, chunk_points, options,
@@ -565,6 +572,9 @@ def _integrated_sums(
             if all_finite(hoisted):
                 return (hoisted,)
             log.info("non-finite gradient sums on the hoisted path: running without hoisting")
+    if sample is not None and sample.later is not None:
+        # The model runs its own layers: the probe's verdict is needed after all.
+        sample.later.run()
     if chunk_points is None:
         chunk_points = _planned_chunk_points(forward_func, problem, rule, options)
     return _integrate_points(_fast(forward_func, problem, sample), problem, rule,
@@ -1589,17 +1599,22 @@ def refuse_coupled_rows(forward_func: Callable[..., Tensor]) -> None:
 @dataclass(frozen=True)
 class ModelSample:
     """The model's ``outputs`` at a few ``points`` of its single input, rows independent;
-    the points begin with the input's first ``rows`` rows."""
+    the points begin with the input's first ``rows`` rows.
+
+    ``later``, when not None, is the rest of the row-coupling probe, left for the caller
+    to run or skip (see ``check_independent_rows``).
+    """
 
     points: Tensor
     outputs: Tensor
     rows: int
     kinds: int = 0  # row 0's first baselines among the points
+    later: _LaterProbe | None = dataclasses.field(default=None, compare=False)
 
 
 def check_independent_rows(
     forward_func: Callable[..., Tensor], problem: PathProblem, allow: bool,
-    tensors: ModelTensors | None = None,
+    tensors: ModelTensors | None = None, *, defer: bool = False,
 ) -> ModelSample | None:
     """Refuse models whose output for one row depends on the other rows of the batch.
 
@@ -1609,8 +1624,11 @@ def check_independent_rows(
     not change; a model that draws random numbers on every call is refused as random.
     ``allow`` turns the refusal into a logged warning.
 
-    Returns the probe's points and outputs when the model has one input and no extra
-    arguments and its rows are independent, else None. ``tensors`` is what
+    Returns the probe's first batch (its points and outputs) when the model has one input
+    and no extra arguments and its rows are independent, else None. With ``defer`` the
+    probe's later batches may be left to the caller, as the sample's ``later``: one who
+    integrates through a checked trace that cannot mix rows (see ``engine.rowwise``) skips
+    them, and anyone else runs them before any other work. ``tensors`` is what
     ``check_model_device`` returned, if it ran.
     """
     try:
@@ -1619,7 +1637,7 @@ def check_independent_rows(
         # change to the model's layers.
         if tensors is None:
             tensors = model_tensors(forward_func)
-        return _probe_row_coupling(forward_func, problem, tensors)
+        return _probe_row_coupling(forward_func, problem, tensors, defer and not allow)
     except ModelError as error:
         if not allow:
             raise
@@ -1638,9 +1656,12 @@ PROBE_ELEMENTS = 1 << 16
 PROBE_MIN_ROWS = 4
 # Baselines of row 0 in the probe's first batch, so that the trace check sees them too.
 PROBE_KINDS = 64
-# Where the probe's point between row 0 and its first baseline lies on their path: not the
-# midpoint, whose batch with the row and the baseline has their batch's mean.
+# Where the probe's points between row 0 and its first baseline lie on their path: not the
+# midpoint, whose batch with the row and the baseline has their batch's mean. Batch one
+# holds the first (for the trace check), batch two the second, so that a row's neighbours
+# differ between the two however few rows there are.
 PROBE_ALPHA = 0.25
+PROBE_LATER_ALPHA = 0.75
 
 
 @dataclass(frozen=True)
@@ -1652,6 +1673,7 @@ class _ProbePoints:
     first_at: Tensor  # where each probed row is in batch one
     later_at: Tensor  # and where in the later batches
     later_numpy: np.ndarray  # later_at for numpy
+    ends: tuple[int, int, int, int]  # where the batches start, and the last one ends
 
 
 # _ProbePoints per (device, rows, baseline kinds, probed rows): the probe runs on every
@@ -1662,12 +1684,14 @@ _PROBE_POINTS: dict[tuple[object, ...], _ProbePoints] = {}
 def _probe_pairs(problem: PathProblem) -> _ProbePoints:
     """The probe's points as path pairs and alphas, in the order of its three batches.
 
-    Batch one holds rows 0 to R - 1 and then row 0's baselines (up to PROBE_KINDS of
-    them, K); batch two a point of row 0's path to its first baseline (at PROBE_ALPHA)
-    and row R - 1; batch three row 0's last baseline and rows R - 2 to 0. R = min(N,
-    PROBE_ROWS), fewer for wide inputs (see PROBE_ELEMENTS). Every row sits at another
-    position, beside other partners, in a batch of another size; row R - 1 in a batch of
-    two, whose mean and extremes differ from batch one's however many rows there are.
+    Batch one holds rows 0 to R - 1, then row 0's baselines (up to PROBE_KINDS of them,
+    K) and a point of row 0's path to its first baseline (at PROBE_ALPHA): what the
+    trace check compares. Batch two holds another point of that path (at
+    PROBE_LATER_ALPHA) and row R - 1; batch three row 0's last baseline and rows R - 2 to
+    0. R = min(N, PROBE_ROWS), fewer for wide inputs (see PROBE_ELEMENTS). Every row sits
+    at another position, beside other partners, in a batch of another size; row R - 1 in
+    a batch of two, whose mean and extremes differ from batch one's however many rows
+    there are.
     """
     device, n_rows = problem.inputs[0].device, problem.n_rows
     row_size = max(1, sum(x[0].numel() for x in problem.inputs))
@@ -1676,57 +1700,115 @@ def _probe_pairs(problem: PathProblem) -> _ProbePoints:
     if key not in _PROBE_POINTS:
         last_kind = (problem.n_baselines - 1) * n_rows
         kinds = [k * n_rows for k in range(min(problem.n_baselines, PROBE_KINDS))]
-        pair = [*range(count), *kinds, 0, count - 1, last_kind, *range(count - 2, -1, -1)]
-        alphas = ([1.0] * count + [0.0] * len(kinds) + [PROBE_ALPHA, 1.0, 0.0]
-                  + [1.0] * (count - 1))
-        # Row R - 1 is point R + K + 1 overall; row i < R - 1 is point R + K + 3 + (R - 2 - i).
-        split = count + len(kinds)
-        later = [2 * count + len(kinds) + 1 - i for i in range(count - 1)] + [split + 1]
+        pair = [*range(count), *kinds, 0, 0, count - 1, last_kind, *range(count - 2, -1, -1)]
+        second = count + len(kinds) + 1
+        # Row R - 1 is the second point of batch two; row i < R - 1 is point 1 + (R - 2 - i)
+        # of batch three.
+        later = [second + 3 + (count - 2 - i) for i in range(count - 1)] + [second + 1]
         if len(_PROBE_POINTS) > 64:
             _PROBE_POINTS.clear()
         _PROBE_POINTS[key] = _ProbePoints(
             torch.tensor(pair, dtype=torch.long, device=device),
-            (torch.tensor([pair[split]], dtype=torch.long, device=device),
-             torch.tensor([alphas[split]], dtype=torch.float64, device=device)),
+            (torch.zeros(2, dtype=torch.long, device=device),
+             torch.tensor([PROBE_ALPHA, PROBE_LATER_ALPHA], dtype=torch.float64,
+                          device=device)),
             torch.arange(count, device=device),
             torch.tensor(later, dtype=torch.long, device=device),
             np.array(later, dtype=np.int64),
+            (0, second, second + 2, len(pair)),
         )
     return _PROBE_POINTS[key]
 
 
 def _probe_row_coupling(
-    forward_func: Callable[..., Tensor], problem: PathProblem, tensors: ModelTensors
+    forward_func: Callable[..., Tensor], problem: PathProblem, tensors: ModelTensors,
+    defer: bool = False,
 ) -> ModelSample | None:
     probe = _probe_pairs(problem)
-    pair, count = probe.pair, probe.first_at.shape[0]
-    kinds = pair.shape[0] - 2 * count - 2
-    split = count + kinds
+    count = probe.first_at.shape[0]
+    first_end = probe.ends[1]
+    kinds = min(problem.n_baselines, PROBE_KINDS)
     # The rows and row 0's baselines themselves (their paths' ends) and one point inside a
     # path: slicing and flipping the inputs costs less than gathering every point by its
     # pair, and the hoisted path takes the prefix outputs of the rows and baselines from
     # the trace check on these points (see _sample_prefix).
     between = problem.path_points(*probe.between)
-    points = tuple(torch.cat([x[:count], base[:kinds, 0], inside, x[count - 1 : count],
-                              base[-1:, 0], x[: count - 1].flip(0)])
-                   for x, base, inside in zip(problem.inputs, problem.baselines, between))
-    rows = pair % problem.n_rows
-    # Three calls (see _probe_pairs). Among nearly the same rows as in batch one, a batch
-    # statistic (a mean, a maximum) moves by about 1/rows, less than the tolerance below
-    # once there are a few hundred rows; in the batch of two it moves for any number.
-    ends = (0, split, split + 2, pair.shape[0])
+    points = tuple(
+        torch.cat([x[:count], base[:kinds, 0], inside, x[count - 1 : count], base[-1:, 0],
+                   x[: count - 1].flip(0)])
+        for x, base, inside in zip(problem.inputs, problem.baselines, between)
+    )
+    rows = probe.pair % problem.n_rows
     device = problem.inputs[0].device
-    # The random generator's state before the calls and after each: see below.
+    # The random generator's state before the calls and after each: see
+    # _draws_on_every_call.
     states = [_generator_state(device)]
-    outputs = []
     with torch.no_grad():
-        for start, end in zip(ends, ends[1:]):
+        first = _forward(forward_func, tuple(p[:first_end] for p in points),
+                         problem.args_for(rows[:first_end]))
+    states.append(_generator_state(device))
+    # A target the model's output does not have fails here, before any real work.
+    selected = problem.select(first, rows[:first_end])
+    later = _LaterProbe(forward_func, problem, tensors, probe, points, rows, first, selected,
+                        states)
+    if len(points) != 1 or problem.forward_args:
+        later.run()
+        return None
+    # The trace is checked on batch one, and on the last baseline when batch one does not
+    # hold every baseline: the later batches repeat batch one's rows.
+    if kinds == problem.n_baselines:
+        sample = ModelSample(points[0][:first_end], first, count, kinds)
+        if defer and (states[0] is None or torch.equal(states[0], states[1])):
+            return dataclasses.replace(sample, later=later)
+        later.run()
+        return sample
+    outputs = later.run()
+    last_base = probe.ends[2]
+    return ModelSample(torch.cat([points[0][:first_end], points[0][last_base : last_base + 1]]),
+                       torch.cat([first, outputs[last_base : last_base + 1]]), count, kinds)
+
+
+class _LaterProbe:
+    """The row-coupling probe's batches two and three and the comparison with batch one;
+    ``run`` does them once."""
+
+    def __init__(self, forward_func: Callable[..., Tensor], problem: PathProblem,
+                 tensors: ModelTensors, probe: _ProbePoints, points: tuple[Tensor, ...],
+                 rows: Tensor, first: Tensor, selected: Tensor,
+                 states: list[Tensor | None]) -> None:
+        self._call = (forward_func, problem, tensors, probe, points, rows, first, selected,
+                      states)
+        self.done = False
+
+    def run(self) -> Tensor | None:
+        """The outputs of all three batches, the first time; None after."""
+        if self.done:
+            return None
+        self.done = True
+        call, self._call = self._call, None
+        return _probe_later_batches(*call)
+
+
+def _probe_later_batches(
+    forward_func: Callable[..., Tensor], problem: PathProblem, tensors: ModelTensors,
+    probe: _ProbePoints, points: tuple[Tensor, ...], rows: Tensor, first: Tensor,
+    first_selected: Tensor, states: list[Tensor | None],
+) -> Tensor:
+    """Batches two and three of the probe (see ``_probe_pairs``); raises ``ModelError``
+    when a row's output moved from batch one or the model draws random numbers. Returns
+    the outputs of all three batches."""
+    # Among nearly the same rows as in batch one, a batch statistic (a mean, a maximum)
+    # moves by about 1/rows, less than the tolerance below once there are a few hundred
+    # rows; in the batch of two it moves for any number.
+    ends = probe.ends
+    outputs = [first]
+    with torch.no_grad():
+        for start, end in zip(ends[1:], ends[2:]):
             outputs.append(_forward(forward_func, tuple(p[start:end] for p in points),
                                     problem.args_for(rows[start:end])))
-            states.append(_generator_state(device))
+            states.append(_generator_state(device=problem.inputs[0].device))
     both = torch.cat(outputs)
-    # A target the model's output does not have fails here, before any real work.
-    selected = problem.select(both, rows)
+    selected = torch.cat([first_selected, problem.select(both[ends[1]:], rows[ends[1]:])])
     if _draws_on_every_call(states):
         # Dropout called as a function in eval mode, noise added in forward: it may
         # change few outputs, or none in these batches, and would still change the paths.
@@ -1735,24 +1817,12 @@ def _probe_row_coupling(
             "(dropout called with training=True, or noise added in forward?): make it "
             "deterministic for attributions, or pass allow_coupled_rows=True"
         )
-    sample = None
-    if len(points) == 1 and not problem.forward_args:
-        # The trace is checked on batch one and the path point of batch two, and on the
-        # last baseline when batch one does not hold every baseline: the rest of the
-        # later batches repeat batch one's rows.
-        if kinds == problem.n_baselines:
-            sample = ModelSample(points[0][: split + 1], both[: split + 1], count, kinds)
-        else:
-            sample = ModelSample(
-                torch.cat([points[0][: split + 1], points[0][split + 2 : split + 3]]),
-                torch.cat([both[: split + 1], both[split + 2 : split + 3]]), count, kinds,
-            )
     dtypes = [x.dtype for x in problem.inputs]
     if both.is_floating_point():
         dtypes.append(both.dtype)
     eps = max(tensors.eps, *(torch.finfo(dtype).eps for dtype in dtypes))
     if _largest_change(selected, probe) <= eps ** 0.5:
-        return sample  # within the tolerance of a row of size 0, the smallest there is
+        return both  # within the tolerance of a row of size 0, the smallest there is
     first, later = selected[probe.first_at].double(), selected[probe.later_at].double()
     gap = (first - later).abs()
     size = first.abs()
@@ -1776,7 +1846,7 @@ def _probe_row_coupling(
             "(BatchNorm or Dropout in training mode?); call model.eval() or pass "
             "allow_coupled_rows=True"
         )
-    return sample
+    return both
 
 
 def _largest_change(selected: Tensor, probe: _ProbePoints) -> float:

@@ -38,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 
 from engine.kinks import KinkSplit, split_kink
 from engine.passes import MAX_NARROW_COLUMNS, MIN_INNER
+from engine.rowwise import row_wise_layers, rows_apart_now
 from engine.step import forget, global_hooks, memo, own_hooks
 from engine.trace import Guards, trace
 
@@ -69,6 +70,8 @@ class AffineSplit:
     modules: tuple[nn.Module, ...]
     kink: KinkSplit | None = None
     guards: Guards = Guards()
+    # The layers of a trace that keeps rows apart (see engine.rowwise), else None.
+    row_wise: tuple[nn.Module, ...] | None = None
 
     def run(self, x: Tensor) -> Tensor:
         """``suffix(prefix(x))``, through the kink split when there is one."""
@@ -104,6 +107,11 @@ class AffineSplit:
         if jacobian is None or jacobian.shape[1] != like.shape[1]:
             return None
         return jacobian
+
+    def keeps_rows_apart(self) -> bool:
+        """Whether the traced model cannot mix rows as its layers are now (see
+        ``engine.rowwise``)."""
+        return self.row_wise is not None and rows_apart_now(self.row_wise)
 
     def is_affine_now(self) -> bool:
         """Whether every prefix layer is affine in its current train/eval mode.
@@ -227,6 +235,7 @@ def _split(model: nn.Module) -> AffineSplit | None:
         modules=modules,
         kink=kink,
         guards=guards,
+        row_wise=row_wise_layers(traced),
     )
 
 

@@ -119,10 +119,11 @@ def test_total_points_count_every_level():
                                   internal_batch_size=10_000)
 
     # A given internal_batch_size skips the planner's probe forwards. Every other forward
-    # is part of an integral: the row-coupling probe (the six rows and a baseline, then a
-    # midpoint, a baseline and the six rows) and the endpoints (each row at x, and the
-    # shared baseline once: the probe found the rows independent).
-    assert result.total_points == sum(calls) - (7 + 8) - (6 + 1)
+    # is part of an integral: the row-coupling probe (the six rows, a baseline and a point
+    # of a path, then another point and a row, then a baseline and five rows) and the
+    # endpoints (each row at x, and the shared baseline once: the probe found the rows
+    # independent).
+    assert result.total_points == sum(calls) - (8 + 2 + 6) - (6 + 1)
     assert isinstance(result, IGResult)
 
 

@@ -207,7 +207,7 @@ def test_target_out_of_range_names_target_and_output_count(target):
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_a_bad_target_fails_on_the_first_forwards(compile):
+def test_a_bad_target_fails_on_the_first_forward(compile):
     # The row-coupling probe's forwards select the target; nothing is integrated.
     model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 4))
     calls = []
@@ -215,8 +215,8 @@ def test_a_bad_target_fails_on_the_first_forwards(compile):
 
     with pytest.raises(ArgumentError, match="target 4 is out of range"):
         integrated_gradients(model, torch.randn(5, 3), target=4, compile=compile)
-    # Five rows and a baseline; a path point and the last row; a baseline and four rows.
-    assert calls == [6, 2, 5]
+    # The probe's first batch (five rows, a baseline and a path point) selects it.
+    assert calls == [7]
 
 
 def test_too_many_target_indices_are_refused():
@@ -450,9 +450,9 @@ def test_the_probe_runs_up_to_1024_rows_and_fewer_wide_ones(shape, probed):
     with pytest.raises(ArgumentError, match="target 3 is out of range"):
         integrated_gradients(model, torch.randn(*shape), target=3)
 
-    # The probed rows and a baseline; a path point and the last probed row; a baseline and
-    # the other probed rows.
-    assert calls == [probed + 1, 2, probed]
+    # The probe's first batch: the probed rows, a baseline and a path point, which select
+    # the target before the later batches run.
+    assert calls == [probed + 2]
 
 
 def test_training_mode_rrelu_is_refused_by_name():

@@ -1148,7 +1148,8 @@ def test_the_titanic_job_compiles_two_chunks_of_even_size():
 
 @pytest.mark.parametrize("hoist", [True, False])
 def test_out_of_memory_in_the_probes_is_one_model_error(hoist):
-    # Chunks of 40 points would fit, but the row-coupling probe runs 62 rows at once.
+    # Chunks of 40 points would fit, but the row-coupling probe's first batch holds 62
+    # points: the 60 rows, the baseline and a point of a path.
     torch.manual_seed(8)
     model = RunsOutOfMemory(limit=40).eval()
     x, baselines = torch.randn(60, 3, dtype=torch.float64), torch.zeros(1, 3,
@@ -1156,6 +1157,6 @@ def test_out_of_memory_in_the_probes_is_one_model_error(hoist):
 
     with pytest.raises(ModelError, match=r"^out of memory outside the chunks, in the engine's "
                                          r"checks of the model \(up to 1024 rows in one batch\): "
-                                         r"61 points do not fit"):
+                                         r"62 points do not fit"):
         integrated_gradients(model, x, baselines, n_steps=8, internal_batch_size=40,
                              hoist=hoist)
