@@ -76,6 +76,7 @@ from engine.step import (
     owns_precision,
     pad_rows,
 )
+from engine.tails import activation_chain, chain_gradient
 
 __all__ = ["integrated_gradients"]
 
@@ -1301,7 +1302,9 @@ def _integrate_kinked(
             _check_tail_selection(kink, problem)
         fused = compiled_kinked(kink, options.compile_mode)
     step_options = options
-    step_fn = None if fused else chunk_step(kink.tail, problem, options, per_block * n_steps)
+    chain = _activation_tail(kink, options, x)
+    step_fn = None if fused or chain else chunk_step(kink.tail, problem, options,
+                                                     per_block * n_steps)
     sums = torch.empty((n_pairs, x.shape[1]), dtype=accumulate, device=device)
     log.debug("integrate through kinks: %d pairs x %d steps in blocks of %d pairs (%s, %s)",
               n_pairs, n_steps, per_block, "numba loops" if loops else "tensors",
@@ -1338,10 +1341,10 @@ def _integrate_kinked(
                     block, selected, finite = fused(kink, hidden_x, hidden_base, nodes,
                                                     targets, options.autocast_dtype)
             else:
-                block, selected = integrate_kinked(
-                    kink, hidden_x, hidden_base, nodes,
-                    _tail_gradient(step_fn, point_rows), accumulate,
-                )
+                tail_gradient = _chain_tail_gradient(chain, problem, point_rows) if chain \
+                    else _tail_gradient(step_fn, point_rows)
+                block, selected = integrate_kinked(kink, hidden_x, hidden_base, nodes,
+                                                   tail_gradient, accumulate)
                 finite = None
         except torch.OutOfMemoryError:
             per_block = _halved_pairs(per_block, n_steps, device)
@@ -1374,6 +1377,28 @@ def _integrate_kinked(
         sums[first : first + count] = block[:count]
         first += count
     return sums.view(problem.n_baselines, problem.n_rows, -1)
+
+
+def _activation_tail(kink: KinkSplit, options: RunOptions, x: Tensor
+                     ) -> tuple[nn.Module, ...] | None:
+    """The tail's layers when it is differentiated by formula (see engine.tails): one
+    output, eager, full precision, on a CPU; else None."""
+    if options.compile_mode or options.precision != "fp32" or x.device.type != "cpu" \
+            or x.dtype not in (torch.float32, torch.float64) \
+            or kink.linear.out_features != 1:
+        return None
+    return activation_chain(kink.tail) or None
+
+
+def _chain_tail_gradient(layers: tuple[nn.Module, ...], problem: PathProblem,
+                         point_rows: Tensor) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    gradient = chain_gradient(layers)
+
+    def tail_gradient(mixed: Tensor) -> tuple[Tensor, Tensor]:
+        grad, output = gradient(mixed)
+        return grad, problem.select(output, point_rows)
+
+    return tail_gradient
 
 
 def _tail_gradient(
