@@ -44,9 +44,11 @@ def activation_chain(tail: nn.Module) -> tuple[nn.Module, ...] | None:
                 return None
         elif node.op == "call_module":
             layer = tail.get_submodule(str(node.target))
+            # The kernel substitution's PReLU runs the model's own layer: check that one.
+            own = layer.prelu if isinstance(layer, _ScalarSlopePReLU) else layer
             if type(layer) not in _CHAIN_LAYERS or node.args != (previous,) or node.kwargs \
-                    or getattr(layer, "inplace", False) or own_hooks(layer) \
-                    or (isinstance(layer, nn.PReLU) and layer.weight.numel() != 1):
+                    or getattr(own, "inplace", False) or own_hooks(layer) or own_hooks(own) \
+                    or (isinstance(own, nn.PReLU) and own.weight.numel() != 1):
                 return None
             layers.append(layer)
         elif node.op == "output":

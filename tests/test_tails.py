@@ -118,3 +118,13 @@ def test_the_titanic_attributions_are_those_of_the_autograd_tail(dtype, monkeypa
     by_autograd = integrated_gradients(net, x, baselines, n_steps=50)
 
     assert torch.equal(by_formula, by_autograd)
+
+
+def test_a_hook_on_the_prelu_behind_the_kernel_substitution_goes_through_autograd():
+    net = TitanicMLP().eval()
+    tail = tail_of(net)
+    assert isinstance(activation_chain(tail)[0], _ScalarSlopePReLU)
+
+    net.r2.register_forward_hook(lambda module, args, output: output * 2)
+
+    assert activation_chain(tail) is None
