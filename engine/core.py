@@ -546,9 +546,11 @@ def _integrated_sums(
 ) -> tuple[Tensor, ...]:
     if options.compile_mode:
         _check_gradient(forward_func, problem)
-    split, sample_hidden = _usable_split(forward_func, problem, options, sample)
+    split, sample_hidden, sample_outputs = _usable_split(forward_func, problem, options,
+                                                         sample)
     if sample is not None and sample.later is not None \
-            and (split is None or not split.keeps_rows_apart()):
+            and not (split is not None and split.keeps_rows_apart()
+                     and sample.later.spared_by(sample_outputs)):
         sample.later.run()
     if split is not None:
         try:
@@ -1132,33 +1134,39 @@ def _usable_split(
     problem: PathProblem,
     options: RunOptions,
     sample: ModelSample | None,
-) -> tuple[AffineSplit | None, Tensor | None]:
+) -> tuple[AffineSplit | None, Tensor | None, Tensor | None]:
     """The model's affine prefix, when hoisting is on and exact for this problem, and its
-    outputs on the probe's ``sample`` points, as the check of the split computed them."""
+    prefix's and its own outputs on the probe's ``sample`` points, as the check of the
+    split computed them."""
     if not options.hoist or len(problem.inputs) != 1 or problem.forward_args \
             or _model_hooked(forward_func):
-        return None, None
-    # The prefix outputs at the sample, per trace checked: only the trace returned is
-    # known to compute the model.
-    seen: dict[int, tuple[AffineSplit, Tensor]] = {}
+        return None, None, None
+    # The prefix outputs and outputs at the sample, per trace checked: only the trace
+    # returned is known to compute the model.
+    seen: dict[int, tuple[AffineSplit, Tensor, Tensor]] = {}
 
     def runner(traced: AffineSplit) -> Callable[[Tensor], Tensor]:
         def run(points: Tensor) -> Tensor:
             hidden = traced.prefix(points)
-            if sample is not None and points is sample.points:
-                # A suffix may write its input in place where the trace does not show it;
-                # the kink split never does (KinkSplit.run).
-                seen[id(traced)] = (traced, hidden if traced.kink is not None else hidden.clone())
-            return traced.finish(hidden)
+            if sample is None or points is not sample.points:
+                return traced.finish(hidden)
+            # A suffix may write its input in place where the trace does not show it;
+            # the kink split never does (KinkSplit.run).
+            kept = hidden if traced.kink is not None else hidden.clone()
+            output = traced.finish(hidden)
+            seen[id(traced)] = (traced, kept, output)
+            return output
 
         return run
 
     split = _checked_trace(forward_func, problem, sample, split_affine_prefix, "affine split",
                            runner)
     if split is None or not split.is_affine_now():
-        return None, None
+        return None, None, None
     known = seen.get(id(split))
-    return split, (known[1] if known is not None and known[0] is split else None)
+    if known is None or known[0] is not split:
+        return split, None, None
+    return split, known[1], known[2]
 
 
 def _sample_prefix(problem: PathProblem, sample: ModelSample | None,
@@ -1783,7 +1791,7 @@ def _probe_row_coupling(
     # hold every baseline: the later batches repeat batch one's rows.
     if kinds == problem.n_baselines:
         sample = ModelSample(points[0][:first_end], first, count, kinds)
-        if defer and (states[0] is None or torch.equal(states[0], states[1])):
+        if defer and (states[0] is None or _same_state(states[0], states[1])):
             return dataclasses.replace(sample, later=later)
         later.run()
         return sample
@@ -1804,6 +1812,31 @@ class _LaterProbe:
         self._call = (forward_func, problem, tensors, probe, points, rows, first, selected,
                       states)
         self.done = False
+
+    def spared_by(self, traced_outputs: Tensor | None) -> bool:
+        """Whether a trace whose outputs on batch one are ``traced_outputs`` spares the
+        later batches: the random generator has not moved since batch one (the trace
+        check's own model calls draw nothing either), and each row's output equals the
+        model's within the probe's tolerance. The trace check compares the batch as a
+        whole, so one large output would hide noise in the others (numpy's, which leaves
+        torch's generator alone): the probe's per-row tolerance does not."""
+        if self.done or traced_outputs is None:
+            return False
+        _, problem, tensors, _, points, rows, first, first_selected, states = self._call
+        if states[1] is not None \
+                and not _same_state(states[1], _generator_state(points[0].device)):
+            return False
+        if traced_outputs.shape != first.shape:
+            return False
+        traced = problem.select(traced_outputs, rows[: first.shape[0]])
+        eps = _probe_eps(problem, tensors, first, traced_outputs)
+        model_view, traced_view = numpy_view(first_selected), numpy_view(traced)
+        if model_view is not None and traced_view is not None:
+            with np.errstate(invalid="ignore", over="ignore"):
+                change = np.abs(model_view.astype(np.float64) - traced_view).max()
+            if change <= eps ** 0.5:
+                return True
+        return _gap_over_tolerance(first_selected, traced, eps) is None
 
     def run(self) -> Tensor | None:
         """The outputs of all three batches, the first time; None after."""
@@ -1842,13 +1875,32 @@ def _probe_later_batches(
             "(dropout called with training=True, or noise added in forward?): make it "
             "deterministic for attributions, or pass allow_coupled_rows=True"
         )
-    dtypes = [x.dtype for x in problem.inputs]
-    if both.is_floating_point():
-        dtypes.append(both.dtype)
-    eps = max(tensors.eps, *(torch.finfo(dtype).eps for dtype in dtypes))
+    eps = _probe_eps(problem, tensors, both)
     if _largest_change(selected, probe) <= eps ** 0.5:
         return both  # within the tolerance of a row of size 0, the smallest there is
-    first, later = selected[probe.first_at].double(), selected[probe.later_at].double()
+    gap = _gap_over_tolerance(selected[probe.first_at], selected[probe.later_at], eps)
+    if gap is not None:
+        raise ModelError(
+            f"the model's output for a row changed by {gap:.3g} when the "
+            "other rows of the batch changed: rows interact or the model is random "
+            "(BatchNorm or Dropout in training mode?); call model.eval() or pass "
+            "allow_coupled_rows=True"
+        )
+    return both
+
+
+def _probe_eps(problem: PathProblem, tensors: ModelTensors, *outputs: Tensor) -> float:
+    """Machine epsilon of the least precise dtype the model computes in: its parameters
+    and buffers, the inputs and the ``outputs`` (a float32 network may return float64)."""
+    dtypes = [x.dtype for x in problem.inputs]
+    dtypes += [output.dtype for output in outputs if output.is_floating_point()]
+    return max(tensors.eps, *(torch.finfo(dtype).eps for dtype in dtypes))
+
+
+def _gap_over_tolerance(first: Tensor, later: Tensor, eps: float) -> float | None:
+    """The largest gap between the same rows' outputs ``first`` and ``later`` among those
+    beyond the probe's tolerance, or None when every row is within it."""
+    first, later = first.double(), later.double()
     gap = (first - later).abs()
     size = first.abs()
     if not all_finite(gap):
@@ -1858,20 +1910,13 @@ def _probe_later_batches(
         gap = torch.where(finite, gap, torch.where(same, 0.0, float("inf")))
         size = torch.where(finite, size, 0.0)
     # Batched kernels may round differently with other partners, never by more than this,
-    # in the least precise dtype the model computes in (a float32 network may return
-    # float64). Each row is measured against its own size, but at least the rows' median
-    # one: one row with a huge output leaves the others' tolerance as it was, and a row
-    # near zero (large terms that cancel) keeps the room its peers have.
+    # in the least precise dtype the model computes in. Each row is measured against its
+    # own size, but at least the rows' median one: one row with a huge output leaves the
+    # others' tolerance as it was, and a row near zero (large terms that cancel) keeps the
+    # room its peers have.
     tolerance = eps ** 0.5 * (1.0 + torch.maximum(size, size.median()))
     over = gap > tolerance
-    if bool(over.any()):
-        raise ModelError(
-            f"the model's output for a row changed by {float(gap[over].max()):.3g} when the "
-            "other rows of the batch changed: rows interact or the model is random "
-            "(BatchNorm or Dropout in training mode?); call model.eval() or pass "
-            "allow_coupled_rows=True"
-        )
-    return both
+    return float(gap[over].max()) if bool(over.any()) else None
 
 
 def _largest_change(selected: Tensor, probe: _ProbePoints) -> float:
@@ -1895,6 +1940,14 @@ def _draws_on_every_call(states: list[Tensor | None]) -> bool:
     if states[0] is None or torch.equal(states[0], states[-1]):
         return False
     return not all(torch.equal(states[1], state) for state in states[2:])
+
+
+def _same_state(first: Tensor, second: Tensor) -> bool:
+    """Whether two generator states are equal: byte for byte, through numpy on a CPU,
+    where ``torch.equal`` costs several times more."""
+    if first.device.type == "cpu" and second.device.type == "cpu":
+        return first.numpy().tobytes() == second.numpy().tobytes()
+    return torch.equal(first, second)
 
 
 def _generator_state(device: torch.device) -> Tensor | None:

@@ -48,7 +48,8 @@ def activation_chain(tail: nn.Module) -> tuple[nn.Module, ...] | None:
             own = layer.prelu if isinstance(layer, _ScalarSlopePReLU) else layer
             if type(layer) not in _CHAIN_LAYERS or node.args != (previous,) or node.kwargs \
                     or getattr(own, "inplace", False) or own_hooks(layer) or own_hooks(own) \
-                    or (isinstance(own, nn.PReLU) and own.weight.numel() != 1):
+                    or (isinstance(own, nn.PReLU) and own.weight.numel() != 1) \
+                    or (isinstance(own, nn.LeakyReLU) and _slope(own) is None):
                 return None
             layers.append(layer)
         elif node.op == "output":
@@ -92,7 +93,7 @@ def _layer_gradient(layer: nn.Module, layer_input: Tensor, output: Tensor, grad:
     if isinstance(layer, nn.ReLU):
         return _ATEN.threshold_backward(grad, output, 0)
     if isinstance(layer, nn.LeakyReLU):
-        slope = layer.negative_slope
+        slope = _slope(layer)
     else:
         # A single slope: PReLU's input gradient is leaky_relu's with that slope (the
         # kernel substitution of engine.hoist relies on the same).
@@ -102,3 +103,16 @@ def _layer_gradient(layer: nn.Module, layer_input: Tensor, output: Tensor, grad:
 
 
 _ATEN = torch.ops.aten
+
+
+def _slope(layer: nn.LeakyReLU) -> float | None:
+    """The layer's slope below zero as the float its forward reads (it may be a numpy
+    number or a tensor of one value; the backward kernel takes a Python number only), or
+    None for a slope that needs a gradient or is no single number."""
+    slope = layer.negative_slope
+    if isinstance(slope, torch.Tensor) and (slope.requires_grad or slope.numel() != 1):
+        return None
+    try:
+        return float(slope)
+    except (TypeError, ValueError, RuntimeError):
+        return None

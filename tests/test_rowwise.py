@@ -8,6 +8,7 @@ full probe, and a model that changes after its first call is still refused.
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -216,3 +217,54 @@ def test_a_model_that_draws_random_numbers_is_still_refused():
 
     with pytest.raises(ModelError, match="draws random numbers"):
         integrated_gradients(UnusedDraw().eval(), torch.randn(6, 5), 0.0, n_steps=8)
+
+
+CALLS = [0]
+
+
+class EverySecondCall(nn.Module):
+    """Scales its output by a random factor on every second call, counted in a global."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.out = nn.Linear(3, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        CALLS[0] += 1
+        output = self.out(torch.relu(self.l1(x)))
+        if CALLS[0] % 2 == 0:
+            output = output * (1.0 + 0.5 * float(torch.randn(())))
+        return output
+
+
+def test_a_model_drawing_during_the_trace_check_gets_the_full_probe():
+    # The probe's first batch lands on a call that draws nothing; the trace check's own
+    # call of the model draws.
+    torch.manual_seed(0)
+    CALLS[0] = 0
+
+    with pytest.raises(ModelError, match="draws random numbers"):
+        integrated_gradients(EverySecondCall().eval(), torch.randn(6, 3), n_steps=8)
+
+
+class NumpyJitter(nn.Module):
+    """Adds numpy's noise, which leaves torch's random generator alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.out = nn.Linear(3, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.l1(x))) + 0.1 * float(np.random.randn())
+
+
+def test_noise_hidden_from_the_trace_check_by_one_large_output_is_still_refused():
+    # The trace check compares the batch as a whole, to the size of its largest output
+    # (about 7e3 here); the probe compares each row to its own.
+    torch.manual_seed(0)
+    np.random.seed(0)
+    x = torch.randn(6, 3)
+    x[0] = 3e4
+
+    with pytest.raises(ModelError, match="rows interact or the model is random"):
+        integrated_gradients(NumpyJitter().eval(), x, n_steps=8)

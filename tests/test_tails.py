@@ -1,5 +1,6 @@
 """The closed form's tail, differentiated by formula, equals autograd's bit for bit."""
 
+import numpy as np
 import pytest
 import torch
 from torch import fx, nn
@@ -128,3 +129,18 @@ def test_a_hook_on_the_prelu_behind_the_kernel_substitution_goes_through_autogra
     net.r2.register_forward_hook(lambda module, args, output: output * 2)
 
     assert activation_chain(tail) is None
+
+
+@pytest.mark.parametrize("slope", [np.float32(0.3), torch.tensor(0.3)], ids=["numpy", "tensor"])
+def test_a_leaky_slope_given_as_a_numpy_number_or_a_tensor(slope, monkeypatch):
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1), nn.LeakyReLU(slope),
+                        nn.Tanh()).eval()
+    x = torch.randn(5, 3)
+    assert activation_chain(tail_of(net)) is not None
+
+    by_formula = integrated_gradients(net, x, n_steps=16)
+    monkeypatch.setattr(engine.core, "_activation_tail", lambda *args: None)
+    by_autograd = integrated_gradients(net, x, n_steps=16)
+
+    assert torch.equal(by_formula, by_autograd)
