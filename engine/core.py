@@ -1389,8 +1389,8 @@ def _integrate_kinked(
 
 def _activation_tail(kink: KinkSplit, options: RunOptions, x: Tensor
                      ) -> tuple[nn.Module, ...] | None:
-    """The tail's layers when it is differentiated by formula (see engine.tails): one
-    output, eager, full precision, on a CPU; else None."""
+    """The tail's layers when it is differentiated with torch's backward kernels (see
+    engine.tails): one output, eager, full precision, on a CPU; else None."""
     if options.compile_mode or options.precision != "fp32" or x.device.type != "cpu" \
             or x.dtype not in (torch.float32, torch.float64) \
             or kink.linear.out_features != 1:
@@ -1702,7 +1702,7 @@ class _ProbePoints:
     """The probe's points as path pairs (see ``_probe_pairs``)."""
 
     pair: Tensor  # every point's pair, in the order of the batches
-    between: tuple[Tensor, Tensor]  # pair and alpha of the point inside a path
+    between: tuple[Tensor, Tensor]  # pairs and alphas of the points inside a path
     first_at: Tensor  # where each probed row is in batch one
     later_at: Tensor  # and where in the later batches
     later_numpy: np.ndarray  # later_at for numpy
