@@ -19,7 +19,11 @@ Only a short list qualifies, by exact type or function:
 
 Anything else (a reduction, indexing, a reshape, a function ``torch.fx`` was told not to
 trace into, a tensor made in ``forward`` and baked into the trace with two dimensions or
-more, an output that is not one tensor) leaves the full probe in place.
+more, an output that is not one tensor) leaves the full probe in place. So does torch
+patched since this module was imported: a layer class's ``forward`` (or the methods it
+calls) or a function of ``torch.nn.functional`` replaced, say by one that centres the
+batch, makes the short list mean nothing, while the trace, which calls the patched code
+too, still reproduces the model.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from torch import fx, nn
 
 from engine.step import global_hooks, own_hooks
 
-__all__ = ["row_wise_layers", "rows_apart_now"]
+__all__ = ["row_wise_layers", "rows_apart_now", "torch_as_imported"]
 
 # Layers whose output row i is a function of input row i alone, in any mode.
 _ROW_WISE_LAYERS = frozenset({
@@ -62,6 +66,27 @@ _ELEMENTWISE_METHODS = frozenset({
     "clamp_min", "clamp_max",
 })
 _PLAIN = (int, float, bool, str, type(None))
+
+# What the layers above run, as torch defined it when this module was imported: each
+# class's forward and the helper methods those call, torch.nn.functional's functions and
+# the element-wise torch functions.
+_METHODS = ("forward", "_conv_forward", "_output_padding", "_check_input_dim")
+_AS_IMPORTED = {
+    kind: tuple((name, getattr(kind, name)) for name in _METHODS if hasattr(kind, name))
+    for kind in (*_ROW_WISE_LAYERS, *_ROW_WISE_IN_EVAL, nn.Flatten)
+}
+_FUNCTIONAL_AS_IMPORTED = tuple(
+    (namespace, name, getattr(namespace, name))
+    for namespace, names in (
+        (F, ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+             "conv_transpose3d", "layer_norm", "batch_norm", "dropout", "dropout1d",
+             "dropout2d", "dropout3d", "relu", "relu6", "leaky_relu", "prelu", "elu", "selu",
+             "celu", "gelu", "silu", "mish", "softplus", "softsign", "hardtanh",
+             "hardsigmoid", "hardswish", "logsigmoid", "tanhshrink", "sigmoid", "tanh")),
+        (torch, ("sigmoid", "tanh", "relu", "flatten")),
+    )
+    for name in names
+)
 
 
 def row_wise_layers(graph_module: fx.GraphModule) -> tuple[nn.Module, ...] | None:
@@ -105,7 +130,7 @@ def row_wise_layers(graph_module: fx.GraphModule) -> tuple[nn.Module, ...] | Non
 def rows_apart_now(layers: Iterable[nn.Module]) -> bool:
     """Whether ``row_wise_layers``' layers keep rows apart as they are now: none hooked,
     and those with batch statistics or random masks in eval mode."""
-    if global_hooks():
+    if global_hooks() or not torch_as_imported(layers):
         return False
     for layer in layers:
         if own_hooks(layer):
@@ -114,6 +139,35 @@ def rows_apart_now(layers: Iterable[nn.Module]) -> bool:
             return False
         if isinstance(layer, nn.modules.batchnorm._BatchNorm) \
                 and (layer.running_mean is None or layer.running_var is None):
+            return False
+    return True
+
+
+def _torch_own(function: object) -> bool:
+    module = getattr(function, "__module__", None) or ""
+    return module == "torch" or module.startswith("torch.")
+
+
+# A patch made before this module was imported: by a function from outside torch.
+_PATCHED_BEFORE = not all(
+    _torch_own(function) for function in (
+        *(method for methods in _AS_IMPORTED.values() for _, method in methods),
+        *(function for _, _, function in _FUNCTIONAL_AS_IMPORTED),
+    )
+)
+
+
+def torch_as_imported(layers: Iterable[nn.Module]) -> bool:
+    """Whether the classes of ``layers`` (of the short list) and the torch functions they
+    call are still those torch defined: nobody patched them since this module was
+    imported, nor before with functions of their own."""
+    if _PATCHED_BEFORE or any(getattr(namespace, name, None) is not function
+           for namespace, name, function in _FUNCTIONAL_AS_IMPORTED):
+        return False
+    for kind in {type(layer) for layer in layers}:
+        methods = _AS_IMPORTED.get(kind)
+        if methods is not None and any(getattr(kind, name, None) is not method
+                                       for name, method in methods):
             return False
     return True
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from engine.hoist import _ScalarSlopePReLU
+from engine.rowwise import torch_as_imported
 from engine.step import global_hooks, own_hooks
 
 __all__ = ["activation_chain", "chain_gradient"]
@@ -58,6 +59,10 @@ def activation_chain(tail: nn.Module) -> tuple[nn.Module, ...] | None:
         else:
             return None
         previous = node
+    # The backward kernels are those of the layers as torch defines them.
+    if not torch_as_imported(layer.prelu if isinstance(layer, _ScalarSlopePReLU) else layer
+                             for layer in layers):
+        return None
     return tuple(layers)
 
 

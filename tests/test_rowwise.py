@@ -6,7 +6,10 @@ construction (``engine.rowwise``), the other two are skipped; everything else ke
 full probe, and a model that changes after its first call is still refused.
 """
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +23,8 @@ from engine.errors import ModelError
 from engine.model import TitanicMLP
 from engine.rowwise import row_wise_layers, rows_apart_now
 from engine.trace import trace
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -268,3 +273,43 @@ def test_noise_hidden_from_the_trace_check_by_one_large_output_is_still_refused(
 
     with pytest.raises(ModelError, match="rows interact or the model is random"):
         integrated_gradients(NumpyJitter().eval(), x, n_steps=8)
+
+
+def centred_linear(original):
+    def linear(x, weight, bias=None):
+        return original(x - x.mean(0), weight, bias)
+
+    return linear
+
+
+@pytest.mark.parametrize("patched", ["functional", "class"])
+def test_torch_patched_to_mix_rows_gets_the_full_probe(patched, monkeypatch):
+    # The trace calls the patched code too, so it reproduces the model on the first batch;
+    # only the later batches see the rows interact.
+    torch.manual_seed(0)
+    net = TitanicMLP().eval()
+    if patched == "functional":
+        monkeypatch.setattr(F, "linear", centred_linear(F.linear))
+    else:
+        monkeypatch.setattr(nn.Linear, "forward", lambda self, x: centred_linear(
+            F.linear)(x, self.weight, self.bias))
+
+    with pytest.raises(ModelError, match="rows interact"):
+        integrated_gradients(net, torch.rand(40, 5), torch.zeros(1, 5), n_steps=16)
+
+
+def test_torch_patched_before_the_engine_was_imported_is_seen(tmp_path):
+    script = tmp_path / "patched_first.py"
+    script.write_text(
+        "import torch.nn.functional as F\n"
+        "original = F.linear\n"
+        "F.linear = lambda x, w, b=None: original(x - x.mean(0), w, b)\n"
+        "import engine.rowwise\n"
+        "print(engine.rowwise._PATCHED_BEFORE)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]

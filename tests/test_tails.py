@@ -144,3 +144,17 @@ def test_a_leaky_slope_given_as_a_numpy_number_or_a_tensor(slope, monkeypatch):
     by_autograd = integrated_gradients(net, x, n_steps=16)
 
     assert torch.equal(by_formula, by_autograd)
+
+
+def test_a_patched_activation_class_goes_through_autograd(monkeypatch):
+    torch.manual_seed(8)
+    net = TitanicMLP().eval()
+    x = torch.rand(20, 5)
+    monkeypatch.setattr(nn.Sigmoid, "forward", lambda self, h: torch.sigmoid(2 * h))
+
+    assert activation_chain(tail_of(net)) is None
+    by_default = integrated_gradients(net, x, torch.zeros(1, 5), n_steps=16)
+    monkeypatch.setattr(engine.core, "_activation_tail", lambda *args: None)
+    by_autograd = integrated_gradients(net, x, torch.zeros(1, 5), n_steps=16)
+
+    assert torch.equal(by_default, by_autograd)
