@@ -105,16 +105,16 @@ def row_wise_layers(graph_module: fx.GraphModule) -> tuple[nn.Module, ...] | Non
                 return None
         elif node.op == "call_module":
             layer = graph_module.get_submodule(str(node.target))
-            if not _row_wise_layer(layer) or not _plain_arguments(node, graph_module):
+            if not _row_wise_layer(layer) or not _plain_arguments(node):
                 return None
             layers.append(layer)
         elif node.op == "call_function":
             if node.target not in _ELEMENTWISE_FUNCTIONS \
-                    or not _plain_arguments(node, graph_module):
+                    or not _plain_arguments(node):
                 return None
         elif node.op == "call_method":
             if node.target not in _ELEMENTWISE_METHODS \
-                    or not _plain_arguments(node, graph_module):
+                    or not _plain_arguments(node):
                 return None
         elif node.op == "get_attr":
             if not _feature_sized(graph_module, str(node.target)):
@@ -127,7 +127,7 @@ def row_wise_layers(graph_module: fx.GraphModule) -> tuple[nn.Module, ...] | Non
     return tuple(layers)
 
 
-def rows_apart_now(layers: Iterable[nn.Module]) -> bool:
+def rows_apart_now(layers: tuple[nn.Module, ...]) -> bool:
     """Whether ``row_wise_layers``' layers keep rows apart as they are now: none hooked,
     and those with batch statistics or random masks in eval mode."""
     if global_hooks() or not torch_as_imported(layers):
@@ -161,7 +161,9 @@ def torch_as_imported(layers: Iterable[nn.Module]) -> bool:
     """Whether the classes of ``layers`` (of the short list) and the torch functions they
     call are still those torch defined: nobody patched them since this module was
     imported, nor before with functions of their own."""
-    if _PATCHED_BEFORE or any(getattr(namespace, name, None) is not function
+    if _PATCHED_BEFORE:
+        return False
+    if any(getattr(namespace, name, None) is not function
            for namespace, name, function in _FUNCTIONAL_AS_IMPORTED):
         return False
     for kind in {type(layer) for layer in layers}:
@@ -180,7 +182,7 @@ def _row_wise_layer(layer: nn.Module) -> bool:
     return kind in _ROW_WISE_LAYERS or kind in _ROW_WISE_IN_EVAL
 
 
-def _plain_arguments(node: fx.Node, graph_module: fx.GraphModule) -> bool:
+def _plain_arguments(node: fx.Node) -> bool:
     """Whether every argument is a node of the graph or a plain Python value."""
     for value in (*node.args, *node.kwargs.values()):
         if isinstance(value, fx.Node):

@@ -1,4 +1,4 @@
-"""The closed form's tail differentiated by formula, when it is a chain of activations.
+"""The closed form's tail, a chain of activations, differentiated without autograd.
 
 After the closed form (``engine.kinks``) the rest of the model, the tail, runs on one
 number per path point on the article's network: its second PReLU and the sigmoid. Through
