@@ -1761,10 +1761,11 @@ def _probe_row_coupling(
     count = probe.first_at.shape[0]
     first_end = probe.ends[1]
     kinds = min(problem.n_baselines, PROBE_KINDS)
-    # The rows and row 0's baselines themselves (their paths' ends) and one point inside a
-    # path: slicing and flipping the inputs costs less than gathering every point by its
-    # pair, and the hoisted path takes the prefix outputs of the rows and baselines from
-    # the trace check on these points (see _sample_prefix).
+    # The rows and row 0's baselines themselves (their paths' ends) and two points inside
+    # a path, one for batch one and one for batch two: slicing and flipping the inputs
+    # costs less than gathering every point by its pair, and the hoisted path takes the
+    # prefix outputs of the rows and baselines from the trace check on batch one (see
+    # _sample_prefix).
     between = problem.path_points(*probe.between)
     points = tuple(
         torch.cat([x[:count], base[:kinds, 0], inside, x[count - 1 : count], base[-1:, 0],
@@ -1790,11 +1791,10 @@ def _probe_row_coupling(
     # The trace is checked on batch one, and on the last baseline when batch one does not
     # hold every baseline: the later batches repeat batch one's rows.
     if kinds == problem.n_baselines:
-        sample = ModelSample(points[0][:first_end], first, count, kinds)
         if defer and (states[0] is None or _same_state(states[0], states[1])):
-            return dataclasses.replace(sample, later=later)
+            return ModelSample(points[0][:first_end], first, count, kinds, later=later)
         later.run()
-        return sample
+        return ModelSample(points[0][:first_end], first, count, kinds)
     outputs = later.run()
     last_base = probe.ends[2]
     return ModelSample(torch.cat([points[0][:first_end], points[0][last_base : last_base + 1]]),
